@@ -1,0 +1,402 @@
+"""AntiSD: Anti-Self-Distillation for reasoning RL via pointwise mutual information (arXiv 2605.11609).
+
+Idea. The policy re-reads its own rollout while shown privileged context c (a verified solution plus
+a correctness note); per sampled token, teacher and student differ by u_t, the pointwise mutual
+information between the token and c. Default self-distillation rewards +u_t, which boosts tokens
+that merely follow from knowing the answer and suppresses deliberation ("Wait", "Maybe"); AntiSD
+reverses the sign through a bounded Jensen-Shannon shape phi and adds it to the GRPO advantage.
+An entropy gate switches the term off while the teacher has collapsed onto a near-deterministic
+answer template.
+
+Equations (paper's symbols; sg = stop-gradient):
+    A_i^seq = (R_i - mean_G R) / (std_G R + 1e-6)                          GRPO group advantage
+    u_{i,t} = log pi_T(y_t | x, c, y_<t) - log pi_S(y_t | x, y_<t)          teacher = policy, no grad
+    phi(u)  = 0.5 * (softplus(u) - log 2)                                   phi(0) = 0
+    A_{i,t} = A_i^seq - lambda * sg[phi(u_{i,t})]                           u<0 bonus <= 0.5 log 2
+    L       = sum_t -min(rho_t A_{i,t}, clip(rho_t, 1-eps_low, 1+eps_high) A_{i,t}) / N_tokens
+    gate:   lambda = 0 for the first `gate_warmup` steps, which record the median teacher entropy;
+            H_warm = their median. Then the gate closes when H < tau_down * H_warm and re-opens
+            when H >= H_warm (hysteresis); open -> lambda = lambda_max.
+
+Where the numbers come from: [paper] the AntiSD paper; [2nd] a secondary write-up; [ours] our
+choice where the sources are silent. Paper setting [paper]: DAPO-Math-17k, 200 steps, 32 problems
+x 8 rollouts, AdamW lr 1e-6, 32K tokens, lambda_max 0.5, 5 warm-up steps, tau_down 0.93; eval
+avg@32 on AIME24/25/26 and HMMT25, avg@4 on Minerva, temperature 0.7, top-p 0.95. The median as
+the gate's entropy statistic is [2nd]; the teacher-context template is [ours]. The defaults below
+suit the built-in toy task (larger learning rate, short responses) [ours]; the README gives the
+paper's command.
+
+Run:
+    python antisd.py                                        # toy task, CPU, a few minutes
+    torchrun --nproc_per_node 2 antisd.py --num_steps 3     # two CPU ranks (gloo, FSDP2)
+    python antisd.py --lambda_max 0                         # GRPO baseline
+    python antisd.py --signal sd                            # default self-distillation (+u_t, no gate)
+    python antisd.py --divergence rkl                       # reverse-KL ascent ablation (-u_t)
+    python antisd.py --gate none                            # no entropy gate
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+from common import (Grader, ProblemSampler, RunLogger, SamplingParams, all_gather_cat, all_reduce_sum,
+                    build_prompt, evaluate, find_last_boxed, init_distributed, latest_checkpoint,
+                    load_checkpoint, load_model, load_problems, load_tokenizer, make_engine, option,
+                    output_head, parse_args, print0, response_hidden, save_checkpoint, stop_token_ids,
+                    token_logprob_entropy)
+
+# Privileged context c [paper: verified solution + correctness feedback; wording ours]. The toy
+# models are taught this exact form (common.TOY_CONTEXT_HEADER / TOY_FEEDBACK_LINES).
+TEACHER_CONTEXT = "Reference solution:\n{solution}\n\n{feedback}"
+FEEDBACK = {True: "Your previous attempt was correct.", False: "Your previous attempt was incorrect."}
+
+
+@dataclass
+class Args:
+    # shared by every script
+    model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | local dir")
+    dataset: str = option("toy", "train problems: toy | BytedTsinghua-SIA/DAPO-Math-17k | hub id | .jsonl/.json/.parquet")
+    dataset_split: str = option("train", "split of --dataset")
+    eval_dataset: str = option("toy", "eval problems (toy = its test split); empty string = no evaluation")
+    eval_split: str = option("test", "split of --eval_dataset")
+    problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
+    answer_key: str = option("answer", "column with the gold answer")
+    solution_key: str = option("solution", "column with a reference solution (optional)")
+    num_steps: int = option(40, "optimizer steps [paper: 200; ours: 40 on the toy]")
+    seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
+    rollout: str = option("hf", "rollout engine: hf (vllm is planned)")
+    eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
+    resume: bool = option(False, "continue from the latest checkpoint of --run_name")
+    track: bool = option(False, "log to Weights & Biases")
+    run_name: str = option("", "run directory name under --output_dir; default antisd_<model>_s<seed>")
+    output_dir: str = option("runs", "where run directories go")
+    # rollouts
+    num_problems: int = option(16, "problems per step, global [paper: 32]")
+    num_generations: int = option(8, "rollouts per problem G [paper: 8]")
+    max_new_tokens: int = option(40, "response token limit [paper: 32K; ours: 40 on the toy]")
+    temperature: float = option(1.0, "rollout sampling temperature [ours]")
+    top_p: float = option(1.0, "rollout nucleus sampling [ours]")
+    top_k: int = option(0, "rollout top-k, 0 = off [ours]")
+    enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch (unset = template default)")
+    gen_batch_size: int = option(128, "sequences per generate call (memory bound of the hf engine)")
+    # optimisation
+    lr: float = option(2e-4, "AdamW learning rate [paper: 1e-6; ours: 2e-4 for the tiny toy model]")
+    weight_decay: float = option(0.0, "AdamW weight decay [ours]")
+    max_grad_norm: float = option(1.0, "gradient-norm clip [paper setting via verl]")
+    clip_low: float = option(0.2, "PPO ratio clip eps_low [paper setting via verl]")
+    clip_high: float = option(0.28, "PPO ratio clip eps_high, DAPO clip-higher [paper setting via verl]")
+    scale_rewards: bool = option(True, "divide group advantages by the group std (false = Dr.GRPO)")
+    num_minibatches: int = option(1, "optimizer steps per batch; 1 = on-policy, rho = 1 [ours]")
+    micro_batch_size: int = option(64, "sequences per forward/backward (gradient accumulation)")
+    logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary log-prob/entropy")
+    activation_checkpointing: bool = option(False, "recompute decoder layers in backward to save memory")
+    # AntiSD
+    lambda_max: float = option(0.5, "weight of the token term when the gate is open [paper]; 0 = GRPO")
+    signal: Literal["antisd", "sd"] = option("antisd", "antisd: -phi(u) or -u; sd: +u, default self-distillation, no gate [paper]")
+    divergence: Literal["jsd", "rkl"] = option("jsd", "antisd shape: jsd = -phi(u) [paper], rkl = -u ablation [paper]")
+    gate: Literal["entropy", "none"] = option("entropy", "entropy gate with hysteresis [paper], or none")
+    gate_warmup: int = option(5, "steps with lambda = 0 that calibrate H_warm [paper]")
+    tau_down: float = option(0.93, "gate closes below tau_down * H_warm [paper; ablations 0.90, 0.95]")
+    # evaluation, checkpoints
+    eval_every: int = option(20, "evaluate every N steps (and at the start and the end); 0 = start/end only")
+    eval_k: int = option(4, "samples per eval problem: avg@k and pass@k [paper: 32 on AIME/HMMT]")
+    eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
+    eval_temperature: float = option(0.7, "eval sampling temperature [paper]")
+    eval_top_p: float = option(0.95, "eval nucleus sampling [paper]")
+    save_every: int = option(0, "checkpoint every N steps and at the end; 0 = never")
+    grader_timeout: float = option(10.0, "hard wall-clock bound per graded answer, seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# The method's math: small pure functions
+# ---------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, scale_rewards: bool = True) -> torch.Tensor:
+    """A_i^seq for rewards [problems, G]: group-centred, divided by the group's (sample) std + 1e-6.
+    A group whose rewards are all equal gets 0 (no NaN)."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    return centred / (rewards.std(dim=1, keepdim=True) + 1e-6) if scale_rewards else centred
+
+
+def phi(u: torch.Tensor) -> torch.Tensor:
+    """phi(u) = 0.5 (softplus(u) - log 2): the JSD-derived shape; phi(0) = 0, phi(u) > -0.5 log 2."""
+    return 0.5 * (F.softplus(u) - math.log(2.0))
+
+
+def token_signal(u: torch.Tensor, signal: str = "antisd", divergence: str = "jsd") -> torch.Tensor:
+    """delta_t, the dense per-token credit added to A^seq with weight lambda."""
+    if signal == "sd":
+        return u  # default self-distillation: reverse-KL descent rewards +u_t
+    return -u if divergence == "rkl" else -phi(u)  # AntiSD: reverse-KL ascent or JSD ascent
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, num_tokens, clip_low=0.2, clip_high=0.28):
+    """Clipped surrogate summed over valid tokens, divided by the global valid-token count.
+    Summing this over micro-batches and ranks gives the global token-mean for any split."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
+    return -torch.where(mask, surrogate, torch.zeros_like(surrogate)).sum() / num_tokens
+
+
+@dataclass
+class EntropyGate:
+    """Schmitt trigger on the step's median teacher entropy H. `update` returns whether lambda is on."""
+
+    warmup: int = 5
+    tau_down: float = 0.93
+    warm_values: list = field(default_factory=list)
+    h_warm: Optional[float] = None
+    open: bool = True
+
+    def update(self, step: int, entropy: float) -> bool:
+        if step < self.warmup:  # calibration: lambda = 0, record H
+            self.warm_values.append(entropy)
+            return False
+        if self.h_warm is None:
+            self.h_warm = statistics.median(self.warm_values)
+        if self.open and entropy < self.tau_down * self.h_warm:
+            self.open = False
+        elif not self.open and entropy >= self.h_warm:
+            self.open = True
+        return self.open
+
+
+def verified_solution(text: str) -> Optional[str]:
+    """What a teacher may see of a correct rollout: text after any </think>, cut after the final \\boxed{}."""
+    text = text.split("</think>")[-1]
+    span = find_last_boxed(text)
+    return text[: span[1]].strip() if span else None
+
+
+def teacher_contexts(texts: list[str], rewards: list[float], group_size: int, problems: list[dict],
+                     rng: random.Random) -> list[str]:
+    """Privileged context c for every rollout: a verified solution from a *different* successful
+    rollout of the same group, else the reference solution (else the answer), plus feedback."""
+    contexts = []
+    for i, text in enumerate(texts):
+        group = range(i - i % group_size, i - i % group_size + group_size)
+        others = [s for j in group if j != i and rewards[j] > 0 and (s := verified_solution(texts[j]))]
+        problem = problems[i // group_size]
+        solution = rng.choice(others) if others else (problem["solution"] or f"\\boxed{{{problem['answer']}}}")
+        contexts.append(TEACHER_CONTEXT.format(solution=solution, feedback=FEEDBACK[rewards[i] > 0]))
+    return contexts
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(Args, argv)
+    dist_info = init_distributed()
+    world, rank = dist_info.world_size, dist_info.rank
+    if args.num_generations < 2:
+        raise ValueError(f"--num_generations {args.num_generations}: GRPO needs at least 2 rollouts per problem "
+                         "(the group mean is the baseline).")
+    if args.num_problems % world:
+        raise ValueError(f"--num_problems {args.num_problems} does not divide over {world} ranks: use a multiple "
+                         f"of the world size (e.g. {world * max(1, args.num_problems // world)}).")
+    sequences = args.num_problems // world * args.num_generations
+    if sequences % args.num_minibatches:
+        raise ValueError(f"--num_minibatches {args.num_minibatches} must divide the {sequences} rollouts per rank.")
+    if args.gate == "entropy" and args.signal == "antisd" and args.gate_warmup < 1:
+        raise ValueError("--gate entropy needs --gate_warmup >= 1 to calibrate H_warm (or use --gate none).")
+    run_name = args.run_name or f"antisd_{Path(args.model).name}_s{args.seed}"
+    run_dir = Path(args.output_dir) / run_name
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+
+    # ---- model, optimizer, rollout engine, grader, data ---------------------------------------
+    checkpoint_dir = latest_checkpoint(run_dir) if args.resume else None
+    if args.resume and checkpoint_dir is None:
+        print0(f"[resume] no checkpoint under {run_dir}/checkpoints: starting from scratch")
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(str(checkpoint_dir or args.model), dist_info,
+                       activation_checkpointing=args.activation_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
+    grader = Grader(args.grader_timeout)
+    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key)
+    train_rows = load_problems(args.dataset, args.dataset_split, **keys)
+    eval_rows = load_problems(args.eval_dataset, args.eval_split, **keys, limit=args.eval_limit or None) \
+        if args.eval_dataset else []
+    sampler = ProblemSampler(len(train_rows), args.seed)
+    gate = EntropyGate(args.gate_warmup, args.tau_down)
+    start_step = 0
+    if checkpoint_dir is not None:
+        restored = load_checkpoint(checkpoint_dir, model, optimizer, dist_info)
+        start_step = restored["step"]
+        sampler.load_state_dict(restored["state"]["sampler"])
+        gate = EntropyGate(**restored["state"]["gate"])
+        print0(f"[resume] continuing {run_dir} from step {start_step}")
+    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=start_step if checkpoint_dir else None)
+    rollout_params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
+    eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, 0, args.max_new_tokens)
+    pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)
+    use_gate = args.gate == "entropy" and args.signal == "antisd"  # --signal sd runs without a gate [paper]
+
+    def run_eval(step: int) -> dict:
+        metrics = evaluate(engine, tokenizer, eval_rows, grader, eval_params, args.eval_k, dist_info,
+                           args.enable_thinking)
+        logger.log(step, metrics, prefix="eval")
+        return metrics
+
+    history = {}
+    if eval_rows and (args.eval_only or start_step == 0):
+        history["first"] = run_eval(start_step)
+    if args.eval_only:
+        logger.close()
+        grader.close()
+        return history
+
+    problems_per_rank = args.num_problems // world
+    group = args.num_generations
+    print0(f"[antisd] {run_name}: {args.num_steps} steps x {args.num_problems} problems x {group} rollouts "
+           f"on {world} rank(s), device {dist_info.device}")
+    train_started = time.time()
+    for step in range(start_step, args.num_steps):
+        step_started = time.time()
+
+        # ---- 1. rollouts: G samples per problem; this rank takes its slice of the global batch
+        indices = sampler.next(args.num_problems)[rank * problems_per_rank:(rank + 1) * problems_per_rank]
+        problems = [train_rows[i] for i in indices]
+        student_prompts = [build_prompt(tokenizer, p["problem"], enable_thinking=args.enable_thinking)
+                           for p in problems for _ in range(group)]
+        responses = engine.generate(student_prompts, rollout_params, desc="rollout")
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+        # ---- 2. verifier rewards and GRPO group advantages A_i^seq
+        rewards, grade_counts = grader.grade(texts, [p["answer"] for p in problems for _ in range(group)])
+        reward_groups = torch.tensor(rewards).view(problems_per_rank, group)
+        sequence_advantages = group_advantages(reward_groups, args.scale_rewards).flatten()
+
+        # ---- 3. privileged context c from another successful rollout of the group; teacher prompts
+        context_rng = random.Random(f"{args.seed}/{step}/{rank}")  # a function of the step: resume-exact
+        contexts = teacher_contexts(texts, rewards, group, problems, context_rng)
+        teacher_prompts = [build_prompt(tokenizer, problems[i // group]["problem"], contexts[i],
+                                        enable_thinking=args.enable_thinking) for i in range(len(responses))]
+
+        # ---- 4. no-grad pass: teacher log-probs and entropies (the live policy shown c); the
+        # behaviour policy's log-probs are needed separately only when a batch gets several updates
+        teacher_logprobs, teacher_entropy, behaviour_logprobs = [], [], []
+        with torch.no_grad():
+            for start in range(0, len(responses), args.micro_batch_size):
+                batch = range(start, min(start + args.micro_batch_size, len(responses)))
+                hidden, targets, mask = response_hidden(model, [teacher_prompts[i] for i in batch],
+                                                        [responses[i] for i in batch], pad_id)
+                logprobs, entropy = token_logprob_entropy(output_head(model), hidden, targets, mask,
+                                                          args.logprob_chunk_size)
+                teacher_logprobs += [row[m] for row, m in zip(logprobs, mask)]
+                teacher_entropy += [row[m] for row, m in zip(entropy, mask)]
+                if args.num_minibatches > 1:
+                    hidden, targets, mask = response_hidden(model, [student_prompts[i] for i in batch],
+                                                            [responses[i] for i in batch], pad_id)
+                    logprobs, _ = token_logprob_entropy(output_head(model), hidden, targets, mask,
+                                                        args.logprob_chunk_size)
+                    behaviour_logprobs += [row[m] for row, m in zip(logprobs, mask)]
+
+        # ---- 5. entropy gate on the median teacher entropy of the global batch
+        median_teacher_entropy = float(np.median(all_gather_cat(torch.cat(teacher_entropy)).numpy()))
+        gate_on = gate.update(step, median_teacher_entropy) if use_gate else True
+        lam = args.lambda_max if gate_on else 0.0
+
+        # ---- 6. policy gradient on A_{i,t} = A_i^seq + lambda * sg[delta_t], global token-mean
+        model.train()
+        sums = dict.fromkeys(["loss", "entropy", "u_negative", "bonus", "u", "clipped"], 0.0)
+        per_minibatch = len(responses) // args.num_minibatches
+        for minibatch in range(args.num_minibatches):
+            owned = range(minibatch * per_minibatch, (minibatch + 1) * per_minibatch)
+            minibatch_tokens = all_reduce_sum(sum(len(responses[i]) for i in owned)).item()
+            for start in range(owned.start, owned.stop, args.micro_batch_size):
+                batch = range(start, min(start + args.micro_batch_size, owned.stop))
+                hidden, targets, mask = response_hidden(model, [student_prompts[i] for i in batch],
+                                                        [responses[i] for i in batch], pad_id)
+                logprobs, entropy = token_logprob_entropy(output_head(model), hidden, targets, mask,
+                                                          args.logprob_chunk_size)
+                old_logprobs = (pad_sequence([behaviour_logprobs[i] for i in batch], batch_first=True)
+                                if args.num_minibatches > 1 else logprobs.detach())
+                teacher = pad_sequence([teacher_logprobs[i] for i in batch], batch_first=True)
+                u = torch.where(mask, teacher - old_logprobs, 0.0)  # u_t = log pi_T(y_t) - log pi_S(y_t)
+                bonus = lam * token_signal(u, args.signal, args.divergence)
+                advantages = sequence_advantages[list(batch)].to(u.device)[:, None] + bonus
+                loss = policy_loss(logprobs, old_logprobs, advantages, mask, minibatch_tokens,
+                                   args.clip_low, args.clip_high)
+                (loss * world).backward()  # FSDP averages gradients over ranks; the loss wants their sum
+                ratio = torch.exp(logprobs.detach() - old_logprobs)[mask]
+                sums["loss"] += loss.item()
+                sums["entropy"] += entropy.detach()[mask].sum().item()
+                sums["u_negative"] += (u[mask] < 0).sum().item()
+                sums["bonus"] += bonus[mask].sum().item()
+                sums["u"] += u[mask].sum().item()
+                sums["clipped"] += ((ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)).sum().item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        engine.update_weights(model)
+
+        # ---- 7. metrics, evaluation, checkpoint
+        sums.update(reward=sum(rewards), sequences=len(rewards), tokens=sum(len(r) for r in responses),
+                    truncated=sum(1 for r in responses if not r or r[-1] not in stop_ids),
+                    zero_adv_groups=int((reward_groups.max(1).values == reward_groups.min(1).values).sum()),
+                    no_answer=grade_counts["no_answer"], grader_timeouts=grade_counts["timeout"])
+        totals = all_reduce_sum(sums)
+        tokens, sequences_global = totals["tokens"], totals["sequences"]
+        step_seconds = time.time() - step_started
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        metrics = {
+            "reward": totals["reward"] / sequences_global,
+            "response_len": tokens / sequences_global,
+            "loss": totals["loss"] / args.num_minibatches,
+            "entropy": totals["entropy"] / tokens,
+            "grad_norm": float(grad_norm),
+            "gate_open": float(gate_on),
+            "lambda": lam,
+            "H_warm": gate.h_warm if (use_gate and gate.h_warm is not None) else float("nan"),
+            "teacher_entropy_median": median_teacher_entropy,
+            "u_neg_frac": totals["u_negative"] / tokens,
+            "u_mean": totals["u"] / tokens,
+            "token_bonus_mean": totals["bonus"] / tokens,
+            "clip_frac": totals["clipped"] / tokens,
+            "truncated_frac": totals["truncated"] / sequences_global,
+            "zero_adv_groups": totals["zero_adv_groups"] / args.num_problems,
+            "no_answer": totals["no_answer"],
+            "grader_timeouts": totals["grader_timeouts"],
+            "step_seconds": step_seconds,
+            "tokens_per_second": tokens / step_seconds,
+        }
+        logger.log(step + 1, metrics)
+        last_step = step + 1 == args.num_steps
+        if eval_rows and (last_step or (args.eval_every and (step + 1) % args.eval_every == 0)):
+            history["last"] = run_eval(step + 1)
+        if args.save_every and ((step + 1) % args.save_every == 0 or last_step):
+            save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer,
+                            {"sampler": sampler.state_dict(), "gate": asdict(gate)}, dist_info)
+
+    # ---- summary ---------------------------------------------------------------------------------
+    minutes = (time.time() - train_started) / 60
+    summary = f"[antisd] done: steps {start_step}->{args.num_steps} in {minutes:.1f} min; runs dir {run_dir}"
+    if "first" in history and "last" in history:
+        key = f"eval/avg@{args.eval_k}"
+        summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"
+    print0(summary)
+    logger.close()
+    grader.close()
+    return history
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Grading: math-verify through a bounded worker; answers from the last \\boxed{}."""
+
+import time
+
+import pytest
+
+import common
+
+
+@pytest.fixture(scope="module")
+def grader():
+    g = common.Grader(timeout=10.0)
+    yield g
+    g.close()
+
+
+def test_boxed_extraction():
+    assert common.extract_boxed_answer("so \\boxed{3} then \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert common.extract_boxed_answer("\\boxed{a{b}c} trailing") == "a{b}c"
+    assert common.extract_boxed_answer("<think>\\boxed{1}</think> no box after thinking") is None
+    assert common.extract_boxed_answer("unclosed \\boxed{12") is None
+    assert common.extract_boxed_answer("nothing here") is None
+    text = "x \\boxed{7} y"
+    start, end = common.find_last_boxed(text)
+    assert text[start:end] == "\\boxed{7}"
+
+
+@pytest.mark.parametrize("response,gold", [
+    ("The answer is \\boxed{73}.", "73"),
+    ("\\boxed{0.5}", "\\frac{1}{2}"),
+    ("\\boxed{\\dfrac{1}{2}}", "\\frac12"),
+    ("\\boxed{1+x^2}", "x^2+1"),
+    ("first \\boxed{4} then corrected \\boxed{5}", "5"),
+    ("\\boxed{\\boxed{9}}", "9"),
+])
+def test_equivalent_forms_are_correct(grader, response, gold):
+    rewards, counts = grader.grade([response], [gold])
+    assert rewards == [1.0] and counts == {"no_answer": 0, "timeout": 0}
+
+
+def test_wrong_and_missing_answers(grader):
+    rewards, counts = grader.grade(
+        ["\\boxed{74}", "The answer is 73.", "\\boxed{5} then \\boxed{4}", "", "\\boxed{}"], ["73", "73", "5", "1", "1"])
+    assert rewards == [0.0, 0.0, 0.0, 0.0, 0.0]
+    assert counts["no_answer"] == 2  # no \boxed{} at all (reward 0, counted)
+
+
+def test_pathological_input_returns_within_the_bound():
+    """A huge tower of powers keeps math-verify busy past its own 5 s limit; the hard bound (1 s
+    here) kills the worker, the answer gets reward 0 and is counted, and grading goes on."""
+    grader = common.Grader(timeout=1.0)
+    grader.grade(["\\boxed{1}"], ["1"])  # start the worker outside the timed region
+    grader._start = lambda inner=grader._start: _slow_worker(inner)  # math-verify's own limit: 5 s
+    grader.close()
+    grader.grade(["\\boxed{1}"], ["1"])
+    started = time.time()
+    rewards, counts = grader.grade(["\\boxed{9^{9^{9^{9}}}}"], ["\\boxed{10^{10^{10^{10}}}}"])
+    elapsed = time.time() - started
+    assert rewards == [0.0] and counts["timeout"] == 1
+    assert elapsed < 3.0, elapsed  # 1 s bound + killing the worker; math-verify alone takes > 5 s
+    rewards, counts = grader.grade(["\\boxed{2}"], ["2"])  # a fresh worker keeps grading
+    assert rewards == [1.0] and counts["timeout"] == 0
+    grader.close()
+
+
+def _slow_worker(original_start):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-u", "-c", common._GRADER_WORKER, "5"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -1,0 +1,62 @@
+"""The built-in toy models: real HF format, chat template, and accuracy in the intended ranges."""
+
+import pytest
+import torch
+
+import common
+
+ACCURACY = {}
+
+
+def toy_accuracy(name):
+    """avg@4 on the toy test split at the scripts' eval settings (temperature 0.7, top-p 0.95)."""
+    if name not in ACCURACY:
+        dist_info = common.init_distributed()
+        tokenizer = common.load_tokenizer(name)
+        model = common.load_model(name, dist_info, trainable=False)
+        torch.manual_seed(0)
+        grader = common.Grader()
+        metrics = common.evaluate(common.HFEngine(model, tokenizer, 256), tokenizer, common.load_problems("toy", "test"),
+                                  grader, common.SamplingParams(0.7, 0.95, 0, 40), 4, dist_info)
+        grader.close()
+        ACCURACY[name] = metrics["eval/avg@4"]
+    return ACCURACY[name]
+
+
+def test_toy_model_is_a_hf_qwen3_with_chat_template():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = common.build_toy_model("toy")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert type(model).__name__ == "Qwen3ForCausalLM"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer("12+3=15", add_special_tokens=False, return_offsets_mapping=True)
+    assert len(ids.input_ids) == 7 and ids.offset_mapping[3] == (3, 4)  # character level
+    assert common.stop_token_ids(tokenizer, model) == [tokenizer.eos_token_id]
+
+
+def test_toy_accuracy_leaves_headroom_for_rl():
+    accuracy = toy_accuracy("toy")
+    assert 0.15 <= accuracy <= 0.70, accuracy
+
+
+def test_toy_large_is_clearly_stronger():
+    assert toy_accuracy("toy-large") >= toy_accuracy("toy") + 0.08, ACCURACY
+
+
+def test_privileged_context_makes_the_self_teacher_informative():
+    """Shown a reference solution (the form the methods use), the toy model mostly answers right."""
+    dist_info = common.init_distributed()
+    tokenizer = common.load_tokenizer("toy")
+    model = common.load_model("toy", dist_info, trainable=False)
+    rows = common.load_problems("toy", "test")[:64]
+    prompts = [common.build_prompt(tokenizer, r["problem"], common.TOY_CONTEXT_HEADER + r["solution"] +
+                                   "\n\nYour previous attempt was incorrect.") for r in rows]
+    torch.manual_seed(0)
+    responses = common.HFEngine(model, tokenizer).generate(prompts, common.SamplingParams(1.0, 1.0, 0, 40))
+    grader = common.Grader()
+    rewards, _ = grader.grade(tokenizer.batch_decode(responses, skip_special_tokens=True), [r["answer"] for r in rows])
+    grader.close()
+    assert sum(rewards) / len(rewards) >= 0.6
