@@ -73,7 +73,7 @@ class Args:
     problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
     answer_key: str = option("answer", "column with the gold answer")
     solution_key: str = option("solution", "column with a reference solution (optional)")
-    num_steps: int = option(40, "optimizer steps [paper: 200; ours: 40 on the toy]")
+    num_steps: int = option(60, "optimizer steps [paper: 200; ours: 60 on the toy]")
     seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
     rollout: str = option("hf", "rollout engine: hf (vllm is planned)")
     eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
@@ -82,7 +82,7 @@ class Args:
     run_name: str = option("", "run directory name under --output_dir; default antisd_<model>_s<seed>")
     output_dir: str = option("runs", "where run directories go")
     # rollouts
-    num_problems: int = option(16, "problems per step, global [paper: 32]")
+    num_problems: int = option(32, "problems per step, global [paper: 32]")
     num_generations: int = option(8, "rollouts per problem G [paper: 8]")
     max_new_tokens: int = option(40, "response token limit [paper: 32K; ours: 40 on the toy]")
     temperature: float = option(1.0, "rollout sampling temperature [ours]")
@@ -91,7 +91,7 @@ class Args:
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch (unset = template default)")
     gen_batch_size: int = option(128, "sequences per generate call (memory bound of the hf engine)")
     # optimisation
-    lr: float = option(2e-4, "AdamW learning rate [paper: 1e-6; ours: 2e-4 for the tiny toy model]")
+    lr: float = option(1e-4, "AdamW learning rate [paper: 1e-6; ours: 1e-4 for the tiny toy model]")
     weight_decay: float = option(0.0, "AdamW weight decay [ours]")
     max_grad_norm: float = option(1.0, "gradient-norm clip [paper setting via verl]")
     clip_low: float = option(0.2, "PPO ratio clip eps_low [paper setting via verl]")
@@ -109,7 +109,7 @@ class Args:
     gate_warmup: int = option(5, "steps with lambda = 0 that calibrate H_warm [paper]")
     tau_down: float = option(0.93, "gate closes below tau_down * H_warm [paper; ablations 0.90, 0.95]")
     # evaluation, checkpoints
-    eval_every: int = option(20, "evaluate every N steps (and at the start and the end); 0 = start/end only")
+    eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
     eval_k: int = option(4, "samples per eval problem: avg@k and pass@k [paper: 32 on AIME/HMMT]")
     eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
     eval_temperature: float = option(0.7, "eval sampling temperature [paper]")

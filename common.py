@@ -13,7 +13,7 @@ Surface, in file order:
   prompts       BOXED_INSTRUCTION, build_prompt
   grading       find_last_boxed, extract_boxed_answer, Grader
   rollouts      SamplingParams, RolloutEngine, HFEngine, make_engine, stop_token_ids
-  log-probs     response_hidden, output_head, chunked_map, token_logprob_entropy
+  log-probs     response_hidden, output_head, chunked_map, token_logprob_entropy, token_kl
   evaluation    evaluate
   logging       Progress, RunLogger
   checkpoints   save_checkpoint, latest_checkpoint, load_checkpoint
@@ -165,8 +165,7 @@ def resolve_model(name: str) -> str:
             raise ValueError(f"--model {name!r} is a directory without config.json: point it at a "
                              "Hugging Face model folder (save_pretrained output).")
         return name
-    looks_local = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
-    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) and not looks_local:
+    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) and not name.startswith((".", "~")):
         return name  # hub id, e.g. Qwen/Qwen3-8B (needs network or a populated HF cache)
     raise ValueError(
         f"Unknown --model {name!r}. Use one of: {', '.join(TOY_MODELS)} (built-in, offline); a short "
@@ -880,14 +879,42 @@ def token_logprob_entropy(logits_fn: Callable, hidden: torch.Tensor, targets: to
     """
 
     def logprob_and_entropy(h, y):
-        logits = logits_fn(h)
-        logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        logprobs = _log_softmax_fp32(logits_fn(h))
         chosen = logprobs.gather(-1, y[:, None]).squeeze(-1)
         entropy = -(logprobs.exp() * logprobs).sum(-1)
         return chosen, entropy
 
     chosen, entropy = chunked_map(logprob_and_entropy, [hidden[mask], targets[mask]], chunk_size)
     return _unflatten(chosen, mask), _unflatten(entropy, mask)
+
+
+def token_kl(student_logits_fn: Callable, student_hidden: torch.Tensor, teacher_logits_fn: Callable,
+             teacher_hidden: torch.Tensor, mask: torch.Tensor, direction: str = "forward",
+             chunk_size: int = 512) -> torch.Tensor:
+    """Full-vocabulary KL per response token ([B,R], 0 where masked), chunked over positions.
+
+    `forward` = KL(pi_T || pi_S) = sum_v p_T (log p_T - log p_S); `reverse` = KL(pi_S || pi_T).
+    Student and teacher hidden states are response-aligned (`response_hidden` of each model on its
+    own prompt); gradients flow into the student only if its hidden states carry them. For a
+    divergence with per-entry terms (clipping, mixtures), call `chunked_map` with your own function.
+    """
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction must be 'forward' or 'reverse', not {direction!r}")
+
+    def kl(h_student, h_teacher):
+        student = _log_softmax_fp32(student_logits_fn(h_student))
+        teacher = _log_softmax_fp32(teacher_logits_fn(h_teacher))
+        if direction == "forward":
+            return (teacher.exp() * (teacher - student)).sum(-1)
+        return (student.exp() * (student - teacher)).sum(-1)
+
+    (values,) = chunked_map(kl, [student_hidden[mask], teacher_hidden[mask]], chunk_size)
+    return _unflatten(values, mask)
+
+
+def _log_softmax_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """log-softmax in at least fp32 (bf16 logits lose the small probabilities that entropy/KL need)."""
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -975,7 +1002,10 @@ class RunLogger:
         except Exception:  # tensorboard not installed
             self.tensorboard = None
         if track:
-            import wandb  # noqa: PLC0415 (only when asked for)
+            try:
+                import wandb
+            except ImportError as error:
+                raise ImportError("--track logs to Weights & Biases: pip install wandb (and wandb login)") from error
 
             self.wandb = wandb.init(project=project, name=self.run_dir.name, config=config,
                                     resume="allow" if resume_step is not None else None)

@@ -71,9 +71,10 @@ def test_torchrun_two_ranks_trains_and_checkpoints(tmp_path):
 
     import common
 
-    result = run_script(torchrun(2) + ["antisd.py", "--num_steps", "2", "--save_every", "2", "--output_dir",
-                                       str(tmp_path), "--run_name", "ddp"] + FAST)
+    result = run_script(torchrun(2) + ["tests/dist_train_check.py", "--num_steps", "2", "--save_every", "2",
+                                       "--output_dir", str(tmp_path), "--run_name", "ddp"] + FAST)
     assert "step 2 |" in result.stdout
+    assert result.stdout.count("PARAMS-EQUAL rank") == 2  # both ranks, identical full parameters after step 2
     checkpoint = tmp_path / "ddp" / "checkpoints" / "step_000002"
     trained = AutoModelForCausalLM.from_pretrained(checkpoint)
     initial = AutoModelForCausalLM.from_pretrained(common.build_toy_model("toy"))

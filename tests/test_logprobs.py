@@ -110,3 +110,38 @@ def test_padding_and_prompts_never_enter_the_loss(toy_model, toy_tokenizer):
     for a, b, c in zip(g_together, g_other_pad, g_separate):
         assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, c, atol=1e-5)
     toy_model.zero_grad(set_to_none=True)
+
+
+def test_chunked_kl_matches_naive_both_directions():
+    torch.manual_seed(2)
+    batch, width, dim, vocab = 2, 6, 8, 31
+    student_hidden = torch.randn(batch, width, dim, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(batch, width, dim, dtype=torch.float64)
+    w_student, w_teacher = torch.randn(vocab, dim, dtype=torch.float64), torch.randn(vocab, dim, dtype=torch.float64)
+    mask = torch.arange(width)[None, :] < torch.tensor([6, 2])[:, None]
+    log_s = torch.log_softmax(student_hidden @ w_student.T, -1)
+    log_t = torch.log_softmax(teacher_hidden @ w_teacher.T, -1)
+    naive = {"forward": (log_t.exp() * (log_t - log_s)).sum(-1), "reverse": (log_s.exp() * (log_s - log_t)).sum(-1)}
+    for direction, expected in naive.items():
+        got = common.token_kl(lambda h: h @ w_student.T, student_hidden, lambda h: h @ w_teacher.T, teacher_hidden,
+                              mask, direction, chunk_size=3)
+        assert torch.allclose(got[mask], expected[mask], atol=1e-6) and (got[~mask] == 0).all()
+        assert (got[mask] >= 0).all()
+        (g_got,) = torch.autograd.grad(got.sum(), student_hidden)
+        (g_want,) = torch.autograd.grad((expected * mask).sum(), student_hidden)
+        assert torch.allclose(g_got, g_want, atol=1e-6)
+    same = common.token_kl(lambda h: h @ w_student.T, student_hidden, lambda h: h @ w_student.T, student_hidden, mask)
+    assert torch.allclose(same, torch.zeros_like(same), atol=1e-9)
+
+
+def test_copy_weights_refreshes_a_frozen_copy(toy_tokenizer):
+    dist_info = common.init_distributed()
+    policy = common.load_model("toy", dist_info)
+    frozen = common.load_model("toy", dist_info, trainable=False)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01)
+    assert not torch.equal(next(policy.parameters()), next(frozen.parameters()))
+    common.copy_weights(frozen, policy)
+    assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), frozen.parameters()))
+    assert not any(p.requires_grad for p in frozen.parameters())
