@@ -1059,6 +1059,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
+    # tied weights (e.g. lm_head = embed_tokens) appear under both names: keep the one module owns
+    owned = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    model_state = {name: tensor for name, tensor in model_state.items() if name in owned}
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}

@@ -36,4 +36,4 @@ def run_script(args, timeout=600, env=None, check=True):
 
 
 def torchrun(nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]

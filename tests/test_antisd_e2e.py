@@ -71,8 +71,10 @@ def test_torchrun_two_ranks_trains_and_checkpoints(tmp_path):
 
     import common
 
+    # --gate none: the token term is on from step 1, so the update is non-zero even if every group
+    # of these few rollouts has equal rewards
     result = run_script(torchrun(2) + ["tests/dist_train_check.py", "--num_steps", "2", "--save_every", "2",
-                                       "--output_dir", str(tmp_path), "--run_name", "ddp"] + FAST)
+                                       "--gate", "none", "--output_dir", str(tmp_path), "--run_name", "ddp"] + FAST)
     assert "step 2 |" in result.stdout
     assert result.stdout.count("PARAMS-EQUAL rank") == 2  # both ranks, identical full parameters after step 2
     checkpoint = tmp_path / "ddp" / "checkpoints" / "step_000002"
@@ -80,6 +82,7 @@ def test_torchrun_two_ranks_trains_and_checkpoints(tmp_path):
     initial = AutoModelForCausalLM.from_pretrained(common.build_toy_model("toy"))
     deltas = [(a - b).abs().max().item() for a, b in zip(trained.parameters(), initial.parameters())]
     assert max(deltas) > 0
+    assert torch.equal(trained.get_output_embeddings().weight, trained.get_input_embeddings().weight)  # still tied
     assert [r["step"] for r in records(tmp_path / "ddp")] == [1, 2]
 
 
