@@ -53,8 +53,7 @@ from torch.nn.utils.rnn import pad_sequence
 from common import (Grader, ProblemSampler, RunLogger, SamplingParams, all_gather_cat, all_reduce_sum,
                     build_prompt, evaluate, find_last_boxed, init_distributed, latest_checkpoint,
                     load_checkpoint, load_model, load_problems, load_tokenizer, make_engine, option,
-                    output_head, parse_args, print0, response_hidden, save_checkpoint, stop_token_ids,
-                    token_logprob_entropy)
+                    parse_args, print0, response_logprobs, save_checkpoint, stop_token_ids)
 
 # Privileged context c [paper: verified solution + correctness feedback; wording ours]. The toy
 # models are taught this exact form (common.TOY_CONTEXT_HEADER / TOY_FEEDBACK_LINES).
@@ -66,7 +65,7 @@ FEEDBACK = {True: "Your previous attempt was correct.", False: "Your previous at
 class Args:
     # shared by every script
     model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | local dir")
-    dataset: str = option("toy", "train problems: toy | BytedTsinghua-SIA/DAPO-Math-17k | hub id | .jsonl/.json/.parquet")
+    dataset: str = option("toy", "train problems: toy | DAPO-Math-17k hub id | hub id | .jsonl/.json/.parquet")
     dataset_split: str = option("train", "split of --dataset")
     eval_dataset: str = option("toy", "eval problems (toy = its test split); empty string = no evaluation")
     eval_split: str = option("test", "split of --eval_dataset")
@@ -103,7 +102,7 @@ class Args:
     activation_checkpointing: bool = option(False, "recompute decoder layers in backward to save memory")
     # AntiSD
     lambda_max: float = option(0.5, "weight of the token term when the gate is open [paper]; 0 = GRPO")
-    signal: Literal["antisd", "sd"] = option("antisd", "antisd: -phi(u) or -u; sd: +u, default self-distillation, no gate [paper]")
+    signal: Literal["antisd", "sd"] = option("antisd", "antisd: -phi(u) or -u; sd: +u, no gate [paper]")
     divergence: Literal["jsd", "rkl"] = option("jsd", "antisd shape: jsd = -phi(u) [paper], rkl = -u ablation [paper]")
     gate: Literal["entropy", "none"] = option("entropy", "entropy gate with hysteresis [paper], or none")
     gate_warmup: int = option(5, "steps with lambda = 0 that calibrate H_warm [paper]")
@@ -296,17 +295,15 @@ def main(argv=None):
         with torch.no_grad():
             for start in range(0, len(responses), args.micro_batch_size):
                 batch = range(start, min(start + args.micro_batch_size, len(responses)))
-                hidden, targets, mask = response_hidden(model, [teacher_prompts[i] for i in batch],
-                                                        [responses[i] for i in batch], pad_id)
-                logprobs, entropy = token_logprob_entropy(output_head(model), hidden, targets, mask,
-                                                          args.logprob_chunk_size)
+                logprobs, entropy, mask = response_logprobs(
+                    model, [teacher_prompts[i] for i in batch], [responses[i] for i in batch], pad_id,
+                    args.logprob_chunk_size)
                 teacher_logprobs += [row[m] for row, m in zip(logprobs, mask)]
                 teacher_entropy += [row[m] for row, m in zip(entropy, mask)]
                 if args.num_minibatches > 1:
-                    hidden, targets, mask = response_hidden(model, [student_prompts[i] for i in batch],
-                                                            [responses[i] for i in batch], pad_id)
-                    logprobs, _ = token_logprob_entropy(output_head(model), hidden, targets, mask,
-                                                        args.logprob_chunk_size)
+                    logprobs, _, mask = response_logprobs(
+                        model, [student_prompts[i] for i in batch], [responses[i] for i in batch], pad_id,
+                        args.logprob_chunk_size)
                     behaviour_logprobs += [row[m] for row, m in zip(logprobs, mask)]
 
         # ---- 5. entropy gate on the median teacher entropy of the global batch
@@ -323,10 +320,9 @@ def main(argv=None):
             minibatch_tokens = all_reduce_sum(sum(len(responses[i]) for i in owned)).item()
             for start in range(owned.start, owned.stop, args.micro_batch_size):
                 batch = range(start, min(start + args.micro_batch_size, owned.stop))
-                hidden, targets, mask = response_hidden(model, [student_prompts[i] for i in batch],
-                                                        [responses[i] for i in batch], pad_id)
-                logprobs, entropy = token_logprob_entropy(output_head(model), hidden, targets, mask,
-                                                          args.logprob_chunk_size)
+                logprobs, entropy, mask = response_logprobs(
+                    model, [student_prompts[i] for i in batch], [responses[i] for i in batch], pad_id,
+                    args.logprob_chunk_size)
                 old_logprobs = (pad_sequence([behaviour_logprobs[i] for i in batch], batch_first=True)
                                 if args.num_minibatches > 1 else logprobs.detach())
                 teacher = pad_sequence([teacher_logprobs[i] for i in batch], batch_first=True)

@@ -13,7 +13,8 @@ Surface, in file order:
   prompts       BOXED_INSTRUCTION, build_prompt
   grading       find_last_boxed, extract_boxed_answer, Grader
   rollouts      SamplingParams, RolloutEngine, HFEngine, make_engine, stop_token_ids
-  log-probs     response_hidden, output_head, chunked_map, token_logprob_entropy, token_kl
+  log-probs     response_logprobs, response_hidden, output_head, chunked_map, token_logprob_entropy,
+                token_kl
   evaluation    evaluate
   logging       Progress, RunLogger
   checkpoints   save_checkpoint, latest_checkpoint, load_checkpoint
@@ -852,6 +853,16 @@ def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden -> logits with the model's output projection (call after a forward of that model)."""
     head = model.get_output_embeddings()
     return lambda hidden: F.linear(hidden, head.weight, head.bias)
+
+
+def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                      chunk_size: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p(y_t) [B,R], full-vocabulary entropy [B,R], mask [B,R]) of `model` on each response
+    after its prompt: `response_hidden` then `token_logprob_entropy`. Differentiable unless called
+    under `torch.no_grad()`."""
+    hidden, targets, mask = response_hidden(model, prompts, responses, pad_id)
+    logprobs, entropy = token_logprob_entropy(output_head(model), hidden, targets, mask, chunk_size)
+    return logprobs, entropy, mask
 
 
 def chunked_map(fn: Callable, tensors: Sequence[torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, ...]:

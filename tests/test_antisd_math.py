@@ -4,7 +4,6 @@ its aggregation, the entropy gate, and the privileged context."""
 import math
 import random
 
-import pytest
 import torch
 
 import antisd

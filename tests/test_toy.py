@@ -1,6 +1,5 @@
 """The built-in toy models: real HF format, chat template, and accuracy in the intended ranges."""
 
-import pytest
 import torch
 
 import common
