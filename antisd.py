@@ -33,6 +33,9 @@ Run:
     python antisd.py --signal sd                            # default self-distillation (+u_t, no gate)
     python antisd.py --divergence rkl                       # reverse-KL ascent ablation (-u_t)
     python antisd.py --gate none                            # no entropy gate
+On the toy task the token term has no deliberation tokens to protect (the teacher copies a
+deterministic solution), so it is anti-aligned with accuracy there: the toy checks the mechanics,
+not the paper's effect (README, "What to expect on the toy").
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ Under FSDP2 (`fully_shard`), weights are fp32 masters; on CUDA compute runs in b
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -704,11 +703,13 @@ class Grader:
         return rewards, counts
 
     def close(self) -> None:
-        if self._worker is not None:
-            with contextlib.suppress(Exception):
-                self._worker.kill()
-                self._worker.wait(timeout=5)
-            self._worker = None
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            try:  # plain try: also runs at interpreter shutdown, when modules are half torn down
+                worker.kill()
+                worker.wait(timeout=5)
+            except Exception:
+                pass
 
     def __del__(self):
         self.close()

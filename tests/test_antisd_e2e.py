@@ -48,12 +48,20 @@ def test_three_steps_on_toy(tmp_path):
     (["--divergence", "rkl", "--gate", "none"],
      lambda r: r["token_bonus_mean"] == pytest.approx(-0.5 * r["u_mean"])),
     (["--num_minibatches", "2", "--micro_batch_size", "3"], lambda r: r["lambda"] == 0),
+    (["--activation_checkpointing", "--gate", "none"], lambda r: r["lambda"] == 0.5 and math.isfinite(r["loss"])),
 ])
 def test_baseline_and_ablation_flags(tmp_path, flags, check):
     history = antisd.main(FAST + ["--num_steps", "1", "--output_dir", str(tmp_path), "--run_name", "r"] + flags)
     assert history == {}
     (step,) = records(tmp_path / "r")
     assert check(step), step
+
+
+def test_eval_only(tmp_path):
+    history = antisd.main(["--eval_only", "--eval_limit", "8", "--eval_k", "2", "--output_dir", str(tmp_path),
+                           "--run_name", "ev"])
+    assert set(history) == {"first"} and 0 <= history["first"]["eval/avg@2"] <= 1
+    assert [r["step"] for r in records(tmp_path / "ev")] == [0]
 
 
 def test_fsdp_two_ranks_gradients_equal_one_process(tmp_path):

@@ -59,3 +59,30 @@ def test_privileged_context_makes_the_self_teacher_informative():
     rewards, _ = grader.grade(tokenizer.batch_decode(responses, skip_special_tokens=True), [r["answer"] for r in rows])
     grader.close()
     assert sum(rewards) / len(rewards) >= 0.6
+
+
+def test_hf_engine_greedy_top_k_and_stop(toy_model, toy_tokenizer):
+    """Greedy = argmax decoding by hand; top_k=1 sampling = greedy; responses stop at EOS (kept)
+    and carry no padding, whatever the prompt lengths in the left-padded batch."""
+    tok = toy_tokenizer
+    rows = common.make_toy_rows(4, seed=21)
+    prompts = [common.build_prompt(tok, r["problem"]) for r in rows]
+    prompts[1] = common.build_prompt(tok, rows[1]["problem"], context="Reference solution:\n" + rows[1]["solution"])
+    engine = common.HFEngine(toy_model, tok, batch_size=3)
+    greedy = engine.generate(prompts, common.SamplingParams(temperature=0, max_new_tokens=30))
+    torch.manual_seed(123)
+    top1 = engine.generate(prompts, common.SamplingParams(temperature=1.0, top_k=1, max_new_tokens=30))
+    assert greedy == top1
+    with torch.no_grad():
+        for prompt, response in zip(prompts, greedy):
+            ids, manual = list(prompt), []
+            for _ in range(30):
+                token = int(toy_model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+                manual.append(token)
+                ids.append(token)
+                if token == tok.eos_token_id:
+                    break
+            assert response == manual
+    assert all(r[-1] == tok.eos_token_id and tok.pad_token_id not in r for r in greedy)
+    short = engine.generate(prompts[:1], common.SamplingParams(temperature=0, max_new_tokens=3))
+    assert short == [greedy[0][:3]]  # truncated: no stop token
