@@ -197,8 +197,11 @@ def load_model(name: str, dist_info: Dist, *, trainable: bool = True, activation
     cuda = dist_info.device.type == "cuda"
     dtype = torch.bfloat16 if (cuda and not trainable) else torch.float32
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype).to(dist_info.device)
-    if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if activation_checkpointing:  # the method's name changed in transformers 5.x; same behaviour
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cuda or dist_info.world_size > 1:
         _fully_shard(model, dist_info, bf16_compute=cuda and trainable)
     if not trainable:
