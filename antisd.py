@@ -116,6 +116,7 @@ class Args:
     eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
     eval_temperature: float = option(0.7, "eval sampling temperature [paper]")
     eval_top_p: float = option(0.95, "eval nucleus sampling [paper]")
+    eval_top_k: int = option(0, "eval top-k, 0 = off [paper: not used]")
     save_every: int = option(0, "checkpoint every N steps and at the end; 0 = never")
     grader_timeout: float = option(10.0, "hard wall-clock bound per graded answer, seconds")
 
@@ -247,7 +248,7 @@ def main(argv=None):
         print0(f"[resume] continuing {run_dir} from step {start_step}")
     logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=start_step if checkpoint_dir else None)
     rollout_params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
-    eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, 0, args.max_new_tokens)
+    eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k, args.max_new_tokens)
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)
     use_gate = args.gate == "entropy" and args.signal == "antisd"  # --signal sd runs without a gate [paper]
 
