@@ -5,7 +5,7 @@ losses and schedules are written out in each method script). Copy one method scr
 this file into another project and it runs.
 
 Surface, in file order:
-  distributed   Dist, init_distributed, print0, all_reduce_sum, all_gather_cat
+  distributed   Dist, init_distributed, print0, all_reduce_sum, all_gather_cat, barrier
   arguments     option, parse_args
   models        MODEL_ALIASES, resolve_model, load_tokenizer, load_model, copy_weights
   toy testbed   make_toy_rows, parse_toy_steps, build_toy_model
@@ -110,11 +110,9 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach().flatten().float().cpu()
     if not _distributed():
         return tensor
-    sizes: list = [None] * dist.get_world_size()
-    dist.all_gather_object(sizes, tensor.numel())
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, tensor)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    return torch.cat(parts)
 
 
 def barrier() -> None:
@@ -151,12 +149,11 @@ MODEL_ALIASES = {
     for name in ["Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3-32B",
                  "Qwen3-30B-A3B", "Qwen3-4B-Instruct-2507"]
 }
-TOY_MODELS = ("toy", "toy-large")
 
 
 def resolve_model(name: str) -> str:
     """Map `--model` to something `from_pretrained` takes: built-in toy, alias, local dir or hub id."""
-    if name in TOY_MODELS:
+    if name in TOY_SPECS:
         return str(build_toy_model(name))
     if name in MODEL_ALIASES:
         return MODEL_ALIASES[name]
@@ -168,7 +165,7 @@ def resolve_model(name: str) -> str:
     if re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) and not name.startswith((".", "~")):
         return name  # hub id, e.g. Qwen/Qwen3-8B (needs network or a populated HF cache)
     raise ValueError(
-        f"Unknown --model {name!r}. Use one of: {', '.join(TOY_MODELS)} (built-in, offline); a short "
+        f"Unknown --model {name!r}. Use one of: {', '.join(TOY_SPECS)} (built-in, offline); a short "
         f"alias ({', '.join(MODEL_ALIASES)}); a hub id like 'Qwen/Qwen3-8B'; or a local model directory.")
 
 
@@ -956,7 +953,7 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader,
     correct = torch.tensor(rewards).view(-1, k)[: len(mine)]
     lengths = torch.tensor([len(r) for r in responses], dtype=torch.float64).view(-1, k)[: len(mine)]
     totals = all_reduce_sum(torch.tensor([
-        correct.mean(1).sum(), (correct.max(1).values if len(mine) else correct.sum(1)).sum(),
+        correct.mean(1).sum(), correct.amax(1).sum(),
         float(len(mine)), lengths.sum(), float(counts["no_answer"]), float(counts["timeout"])], dtype=torch.float64))
     problems = max(totals[2].item(), 1.0)
     return {f"eval/avg@{k}": totals[0].item() / problems, f"eval/pass@{k}": totals[1].item() / problems,
