@@ -33,9 +33,11 @@ Run:
     python antisd.py --signal sd                            # default self-distillation (+u_t, no gate)
     python antisd.py --divergence rkl                       # reverse-KL ascent ablation (-u_t)
     python antisd.py --gate none                            # no entropy gate
-On the toy task the token term has no deliberation tokens to protect (the teacher copies a
-deterministic solution), so it is anti-aligned with accuracy there: the toy checks the mechanics,
-not the paper's effect (README, "What to expect on the toy").
+On the toy task (README, "The toy testbed") the premise is built in: the plain prompt mostly takes the
+shortcut (box the answer at once), the careful strategy (steps, check lines) is more accurate, and the
+self-teacher shown an answer prefers the shortcut, so u < 0 on deliberation and u > 0 on the answer
+(logged every step as u_work / u_answer). The toy tests whether this code turns that premise into
+the paper's effect, not whether the premise holds for real models.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, SamplingParams, all_gather_cat, all_reduce_sum,
                     build_prompt, evaluate, find_last_boxed, init_distributed, latest_checkpoint,
-                    load_checkpoint, load_model, load_problems, load_tokenizer, make_engine, option,
-                    parse_args, print0, response_logprobs, save_checkpoint, stop_token_ids)
+                    load_checkpoint, load_model, load_problems, load_tokenizer, make_engine, option, parse_args,
+                    print0, response_logprobs, response_token_spans, save_checkpoint, stop_token_ids, token_roles,
+                    write_token_picture, writes_work)
 
 # Privileged context c [paper: verified solution + correctness feedback; wording ours]. The toy
 # models are taught this exact form (common.TOY_CONTEXT_HEADER / TOY_FEEDBACK_LINES).
@@ -86,7 +89,7 @@ class Args:
     # rollouts
     num_problems: int = option(32, "problems per step, global [paper: 32]")
     num_generations: int = option(8, "rollouts per problem G [paper: 8]")
-    max_new_tokens: int = option(40, "response token limit [paper: 32K; ours: 40 on the toy]")
+    max_new_tokens: int = option(64, "response token limit [paper: 32K; ours: 64 on the toy]")
     temperature: float = option(1.0, "rollout sampling temperature [ours]")
     top_p: float = option(1.0, "rollout nucleus sampling [ours]")
     top_k: int = option(0, "rollout top-k, 0 = off [ours]")
@@ -118,6 +121,7 @@ class Args:
     eval_top_p: float = option(0.95, "eval nucleus sampling [paper]")
     eval_top_k: int = option(0, "eval top-k, 0 = off [paper: not used]")
     save_every: int = option(0, "checkpoint every N steps and at the end; 0 = never")
+    picture_rollouts: int = option(16, "rollouts of the latest step drawn in tokens.html (at each eval and the end)")
     grader_timeout: float = option(10.0, "hard wall-clock bound per graded answer, seconds")
 
 
@@ -197,6 +201,24 @@ def teacher_contexts(texts: list[str], rewards: list[float], group_size: int, pr
     return contexts
 
 
+ROLE_IDS = {"other": 0, "work": 1, "answer": 2}
+
+
+def role_ids(tokenizer, response: list[int]) -> torch.Tensor:
+    """Per token of a response: 1 = work (deliberation, check lines), 2 = the final answer, 0 = other.
+    Logged so every run shows the premise: u < 0 on work tokens and u > 0 on answer tokens."""
+    return torch.tensor([ROLE_IDS[r] for r in token_roles(*response_token_spans(tokenizer, response))])
+
+
+def picture_row(tokenizer, problem: dict, response: list[int], reward: float, u: torch.Tensor,
+                bonus: torch.Tensor, step: int) -> dict:
+    """One row of tokens.html: the response's tokens coloured by u_t, the applied bonus on hover."""
+    text, spans = response_token_spans(tokenizer, response)
+    return {"tokens": [text[a:b] for a, b in spans], "values": u.tolist(),
+            "hover": [f"bonus={b:+.3f}" for b in bonus.tolist()],
+            "label": f"step {step} | reward {reward:g}\n{problem['problem']}"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -252,11 +274,20 @@ def main(argv=None):
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)
     use_gate = args.gate == "entropy" and args.signal == "antisd"  # --signal sd runs without a gate [paper]
 
+    picture = []  # rows of tokens.html from the latest step (rank 0)
+
     def run_eval(step: int) -> dict:
         metrics = evaluate(engine, tokenizer, eval_rows, grader, eval_params, args.eval_k, dist_info,
                            args.enable_thinking)
         logger.log(step, metrics, prefix="eval")
+        draw_picture()
         return metrics
+
+    def draw_picture():
+        if picture and dist_info.is_main:
+            write_token_picture(run_dir / "tokens.html", picture, "u_t", title=f"{run_name}: u_t per token",
+                                note="u_t = log pi_T(y_t|x,c) - log pi_S(y_t|x): red = the teacher shown a verified "
+                                     "solution likes the token more (AntiSD penalises it), blue = less (bonus).")
 
     history = {}
     if eval_rows and (args.eval_only or start_step == 0):
@@ -286,6 +317,10 @@ def main(argv=None):
         rewards, grade_counts = grader.grade(texts, [p["answer"] for p in problems for _ in range(group)])
         reward_groups = torch.tensor(rewards).view(problems_per_rank, group)
         sequence_advantages = group_advantages(reward_groups, args.scale_rewards).flatten()
+        # token roles of correct rollouts, for the premise metrics u_work / u_answer (others: all 0)
+        roles = [role_ids(tokenizer, r) if rewards[i] > 0 else torch.zeros(len(r), dtype=torch.long)
+                 for i, r in enumerate(responses)]
+        shown_rows = dict.fromkeys(range(min(args.picture_rollouts, len(responses)) if rank == 0 else 0))
 
         # ---- 3. privileged context c from another successful rollout of the group; teacher prompts
         context_rng = random.Random(f"{args.seed}/{step}/{rank}")  # a function of the step: resume-exact
@@ -317,7 +352,8 @@ def main(argv=None):
 
         # ---- 6. policy gradient on A_{i,t} = A_i^seq + lambda * sg[delta_t], global token-mean
         model.train()
-        sums = dict.fromkeys(["loss", "entropy", "u_negative", "bonus", "u", "clipped"], 0.0)
+        sums = dict.fromkeys(["loss", "entropy", "u_negative", "bonus", "u", "clipped", "u_work", "work_tokens",
+                              "u_answer", "answer_tokens"], 0.0)
         per_minibatch = len(responses) // args.num_minibatches
         for minibatch in range(args.num_minibatches):
             owned = range(minibatch * per_minibatch, (minibatch + 1) * per_minibatch)
@@ -343,13 +379,24 @@ def main(argv=None):
                 sums["bonus"] += bonus[mask].sum().item()
                 sums["u"] += u[mask].sum().item()
                 sums["clipped"] += ((ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)).sum().item()
+                role = pad_sequence([roles[i] for i in batch], batch_first=True)
+                role = F.pad(role, (0, u.shape[1] - role.shape[1])).to(u.device)
+                for name, role_id in [("work", 1), ("answer", 2)]:
+                    sums[f"u_{name}"] += u[role == role_id].sum().item()
+                    sums[f"{name}_tokens"] += (role == role_id).sum().item()
+                for row, i in enumerate(batch):
+                    if i in shown_rows:
+                        shown_rows[i] = (u[row][mask[row]].cpu(), bonus[row][mask[row]].cpu())
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         engine.update_weights(model)
 
-        # ---- 7. metrics, evaluation, checkpoint
+        # ---- 7. metrics, token picture, evaluation, checkpoint
+        picture = [picture_row(tokenizer, problems[i // group], responses[i], rewards[i], *shown_rows[i], step + 1)
+                   for i in shown_rows]
         sums.update(reward=sum(rewards), sequences=len(rewards), tokens=sum(len(r) for r in responses),
+                    careful=sum(writes_work(text) for text in texts),
                     truncated=sum(1 for r in responses if not r or r[-1] not in stop_ids),
                     zero_adv_groups=int((reward_groups.max(1).values == reward_groups.min(1).values).sum()),
                     no_answer=grade_counts["no_answer"], grader_timeouts=grade_counts["timeout"])
@@ -370,6 +417,9 @@ def main(argv=None):
             "u_neg_frac": totals["u_negative"] / tokens,
             "u_mean": totals["u"] / tokens,
             "token_bonus_mean": totals["bonus"] / tokens,
+            "u_work": totals["u_work"] / max(totals["work_tokens"], 1),
+            "u_answer": totals["u_answer"] / max(totals["answer_tokens"], 1),
+            "careful_frac": totals["careful"] / sequences_global,
             "clip_frac": totals["clipped"] / tokens,
             "truncated_frac": totals["truncated"] / sequences_global,
             "zero_adv_groups": totals["zero_adv_groups"] / args.num_problems,
@@ -387,6 +437,7 @@ def main(argv=None):
                             {"sampler": sampler.state_dict(), "gate": asdict(gate)}, dist_info)
 
     # ---- summary ---------------------------------------------------------------------------------
+    draw_picture()
     minutes = (time.time() - train_started) / 60
     summary = f"[antisd] done: steps {start_step}->{args.num_steps} in {minutes:.1f} min; runs dir {run_dir}"
     if "first" in history and "last" in history:

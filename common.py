@@ -8,15 +8,17 @@ Surface, in file order:
   distributed   Dist, init_distributed, print0, all_reduce_sum, all_gather_cat, barrier
   arguments     option, parse_args
   models        MODEL_ALIASES, resolve_model, load_tokenizer, load_model, copy_weights
-  toy testbed   make_toy_rows, parse_toy_steps, build_toy_model
+  toy testbed   make_toy_rows, toy_response, parse_toy_steps, build_toy_model
   data          load_problems, ProblemSampler
   prompts       BOXED_INSTRUCTION, build_prompt
   grading       find_last_boxed, extract_boxed_answer, Grader
+  responses     THINK_TAGS, answer_span, writes_work, response_token_spans, token_roles
   rollouts      SamplingParams, RolloutEngine, HFEngine, make_engine, stop_token_ids
   log-probs     response_logprobs, response_hidden, output_head, chunked_map, token_logprob_entropy,
                 token_kl
   evaluation    evaluate
   logging       Progress, RunLogger
+  token picture write_token_picture
   checkpoints   save_checkpoint, latest_checkpoint, load_checkpoint
 
 Conventions. A "response batch" is B sequences `prompt_ids[i] + response_ids[i]`; per-token
@@ -239,21 +241,41 @@ def copy_weights(dst_model, src_model) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Toy testbed: synthetic arithmetic with worked solutions, and tiny Qwen3 models made by SFT
+# Toy testbed: a strategy-choice task with worked solutions, and tiny Qwen3 models made by SFT
 # ---------------------------------------------------------------------------------------------
 #
-# A problem is "Compute 37+48-12." with a worked solution of one line per step,
-#   37+48=85
-#   85-12=73
-#   \boxed{73}
-# Levels 1-4 (1-digit sum; 2-digit + 1-digit; 2-digit +/-; a 3-operand chain) spread the difficulty.
-# Each step line is `left op right=result` and re-computable, so an oracle can find the first wrong
-# step of a response and its key step (the last step, which produces the answer): parse_toy_steps.
+# A problem is a chain of small operations that must be applied in order (sequential state, so a
+# one-pass "shortcut" cannot compose long chains): "Start at 7, apply +3 *2 -4." (answer 16).
+# The SFT teaches two strategies, in Qwen3's layout (work inside <think>...</think>, boxed answer after):
+#   careful                     careful with a check           shortcut
+#   <think>                     <think>                        <think>
+#   7+3=10                      7+3=10                         </think>
+#   10*2=20                     10*2=20                        \boxed{16}
+#   20-4=16                     check 20/2=10 ok
+#   </think>                    20-4=16
+#   \boxed{16}                  </think>
+#                               \boxed{16}
+# A check line verifies the previous step by its inverse; in some SFT examples a step is wrong (that
+# line is masked out of the loss), its check says "no" and the step is redone: deliberation.
+# The premises of the four papers are built in on purpose (the toy tests whether code turns a premise
+# into the claimed effect, not whether the premise holds for real models):
+#   - the plain prompt's SFT target is mostly the shortcut, which is exact on short chains only, so
+#     RL has a large, easy win available: choose the careful strategy (every method's RL signal);
+#   - with privileged context (a reference solution, `TOY_CONTEXT_HEADER`) the SFT target is mostly
+#     the shortcut (copy the answer) and never checks, so a self-teacher gives deliberation tokens
+#     low probability and answer tokens high probability (u < 0 and u > 0: AntiSD);
+#   - `toy-large` is wider and trained to prefer the careful strategy, so it disagrees with `toy`
+#     most at the first response tokens, where the strategy is decided (IW-OPD); it is the stronger
+#     teacher for distillation (PACED, IW-OPD);
+#   - chain length (the level, 1-6 operations) spreads per-problem pass rates over (0, 1) (PACED);
+#   - every line is re-computable, so an oracle names the key step of a correct response and the
+#     first wrong line of an incorrect one, check lines included (`parse_toy_steps`, TRACE).
 
-TOY_VERSION = "v1"
+TOY_VERSION = "v2"
 TOY_SPLIT_SEEDS = {"train": 1, "test": 2}  # disjoint generator streams for the two splits
 TOY_SPLIT_SIZES = {"train": 4096, "test": 256}
-TOY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+TOY_MAX_OPS, TOY_MAX_VALUE = 6, 30  # levels 1..6 = number of operations; every value stays in 0..30
+TOY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOY_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -264,74 +286,143 @@ TOY_CHAT_TEMPLATE = (
 # message, optionally followed by one feedback line (the method scripts build contexts of this form).
 TOY_CONTEXT_HEADER = "Reference solution:\n"
 TOY_FEEDBACK_LINES = ["Your previous attempt was correct.", "Your previous attempt was incorrect.", ""]
-TOY_PHRASES = ["user", "assistant", "Compute ", "\\boxed{", "\n\n", TOY_CONTEXT_HEADER, *TOY_FEEDBACK_LINES[:2]]
-# Architecture and SFT recipe of each toy model; `context_frac` = share of SFT examples whose prompt
-# carries a reference solution. Sized so that building both takes under 3 minutes on 2 CPU cores.
+TOY_WORK_HINT = "Write every step."  # SFT-only prompt variant that always gets the careful strategy
+# Multi-character pieces that are single tokens (shorter sequences on a CPU). <think> and </think> are
+# ordinary added tokens, as in Qwen3: decoding with skip_special_tokens keeps them.
+TOY_PHRASES = ["<think>", "</think>", "user", "assistant", "Start at ", ", apply ", "\\boxed{", "check ", " ok",
+               " no", "\n\n", TOY_CONTEXT_HEADER, TOY_WORK_HINT, *TOY_FEEDBACK_LINES[:2]]
+# Architecture and SFT recipe of each toy model. `careful` = share of plain-prompt SFT targets that use
+# the careful strategy; `context_frac` = share of SFT examples whose prompt carries a reference
+# solution (their target is careful with probability `context_careful`, never with checks);
+# `check` / `fix` = share of careful targets with a verified step / a wrong step caught and redone.
 TOY_SPECS = {
-    "toy": dict(layers=3, hidden=64, heads=4, intermediate=128, steps=320, batch_size=96, lr=3e-3, context_frac=0.3),
-    "toy-large": dict(layers=3, hidden=64, heads=4, intermediate=256, steps=400, batch_size=96, lr=3e-3,
-                      context_frac=0.3),
+    "toy": dict(layers=3, hidden=64, heads=4, intermediate=192, steps=1000, batch_size=64, lr=5e-3,
+                careful=0.3, work_frac=0.25, context_frac=0.25, context_careful=0.1, check=0.3, fix=0.15),
+    "toy-large": dict(layers=4, hidden=96, heads=4, intermediate=288, steps=800, batch_size=64, lr=5e-3,
+                      careful=0.8, work_frac=0.25, context_frac=0.25, context_careful=0.1, check=0.3, fix=0.15),
 }
+_TOY_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
+_TOY_INVERSE = {"+": "-", "-": "+", "*": "/"}
 
 
 def make_toy_rows(n: int, seed: int) -> list[dict]:
-    """n deterministic arithmetic problems with `problem`, `answer`, `solution` and `level`."""
+    """n deterministic problems with `problem`, `answer`, `solution` (the careful one) and `level`."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        level = rng.randint(1, 4)
-        if level == 1:  # 1-digit sum
-            operands, ops = [rng.randint(0, 9), rng.randint(0, 9)], ["+"]
-        elif level == 2:  # 2-digit plus 1-digit
-            operands, ops = [rng.randint(10, 99), rng.randint(0, 9)], ["+"]
-        elif level == 3:  # 2-digit sum or difference
-            operands, ops = [rng.randint(10, 99), rng.randint(10, 99)], [rng.choice("+-")]
-        else:  # two steps: 2-digit, then two 1-digit operands
-            operands, ops = [rng.randint(10, 99), rng.randint(0, 9), rng.randint(0, 9)], [rng.choice("+-"), "+"]
-        value, lines, expression = operands[0], [], str(operands[0])
-        for op, right in zip(ops, operands[1:]):
-            if op == "-" and right > value:  # keep every intermediate result non-negative
-                op = "+"
-            result = value + right if op == "+" else value - right
-            lines.append(f"{value}{op}{right}={result}")
-            expression += f"{op}{right}"
-            value = result
-        lines.append(f"\\boxed{{{value}}}")
-        rows.append({"problem": f"Compute {expression}.", "answer": str(value),
-                     "solution": "\n".join(lines), "level": level})
+        level = rng.randint(1, TOY_MAX_OPS)
+        value, operations = rng.randint(0, 15), []
+        for _ in range(level):
+            choices = [("+", d) for d in range(1, 6) if value + d <= TOY_MAX_VALUE]
+            choices += [("-", d) for d in range(1, 6) if value - d >= 0]
+            choices += [("*", 2)] * 3 if value <= TOY_MAX_VALUE // 2 else []  # doubling as often as +-
+            op, number = rng.choice(choices)
+            operations.append((op, number))
+            value = _TOY_OPS[op](value, number)
+        start = _toy_start(operations, value)
+        problem = f"Start at {start}, apply {' '.join(f'{op}{d}' for op, d in operations)}."
+        rows.append({"problem": problem, "answer": str(value), "level": level,
+                     "solution": "".join(text for text, _ in toy_response(start, operations))})
     return rows
 
 
-def parse_toy_steps(problem: str, response: str) -> list[dict]:
-    """Split a toy response into its non-empty lines, each judged locally.
+def _toy_start(operations, end):
+    for op, number in reversed(operations):
+        end = _TOY_OPS[_TOY_INVERSE[op]](end, number)
+    return end
 
-    Each dict: `start`, `end` (character span in `response`), `text`, `final` (a `\\boxed{}` line)
-    and `correct`: for step k, the line is `left op right=result` with `left` the previous line's
-    stated result (the first operand for k = 0), `op right` the problem's k-th operation and the
-    arithmetic right; a final line is correct when it boxes the true answer. So the first line with
-    `correct=False` is the first wrong step, and the last step line is the key step of a correct one.
+
+def _parse_toy_problem(problem: str):
+    match = re.fullmatch(r"Start at (\d+), apply ((?:[+\-*]\d+ ?)+)\.", problem.strip())
+    if not match:
+        return None, []
+    return int(match[1]), [(term[0], int(term[1:])) for term in match[2].split()]
+
+
+def toy_response(start: int, operations, careful: bool = True, check_at: int | None = None,
+                 fix_at: int | None = None, wrong_by: int = 1) -> list[tuple[str, bool]]:
+    """A toy response as (piece, trained) pairs, one piece per line (no multi-character token
+    crosses a piece). `check_at` = step verified by a check line; `fix_at` = step first written wrong
+    (`trained` False: kept out of the SFT loss), caught by its check and redone."""
+    pieces, value = [("<think>\n", True)], start
+    for k, (op, number) in enumerate(operations):
+        result = _TOY_OPS[op](value, number)
+        if careful and k == fix_at:
+            wrong = result + (2 * wrong_by if op == "*" else wrong_by)  # a doubling's result stays even
+            pieces.append((f"{value}{op}{number}={wrong}\n", False))
+            back = _TOY_OPS[_TOY_INVERSE[op]](wrong, number)
+            pieces.append((f"check {wrong}{_TOY_INVERSE[op]}{number}={back} no\n", True))
+        if careful:
+            pieces.append((f"{value}{op}{number}={result}\n", True))
+        if careful and k == check_at:
+            pieces.append((f"check {result}{_TOY_INVERSE[op]}{number}={value} ok\n", True))
+        value = result
+    pieces += [("</think>\n", True), (f"\\boxed{{{value}}}", True)]
+    return pieces
+
+
+def _sample_toy_target(rng: random.Random, row: dict, careful_share: float, check: float, fix: float):
+    start, operations = _parse_toy_problem(row["problem"])
+    if rng.random() >= careful_share:
+        return toy_response(start, operations, careful=False)
+    check_at = rng.randrange(len(operations)) if rng.random() < check else None
+    fix_at, wrong_by = None, rng.choice([-1, 1])
+    if rng.random() < fix:
+        fix_at = rng.randrange(len(operations))
+        op, number = operations[fix_at]
+        value = _TOY_OPS[op](_toy_start(operations[fix_at:], int(row["answer"])), number)  # true result
+        wrong = value + (2 * wrong_by if op == "*" else wrong_by)
+        if not 0 <= wrong <= 2 * TOY_MAX_VALUE:
+            wrong_by = -wrong_by
+    return toy_response(start, operations, True, check_at, fix_at, wrong_by)
+
+
+def parse_toy_steps(problem: str, response: str) -> list[dict]:
+    """Split a toy response into its non-empty lines, each judged on its own.
+
+    Each dict: `start`, `end` (character span in `response`), `text`, `kind` (`step`, `check`,
+    `answer`, `tag` for a think tag, `other` for anything unparsable, never correct) and `correct`. A step line
+    `left op right=result` is correct when `left` is the running value (the start, or the result
+    the previous step line stated), `op right` the next operation of the problem and the arithmetic
+    right. A check line `check result inv right=back ok|no` is correct when it inverts the previous
+    step line with the right arithmetic and its verdict says whether `back` equals that step's left
+    operand; after a "no" the next step line redoes the same operation. The answer line
+    (`\\boxed{}`) is correct when it boxes the true answer; think tags are correct (neutral).
+    So the first line with `correct=False` is the first wrong step of an incorrect response, and the
+    last step line (the answer line of a shortcut) is the key step of a correct one.
     """
-    terms = re.findall(r"([+-]?)(\d+)", problem)
-    operations = [(op, int(number)) for op, number in terms[1:]]
-    answer = int(terms[0][1]) if terms else None
+    start, operations = _parse_toy_problem(problem)
+    answer = start
     for op, number in operations:
-        answer = answer + number if op == "+" else answer - number
-    expected_left, step, steps, position = (int(terms[0][1]) if terms else None), 0, [], 0
+        answer = _TOY_OPS[op](answer, number) if answer is not None else None
+    running, index, previous, steps, position = start, 0, None, [], 0
     for line in response.split("\n"):
-        start, end = position, position + len(line)
+        begin, end = position, position + len(line)
         position = end + 1
-        match = re.fullmatch(r"(\d+)([+-])(\d+)=(-?\d+)", line.strip())
-        boxed = re.fullmatch(r"\\boxed\{(-?\d+)\}", line.strip())
-        correct = False
-        if match:
-            left, op, right, result = int(match[1]), match[2], int(match[3]), int(match[4])
-            correct = (left == expected_left and step < len(operations) and (op, right) == operations[step]
-                       and result == (left + right if op == "+" else left - right))
-            expected_left, step = result, step + 1
+        text = line.strip()
+        if not text:
+            continue
+        step = re.fullmatch(r"(\d+)([+\-*])(\d+)=(-?\d+)", text)
+        check = re.fullmatch(r"check (-?\d+)([+\-/])(\d+)=(-?\d+) (ok|no)", text)
+        boxed = re.fullmatch(r"\\boxed\{(-?\d+)\}", text)
+        kind, correct = ("tag", True) if text in THINK_TAGS else ("other", False)  # unparsable: wrong
+        if step:
+            left, op, right, result = int(step[1]), step[2], int(step[3]), int(step[4])
+            kind = "step"
+            correct = (left == running and index < len(operations) and (op, right) == operations[index]
+                       and result == _TOY_OPS[op](left, right))
+            previous, running, index = (left, op, right, result), result, index + 1
+        elif check:
+            kind = "check"
+            stated, inverse, right, back, verdict = int(check[1]), check[2], int(check[3]), int(check[4]), check[5]
+            correct = (previous is not None and stated == previous[3] and right == previous[2]
+                       and inverse == _TOY_INVERSE[previous[1]] and back == _TOY_OPS[inverse](stated, right)
+                       and verdict == ("ok" if back == previous[0] else "no"))
+            if verdict == "no" and previous is not None:  # the next step line redoes the operation
+                running, index = previous[0], index - 1
         elif boxed:
-            correct = int(boxed[1]) == answer
-        if line.strip():
-            steps.append({"start": start, "end": end, "text": line, "correct": correct, "final": bool(boxed)})
+            kind, correct = "answer", int(boxed[1]) == answer
+        steps.append({"start": begin, "end": end, "text": line, "kind": kind, "correct": correct})
     return steps
 
 
@@ -347,7 +438,7 @@ def _build_toy_tokenizer():
     for char in [chr(i) for i in range(32, 127)] + ["\n"]:
         vocab[char] = len(vocab)
     # BPE without merges = one token per character (offsets are character offsets); the fixed
-    # phrases of the prompt format are single tokens, which keeps sequences short on a CPU.
+    # phrases of the format are single tokens, which keeps sequences short on a CPU.
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
     backend.add_special_tokens(TOY_SPECIALS)
     backend.add_tokens([AddedToken(phrase, normalized=False, special=False)
@@ -363,8 +454,7 @@ def build_toy_model(name: str = "toy") -> Path:
     """Return the directory of a built-in toy model, building it on first use (cached, file-locked).
 
     A tiny Qwen3ForCausalLM with a character-level tokenizer, trained by a short deterministic SFT
-    on toy problems: half of the examples show the plain prompt, half add a reference solution
-    (`TOY_CONTEXT_HEADER`) so that a self-teacher with privileged context is informative.
+    on toy problems (see the comment above `TOY_VERSION` for what the recipe builds in).
     """
     if name not in TOY_SPECS:
         raise ValueError(f"Unknown toy model {name!r}; choose from {list(TOY_SPECS)}.")
@@ -380,6 +470,28 @@ def build_toy_model(name: str = "toy") -> Path:
     return target
 
 
+def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind: str):
+    """(prompt ids, response ids, response labels with -100 on untrained pieces) of one SFT example.
+    kind `plain`: the plain prompt, careful with probability `careful` (the strategy prior);
+    `work`: the prompt asks for the steps (`TOY_WORK_HINT`), always careful (teaches the skill without
+    moving the plain prompt's prior); `context`: a reference solution (or only its boxed answer) and a
+    feedback line, careful with probability `context_careful` and never with checks."""
+    context, careful, check, fix = None, spec["careful"], spec["check"], spec["fix"]
+    if kind == "work":
+        context, careful = TOY_WORK_HINT, 1.0
+    elif kind == "context":
+        shown = row["solution"] if rng.random() < 0.5 else f"\\boxed{{{row['answer']}}}"
+        feedback = rng.choice(TOY_FEEDBACK_LINES)
+        context = TOY_CONTEXT_HEADER + shown + (f"\n\n{feedback}" if feedback else "")
+        careful, check, fix = spec["context_careful"], 0.0, 0.0
+    response, labels = [], []
+    for text, trained in _sample_toy_target(rng, row, careful, check, fix) + [(tokenizer.eos_token, True)]:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        response += ids
+        labels += ids if trained else [-100] * len(ids)
+    return build_prompt(tokenizer, row["problem"], context), response, labels
+
+
 def _train_toy_model(name: str, target: Path) -> None:
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
@@ -387,7 +499,7 @@ def _train_toy_model(name: str, target: Path) -> None:
     steps, batch_size = spec["steps"], spec["batch_size"]
     started = time.time()
     print(f"[toy] building {name!r} once ({spec['layers']} layers, hidden {spec['hidden']}, {steps} SFT steps; "
-          f"about a minute or two on a laptop CPU) -> {target}", flush=True)
+          f"a few minutes on a laptop CPU) -> {target}", flush=True)
     tokenizer = _build_toy_tokenizer()
     config = Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
@@ -398,31 +510,25 @@ def _train_toy_model(name: str, target: Path) -> None:
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config)
     rng = random.Random(0)
-    rows = make_toy_rows(8000, seed=1000)  # its own stream: not the train/test splits
-    response_ids = [tokenizer(row["solution"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-                    for row in rows]
-    plain = [(build_prompt(tokenizer, row["problem"]), response) for row, response in zip(rows, response_ids)]
-    with_context = []
-    for row, response in zip(rows, response_ids):
-        feedback = rng.choice(TOY_FEEDBACK_LINES)
-        context = TOY_CONTEXT_HEADER + row["solution"] + (f"\n\n{feedback}" if feedback else "")
-        with_context.append((build_prompt(tokenizer, row["problem"], context), response))
+    rows = make_toy_rows(20000, seed=1000)  # its own stream: not the train/test splits
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.95), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     for step in range(steps):
-        # a batch is all-plain or all-with-context: similar lengths, less padding on a CPU
-        pool = with_context if rng.random() < spec["context_frac"] else plain
-        batch = [pool[rng.randrange(len(pool))] for _ in range(batch_size)]
-        length = max(len(p) + len(r) for p, r in batch)
+        # a batch is of one kind: similar lengths, less padding on a CPU
+        kind = rng.choices(["plain", "work", "context"], [1 - spec["work_frac"] - spec["context_frac"],
+                                                          spec["work_frac"], spec["context_frac"]])[0]
+        batch = [_toy_sft_example(tokenizer, rng, rows[rng.randrange(len(rows))], spec, kind)
+                 for _ in range(batch_size)]
+        length = max(len(p) + len(r) for p, r, _ in batch)
         input_ids = torch.full((batch_size, length), tokenizer.pad_token_id)
         labels = torch.full((batch_size, length), -100)
         attention = torch.zeros((batch_size, length), dtype=torch.long)
-        for i, (prompt, response) in enumerate(batch):
+        for i, (prompt, response, response_labels) in enumerate(batch):
             ids = prompt + response
             input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, len(prompt): len(ids)] = torch.tensor(response)
+            labels[i, len(prompt): len(ids)] = torch.tensor(response_labels)
             attention[i, : len(ids)] = 1
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         loss.backward()
@@ -638,6 +744,57 @@ def extract_boxed_answer(text: str) -> str | None:
         return None
     inner = text[span[0]: span[1]]
     return inner[inner.index("{") + 1: -1].strip()
+
+
+THINK_TAGS = ("<think>", "</think>")
+
+
+def answer_span(text: str) -> tuple[int, int] | None:
+    """Character span of the final answer: the last complete `\\boxed{...}` after any `</think>`."""
+    offset = text.rfind("</think>") + len("</think>") if "</think>" in text else 0
+    span = find_last_boxed(text[offset:])
+    return (span[0] + offset, span[1] + offset) if span else None
+
+
+def writes_work(text: str) -> bool:
+    """Whether a response writes anything before its final answer (think tags and blank space aside):
+    the toy's careful strategy, as opposed to boxing the answer at once."""
+    span = answer_span(text)
+    work = text[: span[0] if span else len(text)]
+    for tag in THINK_TAGS:
+        work = work.replace(tag, "")
+    return bool(work.strip())
+
+
+def response_token_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """(text, character span of each token in it) for a response's token ids, special tokens kept.
+
+    Re-encoding the decoded text gives the tokenizer's own offsets when it reproduces the ids (the
+    usual case); otherwise each token is decoded on its own and the pieces are concatenated."""
+    ids = list(ids)
+    text = tokenizer.decode(ids)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if encoded.input_ids == ids:
+        return text, [tuple(span) for span in encoded.offset_mapping]
+    pieces = [tokenizer.decode([i]) for i in ids]
+    ends = np.cumsum([len(p) for p in pieces]).tolist()
+    return "".join(pieces), [(end - len(p), end) for p, end in zip(pieces, ends)]
+
+
+def token_roles(text: str, spans: Sequence[tuple[int, int]]) -> list[str]:
+    """Role of each token of a response: `answer` (overlaps the final `\\boxed{}`), `work` (any other
+    non-blank text before the answer: deliberation, check lines; think tags excluded) or `other`."""
+    answer = answer_span(text) or (len(text), len(text))
+    roles = []
+    for start, end in spans:
+        piece = text[start:end]
+        if start < answer[1] and end > answer[0]:
+            roles.append("answer")
+        elif end <= answer[0] and piece.strip() and piece.strip() not in THINK_TAGS:
+            roles.append("work")
+        else:
+            roles.append("other")
+    return roles
 
 
 _GRADER_WORKER = r"""
@@ -1051,6 +1208,66 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
     return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token picture: a self-contained HTML page of rollouts coloured by a per-token value
+# ---------------------------------------------------------------------------------------------
+
+
+def write_token_picture(path: str | Path, rows: Sequence[dict], value_name: str, title: str = "",
+                        note: str = "") -> Path:
+    """Write an HTML page (no external files or scripts) with one row per rollout.
+
+    Each row is a dict: `tokens` (strings, e.g. the pieces of `response_token_spans`), `values`
+    (one float per token: the colour; NaN = uncoloured), optional `hover` (one string per token,
+    shown on mouse-over after the value) and `label` (text before the row: reward, problem, ...).
+    Colour: red for positive, blue for negative, white at 0, saturated at the 95th percentile of |value|.
+    """
+    import html
+
+    finite = sorted(abs(v) for row in rows for v in row["values"] if math.isfinite(v))
+    scale = (finite[int(0.95 * (len(finite) - 1))] if finite else 1.0) or 1.0  # robust: a few outliers saturate
+
+    def colour(value: float) -> str:
+        if not math.isfinite(value):
+            return "transparent"
+        strength = min(1.0, abs(value) / scale)
+        fade = round(255 * (1 - strength))
+        return f"rgb(255,{fade},{fade})" if value > 0 else f"rgb({fade},{fade},255)"
+
+    body = []
+    for row in rows:
+        hover = row.get("hover") or [""] * len(row["tokens"])
+        cells = []
+        for token, value, extra in zip(row["tokens"], row["values"], hover):
+            shown = html.escape(token.replace("\n", "\u21b5")) + ("<br>" if "\n" in token else "")
+            tip = html.escape(f"{token!r}  {value_name}={value:.3f}" + (f"  {extra}" if extra else ""), quote=True)
+            cells.append(f'<span class="t" style="background:{colour(value)}" title="{tip}">{shown}</span>')
+        body.append(f'<div class="row"><div class="label">{html.escape(row.get("label", ""))}</div>'
+                    f'<div class="tokens">{"".join(cells)}</div></div>')
+    stops = ", ".join(colour(v) for v in (-scale, -scale / 2, 0.0, scale / 2, scale))
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title or value_name)}</title><style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+.row {{ display: flex; gap: 1em; border-top: 1px solid #ddd; padding: 0.5em 0; }}
+.label {{ width: 16em; flex: none; font-size: 0.85em; color: #333; white-space: pre-wrap; }}
+.tokens {{ font-family: monospace; font-size: 1.05em; line-height: 1.6; }}
+.t {{ white-space: pre; border-radius: 2px; }}
+.bar {{ width: 20em; height: 1em; background: linear-gradient(to right, {stops}); border: 1px solid #999; }}
+.legend {{ display: flex; align-items: center; gap: 0.6em; margin: 0.8em 0; }}
+</style></head><body>
+<h2>{html.escape(title or value_name)}</h2>
+<p>{html.escape(note)}</p>
+<div class="legend"><span>{value_name} = {-scale:.3g}</span><div class="bar"></div><span>{scale:.3g}</span>
+<span>(white = 0; saturated beyond; hover a token for its values)</span></div>
+{"".join(body)}
+</body></html>
+"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

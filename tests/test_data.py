@@ -8,35 +8,85 @@ import common
 
 
 def test_toy_rows_are_deterministic_and_complete():
-    rows = common.make_toy_rows(200, seed=3)
-    assert rows == common.make_toy_rows(200, seed=3) and rows != common.make_toy_rows(200, seed=4)
-    assert {r["level"] for r in rows} == {1, 2, 3, 4}
+    rows = common.make_toy_rows(300, seed=3)
+    assert rows == common.make_toy_rows(300, seed=3) and rows != common.make_toy_rows(300, seed=4)
+    assert {r["level"] for r in rows} == set(range(1, common.TOY_MAX_OPS + 1))
     for row in rows:
-        assert row["solution"].endswith(f"\\boxed{{{row['answer']}}}")
-        assert common.extract_boxed_answer(row["solution"]) == row["answer"]
+        start, operations = common._parse_toy_problem(row["problem"])
+        assert len(operations) == row["level"]
+        value, values = start, [start]
+        for op, number in operations:  # re-derive the answer independently of the generator
+            value = {"+": value + number, "-": value - number, "*": value * number}[op]
+            values.append(value)
+        assert str(value) == row["answer"] and all(0 <= v <= common.TOY_MAX_VALUE for v in values)
+        assert row["solution"].startswith("<think>\n") and row["solution"].endswith(f"</think>\n\\boxed{{{value}}}")
+        assert common.extract_boxed_answer(row["solution"]) == row["answer"] and common.writes_work(row["solution"])
         assert all(s["correct"] for s in common.parse_toy_steps(row["problem"], row["solution"]))
     train, test = common.load_problems("toy", "train"), common.load_problems("toy", "test")
     assert len(train) == common.TOY_SPLIT_SIZES["train"] and len(test) == common.TOY_SPLIT_SIZES["test"]
-    assert train[0] != test[0]
+    assert not {r["problem"] for r in test} <= {r["problem"] for r in train}
     with pytest.raises(ValueError, match="splits"):
         common.load_problems("toy", "validation")
 
 
-def test_parse_toy_steps_finds_the_first_wrong_step():
-    problem = "Compute 37+48-12."
-    response = "37+48=85\n85-12=72\n\\boxed{72}"
+def test_toy_responses_careful_check_fix_and_shortcut():
+    ops = [("+", 3), ("*", 2), ("-", 4)]
+    text = lambda pieces: "".join(p for p, _ in pieces)
+    assert text(common.toy_response(7, ops)) == "<think>\n7+3=10\n10*2=20\n20-4=16\n</think>\n\\boxed{16}"
+    assert text(common.toy_response(7, ops, careful=False)) == "<think>\n</think>\n\\boxed{16}"
+    assert not common.writes_work(text(common.toy_response(7, ops, careful=False)))
+    checked = common.toy_response(7, ops, check_at=1)
+    assert "10*2=20\ncheck 20/2=10 ok\n20-4=16" in text(checked)
+    fixed = common.toy_response(7, ops, fix_at=1, wrong_by=1)  # a doubling's wrong result stays even
+    assert "10*2=22\ncheck 22/2=11 no\n10*2=20\n" in text(fixed)
+    assert [trained for piece, trained in fixed if piece.startswith("10*2=")] == [False, True]  # wrong line not trained
+    problem = "Start at 7, apply +3 *2 -4."
+    assert all(s["correct"] for s in common.parse_toy_steps(problem, text(checked)))
+    assert [s["text"] for s in common.parse_toy_steps(problem, text(fixed)) if not s["correct"]] == ["10*2=22"]
+
+
+def test_parse_toy_steps_finds_the_first_wrong_line():
+    problem = "Start at 7, apply +3 *2 -4."
+    judged = lambda response: [(s["kind"], s["correct"]) for s in common.parse_toy_steps(problem, response)]
+    response = "<think>\n7+3=10\n10*2=21\n21-4=17\n</think>\n\\boxed{17}"
     steps = common.parse_toy_steps(problem, response)
-    assert [s["correct"] for s in steps] == [True, False, False]
-    assert response[steps[1]["start"]: steps[1]["end"]] == "85-12=72"
-    assert steps[-1]["final"]
-    # steps are judged locally: a miscopied operand is the first wrong step, later lines may be fine
-    steps = common.parse_toy_steps(problem, "36+48=84\n84-12=72\n\\boxed{72}")
-    assert [s["correct"] for s in steps] == [False, True, False]
-    assert [s["correct"] for s in common.parse_toy_steps(problem, "37+47=84\n84-12=72\n\\boxed{72}")] == [
-        False, True, False]  # wrong right operand
-    assert [s["correct"] for s in common.parse_toy_steps(problem, "37+48=85\n85+12=97\n\\boxed{73}")] == [
-        True, False, True]  # wrong operation; the boxed answer is still the true one
-    assert [s["correct"] for s in common.parse_toy_steps("Compute 3+4.", "junk\n3+4=7\n\\boxed{7}")] == [False, True, True]
+    assert judged(response) == [("tag", True), ("step", True), ("step", False), ("step", True), ("tag", True),
+                                ("answer", False)]
+    assert response[steps[2]["start"]: steps[2]["end"]] == "10*2=21"
+    # lines are judged locally: a miscopied operand, a wrong operation, a skipped step
+    assert judged("<think>\n7+3=10\n11*2=22\n</think>")[2] == ("step", False)
+    assert judged("<think>\n7+3=10\n10+2=12\n12-4=8\n</think>\n\\boxed{16}")[2:4] == [("step", False), ("step", True)]
+    assert judged("<think>\n7+3=10\n10-4=6\n")[2] == ("step", False)
+    # check lines: wrong arithmetic, wrong verdict, wrong inverse; a correct "no" lets the step be redone
+    assert judged("<think>\n7+3=10\ncheck 10-3=6 ok\n")[2] == ("check", False)
+    assert judged("<think>\n7+3=11\ncheck 11-3=8 ok\n")[1:3] == [("step", False), ("check", False)]
+    assert judged("<think>\n7+3=10\ncheck 10+3=13 no\n")[2] == ("check", False)
+    assert judged("<think>\n7+3=11\ncheck 11-3=8 no\n7+3=10\n10*2=20\n20-4=16\n</think>\n\\boxed{16}") == [
+        ("tag", True), ("step", False), ("check", True), ("step", True), ("step", True), ("step", True),
+        ("tag", True), ("answer", True)]
+    # the shortcut: its answer line is the key (or the wrong) step; junk is never correct
+    assert judged("<think>\n</think>\n\\boxed{16}") == [("tag", True), ("tag", True), ("answer", True)]
+    assert judged("junk\n\\boxed{15}") == [("other", False), ("answer", False)]
+
+
+def test_token_roles_and_spans(toy_tokenizer):
+    tok = toy_tokenizer
+    text = "<think>\n3+1=4\ncheck 4-1=3 ok\n</think>\n\\boxed{4}<|im_end|>"
+    ids = tok(text, add_special_tokens=False).input_ids
+    decoded, spans = common.response_token_spans(tok, ids)
+    assert decoded == text and len(spans) == len(ids)
+    pieces = [decoded[a:b] for a, b in spans]
+    assert pieces[:3] == ["<think>", "\n", "3"] and pieces[-4:] == ["\\boxed{", "4", "}", "<|im_end|>"]
+    roles = common.token_roles(decoded, spans)
+    assert [r for p, r in zip(pieces, roles) if r == "answer"] == ["answer"] * 3
+    assert [p for p, r in zip(pieces, roles) if r == "work"] == list("3+1=4") + ["check "] + list("4-1=3") + [" ok"]
+    assert {p for p, r in zip(pieces, roles) if r == "other"} == {"<think>", "\n", "</think>", "<|im_end|>"}
+    # a token sequence the tokenizer would not produce itself: per-token fallback, same pieces
+    odd = [tok.convert_tokens_to_ids("\n")] * 2
+    assert common.response_token_spans(tok, odd) == ("\n\n", [(0, 1), (1, 2)])
+    # no final answer: nothing is an answer token, the text is work
+    assert set(common.token_roles("5+5", [(0, 1), (1, 2), (2, 3)])) == {"work"}
+    assert common.answer_span("<think>\\boxed{1}</think>so \\boxed{2}") == (27, 36)
 
 
 def write_jsonl(path, rows):
