@@ -698,9 +698,9 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
             continue
         rows.append({"problem": problem.strip(), "answer": str(answer).strip(),
                      "solution": solution.strip() if isinstance(solution, str) else ""})
-    skipped = f"{no_answer} rows without an answer, {malformed} malformed rows"
+    skipped = f"{no_answer} rows without an answer and {malformed} malformed rows"
     if max_prompt_tokens:
-        skipped += f" and {too_long} prompts longer than {max_prompt_tokens} tokens"
+        skipped = skipped.replace(" and ", ", ") + f" and {too_long} prompts longer than {max_prompt_tokens} tokens"
     if not rows:
         raise UserError(f"Dataset {name!r} ({split}) has no usable rows: {len(raw)} read, {skipped}; check the "
                         "file, the *_key options and --max_prompt_tokens/--max_new_tokens.")
