@@ -299,19 +299,21 @@ def hub_reachable() -> bool:
 
 
 def _from_pretrained(loader, name: str, **kwargs):
-    """`loader.from_pretrained(resolve_model(name))`, local cache only when the hub is unreachable; a
-    model that cannot be loaded is a UserError naming it (transformers reports a missing repo, no
-    network and missing files alike as OSError)."""
+    """`loader.from_pretrained(resolve_model(name))`, local cache only when the hub is unreachable. A
+    model that cannot be loaded is a UserError naming it: transformers reports a missing repo, no
+    network and missing files as OSError, a bad config as ValueError; safetensors its own error."""
+    from safetensors import SafetensorError
+
     path = resolve_model(name)
     hub = not os.path.isdir(path)
     if hub and not hub_reachable():
         kwargs["local_files_only"] = True
     try:
         return loader.from_pretrained(path, **kwargs)
-    except OSError as error:
-        reason = str(error).strip().split("\n")[0]
-        if not hub:
-            raise UserError(f"--model {name!r}: cannot load the model folder {path}: {reason}") from error
+    except (OSError, ValueError, SafetensorError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if not hub or not isinstance(error, OSError):
+            raise UserError(f"--model {name!r}: cannot load {'the model folder ' * (not hub)}{path}: {reason}") from error
         offline = "" if hub_reachable() else " (the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache)"
         raise UserError(f"--model {name!r}: cannot load {path!r} from the Hugging Face hub{offline}: {reason} "
                         f"It needs network access or a local copy: `hf download {path}` on a connected machine, "
@@ -907,10 +909,10 @@ class Grader:
     """
 
     def __init__(self, timeout: float = 10.0):
-        if not timeout > 0:
+        self._worker: subprocess.Popen | None = None
+        if not timeout > 0:  # 0 would score every answer as a timeout
             raise UserError(f"grader timeout {timeout}: must be > 0 seconds")
         self.timeout = timeout
-        self._worker: subprocess.Popen | None = None
 
     def _start(self) -> subprocess.Popen:
         inner = max(1, int(self.timeout))  # math-verify's own (signal based) limits, seconds
@@ -1439,7 +1441,7 @@ def _run_dir_contents(run_dir: Path) -> str:
     records = sum(len(path.read_text().splitlines()) for path in run_dir.glob("metrics*.jsonl") if path.is_file())
     if records:
         parts.append(f"{records} metric records")
-    checkpoints = [path for path in (run_dir / "checkpoints").glob("step_*") if path.is_dir()]
+    checkpoints = list_checkpoints(run_dir)
     if checkpoints:
         parts.append(f"{len(checkpoints)} checkpoints")
     return ", ".join(parts)

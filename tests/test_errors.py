@@ -4,6 +4,7 @@ instead of hanging, unreachable hub models and datasets, and prompts too long fo
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -177,3 +178,13 @@ def test_megabyte_problem_is_skipped_and_training_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "skipped 0 rows without an answer, 0 malformed rows and 1 prompts longer than 1000 tokens" in out
     assert f"[data] {data} (train): 4 problems" in out
+
+
+def test_local_model_folder_with_broken_weights(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(common.build_toy_model("toy"), folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=rf"^--model '{folder}': cannot load the model folder {folder}: Error while "
+                                        "deserializing header"):
+        antisd.main(["--model", str(folder), "--output_dir", str(tmp_path), "--run_name", "w"])
