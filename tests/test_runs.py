@@ -207,7 +207,8 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
     before = records(run / "metrics.jsonl")
     assert [r["step"] for r in before] == [1, 2, 3, 4]
     resumed = run_script([sys.executable, "antisd.py", *args, "--resume"])
-    assert f"[resume] resuming from {run / 'checkpoints' / 'step_000002'} (step 2)" in resumed.stdout
+    # the half-written step_000004.tmp is not a checkpoint at all (not even a skipped one)
+    assert f"[resume] resuming from {run / 'checkpoints' / 'step_000002'} (step 2)\n" in resumed.stdout
     after = records(run / "metrics.jsonl")
     assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]
     assert [untimed(r) for r in after[:4]] == [untimed(r) for r in before]  # steps 3, 4 re-run identically
