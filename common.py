@@ -292,10 +292,14 @@ def hub_reachable() -> bool:
         return True
     url = urllib.parse.urlparse(constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname, port), timeout=3).close()
         return True
     except OSError:
         return False
+
+
+_OFFLINE_NOTE = " (the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache)"
 
 
 def _from_pretrained(loader, name: str, **kwargs):
@@ -313,8 +317,9 @@ def _from_pretrained(loader, name: str, **kwargs):
     except (OSError, ValueError, SafetensorError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         if not hub or not isinstance(error, OSError):
-            raise UserError(f"--model {name!r}: cannot load {'the model folder ' * (not hub)}{path}: {reason}") from error
-        offline = "" if hub_reachable() else " (the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache)"
+            where = "the model folder " if not hub else ""
+            raise UserError(f"--model {name!r}: cannot load {where}{path}: {reason}") from error
+        offline = "" if hub_reachable() else _OFFLINE_NOTE
         raise UserError(f"--model {name!r}: cannot load {path!r} from the Hugging Face hub{offline}: {reason} "
                         f"It needs network access or a local copy: `hf download {path}` on a connected machine, "
                         "then pass the folder as --model (or point HF_HOME at that cache).") from error
@@ -332,9 +337,10 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def max_prompt_length(name: str, max_new_tokens: int, max_prompt_tokens: int = 0) -> int:
+def max_prompt_length(name: str, max_new_tokens: int, max_prompt_tokens: int = 0) -> int | None:
     """Longest prompt, in tokens, that leaves room for `max_new_tokens` in the model's context
-    (`max_position_embeddings` of its config), capped by `max_prompt_tokens` when > 0."""
+    (`max_position_embeddings` of its config), capped by `max_prompt_tokens` when > 0; None when
+    neither bounds it. Pass it to `load_problems` so that longer prompts are skipped and counted."""
     from transformers import AutoConfig
 
     config = _from_pretrained(AutoConfig, name)
@@ -346,7 +352,7 @@ def max_prompt_length(name: str, max_new_tokens: int, max_prompt_tokens: int = 0
                         f"--model {name!r} ({context} tokens)")
     if max_prompt_tokens > 0:
         limit = min(limit, max_prompt_tokens) if limit is not None else max_prompt_tokens
-    return limit if limit is not None else 2**62
+    return limit
 
 
 def load_model(name: str, dist_info: Dist, *, trainable: bool = True, activation_checkpointing: bool = False):
@@ -695,7 +701,8 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         if answer is None or not str(answer).strip():
             no_answer += 1
             continue
-        if tokenizer is not None and max_prompt_tokens and not _prompt_fits(tokenizer, problem.strip(), max_prompt_tokens):
+        if tokenizer is not None and max_prompt_tokens and not _prompt_fits(tokenizer, problem.strip(),
+                                                                             max_prompt_tokens):
             too_long += 1
             continue
         rows.append({"problem": problem.strip(), "answer": str(answer).strip(),
@@ -753,13 +760,16 @@ def _read_rows(name: str, split: str) -> list:
                 return list(datasets.load_dataset(name, split=split))
         return list(datasets.load_dataset(name, split=split))
     except Exception as error:  # unreadable file, unknown hub name, no network, bad split
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         if path.exists():
             raise UserError(f"Cannot read dataset file {name!r}: {reason}") from error
-        offline = "" if hub_reachable() else " (the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache)"
-        raise UserError(f"Cannot load dataset {name!r} (split {split!r}) from the Hugging Face hub{offline}: {reason}. "
-                        "It needs network access or a local copy: download it on a connected machine and pass "
-                        "a local .jsonl/.json/.parquet file.") from error
+        hint = ""
+        if isinstance(error, OSError):  # not found, no network, offline (a bad split is a ValueError)
+            hint = (" It needs network access or a local copy: download it on a connected machine and pass a "
+                    "local .jsonl/.json/.parquet file.")
+        offline = "" if hub_reachable() else _OFFLINE_NOTE
+        raise UserError(f"Cannot load dataset {name!r} (split {split!r}) from the Hugging Face hub{offline}: "
+                        f"{reason}.{hint}") from error
 
 
 class _hub_offline:
