@@ -240,3 +240,21 @@ def test_output_dir_and_run_name_errors(tmp_path):
         with pytest.raises(UserError) as error:
             antisd.main(FAST + flags)
         assert str(error.value).startswith(message), str(error.value)
+
+
+def test_torchrun_refusal_and_resume_on_two_ranks(tmp_path):
+    """Rank 0 decides about the run directory and every rank gets the same answer or error."""
+    from conftest import torchrun
+
+    args = ["antisd.py", *FAST, "--output_dir", str(tmp_path), "--run_name", "d", "--save_every", "2"]
+    antisd.main(args[1:] + ["--num_steps", "2"])  # one process is quicker; a 2-rank run resumes it below
+    before = snapshot(tmp_path)
+    refused = run_script(torchrun(2) + args + ["--num_steps", "2"], check=False, timeout=120)
+    assert refused.returncode != 0
+    for rank in [0, 1]:
+        assert f"[rank {rank}] error: {tmp_path / 'd'} already holds a run (2 metric records, 1 checkpoints)" \
+            in refused.stdout
+    assert snapshot(tmp_path) == before
+    resumed = run_script(torchrun(2) + args + ["--num_steps", "3", "--resume"])
+    assert f"[resume] resuming from {tmp_path / 'd' / 'checkpoints' / 'step_000002'} (step 2)" in resumed.stdout
+    assert [r["step"] for r in records(tmp_path / "d" / "metrics.jsonl")] == [1, 2, 3]
