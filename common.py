@@ -36,6 +36,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -224,6 +225,8 @@ def validate_args(args, rules: dict | None = None) -> None:
         finite = not isinstance(value, float) or math.isfinite(value)
         if not (finite and valid(value)):
             raise UserError(f"--{name} {value}: must be {description}")
+    if getattr(args, "track", False) and importlib.util.find_spec("wandb") is None:
+        raise UserError("--track logs to Weights & Biases: pip install wandb (and wandb login)")
 
 
 def run_main(main: Callable[[], object]) -> None:
@@ -1250,7 +1253,8 @@ class RunLogger:
 
     `resume_step` (from `prepare_run_dir`): None for a new run; else records of metrics.jsonl with a
     step after it (all of them for -1) are moved to a side file `metrics.superseded-<time>.jsonl`,
-    at the first new record and not before, so a resume that fails early changes nothing."""
+    and a config.json with other arguments to `config.superseded-<time>.json`, at the first new
+    record and not before, so a resume that fails early changes nothing."""
 
     def __init__(self, run_dir: str | Path, config, dist_info: Dist, track: bool = False,
                  project: str = "rlvr-distill", resume_step: int | None = None):
@@ -1261,7 +1265,9 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config = asdict(config) if is_dataclass(config) else dict(config)
-        (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        self.config_text = json.dumps(config, indent=2, default=str)
+        if resume_step is None:
+            (self.run_dir / "config.json").write_text(self.config_text)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -1272,7 +1278,7 @@ class RunLogger:
             try:
                 import wandb
             except ImportError as error:
-                raise ImportError("--track logs to Weights & Biases: pip install wandb (and wandb login)") from error
+                raise UserError("--track logs to Weights & Biases: pip install wandb (and wandb login)") from error
 
             self.wandb = wandb.init(project=project, name=self.run_dir.name, config=config,
                                     resume="allow" if resume_step is not None else None)
@@ -1284,6 +1290,10 @@ class RunLogger:
             path = self.run_dir / "metrics.jsonl"
             if self.resume_step is not None:
                 supersede_metrics(path, self.resume_step)
+                config = self.run_dir / "config.json"
+                if config.exists() and config.read_text() != self.config_text:
+                    os.replace(config, _unused_path(config.with_name(f"config.superseded-{_utc_stamp()}.json")))
+                config.write_text(self.config_text)
             self.file = open(path, "a")  # append: never truncate (prepare_run_dir refused a used run dir)
         record = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
                                    for k, v in metrics.items()}}
@@ -1325,9 +1335,7 @@ def supersede_metrics(path: Path, resume_step: int) -> Path | None:
         (kept if step <= resume_step else later).append(line + "\n")
     if not later:
         return None
-    side = path.with_name(f"metrics.superseded-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.jsonl")
-    while side.exists():
-        side = side.with_name(side.stem + "+.jsonl")
+    side = _unused_path(path.with_name(f"metrics.superseded-{_utc_stamp()}.jsonl"))
     _write_synced(side, "".join(later))
     staging = path.with_name(path.name + ".tmp")
     _write_synced(staging, "".join(kept))
@@ -1335,6 +1343,10 @@ def supersede_metrics(path: Path, resume_step: int) -> Path | None:
     after = "all steps" if resume_step < 0 else f"steps after {resume_step}"
     print(f"[resume] moved {len(later)} metric records of {after} from {path.name} to {side.name}", flush=True)
     return side
+
+
+def _utc_stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -1412,7 +1424,7 @@ def _decide_run_dir(args, default_name: str) -> RunDir:
             raise UserError(f"{run_dir} already holds a run ({used}); nothing was changed. Pass --resume to "
                             "continue it, a new --run_name, or --overwrite to move it aside and start over.")
         if used:
-            aside = _unused_path(run_dir.with_name(f"{name}.old-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"))
+            aside = _unused_path(run_dir.with_name(f"{name}.old-{_utc_stamp()}"))
             os.replace(run_dir, aside)
             print(f"[run] --overwrite: moved the previous {run_dir} to {aside} (nothing deleted)", flush=True)
         _make_writable(run_dir, args.output_dir)
@@ -1458,8 +1470,9 @@ def _run_dir_contents(run_dir: Path) -> str:
 
 
 def _unused_path(path: Path) -> Path:
+    """`path`, or `stem+suffix`, `stem++suffix`, ... when taken (two side files in one second)."""
     while path.exists():
-        path = path.with_name(path.name + "+")
+        path = path.with_name(path.stem + "+" + path.suffix)
     return path
 
 

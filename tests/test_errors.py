@@ -3,6 +3,7 @@ the entry point's one-line output (tracebacks only on request or for bugs), torc
 instead of hanging, unreachable hub models and datasets, and prompts too long for the context."""
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -73,6 +74,12 @@ def test_cross_option_errors(tmp_path):
         with pytest.raises(UserError) as error:
             antisd.main(flags + ["--output_dir", str(tmp_path), "--run_name", "x"])
         assert str(error.value).startswith(message), str(error.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_track_without_wandb(no_loading):
+    with pytest.raises(UserError, match=r"^--track logs to Weights & Biases: pip install wandb"):
+        antisd.main(["--track"])
 
 
 def test_user_error_is_one_line_without_traceback():
