@@ -673,10 +673,9 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         if split not in TOY_SPLIT_SEEDS:
             raise UserError(f"The toy dataset has splits {list(TOY_SPLIT_SEEDS)}, not {split!r}.")
         rows = make_toy_rows(TOY_SPLIT_SIZES[split], TOY_SPLIT_SEEDS[split])
-        rows = rows[:limit] if limit else rows
         if tokenizer is not None and max_prompt_tokens:
             rows = [row for row in rows if _prompt_fits(tokenizer, row["problem"], max_prompt_tokens)]
-        return rows
+        return rows[:limit] if limit else rows
     raw = _read_rows(name, split)
     if not raw:
         raise UserError(f"Dataset {name!r} ({split}) is empty.")
