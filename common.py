@@ -244,7 +244,9 @@ def run_main(main: Callable[[], object]) -> None:
         if _DEBUG or os.environ.get("RLVR_DEBUG", "") not in ("", "0"):
             raise
         message = " ".join(str(error).split())  # one line, whatever the message contained
-        tag = f"[rank {dist.get_rank()}] " if dist.is_initialized() and dist.get_world_size() > 1 else ""
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", 0)
+        tag = f"[rank {rank}] " if world > 1 else ""  # also for errors raised before the process group
         print(f"{tag}error: {message}", file=sys.stderr, flush=True)
         if dist.is_initialized():
             sys.stdout.flush()

@@ -99,13 +99,16 @@ def test_a_bug_keeps_its_traceback():
     assert result.stdout.rstrip().endswith("KeyError: 'missing'")
 
 
-def test_torchrun_user_error_exits_on_both_ranks_promptly(tmp_path):
+@pytest.mark.parametrize("flags,message", [
+    (["--eval_k", "0"], "--eval_k 0: must be >= 1"),  # before the process group starts
+    (["--num_problems", "3"], "--num_problems 3 does not divide over 2 ranks"),  # after
+])
+def test_torchrun_user_error_exits_on_both_ranks_promptly(tmp_path, flags, message):
     started = time.time()
-    result = run_script(torchrun(2) + ["antisd.py", "--num_problems", "3", "--output_dir", str(tmp_path)],
-                        check=False, timeout=120)
+    result = run_script(torchrun(2) + ["antisd.py", *flags, "--output_dir", str(tmp_path)], check=False, timeout=120)
     assert result.returncode != 0 and time.time() - started < 120
     for rank in [0, 1]:
-        assert f"[rank {rank}] error: --num_problems 3 does not divide over 2 ranks" in result.stdout
+        assert f"[rank {rank}] error: {message}" in result.stdout
     assert "[rank0]: Traceback" not in result.stdout and "[rank1]: Traceback" not in result.stdout
     assert list(tmp_path.iterdir()) == []  # refused before the run directory was made
 
