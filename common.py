@@ -1426,7 +1426,10 @@ def _decide_run_dir(args, default_name: str) -> RunDir:
                             "continue it, a new --run_name, or --overwrite to move it aside and start over.")
         if used:
             aside = _unused_path(run_dir.with_name(f"{name}.old-{_utc_stamp()}"))
-            os.replace(run_dir, aside)
+            try:
+                os.replace(run_dir, aside)
+            except OSError as error:
+                raise UserError(f"--overwrite: cannot move {run_dir} aside to {aside} ({error.strerror or error})")
             print(f"[run] --overwrite: moved the previous {run_dir} to {aside} (nothing deleted)", flush=True)
         _make_writable(run_dir, args.output_dir)
         return RunDir(run_dir, None, None)
