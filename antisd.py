@@ -55,16 +55,25 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from common import (Grader, ProblemSampler, RunLogger, SamplingParams, all_gather_cat, all_reduce_sum,
-                    build_prompt, evaluate, find_last_boxed, init_distributed, latest_checkpoint,
-                    load_checkpoint, load_model, load_problems, load_tokenizer, make_engine, option, parse_args,
-                    print0, response_logprobs, response_token_spans, save_checkpoint, stop_token_ids, token_roles,
-                    write_token_picture, writes_work)
+from common import (Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
+                    at_least, between, build_prompt, evaluate, find_last_boxed, init_distributed,
+                    load_checkpoint, load_model, load_problems, load_tokenizer, make_engine, max_prompt_length,
+                    option, parse_args, prepare_run_dir, print0, response_logprobs, response_token_spans, run_main,
+                    save_checkpoint, stop_token_ids, token_roles, validate_args, write_token_picture, writes_work)
 
 # Privileged context c [paper: verified solution + correctness feedback; wording ours]. The toy
 # models are taught this exact form (common.TOY_CONTEXT_HEADER / TOY_FEEDBACK_LINES).
 TEACHER_CONTEXT = "Reference solution:\n{solution}\n\n{feedback}"
 FEEDBACK = {True: "Your previous attempt was correct.", False: "Your previous attempt was incorrect."}
+
+
+# Valid ranges of AntiSD's own options; the shared options' ranges are common.ARG_RULES.
+RULES = {
+    "num_generations": ((lambda g: g >= 2), ">= 2 (GRPO's baseline is the group mean of at least 2 rollouts)"),
+    "lambda_max": at_least(0),
+    "gate_warmup": at_least(0),
+    "tau_down": between(0, 1, low_open=True),
+}
 
 
 @dataclass
@@ -82,14 +91,18 @@ class Args:
     seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
     rollout: str = option("hf", "rollout engine: hf (vllm is planned)")
     eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
-    resume: bool = option(False, "continue from the latest checkpoint of --run_name")
+    resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
     track: bool = option(False, "log to Weights & Biases")
     run_name: str = option("", "run directory name under --output_dir; default antisd_<model>_s<seed>")
     output_dir: str = option("runs", "where run directories go")
+    resume_or_start: bool = option(False, "like --resume, but start from step 0 when there is no valid checkpoint")
+    overwrite: bool = option(False, "move an existing run directory of --run_name aside and start a new run")
+    debug: bool = option(False, "print the traceback of input errors too (or set RLVR_DEBUG=1)")
     # rollouts
     num_problems: int = option(32, "problems per step, global [paper: 32]")
     num_generations: int = option(8, "rollouts per problem G [paper: 8]")
     max_new_tokens: int = option(64, "response token limit [paper: 32K; ours: 64 on the toy]")
+    max_prompt_tokens: int = option(0, "skip problems with longer prompts; 0 = model context - max_new_tokens")
     temperature: float = option(1.0, "rollout sampling temperature [ours]")
     top_p: float = option(1.0, "rollout nucleus sampling [ours]")
     top_k: int = option(0, "rollout top-k, 0 = off [ours]")
@@ -226,49 +239,47 @@ def picture_row(tokenizer, problem: dict, response: list[int], reward: float, u:
 
 def main(argv=None):
     args = parse_args(Args, argv)
+    validate_args(args, RULES)  # every option's range, before anything loads: one-line errors
     dist_info = init_distributed()
     world, rank = dist_info.world_size, dist_info.rank
-    if args.num_generations < 2:
-        raise ValueError(f"--num_generations {args.num_generations}: GRPO needs at least 2 rollouts per problem "
-                         "(the group mean is the baseline).")
     if args.num_problems % world:
-        raise ValueError(f"--num_problems {args.num_problems} does not divide over {world} ranks: use a multiple "
-                         f"of the world size (e.g. {world * max(1, args.num_problems // world)}).")
+        raise UserError(f"--num_problems {args.num_problems} does not divide over {world} ranks: use a multiple "
+                        f"of the world size (e.g. {world * max(1, args.num_problems // world)}).")
     sequences = args.num_problems // world * args.num_generations
     if sequences % args.num_minibatches:
-        raise ValueError(f"--num_minibatches {args.num_minibatches} must divide the {sequences} rollouts per rank.")
+        raise UserError(f"--num_minibatches {args.num_minibatches} must divide the {sequences} rollouts per rank.")
     if args.gate == "entropy" and args.signal == "antisd" and args.gate_warmup < 1:
-        raise ValueError("--gate entropy needs --gate_warmup >= 1 to calibrate H_warm (or use --gate none).")
-    run_name = args.run_name or f"antisd_{Path(args.model).name}_s{args.seed}"
-    run_dir = Path(args.output_dir) / run_name
+        raise UserError("--gate entropy needs --gate_warmup >= 1 to calibrate H_warm (or use --gate none).")
+    # refuses to reuse a run directory; picks the newest valid checkpoint for --resume
+    run = prepare_run_dir(args, f"antisd_{Path(args.model).name}_s{args.seed}", dist_info)
+    run_dir, run_name = run.path, run.path.name
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
 
-    # ---- model, optimizer, rollout engine, grader, data ---------------------------------------
-    checkpoint_dir = latest_checkpoint(run_dir) if args.resume else None
-    if args.resume and checkpoint_dir is None:
-        print0(f"[resume] no checkpoint under {run_dir}/checkpoints: starting from scratch")
+    # ---- data (prompts longer than the context allows are skipped), model, optimizer, engine ----
     tokenizer = load_tokenizer(args.model)
-    model = load_model(str(checkpoint_dir or args.model), dist_info,
+    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key,
+                tokenizer=tokenizer,
+                max_prompt_tokens=max_prompt_length(args.model, args.max_new_tokens, args.max_prompt_tokens))
+    train_rows = load_problems(args.dataset, args.dataset_split, **keys)
+    eval_rows = load_problems(args.eval_dataset, args.eval_split, **keys, limit=args.eval_limit or None) \
+        if args.eval_dataset else []
+    model = load_model(str(run.checkpoint or args.model), dist_info,
                        activation_checkpointing=args.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
     grader = Grader(args.grader_timeout)
-    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key)
-    train_rows = load_problems(args.dataset, args.dataset_split, **keys)
-    eval_rows = load_problems(args.eval_dataset, args.eval_split, **keys, limit=args.eval_limit or None) \
-        if args.eval_dataset else []
     sampler = ProblemSampler(len(train_rows), args.seed)
     gate = EntropyGate(args.gate_warmup, args.tau_down)
     start_step = 0
-    if checkpoint_dir is not None:
-        restored = load_checkpoint(checkpoint_dir, model, optimizer, dist_info)
+    if run.checkpoint is not None:
+        restored = load_checkpoint(run.checkpoint, model, optimizer, dist_info)
         start_step = restored["step"]
         sampler.load_state_dict(restored["state"]["sampler"])
         gate = EntropyGate(**restored["state"]["gate"])
         print0(f"[resume] continuing {run_dir} from step {start_step}")
-    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=start_step if checkpoint_dir else None)
+    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step)
     rollout_params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
     eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k, args.max_new_tokens)
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)
@@ -450,4 +461,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,8 +6,10 @@ this file into another project and it runs.
 
 Surface, in file order:
   distributed   Dist, init_distributed, print0, all_reduce_sum, all_gather_cat, barrier
-  arguments     option, parse_args
-  models        MODEL_ALIASES, resolve_model, load_tokenizer, load_model, copy_weights
+  arguments     UserError, option, parse_args, ARG_RULES, at_least, above, between, one_of,
+                validate_args, run_main
+  models        MODEL_ALIASES, resolve_model, hub_reachable, load_tokenizer, max_prompt_length,
+                load_model, copy_weights
   toy testbed   make_toy_rows, toy_response, parse_toy_steps, build_toy_model
   data          load_problems, ProblemSampler
   prompts       BOXED_INSTRUCTION, build_prompt
@@ -17,9 +19,13 @@ Surface, in file order:
   log-probs     response_logprobs, response_hidden, output_head, chunked_map, token_logprob_entropy,
                 token_kl
   evaluation    evaluate
-  logging       Progress, RunLogger
+  logging       Progress, RunLogger, supersede_metrics
   token picture write_token_picture
-  checkpoints   save_checkpoint, latest_checkpoint, load_checkpoint
+  run dirs and  RunDir, prepare_run_dir, list_checkpoints, check_checkpoint, save_checkpoint,
+  checkpoints   latest_checkpoint, load_checkpoint
+
+Errors. Problems with the user's input raise `UserError` (a ValueError); `run_main`, the entry point
+of every script, prints them as one line and exits 2. Anything else is a bug and keeps its traceback.
 
 Conventions. A "response batch" is B sequences `prompt_ids[i] + response_ids[i]`; per-token
 quantities are returned response-aligned as [B, R] tensors (R = longest response) with a boolean
@@ -30,7 +36,9 @@ Under FSDP2 (`fully_shard`), weights are fp32 masters; on CUDA compute runs in b
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -38,9 +46,11 @@ import random
 import re
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -127,6 +137,16 @@ def barrier() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+class UserError(ValueError):
+    """A problem with the user's input (a flag, a file, a model or dataset id, the run directory).
+
+    `run_main` prints it as one line `error: ...` without a traceback and exits with status 2;
+    any other exception is a bug and keeps its traceback."""
+
+
+_DEBUG = False  # set by parse_args from --debug; RLVR_DEBUG=1 does the same
+
+
 def option(default, help: str):
     """A dataclass field with its `--help` text: `lr: float = option(1e-6, "AdamW learning rate")`."""
     if isinstance(default, (list, dict)):
@@ -135,11 +155,105 @@ def option(default, help: str):
 
 
 def parse_args(args_class, argv: Sequence[str] | None = None):
-    """Parse the command line into the script's `Args` dataclass with transformers' HfArgumentParser."""
+    """Parse the command line into the script's `Args` dataclass with transformers' HfArgumentParser
+    (unknown flags and unparsable values exit with argparse's one-line usage error)."""
     from transformers import HfArgumentParser
 
+    global _DEBUG
     (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)
+    _DEBUG = bool(getattr(args, "debug", False))
     return args
+
+
+def at_least(low):
+    return (lambda value: value >= low), f">= {low}"
+
+
+def above(low):
+    return (lambda value: value > low), f"> {low}"
+
+
+def between(low, high, low_open: bool = False):
+    """low <= value <= high (low < value with `low_open`)."""
+    return ((lambda value: (value > low if low_open else value >= low) and value <= high),
+            f"in {'(' if low_open else '['}{low}, {high}]")
+
+
+def one_of(*choices, note: str = ""):
+    return (lambda value: value in choices), f"one of {', '.join(map(str, choices))}{note}"
+
+
+# Valid ranges of the options shared by the method scripts: (predicate, description of the range).
+# `validate_args` checks the fields an Args class has; a script adds or overrides rules of its own.
+ARG_RULES = {
+    "num_steps": at_least(1),
+    "seed": between(0, 2**31 - 1),  # numpy seeds must be in [0, 2**32); rank r adds r
+    "rollout": one_of("hf", note=" (vllm is planned, not implemented yet)"),
+    "num_problems": at_least(1),
+    "num_generations": at_least(1),
+    "max_new_tokens": at_least(1),
+    "max_prompt_tokens": at_least(0),
+    "temperature": at_least(0),
+    "top_p": between(0, 1, low_open=True),
+    "top_k": at_least(0),
+    "gen_batch_size": at_least(1),
+    "lr": above(0),
+    "weight_decay": at_least(0),
+    "max_grad_norm": above(0),
+    "clip_low": between(0, 1),
+    "clip_high": at_least(0),
+    "num_minibatches": at_least(1),
+    "micro_batch_size": at_least(1),
+    "logprob_chunk_size": at_least(1),
+    "eval_every": at_least(0),
+    "eval_k": at_least(1),
+    "eval_limit": at_least(0),
+    "eval_temperature": at_least(0),
+    "eval_top_p": between(0, 1, low_open=True),
+    "eval_top_k": at_least(0),
+    "save_every": at_least(0),
+    "grader_timeout": above(0),
+}
+
+
+def validate_args(args, rules: dict | None = None) -> None:
+    """Check every option that has a rule (`ARG_RULES` updated with `rules`) and raise a one-line
+    UserError naming the flag and its valid range. Call it first in `main`, before anything loads:
+    it depends on the arguments only, so under torchrun every rank fails alike, before any collective."""
+    for name, (valid, description) in {**ARG_RULES, **(rules or {})}.items():
+        if not hasattr(args, name) or getattr(args, name) is None:
+            continue
+        value = getattr(args, name)
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not (finite and valid(value)):
+            raise UserError(f"--{name} {value}: must be {description}")
+    if getattr(args, "track", False) and importlib.util.find_spec("wandb") is None:
+        raise UserError("--track logs to Weights & Biases: pip install wandb (and wandb login)")
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a script's `main()` as its entry point: `if __name__ == "__main__": run_main(main)`.
+
+    A UserError is printed as one line `error: <message>` on stderr (by every rank under torchrun,
+    tagged with the rank) and the process exits with status 2; `--debug` or RLVR_DEBUG=1 re-raises it
+    with its traceback. Any other exception is a bug and propagates with its traceback. Under
+    torchrun a rank leaves with os._exit, so no collective or teardown can block it; when only some
+    ranks fail, torchrun stops the others as soon as one exits non-zero.
+    """
+    try:
+        main()
+    except UserError as error:
+        if _DEBUG or os.environ.get("RLVR_DEBUG", "") not in ("", "0"):
+            raise
+        message = " ".join(str(error).split())  # one line, whatever the message contained
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", 0)
+        tag = f"[rank {rank}] " if world > 1 else ""  # also for errors raised before the process group
+        print(f"{tag}error: {message}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            sys.stdout.flush()
+            os._exit(2)
+        sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,26 +275,91 @@ def resolve_model(name: str) -> str:
         return MODEL_ALIASES[name]
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
-            raise ValueError(f"--model {name!r} is a directory without config.json: point it at a "
-                             "Hugging Face model folder (save_pretrained output).")
+            raise UserError(f"--model {name!r} is a directory without config.json: point it at a "
+                            "Hugging Face model folder (save_pretrained output).")
         return name
     if re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) and not name.startswith((".", "~")):
         return name  # hub id, e.g. Qwen/Qwen3-8B (needs network or a populated HF cache)
-    raise ValueError(
+    raise UserError(
         f"Unknown --model {name!r}. Use one of: {', '.join(TOY_SPECS)} (built-in, offline); a short "
         f"alias ({', '.join(MODEL_ALIASES)}); a hub id like 'Qwen/Qwen3-8B'; or a local model directory.")
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub can be asked at all: False with HF_HUB_OFFLINE=1, or when its host
+    does not answer a TCP connect within 3 s. Then models and datasets come from the local cache
+    only (without this the hub libraries retry for about a minute before failing). Behind an HTTPS
+    proxy a direct probe proves nothing, so the libraries are left to try."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname, port), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+_OFFLINE_NOTE = " (the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache)"
+
+
+def _from_pretrained(loader, name: str, **kwargs):
+    """`loader.from_pretrained(resolve_model(name))`, local cache only when the hub is unreachable. A
+    model that cannot be loaded is a UserError naming it: transformers reports a missing repo, no
+    network and missing files as OSError, a bad config as ValueError; safetensors its own error."""
+    from safetensors import SafetensorError
+
+    path = resolve_model(name)
+    hub = not os.path.isdir(path)
+    if hub and not hub_reachable():
+        kwargs["local_files_only"] = True
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, SafetensorError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if not hub or not isinstance(error, OSError):
+            where = "the model folder " if not hub else ""
+            raise UserError(f"--model {name!r}: cannot load {where}{path}: {reason}") from error
+        offline = "" if hub_reachable() else _OFFLINE_NOTE
+        raise UserError(f"--model {name!r}: cannot load {path!r} from the Hugging Face hub{offline}: {reason} "
+                        f"It needs network access or a local copy: `hf download {path}` on a connected machine, "
+                        "then pass the folder as --model (or point HF_HOME at that cache).") from error
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    tokenizer = _from_pretrained(AutoTokenizer, name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
-        raise ValueError(f"Tokenizer of {name!r} has no chat template; use an instruct/chat model "
-                         "(prompts are built with apply_chat_template).")
+        raise UserError(f"Tokenizer of {name!r} has no chat template; use an instruct/chat model "
+                        "(prompts are built with apply_chat_template).")
     return tokenizer
+
+
+def max_prompt_length(name: str, max_new_tokens: int, max_prompt_tokens: int = 0) -> int | None:
+    """Longest prompt, in tokens, that leaves room for `max_new_tokens` in the model's context
+    (`max_position_embeddings` of its config), capped by `max_prompt_tokens` when > 0; None when
+    neither bounds it. Pass it to `load_problems` so that longer prompts are skipped and counted."""
+    from transformers import AutoConfig
+
+    config = _from_pretrained(AutoConfig, name)
+    context = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                    if isinstance(getattr(config, key, None), int)), None)
+    limit = context - max_new_tokens if context else None
+    if limit is not None and limit < 1:
+        raise UserError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of "
+                        f"--model {name!r} ({context} tokens)")
+    if max_prompt_tokens > 0:
+        limit = min(limit, max_prompt_tokens) if limit is not None else max_prompt_tokens
+    return limit
 
 
 def load_model(name: str, dist_info: Dist, *, trainable: bool = True, activation_checkpointing: bool = False):
@@ -195,7 +374,7 @@ def load_model(name: str, dist_info: Dist, *, trainable: bool = True, activation
 
     cuda = dist_info.device.type == "cuda"
     dtype = torch.bfloat16 if (cuda and not trainable) else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype).to(dist_info.device)
+    model = _from_pretrained(AutoModelForCausalLM, name, dtype=dtype).to(dist_info.device)
     if activation_checkpointing:  # the method's name changed in transformers 5.x; same behaviour
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -587,28 +766,38 @@ def _is_dapo(name: str, columns: Sequence[str]) -> bool:
 
 
 def load_problems(name: str, split: str = "train", problem_key: str = "problem", answer_key: str = "answer",
-                  solution_key: str = "solution", limit: int | None = None) -> list[dict]:
+                  solution_key: str = "solution", limit: int | None = None, tokenizer=None,
+                  max_prompt_tokens: int | None = None) -> list[dict]:
     """Load math problems as dicts with `problem`, `answer`, `solution` (may be empty).
 
     `name`: `toy` (built-in, split train/test); a local .jsonl/.json/.parquet file; or a hub dataset
     through `datasets.load_dataset` (DAPO-Math-17k and MATH-500 are recognised; others use the
-    keys). Rows without an answer or with a malformed problem are skipped and counted; a missing
-    column, an unreadable or an empty dataset is an error that says what to do.
+    keys). Rows without an answer, with a malformed problem, or (given `tokenizer` and
+    `max_prompt_tokens`, see `max_prompt_length`) whose chat prompt is longer than that are skipped
+    and counted; a missing column, an unreadable, empty or all-skipped dataset is a UserError that
+    says what to do.
     """
     if name == "toy":
         if split not in TOY_SPLIT_SEEDS:
-            raise ValueError(f"The toy dataset has splits {list(TOY_SPLIT_SEEDS)}, not {split!r}.")
+            raise UserError(f"The toy dataset has splits {list(TOY_SPLIT_SEEDS)}, not {split!r}.")
         rows = make_toy_rows(TOY_SPLIT_SIZES[split], TOY_SPLIT_SEEDS[split])
+        if tokenizer is not None and max_prompt_tokens:
+            rows = [row for row in rows if _prompt_fits(tokenizer, row["problem"], max_prompt_tokens)]
         return rows[:limit] if limit else rows
     raw = _read_rows(name, split)
-    columns = list(raw[0].keys()) if raw and isinstance(raw[0], dict) else []
+    if not raw:
+        raise UserError(f"Dataset {name!r} ({split}) is empty.")
+    objects = [row for row in raw if isinstance(row, dict)]
+    if not objects:
+        raise UserError(f"Dataset {name!r} ({split}): all {len(raw)} rows are malformed (not JSON objects).")
+    columns = list(objects[0].keys())
     dapo = _is_dapo(name, columns)
     if dapo:  # DAPO-Math-17k: problem inside the chat prompt, answer under reward_model
         problem_key, answer_key = "prompt", "reward_model.ground_truth"
     for key, flag in [(problem_key, "--problem_key"), (answer_key, "--answer_key")]:
-        if not any(_get_key(row, key) is not None for row in raw if isinstance(row, dict)):
-            raise ValueError(f"Dataset {name!r} has no column {key!r} (set {flag}); its columns are {columns}.")
-    rows, no_answer, malformed = [], 0, 0
+        if not any(_get_key(row, key) is not None for row in objects):
+            raise UserError(f"Dataset {name!r} has no column {key!r} (set {flag}); its columns are {columns}.")
+    rows, no_answer, malformed, too_long = [], 0, 0, 0
     for row in raw:
         if not isinstance(row, dict):
             malformed += 1
@@ -622,15 +811,42 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         if answer is None or not str(answer).strip():
             no_answer += 1
             continue
+        if tokenizer is not None and max_prompt_tokens and not _prompt_fits(tokenizer, problem.strip(),
+                                                                             max_prompt_tokens):
+            too_long += 1
+            continue
         rows.append({"problem": problem.strip(), "answer": str(answer).strip(),
                      "solution": solution.strip() if isinstance(solution, str) else ""})
+    skipped = f"{no_answer} rows without an answer and {malformed} malformed rows"
+    if max_prompt_tokens:
+        skipped = skipped.replace(" and ", ", ") + f" and {too_long} prompts longer than {max_prompt_tokens} tokens"
     if not rows:
-        raise ValueError(f"Dataset {name!r} ({split}) has no usable rows ({len(raw)} read, {no_answer} "
-                         f"without an answer, {malformed} malformed); check the file and the *_key options.")
-    if no_answer or malformed:
-        print0(f"[data] {name}: skipped {no_answer} rows without an answer and {malformed} malformed rows")
+        raise UserError(f"Dataset {name!r} ({split}) has no usable rows: {len(raw)} read, {skipped}; check the "
+                        "file, the *_key options and --max_prompt_tokens/--max_new_tokens.")
+    if no_answer or malformed or too_long:
+        print0(f"[data] {name}: skipped {skipped}")
     print0(f"[data] {name} ({split}): {len(rows)} problems")
     return rows[:limit] if limit else rows
+
+
+def _prompt_fits(tokenizer, problem: str, max_tokens: int) -> bool:
+    """Whether `build_prompt(tokenizer, problem)` has at most `max_tokens` tokens. A token covers at
+    least one UTF-8 byte, so short problems are accepted without building their prompt (fast on
+    17K rows); the 16 tokens of slack cover a tokenizer's prefix-space token."""
+    overhead = _prompt_overhead(tokenizer)
+    if len(problem.encode("utf-8")) + overhead + 16 <= max_tokens:
+        return True
+    if len(problem) > 64 * max_tokens:  # surely too long; do not tokenize a megabyte
+        return False
+    return len(build_prompt(tokenizer, problem)) <= max_tokens
+
+
+def _prompt_overhead(tokenizer) -> int:
+    cached = getattr(tokenizer, "_rlvr_prompt_overhead", None)
+    if cached is None:
+        cached = len(build_prompt(tokenizer, ""))
+        tokenizer._rlvr_prompt_overhead = cached
+    return cached
 
 
 def _read_rows(name: str, split: str) -> list:
@@ -639,17 +855,48 @@ def _read_rows(name: str, split: str) -> list:
     path = Path(name).expanduser()
     suffix = path.suffix.lower()
     if not path.exists() and (name.startswith((".", "/", "~")) or suffix in (".jsonl", ".json", ".parquet")):
-        raise ValueError(f"Dataset file {name!r} does not exist.")
+        raise UserError(f"Dataset file {name!r} does not exist.")
+    if path.is_dir():
+        raise UserError(f"Dataset {name!r} is a directory; pass a .jsonl, .json or .parquet file or a hub id.")
     if path.exists() and suffix not in (".jsonl", ".json", ".parquet"):
-        raise ValueError(f"Dataset file {name!r}: unsupported extension; use .jsonl, .json or .parquet.")
+        raise UserError(f"Dataset file {name!r}: unsupported extension; use .jsonl, .json or .parquet.")
     try:
         if suffix in (".jsonl", ".json"):
             return _read_json_rows(path)
         if suffix == ".parquet":
             return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+        if not hub_reachable():
+            with _hub_offline():
+                return list(datasets.load_dataset(name, split=split))
         return list(datasets.load_dataset(name, split=split))
     except Exception as error:  # unreadable file, unknown hub name, no network, bad split
-        raise ValueError(f"Cannot read dataset {name!r} (split {split!r}): {type(error).__name__}: {error}") from error
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        if path.exists():
+            raise UserError(f"Cannot read dataset file {name!r}: {reason}") from error
+        hint = ""
+        if isinstance(error, OSError):  # not found, no network, offline (a bad split is a ValueError)
+            hint = (" It needs network access or a local copy: download it on a connected machine and pass a "
+                    "local .jsonl/.json/.parquet file.")
+        offline = "" if hub_reachable() else _OFFLINE_NOTE
+        raise UserError(f"Cannot load dataset {name!r} (split {split!r}) from the Hugging Face hub{offline}: "
+                        f"{reason}.{hint}") from error
+
+
+class _hub_offline:
+    """Within the block, `datasets` uses its local cache only (its offline switch is read at import)."""
+
+    def __enter__(self):
+        import datasets
+        from huggingface_hub import constants
+
+        self.saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+
+    def __exit__(self, *exc):
+        import datasets
+        from huggingface_hub import constants
+
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = self.saved
 
 
 def _read_json_rows(path: Path) -> list:
@@ -798,18 +1045,27 @@ def token_roles(text: str, spans: Sequence[tuple[int, int]]) -> list[str]:
 
 
 _GRADER_WORKER = r"""
-import json, sys
+import json, logging, sys
 from math_verify import parse, verify
 timeout = int(sys.argv[1])
+class TimeoutSeen(logging.Handler):
+    # math-verify catches its own (signal based) time limit, logs "Timeout during ..." and returns
+    # an empty parse / False: this handler notices it, so the answer is reported as a timeout ("T")
+    hit = False
+    def emit(self, record):
+        TimeoutSeen.hit = TimeoutSeen.hit or record.getMessage().startswith("Timeout during")
+logging.getLogger("math_verify").addHandler(TimeoutSeen(logging.WARNING))
+logging.getLogger("math_verify").propagate = False
 for line in sys.stdin:
     request = json.loads(line)
+    TimeoutSeen.hit = False
     try:
         gold = parse(request["gold"], parsing_timeout=timeout)
         pred = parse(request["pred"], parsing_timeout=timeout)
         ok = bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=timeout)
     except Exception:
         ok = False
-    sys.stdout.write("1\n" if ok else "0\n")
+    sys.stdout.write("1\n" if ok else "T\n" if TimeoutSeen.hit else "0\n")
     sys.stdout.flush()
 """
 
@@ -819,12 +1075,15 @@ class Grader:
 
     math-verify runs in a worker subprocess and every call has a hard wall-clock bound
     (`timeout` seconds): a worker that does not answer in time is killed and restarted, and that
-    response gets reward 0 and is counted, so no input can stall a run.
+    response gets reward 0 and is counted, so no input can stall a run. An answer that hits
+    math-verify's own time limit inside the worker is counted as a timeout the same way.
     """
 
     def __init__(self, timeout: float = 10.0):
-        self.timeout = timeout
         self._worker: subprocess.Popen | None = None
+        if not timeout > 0:  # 0 would score every answer as a timeout
+            raise UserError(f"grader timeout {timeout}: must be > 0 seconds")
+        self.timeout = timeout
 
     def _start(self) -> subprocess.Popen:
         inner = max(1, int(self.timeout))  # math-verify's own (signal based) limits, seconds
@@ -840,6 +1099,8 @@ class Grader:
         answer = self._worker.stdout.readline() if ready else ""
         if answer.strip() in ("0", "1"):
             return answer.strip() == "1"
+        if answer.strip() == "T":  # math-verify's own time limit: a timeout too, the worker is fine
+            return None
         self.close()  # hung or died: kill it, the next call starts a fresh one
         return None
 
@@ -1146,24 +1407,25 @@ class Progress:
 
 class RunLogger:
     """Metrics to stdout (one line per step), `runs/<run_name>/metrics.jsonl`, TensorBoard when
-    installed, and Weights & Biases with `track=True`. Only rank 0 writes."""
+    installed, and Weights & Biases with `track=True`. Only rank 0 writes.
+
+    `resume_step` (from `prepare_run_dir`): None for a new run; else records of metrics.jsonl with a
+    step after it (all of them for -1) are moved to a side file `metrics.superseded-<time>.jsonl`,
+    and a config.json with other arguments to `config.superseded-<time>.json`, at the first new
+    record and not before, so a resume that fails early changes nothing."""
 
     def __init__(self, run_dir: str | Path, config, dist_info: Dist, track: bool = False,
                  project: str = "rlvr-distill", resume_step: int | None = None):
         self.active = dist_info.is_main
-        self.run_dir, self.tensorboard, self.wandb = Path(run_dir), None, None
+        self.run_dir, self.tensorboard, self.wandb, self.file = Path(run_dir), None, None, None
+        self.resume_step = resume_step
         if not self.active:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config = asdict(config) if is_dataclass(config) else dict(config)
-        (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        path = self.run_dir / "metrics.jsonl"
-        kept = []
-        if resume_step is not None and path.exists():  # drop records written after the checkpoint
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a")
+        self.config_text = json.dumps(config, indent=2, default=str)
+        if resume_step is None:
+            (self.run_dir / "config.json").write_text(self.config_text)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -1174,7 +1436,7 @@ class RunLogger:
             try:
                 import wandb
             except ImportError as error:
-                raise ImportError("--track logs to Weights & Biases: pip install wandb (and wandb login)") from error
+                raise UserError("--track logs to Weights & Biases: pip install wandb (and wandb login)") from error
 
             self.wandb = wandb.init(project=project, name=self.run_dir.name, config=config,
                                     resume="allow" if resume_step is not None else None)
@@ -1182,6 +1444,15 @@ class RunLogger:
     def log(self, step: int, metrics: dict, prefix: str = "step") -> None:
         if not self.active:
             return
+        if self.file is None:
+            path = self.run_dir / "metrics.jsonl"
+            if self.resume_step is not None:
+                supersede_metrics(path, self.resume_step)
+                config = self.run_dir / "config.json"
+                if config.exists() and config.read_text() != self.config_text:
+                    os.replace(config, _unused_path(config.with_name(f"config.superseded-{_utc_stamp()}.json")))
+                config.write_text(self.config_text)
+            self.file = open(path, "a")  # append: never truncate (prepare_run_dir refused a used run dir)
         record = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
                                    for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
@@ -1197,11 +1468,50 @@ class RunLogger:
 
     def close(self) -> None:
         if self.active:
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def supersede_metrics(path: Path, resume_step: int) -> Path | None:
+    """Move the records of `path` (metrics.jsonl) with a step after `resume_step`, and any unreadable
+    line (a write cut by a kill), to `metrics.superseded-<UTC time>.jsonl` next to it. The side file
+    is written and synced before metrics.jsonl is atomically replaced by the kept records."""
+    if not path.exists():
+        return None
+    kept, later = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            step = math.inf
+        (kept if step <= resume_step else later).append(line + "\n")
+    if not later:
+        return None
+    side = _unused_path(path.with_name(f"metrics.superseded-{_utc_stamp()}.jsonl"))
+    _write_synced(side, "".join(later))
+    staging = path.with_name(path.name + ".tmp")
+    _write_synced(staging, "".join(kept))
+    os.replace(staging, path)
+    after = "all steps" if resume_step < 0 else f"steps after {resume_step}"
+    print(f"[resume] moved {len(later)} metric records of {after} from {path.name} to {side.name}", flush=True)
+    return side
+
+
+def _utc_stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _fmt(value) -> str:
@@ -1271,8 +1581,181 @@ body {{ font-family: sans-serif; margin: 1.5em; }}
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
+# Run directories and checkpoints
 # ---------------------------------------------------------------------------------------------
+#
+# runs/<run_name>/  config.json, metrics.jsonl, metrics.superseded-<time>.jsonl (records a resume
+#                   replaced), tensorboard/, checkpoints/step_NNNNNN/ (+ `latest`, a pointer file).
+# A run directory is never reused silently and nothing in it is deleted except checkpoints older
+# than the newest `keep` by step number; `--overwrite` renames a whole run directory aside.
+
+
+@dataclass
+class RunDir:
+    path: Path                 # runs/<run_name>
+    checkpoint: Path | None    # checkpoint to resume from (load the model from it), or None
+    resume_step: int | None    # None: new run; else the RunLogger's resume_step (-1: restart in place)
+
+
+def prepare_run_dir(args, default_name: str, dist_info: Dist) -> RunDir:
+    """Decide where the run writes and what it resumes, before any model is loaded.
+
+    Reads `args.output_dir`, `run_name` (default `default_name`), `resume`, `resume_or_start` and
+    `overwrite`. Without --resume, a run directory that holds checkpoints or metrics is refused
+    (UserError) unless --overwrite, which renames it to `<run_name>.old-<time>`. With --resume, the
+    newest checkpoint that `check_checkpoint` accepts is used and newer broken ones are reported
+    (and left in place); with none valid it is refused, or with --resume_or_start the run restarts
+    from step 0 in the same directory. Rank 0 decides; every rank gets the same result or the same
+    UserError, so no rank is left waiting in a collective.
+    """
+    outcome = None
+    if dist_info.is_main:
+        try:
+            outcome = _decide_run_dir(args, default_name)
+        except UserError as error:
+            outcome = str(error)
+    if _distributed():
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    if isinstance(outcome, str):
+        raise UserError(outcome)
+    return outcome
+
+
+def _decide_run_dir(args, default_name: str) -> RunDir:
+    name = args.run_name or default_name
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise UserError(f"--run_name {name!r}: must be a plain directory name (no '/')")
+    output = Path(args.output_dir).expanduser()
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output_dir {args.output_dir!r} is a file, not a directory")
+    run_dir = output / name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"the run directory {run_dir} is a file, not a directory: choose another --run_name")
+    resume = args.resume or args.resume_or_start
+    if resume and args.overwrite:
+        raise UserError("--overwrite starts a new run and --resume continues one: pass only one of them")
+    if not resume:
+        used = _run_dir_contents(run_dir)
+        if used and not args.overwrite:
+            raise UserError(f"{run_dir} already holds a run ({used}); nothing was changed. Pass --resume to "
+                            "continue it, a new --run_name, or --overwrite to move it aside and start over.")
+        if used:
+            aside = _unused_path(run_dir.with_name(f"{name}.old-{_utc_stamp()}"))
+            try:
+                os.replace(run_dir, aside)
+            except OSError as error:
+                raise UserError(f"--overwrite: cannot move {run_dir} aside to {aside} ({error.strerror or error})")
+            print(f"[run] --overwrite: moved the previous {run_dir} to {aside} (nothing deleted)", flush=True)
+        _make_writable(run_dir, args.output_dir)
+        return RunDir(run_dir, None, None)
+    if not run_dir.is_dir():
+        if not args.resume_or_start:
+            raise UserError(f"--resume: there is no run directory {run_dir}; drop --resume to start a new run "
+                            "(or check --run_name and --output_dir)")
+        print(f"[resume] --resume_or_start: no run directory {run_dir} yet: starting a new run", flush=True)
+        _make_writable(run_dir, args.output_dir)
+        return RunDir(run_dir, None, None)
+    skipped = []
+    for step, path in list_checkpoints(run_dir):
+        reason = check_checkpoint(path)
+        if reason is None:
+            note = f" (skipped newer: {'; '.join(skipped)})" if skipped else ""
+            print(f"[resume] resuming from {path} (step {step}){note}", flush=True)
+            _make_writable(run_dir, args.output_dir)
+            return RunDir(run_dir, path, step)
+        skipped.append(f"{path.name}: {reason}")
+    found = "; ".join(skipped) if skipped else "there are none"
+    if not args.resume_or_start:
+        raise UserError(f"--resume: no valid checkpoint under {run_dir / 'checkpoints'} ({found}); nothing was "
+                        "changed. Pass --resume_or_start to restart this run from step 0 in place (its metrics "
+                        "are moved to a side file), or a new --run_name.")
+    print(f"[resume] --resume_or_start: no valid checkpoint under {run_dir / 'checkpoints'} ({found}): starting "
+          "from step 0 in place; metrics.jsonl moves to a side file when the first new record is written, "
+          "checkpoint folders stay until the new run writes the same steps", flush=True)
+    _make_writable(run_dir, args.output_dir)
+    return RunDir(run_dir, None, -1)
+
+
+def _run_dir_contents(run_dir: Path) -> str:
+    """What of a previous run `run_dir` holds ("" when nothing that a new run could clobber)."""
+    parts = []
+    records = sum(len(path.read_text().splitlines()) for path in run_dir.glob("metrics*.jsonl") if path.is_file())
+    if records:
+        parts.append(f"{records} metric records")
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        parts.append(f"{len(checkpoints)} checkpoints")
+    return ", ".join(parts)
+
+
+def _unused_path(path: Path) -> Path:
+    """`path`, or `stem+suffix`, `stem++suffix`, ... when taken (two side files in one second)."""
+    while path.exists():
+        path = path.with_name(path.stem + "+" + path.suffix)
+    return path
+
+
+def _make_writable(run_dir: Path, output_dir: str) -> None:
+    """Create `run_dir` and prove it writable with a probe file (os.access says yes to root on a
+    read-only mount)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--output_dir {output_dir!r}: cannot write the run directory {run_dir} "
+                        f"({error.strerror or error})") from error
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoints/step_N` folder, newest step first (staging `.tmp`
+    folders excluded; ordered by number, not name)."""
+    root = Path(run_dir) / "checkpoints"
+    found = [(int(match[1]), path) for path in root.glob("step_*")
+             if (match := re.fullmatch(r"step_(\d+)", path.name)) and path.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def check_checkpoint(path: str | Path) -> str | None:
+    """Why the checkpoint folder `path` cannot be resumed from, or None when it can: config.json,
+    every weights file with a readable header covering the whole file, and a trainer_state.pt that
+    loads (memory-mapped, so cheap even for large optimizer states) with the folder's step."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return "config.json is missing"
+    index = path / "model.safetensors.index.json"
+    current = index
+    try:
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (path / "model.safetensors").is_file():
+            shards = ["model.safetensors"]
+        else:
+            return "the model weights (model.safetensors) are missing"
+        for shard in shards:
+            current = path / shard
+            if not current.is_file():
+                return f"{shard} is missing"
+            with safe_open(str(current), "pt") as weights:
+                weights.keys()
+        current = path / "trainer_state.pt"
+        if not current.is_file():
+            return "trainer_state.pt is missing"
+        saved = torch.load(current, weights_only=False, mmap=True, map_location="cpu")
+        named = re.fullmatch(r"step_(\d+)", path.name)
+        if not isinstance(saved, dict) or not {"step", "optimizer", "rng", "state"} <= saved.keys():
+            return "trainer_state.pt lacks step/optimizer/rng/state"
+        if named and saved["step"] != int(named[1]):
+            return f"trainer_state.pt is for step {saved['step']}"
+    except Exception as error:  # truncated or corrupt file: whatever the library raises
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        return f"{current.name} does not load ({type(error).__name__}: {reason})"
+    return None
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, state: dict, dist_info: Dist,
@@ -1281,7 +1764,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
 
     Contents: HF-format weights + tokenizer (loadable by `from_pretrained`), and `trainer_state.pt`
     with the full optimizer state, every rank's RNG states, the step and `state` (data position and
-    method state). Only the newest `keep` checkpoints are kept.
+    method state). Rotation keeps this checkpoint and the `keep - 1` newest before it (by step
+    number; keep <= 0 keeps all); it never deletes this one, the one `latest` names, or those of
+    later steps (a resumed run replaces those when it writes the same step).
     """
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -1308,24 +1793,24 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
         tokenizer.save_pretrained(staging)
         torch.save({"step": step, "optimizer": optimizer_state, "rng": rngs, "state": state},
                    staging / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # only a same-step folder of an abandoned (broken) timeline
         os.replace(staging, final)
         pointer = root / "latest.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, root / "latest")
-        for old in sorted(root.glob("step_[0-9]*"))[:-keep] if keep > 0 else []:
-            if not old.name.endswith(".tmp"):
-                shutil.rmtree(old, ignore_errors=True)
+        if keep > 0:
+            protected = {final.name, (root / "latest").read_text().strip()}
+            older = [path for number, path in list_checkpoints(run_dir) if number < step]
+            for old in older[keep - 1:]:
+                if old.name not in protected:
+                    shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / "trainer_state.pt").exists() else None
+    """The newest checkpoint of `run_dir` that `check_checkpoint` accepts, or None."""
+    return next((path for _, path in list_checkpoints(run_dir) if check_checkpoint(path) is None), None)
 
 
 def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist) -> dict:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import antisd
+from common import UserError
 from conftest import ROOT, run_script, torchrun
 
 FAST = ["--num_problems", "4", "--num_generations", "4", "--eval_dataset", "", "--max_new_tokens", "24"]
@@ -116,13 +117,15 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="at least 2 rollouts"):
+    """Input errors are UserErrors with exact messages (more in test_errors.py and test_runs.py)."""
+    with pytest.raises(UserError, match=r"^--num_generations 1: must be >= 2 \(GRPO's baseline"):
         antisd.main(["--num_generations", "1"])
-    with pytest.raises(ValueError, match="Unknown --model 'gpt-5'"):
-        antisd.main(["--model", "gpt-5"])
+    with pytest.raises(UserError, match="Unknown --model 'gpt-5'"):
+        antisd.main(["--model", "gpt-5", "--output_dir", str(tmp_path)])
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"question": "1+1", "answer": "2"}) + "\n")
-    with pytest.raises(ValueError, match="no column 'problem'"):
+    with pytest.raises(UserError, match="no column 'problem'"):
         antisd.main(["--dataset", str(data), "--output_dir", str(tmp_path)])
-    result = run_script(torchrun(2) + ["antisd.py", "--num_problems", "3"], check=False)
-    assert result.returncode != 0 and "does not divide over 2 ranks" in result.stdout
+    result = run_script(torchrun(2) + ["antisd.py", "--num_problems", "3", "--output_dir", str(tmp_path)],
+                        check=False, timeout=120)
+    assert result.returncode != 0 and "error: --num_problems 3 does not divide over 2 ranks" in result.stdout

@@ -142,8 +142,14 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"no column 'problem' \(set --problem_key\).*question"):
         common.load_problems(str(path))
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(ValueError, match="no usable rows|no column"):
+    with pytest.raises(common.UserError, match=r"^Dataset '.*empty.jsonl' \(train\) is empty\.$"):
         common.load_problems(str(tmp_path / "empty.jsonl"))
+    write_jsonl(tmp_path / "garbage.jsonl", ["{not json", "[1, 2]", "7"])
+    with pytest.raises(common.UserError, match=r"all 3 rows are malformed \(not JSON objects\)"):
+        common.load_problems(str(tmp_path / "garbage.jsonl"))
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(common.UserError, match="is a directory"):
+        common.load_problems(str(tmp_path / "dir.jsonl"))
     write_jsonl(tmp_path / "noanswers.jsonl", [{"problem": "x", "answer": ""}])
     with pytest.raises(ValueError, match="no usable rows"):
         common.load_problems(str(tmp_path / "noanswers.jsonl"))
@@ -188,3 +194,22 @@ def test_prompt_differs_only_in_context_and_uses_chat_template(toy_tokenizer):
     assert text.startswith("<|im_start|>user\nCompute 1+2.") and text.endswith("<|im_start|>assistant\n")
     assert common.BOXED_INSTRUCTION in text
     assert len(teacher) > len(student) and teacher[-3:] == student[-3:]
+
+
+def test_prompts_longer_than_the_limit_are_skipped_and_counted(tmp_path, capsys, toy_tokenizer):
+    limit = common.max_prompt_length("toy", max_new_tokens=24)
+    assert limit == 1024 - 24  # the toy's context minus the response budget
+    assert common.max_prompt_length("toy", 24, max_prompt_tokens=100) == 100
+    overhead = len(common.build_prompt(toy_tokenizer, ""))
+    fits = "x" * (100 - overhead)  # the toy tokenizer is character-level: exactly 100 prompt tokens
+    assert len(common.build_prompt(toy_tokenizer, fits)) == 100
+    path = tmp_path / "p.jsonl"
+    write_jsonl(path, [{"problem": fits, "answer": "1"}, {"problem": fits + "x", "answer": "2"},
+                       {"problem": "y" * 1_000_000, "answer": "3"}, {"problem": "ok", "answer": ""}])
+    rows = common.load_problems(str(path), tokenizer=toy_tokenizer, max_prompt_tokens=100)
+    assert [r["answer"] for r in rows] == ["1"]
+    assert "skipped 1 rows without an answer, 0 malformed rows and 2 prompts longer than 100 tokens" in \
+        capsys.readouterr().out
+    with pytest.raises(common.UserError, match=r"no usable rows: 4 read, 1 rows without an answer, 0 malformed "
+                                               r"rows and 3 prompts longer than 10 tokens"):
+        common.load_problems(str(path), tokenizer=toy_tokenizer, max_prompt_tokens=10)

@@ -1,5 +1,7 @@
 """Grading: math-verify through a bounded worker; answers from the last \\boxed{}."""
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -69,3 +71,32 @@ def _slow_worker(original_start):
 
     return subprocess.Popen([sys.executable, "-u", "-c", common._GRADER_WORKER, "5"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def test_math_verify_own_time_limit_counts_as_a_timeout():
+    """math-verify catches its own 1 s limit (here well inside the 60 s hard bound) and returns
+    False; the worker reports it, so it is counted like a hard-bound timeout, and the worker lives on."""
+    grader = common.Grader(timeout=60.0)
+    grader._start = lambda: subprocess.Popen([sys.executable, "-u", "-c", common._GRADER_WORKER, "1"],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             stderr=subprocess.DEVNULL, text=True)
+    rewards, counts = grader.grade(["\\boxed{9^{9^{9^{9}}}}"], ["\\boxed{10^{10^{10^{10}}}}"])
+    assert rewards == [0.0] and counts == {"no_answer": 0, "timeout": 1}
+    worker = grader._worker
+    assert worker is not None and worker.poll() is None  # the hard bound did not kill it
+    assert grader.grade(["\\boxed{2}", "\\boxed{3}"], ["2", "4"]) == ([1.0, 0.0], {"no_answer": 0, "timeout": 0})
+    assert grader._worker is worker
+    grader.close()
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan")])
+def test_grader_timeout_must_be_positive(timeout):
+    with pytest.raises(common.UserError, match="must be > 0"):
+        common.Grader(timeout)
+
+
+def test_known_false_negative_inexact_scientific_notation(grader):
+    """Documented in the README: math-verify (and so TRL's accuracy reward) compares 5.1*10^2 as the
+    float 509.99999999999994, not 510. If this starts passing as correct, update the README."""
+    rewards, _ = grader.grade(["\\boxed{5.1\\times 10^{2}}", "\\boxed{510}"], ["510", "510"])
+    assert rewards == [0.0, 1.0]

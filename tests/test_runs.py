@@ -1,0 +1,263 @@
+"""Run directories and checkpoints never lose data: a used run directory is refused without --resume,
+--resume takes the newest valid checkpoint (or refuses), metrics written after it go to a side file,
+rotation goes by step number, and a SIGKILL during a checkpoint write is survived."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import antisd
+import common
+from common import UserError
+from conftest import ROOT, run_script
+
+FAST = ["--num_problems", "4", "--num_generations", "4", "--eval_dataset", "", "--max_new_tokens", "24"]
+TIMING = {"step_seconds", "tokens_per_second"}
+
+
+def snapshot(root):
+    """Every path under `root` with the sha256 of its bytes (None for a directory)."""
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            for path in sorted(root.rglob("*"))}
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def untimed(record):
+    return {k: v for k, v in record.items() if k not in TIMING}
+
+
+def train(tmp_path, *flags, steps=2):
+    return antisd.main(FAST + ["--num_steps", str(steps), "--output_dir", str(tmp_path), "--run_name", "r", *flags])
+
+
+def test_rerun_without_resume_is_refused_and_changes_nothing(tmp_path):
+    train(tmp_path, "--save_every", "1")
+    before = snapshot(tmp_path)
+    assert "r/checkpoints/step_000002/trainer_state.pt" in before and "r/metrics.jsonl" in before
+    with pytest.raises(UserError, match=r"already holds a run \(2 metric records, 2 checkpoints\); nothing was "
+                                        r"changed\. Pass --resume .* a new --run_name, or --overwrite"):
+        train(tmp_path, "--save_every", "1")
+    with pytest.raises(UserError, match="already holds a run"):  # a metrics-only run counts as well
+        antisd.main(["--eval_only", "--eval_limit", "2", "--output_dir", str(tmp_path), "--run_name", "r"])
+    assert snapshot(tmp_path) == before
+    # --overwrite moves the old run aside, byte for byte, and starts a new one
+    train(tmp_path, "--overwrite", steps=1)
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("r.old-")]
+    assert snapshot(aside) == {k[len("r/"):]: v for k, v in before.items() if k.startswith("r/")}
+    assert [r["step"] for r in records(tmp_path / "r" / "metrics.jsonl")] == [1]
+    with pytest.raises(UserError, match="pass only one of them"):
+        train(tmp_path, "--overwrite", "--resume")
+
+
+def test_resume_without_checkpoint_refuses_and_keeps_metrics_byte_identical(tmp_path):
+    train(tmp_path)  # no --save_every: metrics but no checkpoint
+    before = snapshot(tmp_path)
+    metrics = (tmp_path / "r" / "metrics.jsonl").read_bytes()
+    with pytest.raises(UserError, match=r"--resume: no valid checkpoint under .*checkpoints \(there are none\); "
+                                        r"nothing was changed\. Pass --resume_or_start"):
+        train(tmp_path, "--resume")
+    assert snapshot(tmp_path) == before and (tmp_path / "r" / "metrics.jsonl").read_bytes() == metrics
+    with pytest.raises(UserError, match="there is no run directory"):
+        antisd.main(FAST + ["--output_dir", str(tmp_path), "--run_name", "other", "--resume"])
+    assert snapshot(tmp_path) == before
+    # --resume_or_start restarts in place; the old records move to a side file, byte for byte
+    train(tmp_path, "--resume_or_start", steps=1)
+    (side,) = (tmp_path / "r").glob("metrics.superseded-*.jsonl")
+    assert side.read_bytes() == metrics
+    assert [r["step"] for r in records(tmp_path / "r" / "metrics.jsonl")] == [1]
+
+
+def break_checkpoint(path, how):
+    if how == "no trainer state":
+        (path / "trainer_state.pt").unlink()
+    elif how == "truncated trainer state":
+        data = (path / "trainer_state.pt").read_bytes()
+        (path / "trainer_state.pt").write_bytes(data[: len(data) // 2])
+    elif how == "no weights":
+        (path / "model.safetensors").unlink()
+    elif how == "truncated weights":
+        data = (path / "model.safetensors").read_bytes()
+        (path / "model.safetensors").write_bytes(data[: len(data) - 100])
+    elif how == "folder gone":  # `latest` still names it
+        shutil.rmtree(path)
+
+
+REASONS = {"no trainer state": "trainer_state.pt is missing",
+           "truncated trainer state": "trainer_state.pt does not load (RuntimeError: PytorchStreamReader",
+           "no weights": "the model weights (model.safetensors) are missing",
+           "truncated weights": "model.safetensors does not load (SafetensorError"}
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory):
+    """A 3-step run with a checkpoint every step (rotation keeps steps 2 and 3)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    train(root, "--save_every", "1", steps=3)
+    return root / "r"
+
+
+@pytest.mark.parametrize("how", list(REASONS))
+def test_check_checkpoint_names_what_is_broken(three_checkpoints, tmp_path, how):
+    copy = tmp_path / "step_000003"
+    shutil.copytree(three_checkpoints / "checkpoints" / "step_000003", copy)
+    assert common.check_checkpoint(copy) is None
+    break_checkpoint(copy, how)
+    assert common.check_checkpoint(copy).startswith(REASONS[how])
+
+
+@pytest.mark.parametrize("how", ["truncated trainer state", "folder gone"])
+def test_resume_skips_a_broken_newest_checkpoint(three_checkpoints, tmp_path, capsys, how):
+    run = tmp_path / "r"
+    shutil.copytree(three_checkpoints, run)
+    original = records(run / "metrics.jsonl")
+    break_checkpoint(run / "checkpoints" / "step_000003", how)
+    capsys.readouterr()
+    train(tmp_path, "--resume", "--save_every", "1", steps=4)
+    out = capsys.readouterr().out
+    assert f"[resume] resuming from {run / 'checkpoints' / 'step_000002'} (step 2)" in out
+    if how != "folder gone":
+        assert "(skipped newer: step_000003: trainer_state.pt does not load" in out
+    # steps 3 and 4 were trained again from step 2's state: step 3 is the same as before (exact resume)
+    logged = records(run / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert untimed(logged[2]) == untimed(original[2]) and logged[:2] == original[:2]
+    (side,) = run.glob("metrics.superseded-*.jsonl")
+    assert records(side) == original[2:]  # the replaced record is kept, not dropped
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000004"]
+    assert common.check_checkpoint(run / "checkpoints" / "step_000003") is None  # rewritten, valid
+    (old_config,) = run.glob("config.superseded-*.json")  # the first start's arguments are kept too
+    assert json.loads(old_config.read_text())["num_steps"] == 3
+    assert json.loads((run / "config.json").read_text())["num_steps"] == 4
+
+
+def test_resume_with_every_checkpoint_broken_is_refused(three_checkpoints, tmp_path):
+    run = tmp_path / "r"
+    shutil.copytree(three_checkpoints, run)
+    break_checkpoint(run / "checkpoints" / "step_000003", "no weights")
+    break_checkpoint(run / "checkpoints" / "step_000002", "truncated trainer state")
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match=r"no valid checkpoint under .* \(step_000003: the model weights "
+                                        r"\(model.safetensors\) are missing; step_000002: trainer_state.pt does not "
+                                        r"load .*\); nothing was changed"):
+        train(tmp_path, "--resume", steps=4)
+    assert snapshot(tmp_path) == before
+
+
+def test_rotation_orders_by_step_number_and_keeps_the_new_checkpoint(tmp_path, toy_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    dist_info = common.init_distributed()
+    model = AutoModelForCausalLM.from_pretrained(common.build_toy_model("toy"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    root = tmp_path / "checkpoints"
+
+    def save(step, keep=2):
+        common.save_checkpoint(tmp_path, step, model, toy_tokenizer, optimizer, {}, dist_info, keep=keep)
+        assert (root / "latest").read_text() == f"step_{step:06d}"
+        return sorted(p.name for p in root.iterdir() if p.name != "latest")
+
+    for step in [3, 4]:  # a previous run's checkpoints
+        save(step)
+    assert save(1) == ["step_000001", "step_000003", "step_000004"]  # never the one just written
+    assert save(2) == ["step_000001", "step_000002", "step_000003", "step_000004"]
+    assert save(5) == ["step_000004", "step_000005"]
+    assert save(999999) == ["step_000005", "step_999999"]
+    assert save(1000000) == ["step_1000000", "step_999999"]  # by number: 999999 is older
+    assert save(1000001, keep=1) == ["step_1000001"]
+    assert [s for s, _ in common.list_checkpoints(tmp_path)] == [1000001]
+
+
+KILL_DURING_SAVE = r"""
+import os, signal, sys
+import torch
+sys.path.insert(0, os.getcwd())
+import antisd
+
+kill_at = int(os.environ["KILL_AT_STEP"])
+original = torch.save
+
+def save_then_die(obj, path, *args, **kwargs):
+    # write half of the trainer state of step `kill_at`, then die as if the machine went away
+    if isinstance(obj, dict) and obj.get("step") == kill_at:
+        original(obj, path, *args, **kwargs)
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(obj, path, *args, **kwargs)
+
+torch.save = save_then_die
+antisd.main(sys.argv[1:])
+"""
+
+
+def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
+    args = FAST + ["--num_steps", "6", "--save_every", "2", "--output_dir", str(tmp_path), "--run_name", "k"]
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=ROOT, env={
+        **__import__("os").environ, "KILL_AT_STEP": "4"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=600)
+    assert killed.returncode == -9, killed.stdout[-2000:]
+    run = tmp_path / "k"
+    assert (run / "checkpoints" / "step_000004.tmp").exists() and (run / "checkpoints" / "latest").read_text() == \
+        "step_000002"
+    before = records(run / "metrics.jsonl")
+    assert [r["step"] for r in before] == [1, 2, 3, 4]
+    resumed = run_script([sys.executable, "antisd.py", *args, "--resume"])
+    # the half-written step_000004.tmp is not a checkpoint at all (not even a skipped one)
+    assert f"[resume] resuming from {run / 'checkpoints' / 'step_000002'} (step 2)\n" in resumed.stdout
+    after = records(run / "metrics.jsonl")
+    assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]
+    assert [untimed(r) for r in after[:4]] == [untimed(r) for r in before]  # steps 3, 4 re-run identically
+    (side,) = run.glob("metrics.superseded-*.jsonl")
+    assert records(side) == before[2:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000004", "step_000006"]
+
+
+def test_supersede_metrics_keeps_every_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = ['{"step": 0, "eval/avg@4": 0.2}', '{"step": 1, "reward": 0.1}', '{"step": 2, "reward": 0.3}',
+             '{"step": 3, "rew']  # a record cut by a kill
+    path.write_text("\n".join(lines))
+    side = common.supersede_metrics(path, resume_step=1)
+    assert path.read_text() == "\n".join(lines[:2]) + "\n"
+    assert side.read_text() == "\n".join(lines[2:]) + "\n"
+    assert common.supersede_metrics(path, resume_step=1) is None and path.read_text() == "\n".join(lines[:2]) + "\n"
+
+
+def test_output_dir_and_run_name_errors(tmp_path):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    for flags, message in [
+        (["--output_dir", str(afile)], f"--output_dir '{afile}' is a file, not a directory"),
+        (["--output_dir", str(afile / "sub")], f"--output_dir '{afile / 'sub'}': cannot write the run directory"),
+        (["--output_dir", "/proc/rlvr-test"], "--output_dir '/proc/rlvr-test': cannot write the run directory"),
+        (["--output_dir", str(tmp_path), "--run_name", "a/b"], "--run_name 'a/b': must be a plain directory name"),
+    ]:
+        with pytest.raises(UserError) as error:
+            antisd.main(FAST + flags)
+        assert str(error.value).startswith(message), str(error.value)
+
+
+def test_torchrun_refusal_and_resume_on_two_ranks(tmp_path):
+    """Rank 0 decides about the run directory and every rank gets the same answer or error."""
+    from conftest import torchrun
+
+    args = ["antisd.py", *FAST, "--output_dir", str(tmp_path), "--run_name", "d", "--save_every", "2"]
+    antisd.main(args[1:] + ["--num_steps", "2"])  # one process is quicker; a 2-rank run resumes it below
+    before = snapshot(tmp_path)
+    refused = run_script(torchrun(2) + args + ["--num_steps", "2"], check=False, timeout=120)
+    assert refused.returncode != 0
+    for rank in [0, 1]:
+        assert f"[rank {rank}] error: {tmp_path / 'd'} already holds a run (2 metric records, 1 checkpoints)" \
+            in refused.stdout
+    assert snapshot(tmp_path) == before
+    resumed = run_script(torchrun(2) + args + ["--num_steps", "3", "--resume"])
+    assert f"[resume] resuming from {tmp_path / 'd' / 'checkpoints' / 'step_000002'} (step 2)" in resumed.stdout
+    assert [r["step"] for r in records(tmp_path / "d" / "metrics.jsonl")] == [1, 2, 3]
