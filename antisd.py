@@ -73,6 +73,7 @@ RULES = {
     "lambda_max": at_least(0),
     "gate_warmup": at_least(0),
     "tau_down": between(0, 1, low_open=True),
+    "picture_rollouts": at_least(0),
 }
 
 

@@ -129,3 +129,16 @@ def test_bad_input_is_a_clear_error(tmp_path):
     result = run_script(torchrun(2) + ["antisd.py", "--num_problems", "3", "--output_dir", str(tmp_path)],
                         check=False, timeout=120)
     assert result.returncode != 0 and "error: --num_problems 3 does not divide over 2 ranks" in result.stdout
+
+
+def test_premise_metrics_and_token_picture(tmp_path):
+    """Every step logs the premise (u on work / answer tokens of correct rollouts, the careful share);
+    the token picture holds the latest step's rollouts, written at each evaluation and at the end."""
+    antisd.main(["--num_steps", "1", "--num_problems", "4", "--num_generations", "4", "--max_new_tokens", "48",
+                 "--eval_limit", "4", "--eval_k", "1", "--picture_rollouts", "6", "--output_dir", str(tmp_path),
+                 "--run_name", "pic"])
+    (step,) = [r for r in records(tmp_path / "pic") if "reward" in r]
+    assert 0 <= step["careful_frac"] <= 1 and math.isfinite(step["u_work"]) and math.isfinite(step["u_answer"])
+    page = (tmp_path / "pic" / "tokens.html").read_text()
+    assert page.count('class="row"') == 6 and page.count("step 1 | reward ") == 6
+    assert "u_t=" in page and "bonus=" in page
