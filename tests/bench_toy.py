@@ -20,35 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from toy_premises import sample, self_teacher_u, strategy_accuracy, teacher_gap_by_third  # noqa: E402
 
 NAMES = ["toy", "toy-large"]
 
 
 def spread(values):
     return f"{statistics.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
-
-
-def sample(model, tokenizer, rows, seed, temperature, k=4, context=None):
-    prompts = [common.build_prompt(tokenizer, r["problem"], context(r) if context else None)
-               for r in rows for _ in range(k)]
-    torch.manual_seed(seed)
-    params = common.SamplingParams(temperature, 0.95 if temperature < 1 else 1.0, 0, 64)
-    responses = common.HFEngine(model, tokenizer, 256).generate(prompts, params)
-    return prompts, responses, tokenizer.batch_decode(responses, skip_special_tokens=True)
-
-
-def strategy_table(rows, texts, rewards, k=4):
-    """{(strategy, level): accuracy} with strategy in careful/shortcut/all and level 0 = all levels."""
-    buckets = {}
-    for i, (text, reward) in enumerate(zip(texts, rewards)):
-        strategy = "careful" if common.writes_work(text) else "shortcut"
-        for key in [(strategy, 0), (strategy, rows[i // k]["level"]), ("all", 0), ("all", rows[i // k]["level"])]:
-            buckets.setdefault(key, []).append(reward)
-    return {key: sum(v) / len(v) for key, v in buckets.items()}
 
 
 def main():
@@ -78,7 +59,7 @@ def main():
             for seed in args.seeds:
                 _, _, texts = sample(model, tokenizer, rows, seed, temperature)
                 rewards, _ = grader.grade(texts, [r["answer"] for r in rows for _ in range(4)])
-                tables.append(strategy_table(rows, texts, rewards))
+                tables.append(strategy_accuracy(rows, texts, rewards))
                 shares.append(sum(map(common.writes_work, texts)) / len(texts))
             get = lambda key: [t.get(key, float("nan")) for t in tables]
             print(f"\n{name} at T {temperature}: avg@4 {spread(get(('all', 0)))}; careful share {spread(shares)}")
@@ -86,42 +67,16 @@ def main():
                 per_level = "  ".join(f"L{level} {statistics.mean(get((strategy, level))):.2f}" for level in levels)
                 print(f"  {strategy:9} {spread(get((strategy, 0)))}   per level (mean): {per_level}")
 
-    # AntiSD premise: u on correct toy rollouts, teacher = the same model shown the verified answer
-    student = models["toy"]
-    premise = {"work": [], "answer": [], "decide careful": [], "decide shortcut": []}
-    gaps = {"first third": [], "last third": []}
-    subset = rows[:128]
+    # the premises on toy rollouts at the rollout temperature, 128 test problems x 4
+    student, subset = models["toy"], rows[:128]
+    premise, gaps = {}, {"first third": [], "last third": []}
     for seed in args.seeds:
         prompts, responses, texts = sample(student, tokenizer, subset, seed, 1.0)
-        answers = [subset[i // 4]["answer"] for i in range(len(texts))]
-        keep = [i for i, t in enumerate(texts) if common.extract_boxed_answer(t) == answers[i]]
-        context = lambda i: f"{common.TOY_CONTEXT_HEADER}\\boxed{{{answers[i]}}}\n\n{common.TOY_FEEDBACK_LINES[0]}"
-        teacher_prompts = [common.build_prompt(tokenizer, subset[i // 4]["problem"], context(i)) for i in keep]
-        with torch.no_grad():
-            plain, _, _ = common.response_logprobs(student, [prompts[i] for i in keep], [responses[i] for i in keep],
-                                                   tokenizer.pad_token_id)
-            shown, _, _ = common.response_logprobs(student, teacher_prompts, [responses[i] for i in keep],
-                                                   tokenizer.pad_token_id)
-            strong, _, _ = common.response_logprobs(models["toy-large"], prompts, responses, tokenizer.pad_token_id)
-            weak, _, _ = common.response_logprobs(student, prompts, responses, tokenizer.pad_token_id)
-        u = shown - plain
-        sums = {key: [] for key in premise}
-        for row, i in enumerate(keep):
-            roles = common.token_roles(*common.response_token_spans(tokenizer, responses[i]))
-            for t, role in enumerate(roles):
-                if role in sums:
-                    sums[role].append(u[row, t].item())
-            sums["decide careful" if common.writes_work(texts[i]) else "decide shortcut"].append(u[row, 2].item())
-        for key, values in sums.items():
-            premise[key].append(statistics.mean(values) if values else float("nan"))
-        gap = (strong - weak).abs()
-        first, last = [], []
-        for row, response in enumerate(responses):
-            third = max(1, len(response) // 3)
-            first.append(gap[row, :third].mean().item())
-            last.append(gap[row, len(response) - third: len(response)].mean().item())
-        gaps["first third"].append(statistics.mean(first))
-        gaps["last third"].append(statistics.mean(last))
+        for key, (value, _) in self_teacher_u(student, tokenizer, subset, prompts, responses, texts).items():
+            premise.setdefault(key, []).append(value)
+        first, last = teacher_gap_by_third(student, models["toy-large"], tokenizer, prompts, responses)
+        gaps["first third"].append(first)
+        gaps["last third"].append(last)
     grader.close()
     print("\nAntiSD premise, mean u on correct toy rollouts (T 1.0, teacher shown the verified answer):")
     for key, values in premise.items():

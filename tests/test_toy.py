@@ -3,23 +3,18 @@
 import torch
 
 import common
+from toy_premises import sample, self_teacher_u, strategy_accuracy, teacher_gap_by_third
 
 SAMPLES = {}
 
 
 def toy_samples(name, temperature=0.7):
-    """4 samples per toy test problem at the scripts' eval settings (top-p 0.95 at T 0.7; plain
-    sampling at T 1.0, the rollout setting): (rows, texts, rewards), 4 consecutive entries per problem."""
+    """4 samples per toy test problem: (rows, texts, rewards), 4 consecutive entries per problem."""
     if (name, temperature) not in SAMPLES:
-        dist_info = common.init_distributed()
         tokenizer = common.load_tokenizer(name)
-        model = common.load_model(name, dist_info, trainable=False)
+        model = common.load_model(name, common.init_distributed(), trainable=False)
         rows = common.load_problems("toy", "test")
-        prompts = [common.build_prompt(tokenizer, r["problem"]) for r in rows for _ in range(4)]
-        torch.manual_seed(0)
-        params = common.SamplingParams(temperature, 0.95 if temperature < 1 else 1.0, 0, 64)
-        responses = common.HFEngine(model, tokenizer, 256).generate(prompts, params)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        _, _, texts = sample(model, tokenizer, rows, 0, temperature)
         grader = common.Grader()
         rewards, _ = grader.grade(texts, [r["answer"] for r in rows for _ in range(4)])
         grader.close()
@@ -27,12 +22,8 @@ def toy_samples(name, temperature=0.7):
     return SAMPLES[name, temperature]
 
 
-def accuracy(name, temperature=0.7, strategy=None, level=None):
-    rows, texts, rewards = toy_samples(name, temperature)
-    picked = [r for i, (t, r) in enumerate(zip(texts, rewards))
-              if (strategy is None or common.writes_work(t) == (strategy == "careful"))
-              and (level is None or rows[i // 4]["level"] == level)]
-    return sum(picked) / max(1, len(picked))
+def accuracy(name, temperature=0.7, strategy="all", level=0):
+    return strategy_accuracy(*toy_samples(name, temperature))[strategy, level]
 
 
 def careful_share(name, temperature=0.7):
@@ -81,37 +72,14 @@ def test_toy_large_is_stronger_and_prefers_the_careful_strategy():
 
 def test_self_teacher_premise_u_negative_on_work_positive_on_answer():
     """Shown a verified answer, the self-teacher gives deliberation low and the answer high probability
-    (measured on correct rollouts, as antisd.py logs u_work / u_answer)."""
-    dist_info = common.init_distributed()
+    (on correct rollouts, as antisd.py logs u_work / u_answer)."""
     tokenizer = common.load_tokenizer("toy")
-    model = common.load_model("toy", dist_info, trainable=False)
+    model = common.load_model("toy", common.init_distributed(), trainable=False)
     rows = common.load_problems("toy", "test")[:96]
-    prompts = [common.build_prompt(tokenizer, r["problem"]) for r in rows for _ in range(4)]
-    torch.manual_seed(0)
-    responses = common.HFEngine(model, tokenizer, 256).generate(prompts, common.SamplingParams(1.0, 1.0, 0, 64))
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    keep = [i for i, t in enumerate(texts) if common.extract_boxed_answer(t) == rows[i // 4]["answer"]]
-    context = common.TOY_CONTEXT_HEADER + "\\boxed{{{}}}\n\n" + common.TOY_FEEDBACK_LINES[0]
-    teacher_prompts = [common.build_prompt(tokenizer, rows[i // 4]["problem"], context.format(rows[i // 4]["answer"]))
-                       for i in keep]
-    with torch.no_grad():
-        student, _, mask = common.response_logprobs(model, [prompts[i] for i in keep], [responses[i] for i in keep],
-                                                    tokenizer.pad_token_id)
-        teacher, _, _ = common.response_logprobs(model, teacher_prompts, [responses[i] for i in keep],
-                                                 tokenizer.pad_token_id)
-    u = teacher - student
-    sums = {"work": [], "answer": [], "decide_careful": [], "decide_shortcut": []}
-    for row, i in enumerate(keep):
-        roles = common.token_roles(*common.response_token_spans(tokenizer, responses[i]))
-        for t, role in enumerate(roles):
-            if role in sums:
-                sums[role].append(u[row, t].item())
-        # token 2 (after "<think>", "\n") decides the strategy: a digit (careful) or "</think>" (shortcut)
-        sums["decide_careful" if common.writes_work(texts[i]) else "decide_shortcut"].append(u[row, 2].item())
-    mean = {k: sum(v) / len(v) for k, v in sums.items()}
-    assert min(len(v) for v in sums.values()) >= 10, {k: len(v) for k, v in sums.items()}
-    assert mean["work"] < 0 < mean["answer"], mean
-    assert mean["decide_careful"] < -0.3 and mean["decide_shortcut"] > 0, mean
+    u = self_teacher_u(model, tokenizer, rows, *sample(model, tokenizer, rows, 0, 1.0))
+    assert min(count for _, count in u.values()) >= 10, u
+    assert u["work"][0] < 0 < u["answer"][0], u
+    assert u["decide careful"][0] < -0.3 and u["decide shortcut"][0] > 0, u
 
 
 def test_strong_teacher_disagrees_most_at_the_first_tokens():
@@ -121,19 +89,9 @@ def test_strong_teacher_disagrees_most_at_the_first_tokens():
     student = common.load_model("toy", dist_info, trainable=False)
     teacher = common.load_model("toy-large", dist_info, trainable=False)
     rows = common.load_problems("toy", "test")[:64]
-    prompts = [common.build_prompt(tokenizer, r["problem"]) for r in rows for _ in range(4)]
-    torch.manual_seed(0)
-    responses = common.HFEngine(student, tokenizer, 256).generate(prompts, common.SamplingParams(1.0, 1.0, 0, 64))
-    with torch.no_grad():
-        s, _, mask = common.response_logprobs(student, prompts, responses, tokenizer.pad_token_id)
-        t, _, _ = common.response_logprobs(teacher, prompts, responses, tokenizer.pad_token_id)
-    gap = (t - s).abs()
-    first, last = [], []
-    for row, response in enumerate(responses):
-        third = max(1, len(response) // 3)
-        first.append(gap[row, :third].mean().item())
-        last.append(gap[row, len(response) - third: len(response)].mean().item())
-    assert sum(first) / len(first) > 1.5 * sum(last) / len(last), (sum(first) / len(first), sum(last) / len(last))
+    prompts, responses, _ = sample(student, tokenizer, rows, 0, 1.0)
+    first, last = teacher_gap_by_third(student, teacher, tokenizer, prompts, responses)
+    assert first > 1.5 * last, (first, last)
 
 
 def test_privileged_context_makes_the_self_teacher_informative():
