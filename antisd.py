@@ -38,8 +38,6 @@ deterministic solution), so it is anti-aligned with accuracy there: the toy chec
 not the paper's effect (README, "What to expect on the toy").
 """
 
-from __future__ import annotations
-
 import math
 import random
 import statistics
