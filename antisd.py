@@ -53,7 +53,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, SamplingParams, all_gather_cat, all_reduce_sum,
                     build_prompt, evaluate, find_last_boxed, init_distributed, latest_checkpoint,
-                    load_checkpoint, load_model, load_problems, load_tokenizer, make_engine, option,
+                    load_checkpoint, load_model, load_problems, load_tokenizer, make_engine, micro_batches, option,
                     parse_args, print0, response_logprobs, save_checkpoint, stop_token_ids)
 
 # Privileged context c [paper: verified solution + correctness feedback; wording ours]. The toy
@@ -249,6 +249,7 @@ def main(argv=None):
     eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k, args.max_new_tokens)
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)
     use_gate = args.gate == "entropy" and args.signal == "antisd"  # --signal sd runs without a gate [paper]
+    use_teacher = args.lambda_max != 0  # --lambda_max 0 is GRPO: the token term is never on, no teacher pass
 
     def run_eval(step: int) -> dict:
         metrics = evaluate(engine, tokenizer, eval_rows, grader, eval_params, args.eval_k, dist_info,
@@ -275,8 +276,8 @@ def main(argv=None):
         # ---- 1. rollouts: G samples per problem; this rank takes its slice of the global batch
         indices = sampler.next(args.num_problems)[rank * problems_per_rank:(rank + 1) * problems_per_rank]
         problems = [train_rows[i] for i in indices]
-        student_prompts = [build_prompt(tokenizer, p["problem"], enable_thinking=args.enable_thinking)
-                           for p in problems for _ in range(group)]
+        prompts = [build_prompt(tokenizer, p["problem"], enable_thinking=args.enable_thinking) for p in problems]
+        student_prompts = [prompt for prompt in prompts for _ in range(group)]  # rollout i: problem i // G
         responses = engine.generate(student_prompts, rollout_params, desc="rollout")
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
 
@@ -286,61 +287,75 @@ def main(argv=None):
         sequence_advantages = group_advantages(reward_groups, args.scale_rewards).flatten()
 
         # ---- 3. privileged context c from another successful rollout of the group; teacher prompts
-        context_rng = random.Random(f"{args.seed}/{step}/{rank}")  # a function of the step: resume-exact
-        contexts = teacher_contexts(texts, rewards, group, problems, context_rng)
-        teacher_prompts = [build_prompt(tokenizer, problems[i // group]["problem"], contexts[i],
-                                        enable_thinking=args.enable_thinking) for i in range(len(responses))]
+        if use_teacher:
+            context_rng = random.Random(f"{args.seed}/{step}/{rank}")  # a function of the step: resume-exact
+            contexts = teacher_contexts(texts, rewards, group, problems, context_rng)
+            teacher_prompts = [build_prompt(tokenizer, problems[i // group]["problem"], contexts[i],
+                                            enable_thinking=args.enable_thinking) for i in range(len(responses))]
 
         # ---- 4. no-grad pass: teacher log-probs and entropies (the live policy shown c); the
         # behaviour policy's log-probs are needed separately only when a batch gets several updates
-        teacher_logprobs, teacher_entropy, behaviour_logprobs = [], [], []
+        rollouts = range(len(responses))
+        student_lengths = [len(student_prompts[i]) + len(responses[i]) for i in rollouts]
+        # per rollout i: a [len(responses[i])] tensor
+        teacher_logprobs, teacher_entropy, behaviour_logprobs = ([None] * len(rollouts) for _ in range(3))
         with torch.no_grad():
-            for start in range(0, len(responses), args.micro_batch_size):
-                batch = range(start, min(start + args.micro_batch_size, len(responses)))
-                logprobs, entropy, mask = response_logprobs(
-                    model, [teacher_prompts[i] for i in batch], [responses[i] for i in batch], pad_id,
-                    args.logprob_chunk_size)
-                teacher_logprobs += [row[m] for row, m in zip(logprobs, mask)]
-                teacher_entropy += [row[m] for row, m in zip(entropy, mask)]
-                if args.num_minibatches > 1:
+            if use_teacher:
+                teacher_lengths = [len(teacher_prompts[i]) + len(responses[i]) for i in rollouts]
+                for batch in micro_batches(rollouts, teacher_lengths, args.micro_batch_size):
+                    logprobs, entropy, mask = response_logprobs(
+                        model, [teacher_prompts[i] for i in batch], [responses[i] for i in batch], pad_id,
+                        args.logprob_chunk_size)
+                    for i, row, row_entropy, row_mask in zip(batch, logprobs, entropy, mask):
+                        teacher_logprobs[i], teacher_entropy[i] = row[row_mask], row_entropy[row_mask]
+            if args.num_minibatches > 1:
+                for batch in micro_batches(rollouts, student_lengths, args.micro_batch_size):
                     logprobs, _, mask = response_logprobs(
                         model, [student_prompts[i] for i in batch], [responses[i] for i in batch], pad_id,
                         args.logprob_chunk_size)
-                    behaviour_logprobs += [row[m] for row, m in zip(logprobs, mask)]
+                    for i, row, row_mask in zip(batch, logprobs, mask):
+                        behaviour_logprobs[i] = row[row_mask]
 
         # ---- 5. entropy gate on the median teacher entropy of the global batch
-        median_teacher_entropy = float(np.median(all_gather_cat(torch.cat(teacher_entropy)).numpy()))
-        gate_on = gate.update(step, median_teacher_entropy) if use_gate else True
+        if use_teacher:
+            median_teacher_entropy = float(np.median(all_gather_cat(torch.cat(teacher_entropy)).numpy()))
+            gate_on = gate.update(step, median_teacher_entropy) if use_gate else True
+        else:  # GRPO: no teacher, no gate
+            median_teacher_entropy, gate_on = float("nan"), False
         lam = args.lambda_max if gate_on else 0.0
 
         # ---- 6. policy gradient on A_{i,t} = A_i^seq + lambda * sg[delta_t], global token-mean
         model.train()
         sums = dict.fromkeys(["loss", "entropy", "u_negative", "bonus", "u", "clipped"], 0.0)
+        if not use_teacher:
+            sums.update(u_negative=float("nan"), u=float("nan"))  # no u without a teacher
         per_minibatch = len(responses) // args.num_minibatches
         for minibatch in range(args.num_minibatches):
             owned = range(minibatch * per_minibatch, (minibatch + 1) * per_minibatch)
             minibatch_tokens = all_reduce_sum(sum(len(responses[i]) for i in owned)).item()
-            for start in range(owned.start, owned.stop, args.micro_batch_size):
-                batch = range(start, min(start + args.micro_batch_size, owned.stop))
+            for batch in micro_batches(owned, student_lengths, args.micro_batch_size):
                 logprobs, entropy, mask = response_logprobs(
                     model, [student_prompts[i] for i in batch], [responses[i] for i in batch], pad_id,
                     args.logprob_chunk_size)
+                # the behaviour policy (the weights that sampled the batch) gives the ratio's denominator
                 old_logprobs = (pad_sequence([behaviour_logprobs[i] for i in batch], batch_first=True)
                                 if args.num_minibatches > 1 else logprobs.detach())
-                teacher = pad_sequence([teacher_logprobs[i] for i in batch], batch_first=True)
-                u = torch.where(mask, teacher - old_logprobs, 0.0)  # u_t = log pi_T(y_t) - log pi_S(y_t)
-                bonus = lam * token_signal(u, args.signal, args.divergence)
-                advantages = sequence_advantages[list(batch)].to(u.device)[:, None] + bonus
+                advantages = sequence_advantages[batch].to(mask.device)[:, None].expand(mask.shape)
+                if use_teacher:  # u_t = log pi_T(y_t | x, c, y<t) - log pi_S(y_t | x, y<t), behaviour policy
+                    teacher = pad_sequence([teacher_logprobs[i] for i in batch], batch_first=True)
+                    u = torch.where(mask, teacher - old_logprobs, 0.0)
+                    bonus = lam * token_signal(u, args.signal, args.divergence)
+                    advantages = advantages + bonus
+                    sums["u_negative"] += (u[mask] < 0).sum()
+                    sums["u"] += u[mask].sum()
+                    sums["bonus"] += bonus[mask].sum()
                 loss = policy_loss(logprobs, old_logprobs, advantages, mask, minibatch_tokens,
                                    args.clip_low, args.clip_high)
                 (loss * world).backward()  # FSDP averages gradients over ranks; the loss wants their sum
                 ratio = torch.exp(logprobs.detach() - old_logprobs)[mask]
-                sums["loss"] += loss.item()
-                sums["entropy"] += entropy.detach()[mask].sum().item()
-                sums["u_negative"] += (u[mask] < 0).sum().item()
-                sums["bonus"] += bonus[mask].sum().item()
-                sums["u"] += u[mask].sum().item()
-                sums["clipped"] += ((ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)).sum().item()
+                sums["loss"] += loss.detach()  # tensors: no device sync inside the loop
+                sums["entropy"] += entropy.detach()[mask].sum()
+                sums["clipped"] += ((ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)).sum()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

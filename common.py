@@ -13,7 +13,7 @@ Surface, in file order:
   prompts       BOXED_INSTRUCTION, build_prompt
   grading       find_last_boxed, extract_boxed_answer, Grader
   rollouts      SamplingParams, RolloutEngine, HFEngine, make_engine, stop_token_ids
-  log-probs     response_logprobs, response_hidden, output_head, chunked_map, token_logprob_entropy,
+  log-probs     micro_batches, response_logprobs, response_hidden, output_head, chunked_map, token_logprob_entropy,
                 token_kl
   evaluation    evaluate
   logging       Progress, RunLogger
@@ -38,6 +38,7 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -660,9 +661,11 @@ for line in sys.stdin:
 class Grader:
     """Rewards in {0, 1} with math-verify (gold first), the answer taken from the last `\\boxed{}`.
 
-    math-verify runs in a worker subprocess and every call has a hard wall-clock bound
-    (`timeout` seconds): a worker that does not answer in time is killed and restarted, and that
-    response gets reward 0 and is counted, so no input can stall a run.
+    math-verify runs in a worker subprocess that answers one line per request line. A batch is sent
+    in one go and identical (gold, answer) pairs are graded once. Every answer has a hard
+    wall-clock bound (`timeout` seconds after the previous one): a worker that does not answer in
+    time is killed, that answer gets reward 0 and is counted as a timeout, and the rest of the
+    batch goes to a fresh worker, so no input can stall a run.
     """
 
     def __init__(self, timeout: float = 10.0):
@@ -674,32 +677,54 @@ class Grader:
         return subprocess.Popen([sys.executable, "-u", "-c", _GRADER_WORKER, str(inner)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
-    def _ask(self, gold: str, pred: str, startup_grace: float) -> bool | None:
+    def _ask(self, pairs: list[tuple[str, str]]) -> list[bool]:
+        """Send (gold, pred) pairs to the worker; return its verdicts, in order, up to the first late one."""
+        grace = 0.0
         if self._worker is None or self._worker.poll() is not None:
-            self._worker, startup_grace = self._start(), 60.0  # importing sympy takes a few seconds
-        self._worker.stdin.write(json.dumps({"gold": gold, "pred": pred}) + "\n")
-        self._worker.stdin.flush()
-        ready, _, _ = select.select([self._worker.stdout], [], [], self.timeout + startup_grace)
-        answer = self._worker.stdout.readline() if ready else ""
-        if answer.strip() in ("0", "1"):
-            return answer.strip() == "1"
-        self.close()  # hung or died: kill it, the next call starts a fresh one
-        return None
+            self._worker, grace = self._start(), 60.0  # importing sympy takes a few seconds
+        requests = "".join(json.dumps({"gold": gold, "pred": pred}) + "\n" for gold, pred in pairs).encode()
+        # a thread writes, so that a batch larger than the pipe buffer cannot block us past the bound
+        writer = threading.Thread(target=_write_all, args=(self._worker.stdin, requests), daemon=True)
+        writer.start()
+        stdout, received, verdicts = self._worker.stdout.fileno(), b"", []
+        while len(verdicts) < len(pairs):
+            if b"\n" not in received:  # wait for the next answer, at most timeout (+ start-up) seconds
+                ready, _, _ = select.select([stdout], [], [], self.timeout + grace)
+                chunk = os.read(stdout, 65536) if ready else b""
+                if not chunk:  # hung (no answer in time) or died (end of file)
+                    self.close()  # kill it; the next call starts a fresh one
+                    break
+                received += chunk
+                continue
+            line, received = received.split(b"\n", 1)
+            if line.strip() not in (b"0", b"1"):
+                self.close()
+                break
+            verdicts.append(line.strip() == b"1")
+            grace = 0.0
+        writer.join()  # done: the worker read every request, or it was killed (the write fails at once)
+        return verdicts
 
     def grade(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[list[float], dict]:
         """Rewards for `responses` against gold `answers`, plus counts of `no_answer` and `timeout`."""
-        rewards, counts = [], {"no_answer": 0, "timeout": 0}
-        for response, gold in zip(responses, answers):
+        rewards, counts = [0.0] * len(responses), {"no_answer": 0, "timeout": 0}
+        asked: dict[tuple[str, str], list[int]] = {}  # (gold, pred) -> the responses that give it
+        for i, (response, gold) in enumerate(zip(responses, answers)):
             pred = extract_boxed_answer(response)
             if pred is None:
-                counts["no_answer"] += 1
-                rewards.append(0.0)
+                counts["no_answer"] += 1  # reward 0
                 continue
             gold_text = gold if "\\boxed" in gold else f"\\boxed{{{gold}}}"
-            ok = self._ask(gold_text, f"\\boxed{{{pred}}}", startup_grace=0.0)
-            if ok is None:
-                counts["timeout"] += 1
-            rewards.append(1.0 if ok else 0.0)
+            asked.setdefault((gold_text, f"\\boxed{{{pred}}}"), []).append(i)
+        pairs, verdicts = list(asked), []
+        while len(verdicts) < len(pairs):
+            verdicts += self._ask(pairs[len(verdicts):])
+            if len(verdicts) < len(pairs):
+                verdicts.append(None)  # the worker hung on this pair: a timeout; the rest go to a fresh one
+        for pair, verdict in zip(pairs, verdicts):
+            for i in asked[pair]:
+                rewards[i] = 1.0 if verdict else 0.0
+                counts["timeout"] += verdict is None
         return rewards, counts
 
     def close(self) -> None:
@@ -713,6 +738,15 @@ class Grader:
 
     def __del__(self):
         self.close()
+
+
+def _write_all(stream, data: bytes) -> None:
+    """Write bytes to a pipe, unbuffered; a killed reader ends it (broken pipe)."""
+    try:
+        while data:
+            data = data[os.write(stream.fileno(), data):]
+    except (OSError, ValueError):  # the worker was killed meanwhile: nothing left to write to
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -810,6 +844,13 @@ def make_engine(kind: str, model, tokenizer, batch_size: int = 64) -> RolloutEng
 # ---------------------------------------------------------------------------------------------
 # Per-token log-probabilities, entropy and divergences, chunked over positions
 # ---------------------------------------------------------------------------------------------
+
+
+def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Split `indices` into micro-batches of at most `size`, sequences of similar `lengths[i]`
+    together so that less compute goes to padding (a sum over micro-batches does not depend on the split)."""
+    order = sorted(indices, key=lambda i: lengths[i])
+    return [order[start: start + size] for start in range(0, len(order), size)]
 
 
 def response_hidden(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):

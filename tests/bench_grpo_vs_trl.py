@@ -126,7 +126,13 @@ def run_trl(conn, args, out_dir: str) -> None:
 
 def worker(kind: str, conn, args, out_dir: str) -> None:
     try:
-        (run_ours if kind == "ours" else run_trl)(conn, args, out_dir)
+        run = run_ours if kind == "ours" else run_trl
+        if args.profile:  # the whole worker, set-up included; read with pstats
+            import cProfile
+
+            cProfile.runctx("run(conn, args, out_dir)", globals(), locals(), os.path.join(args.profile, f"{kind}.prof"))
+        else:
+            run(conn, args, out_dir)
         conn.send("finished")
     except BaseException as error:  # tell the driver instead of leaving it waiting
         conn.send(f"error: {type(error).__name__}: {error}")
@@ -144,6 +150,7 @@ def main() -> None:
     parser.add_argument("--micro_batch_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", default="", help="write cProfile stats of each side to DIR/ours.prof, DIR/trl.prof")
     args = parser.parse_args()
     import antisd
     import torch
