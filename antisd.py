@@ -40,6 +40,7 @@ not the paper's effect (README, "What to expect on the toy").
 
 import math
 import random
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, SamplingParams, all_gather_cat, all_reduce_sum,
-                    build_prompt, evaluate, find_last_boxed, init_distributed, latest_checkpoint,
+                    boxed_span_at, build_prompt, evaluate, find_last_boxed, init_distributed, latest_checkpoint,
                     load_checkpoint, load_model, load_problems, load_tokenizer, make_engine, micro_batches, option,
                     parse_args, print0, response_logprobs, save_checkpoint, stop_token_ids)
 
@@ -175,10 +176,19 @@ class EntropyGate:
 
 
 def verified_solution(text: str) -> Optional[str]:
-    """What a teacher may see of a correct rollout: text after any </think>, cut after the final \\boxed{}."""
+    """What a teacher may see of a correct rollout: text after any </think>, cut after the final
+    \\boxed{} (the whole outermost one when boxes are nested)."""
     text = text.split("</think>")[-1]
     span = find_last_boxed(text)
-    return text[: span[1]].strip() if span else None
+    if span is None:
+        return None
+    # the last box may sit inside others (\boxed{\boxed{9}}): keep the outermost box that holds it,
+    # the leftmost earlier box that closes after it
+    for match in re.finditer(r"\\boxed", text[: span[0]]):
+        outer = boxed_span_at(text, match.start())
+        if outer is not None and outer[1] >= span[1]:
+            return text[: outer[1]].strip()
+    return text[: span[1]].strip()
 
 
 def teacher_contexts(texts: list[str], rewards: list[float], group_size: int, problems: list[dict],

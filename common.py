@@ -11,7 +11,7 @@ Surface, in file order:
   toy testbed   make_toy_rows, parse_toy_steps, build_toy_model
   data          load_problems, ProblemSampler
   prompts       BOXED_INSTRUCTION, build_prompt
-  grading       find_last_boxed, extract_boxed_answer, Grader
+  grading       boxed_span_at, find_last_boxed, extract_boxed_answer, Grader
   rollouts      SamplingParams, RolloutEngine, HFEngine, make_engine, stop_token_ids
   log-probs     micro_batches, response_logprobs, response_hidden, output_head, chunked_map, token_logprob_entropy,
                 token_kl
@@ -614,19 +614,29 @@ def build_prompt(tokenizer, problem: str, context: str | None = None, enable_thi
 # ---------------------------------------------------------------------------------------------
 
 
+def boxed_span_at(text: str, start: int) -> tuple[int, int] | None:
+    """(start, end) character span of the `\\boxed{...}` that begins at `start` (braces matched), or
+    None when its braces never close."""
+    brace = start + len("\\boxed")
+    while brace < len(text) and text[brace] == " ":
+        brace += 1
+    if brace < len(text) and text[brace] == "{":
+        depth = 0
+        for position in range(brace, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[position], 0)
+            if depth == 0:
+                return start, position + 1
+    return None
+
+
 def find_last_boxed(text: str) -> tuple[int, int] | None:
-    """(start, end) character span of the last complete `\\boxed{...}` (braces matched), or None."""
+    """(start, end) character span of the last complete `\\boxed{...}` (braces matched), or None.
+    With nested boxes that is the innermost last one."""
     start = text.rfind("\\boxed")
     while start != -1:
-        brace = start + len("\\boxed")
-        while brace < len(text) and text[brace] == " ":
-            brace += 1
-        if brace < len(text) and text[brace] == "{":
-            depth = 0
-            for position in range(brace, len(text)):
-                depth += {"{": 1, "}": -1}.get(text[position], 0)
-                if depth == 0:
-                    return start, position + 1
+        span = boxed_span_at(text, start)
+        if span is not None:
+            return span
         start = text.rfind("\\boxed", 0, start)
     return None
 
