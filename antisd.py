@@ -90,7 +90,7 @@ class Args:
     top_p: float = option(1.0, "rollout nucleus sampling [ours]")
     top_k: int = option(0, "rollout top-k, 0 = off [ours]")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch (unset = template default)")
-    gen_batch_size: int = option(128, "sequences per generate call (memory bound of the hf engine)")
+    gen_batch_size: int = option(256, "sequences per generate call, a memory bound of the hf engine [ours: one call for 32 x 8]")
     # optimisation
     lr: float = option(1e-4, "AdamW learning rate [paper: 1e-6; ours: 1e-4 for the tiny toy model]")
     weight_decay: float = option(0.0, "AdamW weight decay [ours]")
