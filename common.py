@@ -12,7 +12,7 @@ Surface, in file order:
   data          load_problems, ProblemSampler
   prompts       BOXED_INSTRUCTION, build_prompt
   grading       boxed_span_at, find_last_boxed, extract_boxed_answer, Grader
-  rollouts      SamplingParams, RolloutEngine, HFEngine, make_engine, stop_token_ids
+  rollouts      SamplingParams, RolloutEngine, HFEngine, sample_token, make_engine, stop_token_ids
   log-probs     micro_batches, response_logprobs, response_hidden, output_head, chunked_map, token_logprob_entropy,
                 token_kl
   evaluation    evaluate
@@ -797,49 +797,91 @@ class RolloutEngine:
 
 
 class HFEngine(RolloutEngine):
-    """Hugging Face `generate` on the training model itself (works sharded: FSDP2 + synced_gpus)."""
+    """Samples from the training model itself with a plain loop over a Hugging Face KV cache.
+
+    A row that has produced a stop token leaves the batch (its cache rows are dropped), so short
+    responses cost nothing while long ones finish. Works sharded: under FSDP2 every rank runs the
+    same number of forward passes, and a rank whose rows have all stopped keeps one in the batch,
+    ignored, until every rank is done.
+    """
 
     def __init__(self, model, tokenizer, batch_size: int = 64):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.stop_ids = set(stop_token_ids(tokenizer, model))
 
     @torch.no_grad()
     def generate(self, prompts, params, desc="generate"):
-        from transformers import GenerationConfig
-
-        pad = self.tokenizer.pad_token_id
-        greedy = params.temperature <= 0
-        config = GenerationConfig(
-            do_sample=not greedy, temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p, top_k=None if greedy else params.top_k,
-            max_new_tokens=params.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=pad, use_cache=True)
-        device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
         responses, progress = [], Progress(len(prompts), desc)
         for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start: start + self.batch_size]
-            width = max(len(p) for p in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, prompt in enumerate(chunk):  # left padding: generation continues at the right edge
-                input_ids[i, width - len(prompt):] = torch.tensor(prompt)
-                attention[i, width - len(prompt):] = 1
-            output = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                         generation_config=config, synced_gpus=_distributed())
-            for row in output[:, width:].tolist():
-                response = []
-                for token in row:
-                    response.append(token)
-                    if token in self.stop_ids:
-                        break
-                while response and response[-1] == pad and pad not in self.stop_ids:
-                    response.pop()
-                responses.append(response)
-            progress.update(len(chunk))
+            responses += self._sample(prompts[start: start + self.batch_size], params)
+            progress.update(min(self.batch_size, len(prompts) - start))
         progress.close()
         self.model.train(was_training)
         return responses
+
+    def _sample(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        from transformers import DynamicCache
+
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):  # left padding: every row continues at the right edge
+            input_ids[i, width - len(prompt):] = torch.tensor(prompt)
+            attention[i, width - len(prompt):] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        responses, stopped = [[] for _ in prompts], [False] * len(prompts)
+        rows = list(range(len(prompts)))  # the prompt of each batch row
+        for step in range(params.max_new_tokens):
+            logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            tokens = sample_token(logits, params)
+            for row, token in zip(rows, tokens.tolist()):
+                if not stopped[row]:
+                    responses[row].append(token)
+                    stopped[row] = token in self.stop_ids
+            keep = torch.tensor([not stopped[row] for row in rows])
+            if step + 1 == params.max_new_tokens or not _any_rank(bool(keep.any())):
+                break
+            if not keep.any():
+                keep[0] = True  # another rank is still sampling: stay in step with it (tokens ignored)
+            if not keep.all():  # stopped rows leave the batch
+                kept = keep.nonzero()[:, 0]
+                cache.batch_select_indices(kept.to(device))
+                rows = [rows[i] for i in kept.tolist()]
+                tokens, attention, positions = tokens[kept.to(device)], attention[kept.to(device)], \
+                    positions[kept.to(device)]
+            input_ids = tokens[:, None]
+            attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+        return responses
+
+
+def _any_rank(flag: bool) -> bool:
+    """True when `flag` is true on some rank."""
+    return bool(all_reduce_sum(float(flag)) > 0) if _distributed() else flag
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One token per row of [B, V] logits: argmax at temperature 0, else a sample after temperature,
+    top-k and top-p (nucleus: the most likely tokens whose probabilities first reach top_p) filtering."""
+    logits = logits.float()
+    if params.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth_largest = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= params.top_p  # the mass before it already reaches top_p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 
 def make_engine(kind: str, model, tokenizer, batch_size: int = 64) -> RolloutEngine:
