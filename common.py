@@ -799,8 +799,8 @@ class RolloutEngine:
 class HFEngine(RolloutEngine):
     """Samples from the training model itself with a plain loop over a Hugging Face KV cache.
 
-    A row that has produced a stop token leaves the batch (its cache rows are dropped), so short
-    responses cost nothing while long ones finish. Works sharded: under FSDP2 every rank runs the
+    A row that has produced a stop token leaves the batch (the cache is copied without its rows), so
+    short responses cost nothing while long ones finish. Works sharded: under FSDP2 every rank runs the
     same number of forward passes, and a rank whose rows have all stopped keeps one in the batch,
     ignored, until every rank is done.
     """
@@ -849,12 +849,11 @@ class HFEngine(RolloutEngine):
                 break
             if not keep.any():
                 keep[0] = True  # another rank is still sampling: stay in step with it (tokens ignored)
-            if not keep.all():  # stopped rows leave the batch
-                kept = keep.nonzero()[:, 0]
-                cache.batch_select_indices(kept.to(device))
-                rows = [rows[i] for i in kept.tolist()]
-                tokens, attention, positions = tokens[kept.to(device)], attention[kept.to(device)], \
-                    positions[kept.to(device)]
+            if not keep.all():  # stopped rows leave the batch (the cache is copied without them)
+                rows = [row for row, kept in zip(rows, keep.tolist()) if kept]
+                kept = keep.nonzero()[:, 0].to(device)
+                cache.batch_select_indices(kept)
+                tokens, attention, positions = tokens[kept], attention[kept], positions[kept]
             input_ids = tokens[:, None]
             attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
