@@ -40,8 +40,6 @@ self-teacher shown an answer prefers the shortcut, so u < 0 on deliberation and 
 the paper's effect, not whether the premise holds for real models.
 """
 
-from __future__ import annotations
-
 import math
 import random
 import statistics
@@ -56,8 +54,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
-                    at_least, between, build_prompt, evaluate, find_last_boxed, init_distributed,
-                    load_checkpoint, load_model, load_problems, load_tokenizer, make_engine, max_prompt_length,
+                    answer_span, at_least, between, build_prompt, evaluate, init_distributed, load_checkpoint,
+                    load_model, load_problems, load_tokenizer, make_engine, max_prompt_length, micro_batches,
                     option, parse_args, prepare_run_dir, print0, response_logprobs, response_token_spans, run_main,
                     save_checkpoint, stop_token_ids, token_roles, validate_args, write_token_picture, writes_work)
 
@@ -108,7 +106,7 @@ class Args:
     top_p: float = option(1.0, "rollout nucleus sampling [ours]")
     top_k: int = option(0, "rollout top-k, 0 = off [ours]")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch (unset = template default)")
-    gen_batch_size: int = option(128, "sequences per generate call (memory bound of the hf engine)")
+    gen_batch_size: int = option(256, "sequences per generate call, a memory bound of the hf engine [ours: one call for 32 x 8]")
     # optimisation
     lr: float = option(1e-4, "AdamW learning rate [paper: 1e-6; ours: 1e-4 for the tiny toy model]")
     weight_decay: float = option(0.0, "AdamW weight decay [ours]")
@@ -195,9 +193,10 @@ class EntropyGate:
 
 
 def verified_solution(text: str) -> Optional[str]:
-    """What a teacher may see of a correct rollout: text after any </think>, cut after the final \\boxed{}."""
+    """What a teacher may see of a correct rollout: text after any </think>, cut after the final
+    \\boxed{} (the whole outermost one when boxes are nested)."""
     text = text.split("</think>")[-1]
-    span = find_last_boxed(text)
+    span = answer_span(text)
     return text[: span[1]].strip() if span else None
 
 
@@ -224,12 +223,12 @@ def role_ids(tokenizer, response: list[int]) -> torch.Tensor:
     return torch.tensor([ROLE_IDS[r] for r in token_roles(*response_token_spans(tokenizer, response))])
 
 
-def picture_row(tokenizer, problem: dict, response: list[int], reward: float, u: torch.Tensor,
-                bonus: torch.Tensor, step: int) -> dict:
-    """One row of tokens.html: the response's tokens coloured by u_t, the applied bonus on hover."""
+def picture_row(tokenizer, problem: dict, response: list[int], reward: float, values: torch.Tensor,
+                bonus: Optional[torch.Tensor], step: int) -> dict:
+    """One row of tokens.html: the response's tokens coloured by `values` (u_t), the bonus on hover."""
     text, spans = response_token_spans(tokenizer, response)
-    return {"tokens": [text[a:b] for a, b in spans], "values": u.tolist(),
-            "hover": [f"bonus={b:+.3f}" for b in bonus.tolist()],
+    return {"tokens": [text[a:b] for a, b in spans], "values": values.tolist(),
+            "hover": [f"bonus={b:+.3f}" for b in bonus.tolist()] if bonus is not None else None,
             "label": f"step {step} | reward {reward:g}\n{problem['problem']}"}
 
 
@@ -285,6 +284,7 @@ def main(argv=None):
     eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k, args.max_new_tokens)
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)
     use_gate = args.gate == "entropy" and args.signal == "antisd"  # --signal sd runs without a gate [paper]
+    use_teacher = args.lambda_max != 0  # --lambda_max 0 is GRPO: the token term is never on, no teacher pass
 
     picture = []  # rows of tokens.html from the latest step (rank 0)
 
@@ -296,10 +296,14 @@ def main(argv=None):
         return metrics
 
     def draw_picture():
-        if picture and dist_info.is_main:
+        if picture and dist_info.is_main and use_teacher:
             write_token_picture(run_dir / "tokens.html", picture, "u_t", title=f"{run_name}: u_t per token",
                                 note="u_t = log pi_T(y_t|x,c) - log pi_S(y_t|x): red = the teacher shown a verified "
                                      "solution likes the token more (AntiSD penalises it), blue = less (bonus).")
+        elif picture and dist_info.is_main:  # GRPO: no teacher, so the advantage each token gets
+            write_token_picture(run_dir / "tokens.html", picture, "A_t", title=f"{run_name}: advantage per token",
+                                note="GRPO (--lambda_max 0, no teacher pass): every token of a rollout gets its "
+                                     "group advantage A_i; red = reinforced, blue = discouraged.")
 
     history = {}
     if eval_rows and (args.eval_only or start_step == 0):
@@ -320,8 +324,8 @@ def main(argv=None):
         # ---- 1. rollouts: G samples per problem; this rank takes its slice of the global batch
         indices = sampler.next(args.num_problems)[rank * problems_per_rank:(rank + 1) * problems_per_rank]
         problems = [train_rows[i] for i in indices]
-        student_prompts = [build_prompt(tokenizer, p["problem"], enable_thinking=args.enable_thinking)
-                           for p in problems for _ in range(group)]
+        prompts = [build_prompt(tokenizer, p["problem"], enable_thinking=args.enable_thinking) for p in problems]
+        student_prompts = [prompt for prompt in prompts for _ in range(group)]  # rollout i: problem i // G
         responses = engine.generate(student_prompts, rollout_params, desc="rollout")
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
 
@@ -329,76 +333,91 @@ def main(argv=None):
         rewards, grade_counts = grader.grade(texts, [p["answer"] for p in problems for _ in range(group)])
         reward_groups = torch.tensor(rewards).view(problems_per_rank, group)
         sequence_advantages = group_advantages(reward_groups, args.scale_rewards).flatten()
-        # token roles of correct rollouts, for the premise metrics u_work / u_answer (others: all 0)
-        roles = [role_ids(tokenizer, r) if rewards[i] > 0 else torch.zeros(len(r), dtype=torch.long)
-                 for i, r in enumerate(responses)]
         shown_rows = dict.fromkeys(range(min(args.picture_rollouts, len(responses)) if rank == 0 else 0))
 
         # ---- 3. privileged context c from another successful rollout of the group; teacher prompts
-        context_rng = random.Random(f"{args.seed}/{step}/{rank}")  # a function of the step: resume-exact
-        contexts = teacher_contexts(texts, rewards, group, problems, context_rng)
-        teacher_prompts = [build_prompt(tokenizer, problems[i // group]["problem"], contexts[i],
-                                        enable_thinking=args.enable_thinking) for i in range(len(responses))]
+        if use_teacher:
+            context_rng = random.Random(f"{args.seed}/{step}/{rank}")  # a function of the step: resume-exact
+            contexts = teacher_contexts(texts, rewards, group, problems, context_rng)
+            teacher_prompts = [build_prompt(tokenizer, problems[i // group]["problem"], contexts[i],
+                                            enable_thinking=args.enable_thinking) for i in range(len(responses))]
+            # token roles of correct rollouts, for the premise metrics u_work / u_answer (others: all 0)
+            roles = [role_ids(tokenizer, r) if rewards[i] > 0 else torch.zeros(len(r), dtype=torch.long)
+                     for i, r in enumerate(responses)]
 
         # ---- 4. no-grad pass: teacher log-probs and entropies (the live policy shown c); the
         # behaviour policy's log-probs are needed separately only when a batch gets several updates
-        teacher_logprobs, teacher_entropy, behaviour_logprobs = [], [], []
+        rollouts = range(len(responses))
+        student_lengths = [len(student_prompts[i]) + len(responses[i]) for i in rollouts]
+        # per rollout i: a [len(responses[i])] tensor
+        teacher_logprobs, teacher_entropy, behaviour_logprobs = ([None] * len(rollouts) for _ in range(3))
         with torch.no_grad():
-            for start in range(0, len(responses), args.micro_batch_size):
-                batch = range(start, min(start + args.micro_batch_size, len(responses)))
-                logprobs, entropy, mask = response_logprobs(
-                    model, [teacher_prompts[i] for i in batch], [responses[i] for i in batch], pad_id,
-                    args.logprob_chunk_size)
-                teacher_logprobs += [row[m] for row, m in zip(logprobs, mask)]
-                teacher_entropy += [row[m] for row, m in zip(entropy, mask)]
-                if args.num_minibatches > 1:
+            if use_teacher:
+                teacher_lengths = [len(teacher_prompts[i]) + len(responses[i]) for i in rollouts]
+                for batch in micro_batches(rollouts, teacher_lengths, args.micro_batch_size):
+                    logprobs, entropy, mask = response_logprobs(
+                        model, [teacher_prompts[i] for i in batch], [responses[i] for i in batch], pad_id,
+                        args.logprob_chunk_size)
+                    for i, row, row_entropy, row_mask in zip(batch, logprobs, entropy, mask):
+                        teacher_logprobs[i], teacher_entropy[i] = row[row_mask], row_entropy[row_mask]
+            if args.num_minibatches > 1:
+                for batch in micro_batches(rollouts, student_lengths, args.micro_batch_size):
                     logprobs, _, mask = response_logprobs(
                         model, [student_prompts[i] for i in batch], [responses[i] for i in batch], pad_id,
                         args.logprob_chunk_size)
-                    behaviour_logprobs += [row[m] for row, m in zip(logprobs, mask)]
+                    for i, row, row_mask in zip(batch, logprobs, mask):
+                        behaviour_logprobs[i] = row[row_mask]
 
         # ---- 5. entropy gate on the median teacher entropy of the global batch
-        median_teacher_entropy = float(np.median(all_gather_cat(torch.cat(teacher_entropy)).numpy()))
-        gate_on = gate.update(step, median_teacher_entropy) if use_gate else True
+        if use_teacher:
+            median_teacher_entropy = float(np.median(all_gather_cat(torch.cat(teacher_entropy)).numpy()))
+            gate_on = gate.update(step, median_teacher_entropy) if use_gate else True
+        else:  # GRPO: no teacher, no gate
+            median_teacher_entropy, gate_on = float("nan"), False
         lam = args.lambda_max if gate_on else 0.0
 
         # ---- 6. policy gradient on A_{i,t} = A_i^seq + lambda * sg[delta_t], global token-mean
         model.train()
         sums = dict.fromkeys(["loss", "entropy", "u_negative", "bonus", "u", "clipped", "u_work", "work_tokens",
                               "u_answer", "answer_tokens"], 0.0)
+        if not use_teacher:  # no u without a teacher
+            sums.update(u_negative=float("nan"), u=float("nan"), u_work=float("nan"), u_answer=float("nan"))
         per_minibatch = len(responses) // args.num_minibatches
         for minibatch in range(args.num_minibatches):
             owned = range(minibatch * per_minibatch, (minibatch + 1) * per_minibatch)
             minibatch_tokens = all_reduce_sum(sum(len(responses[i]) for i in owned)).item()
-            for start in range(owned.start, owned.stop, args.micro_batch_size):
-                batch = range(start, min(start + args.micro_batch_size, owned.stop))
+            for batch in micro_batches(owned, student_lengths, args.micro_batch_size):
                 logprobs, entropy, mask = response_logprobs(
                     model, [student_prompts[i] for i in batch], [responses[i] for i in batch], pad_id,
                     args.logprob_chunk_size)
+                # the behaviour policy (the weights that sampled the batch) gives the ratio's denominator
                 old_logprobs = (pad_sequence([behaviour_logprobs[i] for i in batch], batch_first=True)
                                 if args.num_minibatches > 1 else logprobs.detach())
-                teacher = pad_sequence([teacher_logprobs[i] for i in batch], batch_first=True)
-                u = torch.where(mask, teacher - old_logprobs, 0.0)  # u_t = log pi_T(y_t) - log pi_S(y_t)
-                bonus = lam * token_signal(u, args.signal, args.divergence)
-                advantages = sequence_advantages[list(batch)].to(u.device)[:, None] + bonus
+                advantages = sequence_advantages[batch].to(mask.device)[:, None].expand(mask.shape)
+                if use_teacher:  # u_t = log pi_T(y_t | x, c, y<t) - log pi_S(y_t | x, y<t), behaviour policy
+                    teacher = pad_sequence([teacher_logprobs[i] for i in batch], batch_first=True)
+                    u = torch.where(mask, teacher - old_logprobs, 0.0)
+                    bonus = lam * token_signal(u, args.signal, args.divergence)
+                    advantages = advantages + bonus
+                    sums["u_negative"] += (u[mask] < 0).sum()
+                    sums["u"] += u[mask].sum()
+                    sums["bonus"] += bonus[mask].sum()
+                    role = pad_sequence([roles[i] for i in batch], batch_first=True).to(u.device)
+                    role = F.pad(role, (0, u.shape[1] - role.shape[1]))
+                    for name, role_id in [("work", 1), ("answer", 2)]:
+                        sums[f"u_{name}"] += u[role == role_id].sum()
+                        sums[f"{name}_tokens"] += (role == role_id).sum()
                 loss = policy_loss(logprobs, old_logprobs, advantages, mask, minibatch_tokens,
                                    args.clip_low, args.clip_high)
                 (loss * world).backward()  # FSDP averages gradients over ranks; the loss wants their sum
                 ratio = torch.exp(logprobs.detach() - old_logprobs)[mask]
-                sums["loss"] += loss.item()
-                sums["entropy"] += entropy.detach()[mask].sum().item()
-                sums["u_negative"] += (u[mask] < 0).sum().item()
-                sums["bonus"] += bonus[mask].sum().item()
-                sums["u"] += u[mask].sum().item()
-                sums["clipped"] += ((ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)).sum().item()
-                role = pad_sequence([roles[i] for i in batch], batch_first=True)
-                role = F.pad(role, (0, u.shape[1] - role.shape[1])).to(u.device)
-                for name, role_id in [("work", 1), ("answer", 2)]:
-                    sums[f"u_{name}"] += u[role == role_id].sum().item()
-                    sums[f"{name}_tokens"] += (role == role_id).sum().item()
+                sums["loss"] += loss.detach()  # tensors: no device sync inside the loop
+                sums["entropy"] += entropy.detach()[mask].sum()
+                sums["clipped"] += ((ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)).sum()
                 for row, i in enumerate(batch):
-                    if i in shown_rows:
-                        shown_rows[i] = (u[row][mask[row]].cpu(), bonus[row][mask[row]].cpu())
+                    if i in shown_rows:  # the token picture: u_t and the bonus (GRPO: the advantage)
+                        shown_rows[i] = ((u[row], bonus[row]) if use_teacher else (advantages[row], None))
+                        shown_rows[i] = [v[mask[row]].cpu() if v is not None else None for v in shown_rows[i]]
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

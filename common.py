@@ -13,10 +13,10 @@ Surface, in file order:
   toy testbed   make_toy_rows, toy_response, parse_toy_steps, build_toy_model
   data          load_problems, ProblemSampler
   prompts       BOXED_INSTRUCTION, build_prompt
-  grading       find_last_boxed, extract_boxed_answer, Grader
+  grading       boxed_span_at, find_last_boxed, extract_boxed_answer, Grader
   responses     THINK_TAGS, answer_span, writes_work, response_token_spans, token_roles
-  rollouts      SamplingParams, RolloutEngine, HFEngine, make_engine, stop_token_ids
-  log-probs     response_logprobs, response_hidden, output_head, chunked_map, token_logprob_entropy,
+  rollouts      SamplingParams, RolloutEngine, HFEngine, sample_token, make_engine, stop_token_ids
+  log-probs     micro_batches, response_logprobs, response_hidden, output_head, chunked_map, token_logprob_entropy,
                 token_kl
   evaluation    evaluate
   logging       Progress, RunLogger, supersede_metrics
@@ -49,6 +49,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -966,19 +967,29 @@ def build_prompt(tokenizer, problem: str, context: str | None = None, enable_thi
 # ---------------------------------------------------------------------------------------------
 
 
+def boxed_span_at(text: str, start: int) -> tuple[int, int] | None:
+    """(start, end) character span of the `\\boxed{...}` that begins at `start` (braces matched), or
+    None when its braces never close."""
+    brace = start + len("\\boxed")
+    while brace < len(text) and text[brace] == " ":
+        brace += 1
+    if brace < len(text) and text[brace] == "{":
+        depth = 0
+        for position in range(brace, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[position], 0)
+            if depth == 0:
+                return start, position + 1
+    return None
+
+
 def find_last_boxed(text: str) -> tuple[int, int] | None:
-    """(start, end) character span of the last complete `\\boxed{...}` (braces matched), or None."""
+    """(start, end) character span of the last complete `\\boxed{...}` (braces matched), or None.
+    With nested boxes that is the innermost last one."""
     start = text.rfind("\\boxed")
     while start != -1:
-        brace = start + len("\\boxed")
-        while brace < len(text) and text[brace] == " ":
-            brace += 1
-        if brace < len(text) and text[brace] == "{":
-            depth = 0
-            for position in range(brace, len(text)):
-                depth += {"{": 1, "}": -1}.get(text[position], 0)
-                if depth == 0:
-                    return start, position + 1
+        span = boxed_span_at(text, start)
+        if span is not None:
+            return span
         start = text.rfind("\\boxed", 0, start)
     return None
 
@@ -997,10 +1008,18 @@ THINK_TAGS = ("<think>", "</think>")
 
 
 def answer_span(text: str) -> tuple[int, int] | None:
-    """Character span of the final answer: the last complete `\\boxed{...}` after any `</think>`."""
+    """Character span of the final answer: the last complete `\\boxed{...}` after any `</think>`,
+    the whole outermost one when boxes are nested (`\\boxed{\\boxed{9}}`)."""
     offset = text.rfind("</think>") + len("</think>") if "</think>" in text else 0
     span = find_last_boxed(text[offset:])
-    return (span[0] + offset, span[1] + offset) if span else None
+    if span is None:
+        return None
+    for match in re.finditer(r"\\boxed", text[offset: offset + span[0]]):  # the leftmost box around it
+        outer = boxed_span_at(text[offset:], match.start())
+        if outer is not None and outer[1] >= span[1]:
+            span = outer
+            break
+    return span[0] + offset, span[1] + offset
 
 
 def writes_work(text: str) -> bool:
@@ -1073,10 +1092,12 @@ for line in sys.stdin:
 class Grader:
     """Rewards in {0, 1} with math-verify (gold first), the answer taken from the last `\\boxed{}`.
 
-    math-verify runs in a worker subprocess and every call has a hard wall-clock bound
-    (`timeout` seconds): a worker that does not answer in time is killed and restarted, and that
-    response gets reward 0 and is counted, so no input can stall a run. An answer that hits
-    math-verify's own time limit inside the worker is counted as a timeout the same way.
+    math-verify runs in a worker subprocess that answers one line per request line. A batch is sent
+    in one go and identical (gold, answer) pairs are graded once. Every answer has a hard
+    wall-clock bound (`timeout` seconds after the previous one): a worker that does not answer in
+    time is killed, that answer gets reward 0 and is counted as a timeout, and the rest of the
+    batch goes to a fresh worker, so no input can stall a run. An answer that hits math-verify's
+    own time limit inside the worker (it answers "T") is counted as a timeout too.
     """
 
     def __init__(self, timeout: float = 10.0):
@@ -1090,34 +1111,56 @@ class Grader:
         return subprocess.Popen([sys.executable, "-u", "-c", _GRADER_WORKER, str(inner)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
-    def _ask(self, gold: str, pred: str, startup_grace: float) -> bool | None:
+    def _ask(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
+        """Send (gold, pred) pairs to the worker; return its verdicts (None = math-verify's own time
+        limit), in order, up to the first late one."""
+        grace = 0.0
         if self._worker is None or self._worker.poll() is not None:
-            self._worker, startup_grace = self._start(), 60.0  # importing sympy takes a few seconds
-        self._worker.stdin.write(json.dumps({"gold": gold, "pred": pred}) + "\n")
-        self._worker.stdin.flush()
-        ready, _, _ = select.select([self._worker.stdout], [], [], self.timeout + startup_grace)
-        answer = self._worker.stdout.readline() if ready else ""
-        if answer.strip() in ("0", "1"):
-            return answer.strip() == "1"
-        if answer.strip() == "T":  # math-verify's own time limit: a timeout too, the worker is fine
-            return None
-        self.close()  # hung or died: kill it, the next call starts a fresh one
-        return None
+            self._worker, grace = self._start(), 60.0  # importing sympy takes a few seconds
+        requests = "".join(json.dumps({"gold": gold, "pred": pred}) + "\n" for gold, pred in pairs).encode()
+        # a thread writes, so that a batch larger than the pipe buffer cannot block us past the bound
+        writer = threading.Thread(target=_write_all, args=(self._worker.stdin, requests), daemon=True)
+        writer.start()
+        stdout, received, verdicts = self._worker.stdout.fileno(), b"", []
+        while len(verdicts) < len(pairs):
+            if b"\n" not in received:  # wait for the next answer, at most timeout (+ start-up) seconds
+                ready, _, _ = select.select([stdout], [], [], self.timeout + grace)
+                chunk = os.read(stdout, 65536) if ready else b""
+                if not chunk:  # hung (no answer in time) or died (end of file)
+                    self.close()  # kill it; the next call starts a fresh one
+                    break
+                received += chunk
+                continue
+            line, received = received.split(b"\n", 1)
+            if line.strip() not in (b"0", b"1", b"T"):
+                self.close()
+                break
+            # "T": math-verify's own time limit, a timeout (None); the worker itself is fine
+            verdicts.append(None if line.strip() == b"T" else line.strip() == b"1")
+            grace = 0.0
+        writer.join()  # done: the worker read every request, or it was killed (the write fails at once)
+        return verdicts
 
     def grade(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[list[float], dict]:
         """Rewards for `responses` against gold `answers`, plus counts of `no_answer` and `timeout`."""
-        rewards, counts = [], {"no_answer": 0, "timeout": 0}
-        for response, gold in zip(responses, answers):
+        rewards, counts = [0.0] * len(responses), {"no_answer": 0, "timeout": 0}
+        asked: dict[tuple[str, str], list[int]] = {}  # (gold, pred) -> the responses that give it
+        for i, (response, gold) in enumerate(zip(responses, answers)):
             pred = extract_boxed_answer(response)
             if pred is None:
-                counts["no_answer"] += 1
-                rewards.append(0.0)
+                counts["no_answer"] += 1  # reward 0
                 continue
             gold_text = gold if "\\boxed" in gold else f"\\boxed{{{gold}}}"
-            ok = self._ask(gold_text, f"\\boxed{{{pred}}}", startup_grace=0.0)
-            if ok is None:
-                counts["timeout"] += 1
-            rewards.append(1.0 if ok else 0.0)
+            asked.setdefault((gold_text, f"\\boxed{{{pred}}}"), []).append(i)
+        pairs, verdicts = list(asked), []
+        while len(verdicts) < len(pairs):
+            verdicts += self._ask(pairs[len(verdicts):])
+            if len(verdicts) < len(pairs):
+                verdicts.append(None)  # the worker hung on this pair: a timeout; the rest go to a fresh one
+        for pair, verdict in zip(pairs, verdicts):
+            for i in asked[pair]:
+                rewards[i] = 1.0 if verdict else 0.0
+                counts["timeout"] += verdict is None
         return rewards, counts
 
     def close(self) -> None:
@@ -1131,6 +1174,15 @@ class Grader:
 
     def __del__(self):
         self.close()
+
+
+def _write_all(stream, data: bytes) -> None:
+    """Write bytes to a pipe, unbuffered; a killed reader ends it (broken pipe)."""
+    try:
+        while data:
+            data = data[os.write(stream.fileno(), data):]
+    except (OSError, ValueError):  # the worker was killed meanwhile: nothing left to write to
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1171,49 +1223,90 @@ class RolloutEngine:
 
 
 class HFEngine(RolloutEngine):
-    """Hugging Face `generate` on the training model itself (works sharded: FSDP2 + synced_gpus)."""
+    """Samples from the training model itself with a plain loop over a Hugging Face KV cache.
+
+    A row that has produced a stop token leaves the batch (the cache is copied without its rows), so
+    short responses cost nothing while long ones finish. Works sharded: under FSDP2 every rank runs the
+    same number of forward passes, and a rank whose rows have all stopped keeps one in the batch,
+    ignored, until every rank is done.
+    """
 
     def __init__(self, model, tokenizer, batch_size: int = 64):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.stop_ids = set(stop_token_ids(tokenizer, model))
 
     @torch.no_grad()
     def generate(self, prompts, params, desc="generate"):
-        from transformers import GenerationConfig
-
-        pad = self.tokenizer.pad_token_id
-        greedy = params.temperature <= 0
-        config = GenerationConfig(
-            do_sample=not greedy, temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p, top_k=None if greedy else params.top_k,
-            max_new_tokens=params.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=pad, use_cache=True)
-        device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
         responses, progress = [], Progress(len(prompts), desc)
         for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start: start + self.batch_size]
-            width = max(len(p) for p in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, prompt in enumerate(chunk):  # left padding: generation continues at the right edge
-                input_ids[i, width - len(prompt):] = torch.tensor(prompt)
-                attention[i, width - len(prompt):] = 1
-            output = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                         generation_config=config, synced_gpus=_distributed())
-            for row in output[:, width:].tolist():
-                response = []
-                for token in row:
-                    response.append(token)
-                    if token in self.stop_ids:
-                        break
-                while response and response[-1] == pad and pad not in self.stop_ids:
-                    response.pop()
-                responses.append(response)
-            progress.update(len(chunk))
+            responses += self._sample(prompts[start: start + self.batch_size], params)
+            progress.update(min(self.batch_size, len(prompts) - start))
         progress.close()
         self.model.train(was_training)
         return responses
+
+    def _sample(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        from transformers import DynamicCache
+
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):  # left padding: every row continues at the right edge
+            input_ids[i, width - len(prompt):] = torch.tensor(prompt)
+            attention[i, width - len(prompt):] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        responses, stopped = [[] for _ in prompts], [False] * len(prompts)
+        rows = list(range(len(prompts)))  # the prompt of each batch row
+        for step in range(params.max_new_tokens):
+            logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            tokens = sample_token(logits, params)
+            for row, token in zip(rows, tokens.tolist()):
+                if not stopped[row]:
+                    responses[row].append(token)
+                    stopped[row] = token in self.stop_ids
+            keep = torch.tensor([not stopped[row] for row in rows])
+            if step + 1 == params.max_new_tokens or not _any_rank(bool(keep.any())):
+                break
+            if not keep.any():
+                keep[0] = True  # another rank is still sampling: stay in step with it (tokens ignored)
+            if not keep.all():  # stopped rows leave the batch (the cache is copied without them)
+                rows = [row for row, kept in zip(rows, keep.tolist()) if kept]
+                kept = keep.nonzero()[:, 0].to(device)
+                cache.batch_select_indices(kept)
+                tokens, attention, positions = tokens[kept], attention[kept], positions[kept]
+            input_ids = tokens[:, None]
+            attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+        return responses
+
+
+def _any_rank(flag: bool) -> bool:
+    """True when `flag` is true on some rank."""
+    return bool(all_reduce_sum(float(flag)) > 0) if _distributed() else flag
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One token per row of [B, V] logits: argmax at temperature 0, else a sample after temperature,
+    top-k and top-p (nucleus: the most likely tokens whose probabilities first reach top_p) filtering."""
+    logits = logits.float()
+    if params.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth_largest = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= params.top_p  # the mass before it already reaches top_p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 
 def make_engine(kind: str, model, tokenizer, batch_size: int = 64) -> RolloutEngine:
@@ -1228,6 +1321,13 @@ def make_engine(kind: str, model, tokenizer, batch_size: int = 64) -> RolloutEng
 # ---------------------------------------------------------------------------------------------
 # Per-token log-probabilities, entropy and divergences, chunked over positions
 # ---------------------------------------------------------------------------------------------
+
+
+def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Split `indices` into micro-batches of at most `size`, sequences of similar `lengths[i]`
+    together so that less compute goes to padding (a sum over micro-batches does not depend on the split)."""
+    order = sorted(indices, key=lambda i: lengths[i])
+    return [order[start: start + size] for start in range(0, len(order), size)]
 
 
 def response_hidden(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):

@@ -103,19 +103,32 @@ def test_global_token_mean_is_split_invariant():
 
 def test_entropy_gate_scripted_sequence():
     gate = antisd.EntropyGate(warmup=5, tau_down=0.9)
-    series = [1.0, 1.2, 0.8, 1.1, 0.9,   # warm-up: lambda off, H_warm = median = 1.0
-              1.0, 0.95, 0.91, 0.89,     # open until H < 0.9 (closes at 0.89)
-              0.95, 0.99, 1.0,           # hysteresis: stays closed until H >= 1.0
+    series = [1.0, 1.6, 0.8, 1.1, 0.9,   # warm-up: lambda off; H_warm = median = 1.0 (the mean would be 1.08)
+              1.0, 0.95, 0.91, 0.89,     # open until H < 0.9 (closes at 0.89; with the mean, 0.95 would close it)
+              0.95, 0.99, 1.0,           # hysteresis: stays closed until H >= 1.0 (with the mean, 1.0 would not re-open)
               0.92, 0.9, 0.85, 1.3]      # open; 0.9 is not < 0.9; closes at 0.85; re-opens at 1.3
     opened = [gate.update(step, h) for step, h in enumerate(series)]
     assert gate.h_warm == 1.0
     assert opened == [False] * 5 + [True, True, True, False, False, False, True, True, True, False, True]
 
 
+def test_entropy_gate_uses_its_tau_down():
+    # H_warm = 1.0; H = 0.6 closes the gate at tau_down 0.93 but not at 0.5
+    for tau_down, expected in [(0.93, False), (0.5, True)]:
+        gate = antisd.EntropyGate(warmup=1, tau_down=tau_down)
+        assert [gate.update(0, 1.0), gate.update(1, 0.6)] == [False, expected]
+
+
 def test_verified_solution_and_contexts():
     text = "<think>scratch \\boxed{1}</think>Step 1\n5+3=8\n\\boxed{8} and some trailing words"
     assert antisd.verified_solution(text) == "Step 1\n5+3=8\n\\boxed{8}"
     assert antisd.verified_solution("no box here") is None
+    # nested boxes: the whole outermost final box is kept
+    assert antisd.verified_solution("so \\boxed{\\boxed{9}}") == "so \\boxed{\\boxed{9}}"
+    assert antisd.verified_solution("\\boxed{1} then \\boxed{x = \\boxed{\\boxed{9}}} end") == \
+        "\\boxed{1} then \\boxed{x = \\boxed{\\boxed{9}}}"
+    assert antisd.verified_solution("\\boxed{\\frac{1}{2}} done") == "\\boxed{\\frac{1}{2}}"
+    assert antisd.verified_solution("open \\boxed{ then \\boxed{9} end") == "open \\boxed{ then \\boxed{9}"
     problems = [{"problem": "p0", "answer": "8", "solution": "ref0"}, {"problem": "p1", "answer": "4", "solution": ""}]
     texts = ["A \\boxed{8}", "B \\boxed{8}", "C \\boxed{9}", "x", "y"]
     rewards = [1.0, 1.0, 0.0, 0.0, 0.0]

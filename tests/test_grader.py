@@ -100,3 +100,33 @@ def test_known_false_negative_inexact_scientific_notation(grader):
     float 509.99999999999994, not 510. If this starts passing as correct, update the README."""
     rewards, _ = grader.grade(["\\boxed{5.1\\times 10^{2}}", "\\boxed{510}"], ["510", "510"])
     assert rewards == [0.0, 1.0]
+
+
+def test_batch_is_graded_in_one_round_trip_with_duplicates_once(grader, monkeypatch):
+    asked = []
+    ask = grader._ask
+    monkeypatch.setattr(grader, "_ask", lambda pairs: asked.append(len(pairs)) or ask(pairs))
+    responses = ["\\boxed{2}", "x \\boxed{3}", "none", "\\boxed{2}"] * 25
+    rewards, counts = grader.grade(responses, ["2"] * 100)
+    assert rewards == [1.0, 0.0, 0.0, 1.0] * 25 and counts == {"no_answer": 25, "timeout": 0}
+    assert asked == [2]  # one call, two distinct (gold, answer) pairs
+
+
+def test_batch_larger_than_the_pipe_buffer(grader):
+    """About 200 KB of requests: the writer thread keeps the pipes flowing both ways."""
+    golds = [f"\\boxed{{{i}}}" + " " * 500 for i in range(400)]
+    rewards, counts = grader.grade([f"\\boxed{{{i + i % 2}}}" for i in range(400)], golds)
+    assert rewards == [1.0, 0.0] * 200 and counts["timeout"] == 0
+
+
+def test_hung_answer_in_a_batch_costs_only_itself():
+    """The worker hangs on the second answer: it is killed after the bound, that answer is a timeout,
+    and the answers after it are graded by a fresh worker."""
+    grader = common.Grader(timeout=1.0)
+    grader.grade(["\\boxed{1}"], ["1"])
+    grader._start = lambda inner=grader._start: _slow_worker(inner)  # math-verify's own limit: 5 s
+    grader.close()
+    rewards, counts = grader.grade(["\\boxed{2}", "\\boxed{9^{9^{9^{9}}}}", "\\boxed{3}", "\\boxed{5}"],
+                                   ["2", "\\boxed{10^{10^{10^{10}}}}", "4", "5"])
+    assert rewards == [1.0, 0.0, 0.0, 1.0] and counts == {"no_answer": 0, "timeout": 1}
+    grader.close()

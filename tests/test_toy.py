@@ -137,3 +137,25 @@ def test_hf_engine_greedy_top_k_and_stop(toy_model, toy_tokenizer):
     assert all(r[-1] == tok.eos_token_id and tok.pad_token_id not in r for r in greedy)
     short = engine.generate(prompts[:1], common.SamplingParams(temperature=0, max_new_tokens=3))
     assert short == [greedy[0][:3]]  # truncated: no stop token
+
+
+def test_sample_token_follows_hf_warpers():
+    """Temperature, top-k and top-p filtering as Hugging Face's logits warpers apply them (in that
+    order): samples fall in the kept set, with the frequencies of the filtered softmax."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 40) * 2.5
+    for temperature, top_k, top_p in [(0.7, 0, 0.95), (1.0, 5, 1.0), (1.3, 10, 0.8), (1.0, 0, 0.3)]:
+        expected = TemperatureLogitsWarper(temperature)(None, logits)
+        if top_k:
+            expected = TopKLogitsWarper(top_k)(None, expected)
+        if top_p < 1:
+            expected = TopPLogitsWarper(top_p)(None, expected)
+        probs = expected.softmax(-1)
+        draws = 4000
+        params = common.SamplingParams(temperature, top_p, top_k)
+        tokens = common.sample_token(logits.repeat(draws, 1), params).view(draws, -1)
+        frequencies = torch.stack([torch.bincount(tokens[:, row], minlength=40) for row in range(6)]).float() / draws
+        assert (frequencies[probs == 0] == 0).all()
+        assert (frequencies - probs).abs().max() < 0.03, (temperature, top_k, top_p)
