@@ -6,7 +6,6 @@ import dataclasses
 import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 import time
 import typing
@@ -16,7 +15,7 @@ import pytest
 import antisd
 import common
 from common import UserError
-from conftest import ROOT, run_script, torchrun
+from conftest import run_script, torchrun
 
 # (flag, bad value, the valid range the message must state)
 BAD_VALUES = [
