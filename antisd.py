@@ -414,10 +414,10 @@ def main(argv=None):
                 sums["loss"] += loss.detach()  # tensors: no device sync inside the loop
                 sums["entropy"] += entropy.detach()[mask].sum()
                 sums["clipped"] += ((ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)).sum()
-                for row, i in enumerate(batch):
-                    if i in shown_rows:  # the token picture: u_t and the bonus (GRPO: the advantage)
-                        shown_rows[i] = ((u[row], bonus[row]) if use_teacher else (advantages[row], None))
-                        shown_rows[i] = [v[mask[row]].cpu() if v is not None else None for v in shown_rows[i]]
+                for row, i in enumerate(batch):  # the token picture: u_t and the bonus (GRPO: the advantage)
+                    if i in shown_rows:
+                        values, hover = (u[row], bonus[row]) if use_teacher else (advantages[row], None)
+                        shown_rows[i] = (values[mask[row]].cpu(), hover[mask[row]].cpu() if use_teacher else None)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
