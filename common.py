@@ -1646,6 +1646,10 @@ def write_token_picture(path: str | Path, rows: Sequence[dict], value_name: str,
         fade = round(255 * (1 - strength))
         return f"rgb(255,{fade},{fade})" if value > 0 else f"rgb({fade},{fade},255)"
 
+    def style(value: float) -> str:  # white text on strong colours, so every token stays readable
+        strong = math.isfinite(value) and abs(value) > 0.6 * scale
+        return f"background:{colour(value)}" + (";color:#fff" if strong else "")
+
     body = []
     for row in rows:
         hover = row.get("hover") or [""] * len(row["tokens"])
@@ -1653,7 +1657,7 @@ def write_token_picture(path: str | Path, rows: Sequence[dict], value_name: str,
         for token, value, extra in zip(row["tokens"], row["values"], hover):
             shown = html.escape(token.replace("\n", "\u21b5")) + ("<br>" if "\n" in token else "")
             tip = html.escape(f"{token!r}  {value_name}={value:.3f}" + (f"  {extra}" if extra else ""), quote=True)
-            cells.append(f'<span class="t" style="background:{colour(value)}" title="{tip}">{shown}</span>')
+            cells.append(f'<span class="t" style="{style(value)}" title="{tip}">{shown}</span>')
         body.append(f'<div class="row"><div class="label">{html.escape(row.get("label", ""))}</div>'
                     f'<div class="tokens">{"".join(cells)}</div></div>')
     stops = ", ".join(colour(v) for v in (-scale, -scale / 2, 0.0, scale / 2, scale))
