@@ -1248,8 +1248,6 @@ class HFEngine(RolloutEngine):
         return responses
 
     def _sample(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        from transformers import DynamicCache
-
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -1259,13 +1257,13 @@ class HFEngine(RolloutEngine):
             attention[i, width - len(prompt):] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = None  # the model makes its KV cache on the first call
         responses, stopped = [[] for _ in prompts], [False] * len(prompts)
         rows = list(range(len(prompts)))  # the prompt of each batch row
         for step in range(params.max_new_tokens):
-            logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            tokens = sample_token(logits, params)
+            output = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache, tokens = output.past_key_values, sample_token(output.logits[:, -1], params)
             for row, token in zip(rows, tokens.tolist()):
                 if not stopped[row]:
                     responses[row].append(token)

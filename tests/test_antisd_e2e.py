@@ -216,8 +216,8 @@ def test_gate_statistics_over_the_global_batch(tmp_path):
         assert sum(len(entropies) for entropies in local) == metrics["response_len"] * ROLLOUTS
         medians.append(float(np.median(torch.cat(local).numpy())))
         assert metrics["teacher_entropy_median"] == pytest.approx(medians[-1], rel=1e-6)
-    assert any(float(np.median(local_entropies.numpy())) != pytest.approx(median, rel=1e-6)
-               for median, step in zip(medians, range(4)) for local_entropies in [torch.cat(ranks[0][step])])
+    rank0_medians = [float(np.median(torch.cat(step).numpy())) for step in ranks[0]]
+    assert rank0_medians != pytest.approx(medians, rel=1e-6)  # one rank's median is not the global one
     assert logged[3]["H_warm"] == pytest.approx(statistics.median(medians[:3]), rel=1e-6)
     assert statistics.median(medians[:3]) != pytest.approx(statistics.mean(medians[:3]), rel=1e-6)
 
