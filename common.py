@@ -542,6 +542,8 @@ def toy_response(start: int, operations, careful: bool = True, check_at: int | N
 
 
 def _sample_toy_target(rng: random.Random, row: dict, careful_share: float, check: float, fix: float):
+    """An SFT target for `row` (pieces of `toy_response`): the careful strategy with probability
+    `careful_share`, with a check line with probability `check` and a caught mistake with `fix`."""
     start, operations = _parse_toy_problem(row["problem"])
     if rng.random() >= careful_share:
         return toy_response(start, operations, careful=False)
@@ -552,7 +554,7 @@ def _sample_toy_target(rng: random.Random, row: dict, careful_share: float, chec
         op, number = operations[fix_at]
         value = _TOY_OPS[op](_toy_start(operations[fix_at:], int(row["answer"])), number)  # true result
         wrong = value + (2 * wrong_by if op == "*" else wrong_by)
-        if not 0 <= wrong <= 2 * TOY_MAX_VALUE:
+        if wrong < 0:  # results are at most 30, so only the lower end needs a turn
             wrong_by = -wrong_by
     return toy_response(start, operations, True, check_at, fix_at, wrong_by)
 
