@@ -491,7 +491,8 @@ def make_toy_rows(n: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(n):
         level = rng.randint(1, TOY_MAX_OPS)
-        value, operations = rng.randint(0, 15), []
+        start = value = rng.randint(0, 15)
+        operations = []
         for _ in range(level):
             choices = [("+", d) for d in range(1, 6) if value + d <= TOY_MAX_VALUE]
             choices += [("-", d) for d in range(1, 6) if value - d >= 0]
@@ -499,7 +500,6 @@ def make_toy_rows(n: int, seed: int) -> list[dict]:
             op, number = rng.choice(choices)
             operations.append((op, number))
             value = _TOY_OPS[op](value, number)
-        start = _toy_start(operations, value)
         problem = f"Start at {start}, apply {' '.join(f'{op}{d}' for op, d in operations)}."
         rows.append({"problem": problem, "answer": str(value), "level": level,
                      "solution": "".join(text for text, _ in toy_response(start, operations))})
