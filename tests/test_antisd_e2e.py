@@ -186,18 +186,19 @@ def test_grpo_runs_no_teacher_pass(tmp_path, monkeypatch, toy_tokenizer, gate):
     assert not any(HEADER in row["prompt"] for row in scored.rows)
 
 
-@pytest.mark.parametrize("flags", [["--tau_down", "1.5"], ["--tau_down", "0.01", "--lambda_max", "0.3"]])
+@pytest.mark.parametrize("flags", [["--tau_down", "1.0"], ["--tau_down", "0.01", "--lambda_max", "0.3"]])
 def test_gate_options_reach_the_gate(tmp_path, flags):
-    """--tau_down and --lambda_max are what the gate uses: with tau_down 1.5 it closes at the first step
+    """--tau_down and --lambda_max are what the gate uses: with tau_down 1 it closes at the first step
     after warm-up, with 0.01 it stays open (one of the two would fail with the default 0.93)."""
-    antisd.main(FAST + ["--num_steps", "2", "--gate_warmup", "1", "--output_dir", str(tmp_path),
+    # seed 1: step 2's median teacher entropy is about 0.55 H_warm
+    antisd.main(FAST + ["--num_steps", "2", "--gate_warmup", "1", "--seed", "1", "--output_dir", str(tmp_path),
                         "--run_name", "gate"] + flags)
     first, second = records(tmp_path / "gate")
     assert (first["gate_open"], first["lambda"]) == (0.0, 0.0)  # warm-up
     assert second["H_warm"] == pytest.approx(first["teacher_entropy_median"])
     tau_down, lambda_max = float(flags[1]), float(flags[3]) if len(flags) > 2 else 0.5
     opened = second["teacher_entropy_median"] >= tau_down * second["H_warm"]
-    assert opened == (tau_down < 1)  # the scenario: entropy between 0.01 and 1.5 times H_warm
+    assert opened == (tau_down < 1)  # the scenario: entropy between 0.01 and 1 times H_warm (0.93 too)
     assert second["gate_open"] == opened and second["lambda"] == (lambda_max if opened else 0.0)
     assert (second["token_bonus_mean"] != 0) == opened
 
@@ -298,11 +299,12 @@ def test_bad_input_is_a_clear_error(tmp_path):
 def test_premise_metrics_and_token_picture(tmp_path):
     """Every step logs the premise (u on work / answer tokens of correct rollouts, the careful share);
     the token picture holds the latest step's rollouts, written at each evaluation and at the end."""
-    antisd.main(["--num_steps", "1", "--num_problems", "4", "--num_generations", "4", "--max_new_tokens", "48",
+    antisd.main(["--num_steps", "1", "--num_problems", "16", "--num_generations", "4", "--max_new_tokens", "48",
                  "--eval_limit", "4", "--eval_k", "1", "--picture_rollouts", "6", "--output_dir", str(tmp_path),
                  "--run_name", "pic"])
     (step,) = [r for r in records(tmp_path / "pic") if "reward" in r]
-    assert 0 <= step["careful_frac"] <= 1 and math.isfinite(step["u_work"]) and math.isfinite(step["u_answer"])
+    assert 0 < step["careful_frac"] < 1
+    assert step["u_work"] < 0 < step["u_answer"]  # the toy's premise, at step 1 (test_toy.py measures it)
     page = (tmp_path / "pic" / "tokens.html").read_text()
     assert page.count('class="row"') == 6 and page.count("step 1 | reward ") == 6
     assert "u_t=" in page and "bonus=" in page
