@@ -321,7 +321,8 @@ def main(argv=None):
 
         # ---- 4. policy gradient on A_t = w_t * a_t (PPO clip), global token-mean over the loss tokens
         model.train()
-        sums = dict.fromkeys(["loss", "entropy", "clipped", "w", "a", "abs_a", "gap_first", "gap_last"], 0.0)
+        sums = dict.fromkeys(["loss", "loss_tokens", "entropy", "clipped", "w", "a", "abs_a", "gap_first",
+                              "gap_last"], 0.0)
         w_min, w_max = math.inf, -math.inf
         per_minibatch = len(responses) // args.num_minibatches
         for minibatch in range(args.num_minibatches):
@@ -346,18 +347,18 @@ def main(argv=None):
                 sums["loss"] += loss.detach()  # tensors: no device sync inside the loop
                 sums["entropy"] += entropy.detach()[mask].sum()
                 sums["clipped"] += ((ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)).sum()
-                if minibatch == 0:  # weights and discrepancies of the batch, once
-                    sums["w"] += w[mask].sum()
-                    sums["a"] += a[mask].sum()
-                    sums["abs_a"] += a[mask].abs().sum()
-                    w_min, w_max = min(w_min, float(w[mask].min())), max(w_max, float(w[mask].max()))
-                    for row, i in enumerate(batch):  # position-bias signature: |a_t| on the first / last third
-                        third = max(1, len(responses[i]) // 3)
-                        gap = a[row, :len(responses[i])].abs()
-                        sums["gap_first"] += gap[:third].mean()
-                        sums["gap_last"] += gap[len(responses[i]) - third:].mean()
-                        if i in shown_rows:
-                            shown_rows[i] = (a[row][mask[row]].cpu(), w[row][mask[row]].cpu())
+                sums["loss_tokens"] += loss_mask.sum()
+                sums["w"] += w[mask].sum()  # weights and discrepancies over all response tokens
+                sums["a"] += a[mask].sum()
+                sums["abs_a"] += a[mask].abs().sum()
+                w_min, w_max = min(w_min, float(w[mask].min())), max(w_max, float(w[mask].max()))
+                for row, i in enumerate(batch):  # position-bias signature: |a_t| on the first / last third
+                    third = max(1, len(responses[i]) // 3)
+                    gap = a[row, :len(responses[i])].abs()
+                    sums["gap_first"] += gap[:third].mean()
+                    sums["gap_last"] += gap[len(responses[i]) - third:].mean()
+                    if i in shown_rows:
+                        shown_rows[i] = (a[row][mask[row]].cpu(), w[row][mask[row]].cpu())
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -390,7 +391,7 @@ def main(argv=None):
             "gap_first_third": totals["gap_first"] / sequences_global,
             "gap_last_third": totals["gap_last"] / sequences_global,
             "careful_frac": totals["careful"] / sequences_global,
-            "clip_frac": totals["clipped"] / max(loss_tokens * args.num_minibatches, 1),
+            "clip_frac": totals["clipped"] / max(totals["loss_tokens"], 1),
             "truncated_frac": totals["truncated"] / sequences_global,
             "no_answer": totals["no_answer"],
             "grader_timeouts": totals["grader_timeouts"],
