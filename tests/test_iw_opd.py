@@ -127,6 +127,11 @@ def test_loss_gradient_is_minus_w_a_over_global_tokens():
     parts = [iw_opd.opd_loss(logp[rows], logp[rows].detach(), w[rows], a[rows], mask[rows], n)
              for rows in ([0], [1, 2])]
     assert abs(sum(p.item() for p in parts) - loss.item()) < 1e-6
+    # whatever lies outside the mask (padding, tokens a --token_slice leaves out) gets no gradient
+    logp.grad = None
+    keep = iw_opd.slice_mask(mask, "first30")
+    iw_opd.opd_loss(logp, logp.detach(), w + 5, a + 3, keep, int(keep.sum())).backward()
+    assert (logp.grad[~keep] == 0).all() and (logp.grad[keep] != 0).all()
 
 
 def test_loss_gradient_through_a_model_parameter():
@@ -251,6 +256,47 @@ def test_opd_and_slices_run_on_the_toy(tmp_path):
     iw_opd.main(FAST + ["--num_steps", "1", "--token_slice", "first30", "--num_minibatches", "2",
                         "--output_dir", str(tmp_path), "--run_name", "first"])
     assert [r["step"] for r in records(tmp_path / "first") if "reward" in r] == [1]
+
+
+def hand_weights(a, gamma=0.5):
+    """w_t for one sequence, written as a loop over t (independent of the vectorised version)."""
+    d = [abs(x) for x in a]
+    total = sum(d) + 1e-8
+    return [1 + gamma * min(1.0, max(0.0, 1 - sum(d[:t]) / total)) for t in range(len(a))]
+
+
+@pytest.mark.parametrize("flags", [[], ["--token_slice", "last30", "--micro_batch_size", "3"]], ids=["all", "last30"])
+def test_main_loss_from_rows_it_scores(tmp_path, monkeypatch, flags):
+    """The step-1 loss `main` logs equals -sum_t w_t a_t / N recomputed from the rows it scores:
+    a_t from the frozen teacher's no-grad pass minus the student's own log-probs on the same
+    prompt and response, w_t by hand over the whole response, N the selected tokens."""
+    calls, score = [], iw_opd.response_logprobs
+
+    def recording_score(model, prompts, responses, pad_id, chunk_size=512):
+        logprobs, entropy, mask = score(model, prompts, responses, pad_id, chunk_size)
+        frozen = not any(p.requires_grad for p in model.parameters())
+        for prompt, response, row, row_mask in zip(prompts, responses, logprobs, mask):
+            calls.append({"teacher": frozen, "grad": torch.is_grad_enabled(), "key": (tuple(prompt), tuple(response)),
+                          "logprobs": row[row_mask].detach().clone()})
+        return logprobs, entropy, mask
+
+    monkeypatch.setattr(iw_opd, "response_logprobs", recording_score)
+    iw_opd.main(FAST + ["--num_steps", "1", *flags, "--output_dir", str(tmp_path), "--run_name", "m"])
+    teacher = {c["key"]: c["logprobs"] for c in calls if c["teacher"]}
+    student = [c for c in calls if not c["teacher"]]
+    assert all(not c["grad"] for c in calls if c["teacher"]) and all(c["grad"] for c in student)
+    assert len(student) == 4 and {c["key"] for c in student} == set(teacher)
+    total, count, a_sum = 0.0, 0, 0.0
+    for c in student:
+        a = (teacher[c["key"]] - c["logprobs"]).tolist()
+        w = hand_weights(a)
+        keep = iw_opd.slice_mask(torch.ones(1, len(a), dtype=torch.bool), "last30" if flags else "all")[0]
+        total += sum(wt * at for wt, at, k in zip(w, a, keep.tolist()) if k)
+        count += int(keep.sum())
+        a_sum += sum(a)
+    step = next(r for r in records(tmp_path / "m") if "reward" in r)
+    assert step["loss"] == pytest.approx(-total / count, abs=1e-5)
+    assert step["a_mean"] == pytest.approx(a_sum / sum(len(c["logprobs"]) for c in student), abs=1e-5)
 
 
 def test_torchrun_two_ranks(tmp_path):
