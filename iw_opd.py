@@ -96,7 +96,7 @@ class Args:
                                                                     "signed prefix sum [paper Fig. 4], none = OPD")
     gamma: float = option(0.5, "weight of the first token is 1 + gamma [code: w_max 1.5]")
     token_slice: Literal["all", "first30", "last30"] = option("all", "train on all tokens, or only the first / last "
-                                                                     "30% of each response [paper Fig. 1a]")
+                                                                     "30 percent of each response [paper Fig. 1a]")
     # rollouts
     num_problems: int = option(64, "prompts per step, global [ours: 64 on the toy]")
     num_rollouts: int = option(1, "rollouts per prompt [paper: 1]")
