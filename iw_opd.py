@@ -351,12 +351,14 @@ def main(argv=None):
                 sums["w"] += w[mask].sum()  # weights and discrepancies over all response tokens
                 sums["a"] += a[mask].sum()
                 sums["abs_a"] += a[mask].abs().sum()
-                w_min, w_max = min(w_min, float(w[mask].min())), max(w_max, float(w[mask].max()))
+                if mask.any():
+                    w_min, w_max = min(w_min, float(w[mask].min())), max(w_max, float(w[mask].max()))
                 for row, i in enumerate(batch):  # position-bias signature: |a_t| on the first / last third
                     third = max(1, len(responses[i]) // 3)
                     gap = a[row, :len(responses[i])].abs()
-                    sums["gap_first"] += gap[:third].mean()
-                    sums["gap_last"] += gap[len(responses[i]) - third:].mean()
+                    if len(responses[i]):  # an empty response has no thirds (it counts as 0)
+                        sums["gap_first"] += gap[:third].mean()
+                        sums["gap_last"] += gap[len(responses[i]) - third:].mean()
                     if i in shown_rows:
                         shown_rows[i] = (a[row][mask[row]].cpu(), w[row][mask[row]].cpu())
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)

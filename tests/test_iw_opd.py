@@ -319,3 +319,29 @@ def test_resume_logs_what_an_uninterrupted_run_logs(tmp_path):
     iw_opd.main(base + ["--num_steps", "1", "--run_name", "cut"])
     iw_opd.main(base + ["--num_steps", "2", "--run_name", "cut", "--resume"])
     assert steps("cut") == steps("whole")
+
+
+def test_gradient_equals_trl_iw_opd():
+    """Cross-check with TRL's independent port (trl/experimental/iw_opd, `_compute_iw_opd_loss`, a plain
+    -log pi * w a, the same gradient as our clipped loss at ratio 1). Skipped without TRL installed."""
+    import collections
+    import types
+
+    trainer = pytest.importorskip("trl.experimental.iw_opd.iw_opd_trainer")
+    torch.manual_seed(3)
+    logits = torch.randn(3, 6, 11, requires_grad=True)
+    tokens = torch.randint(0, 11, (3, 6))
+    mask = torch.arange(6)[None, :] < torch.tensor([6, 4, 1])[:, None]
+    teacher = torch.where(mask, -3 * torch.rand(3, 6), float("nan"))
+    fake_self = types.SimpleNamespace(temperature=1.0, iw_opd_gamma=0.5, iw_opd_epsilon=1e-8,
+                                      model=types.SimpleNamespace(training=True),
+                                      _metrics=collections.defaultdict(lambda: collections.defaultdict(list)))
+    reference = trainer.IWOPDTrainer._compute_iw_opd_loss(fake_self, logits, tokens, torch.where(mask, tokens, -100),
+                                                          teacher)
+    (expected,) = torch.autograd.grad(reference, logits)
+    logp = logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    a = iw_opd.sampled_token_advantage(torch.nan_to_num(teacher), logp.detach(), mask)
+    w = iw_opd.importance_weights(a, mask)
+    (grad,) = torch.autograd.grad(iw_opd.opd_loss(logp, logp.detach(), w, a, mask, int(mask.sum())), logits)
+    assert torch.allclose(grad, expected, atol=1e-6)
+    assert fake_self._metrics["train"]["iw_opd/mean_weight"][0] == pytest.approx(w[mask].mean().item(), abs=1e-6)
