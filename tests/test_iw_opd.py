@@ -300,11 +300,15 @@ def test_main_loss_from_rows_it_scores(tmp_path, monkeypatch, flags):
 
 
 def test_torchrun_two_ranks(tmp_path):
-    result = run_script(torchrun(2) + ["iw_opd.py", *FAST, "--num_steps", "2", "--output_dir", str(tmp_path),
-                                       "--run_name", "d", "--save_every", "2"], timeout=300)
+    """OPD on 2 ranks (the teacher sharded like the student): with w = 1 and ratio 1 the logged loss
+    (summed over ranks) is -mean a_t over the global batch only if each rank divides by the global count."""
+    result = run_script(torchrun(2) + ["iw_opd.py", *FAST, "--num_steps", "2", "--iw", "none", "--output_dir",
+                                       str(tmp_path), "--run_name", "d", "--save_every", "2"], timeout=300)
     assert "[iw_opd] done" in result.stdout
     steps = [r for r in records(tmp_path / "d") if "reward" in r]
-    assert [r["step"] for r in steps] == [1, 2] and steps[0]["w_max"] == pytest.approx(1.5)
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["loss"] == pytest.approx(-r["a_mean"], abs=1e-5) and r["w_max"] == 1.0
     assert common.check_checkpoint(tmp_path / "d" / "checkpoints" / "step_000002") is None
 
 
