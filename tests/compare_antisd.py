@@ -13,48 +13,13 @@ careful-strategy share over steps.
 """
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comparison import EVAL_KEY, curve, draw, last, run, spread, steps_to_reach  # noqa: E402
+
 METHODS = {"GRPO": ["--lambda_max", "0"], "AntiSD": [], "SD": ["--signal", "sd"]}
-EVAL_KEY = "eval/avg@4"
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def finished(records: list[dict], num_steps: int) -> bool:
-    return any(r["step"] == num_steps and EVAL_KEY in r for r in records)
-
-
-def run(method: str, seed: int, args) -> list[dict]:
-    run_dir = Path(args.output_dir) / f"{method}_s{seed}"
-    if not finished(read_metrics(run_dir), args.num_steps):
-        command = [sys.executable, "antisd.py", *METHODS[method], "--seed", str(seed), "--num_steps",
-                   str(args.num_steps), "--eval_every", "10", "--output_dir", args.output_dir,
-                   "--run_name", run_dir.name, *(["--overwrite"] if run_dir.exists() else [])]
-        print(f"[compare] {method} seed {seed}: {' '.join(command[1:])}", flush=True)
-        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
-    return read_metrics(run_dir)
-
-
-def curve(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in records if key in r]
-    return [s for s, _ in points], [v for _, v in points]
-
-
-def smooth(values: list[float], window: int = 5) -> list[float]:
-    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
-            for i in range(len(values))]
-
-
-def spread(values: list[float]) -> str:
-    return f"{sum(values) / len(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
 def main():
@@ -66,9 +31,9 @@ def main():
     parser.add_argument("--quiet", action="store_true", help="hide the runs' own output")
     args = parser.parse_args()
 
-    results = {method: [run(method, seed, args) for seed in args.seeds] for method in METHODS}
-    grpo_final = [curve(r, EVAL_KEY)[1][-1] for r in results["GRPO"]]
-    target = sum(grpo_final) / len(grpo_final)
+    results = {method: [run("antisd.py", method, flags, seed, args.num_steps, args.output_dir, args.quiet)
+                        for seed in args.seeds] for method, flags in METHODS.items()}
+    target = sum(curve(r, EVAL_KEY)[1][-1] for r in results["GRPO"]) / len(args.seeds)
 
     print(f"\n{len(args.seeds)} seeds x {args.num_steps} steps; eval avg@4 on the 256 toy test problems "
           f"(T 0.7, top-p 0.95); mean [min, max] over seeds")
@@ -77,39 +42,12 @@ def main():
     for method, runs in results.items():
         starts = [curve(r, EVAL_KEY)[1][0] for r in runs]
         finals = [curve(r, EVAL_KEY)[1][-1] for r in runs]
-        reached = []
-        for records in runs:
-            steps, values = curve(records, EVAL_KEY)
-            reached.append(next((s for s, v in zip(steps, values) if v >= target), None))
-        hit = [s for s in reached if s is not None]
-        reach_text = (f"{sum(hit) / len(hit):.0f} ({len(hit)}/{len(runs)} reached)" if hit else f"never (0/{len(runs)})")
-        careful = [sum(curve(r, "careful_frac")[1][-5:]) / 5 for r in runs]
-        print(f"{method:8} {spread(starts):22} {spread(finals):22} {reach_text:22} {spread(careful):22}")
+        careful = [last(r, "careful_frac") for r in runs]
+        print(f"{method:8} {spread(starts):22} {spread(finals):22} {steps_to_reach(runs, target):22} "
+              f"{spread(careful):22}")
     print(f"(GRPO's mean final accuracy, the target of 'steps to GRPO final': {target:.3f}; "
-          "steps are eval points, every 10)")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for (method, runs), colour in zip(results.items(), ["tab:gray", "tab:red", "tab:blue"]):
-        for axis, key, window in [(left, EVAL_KEY, 1), (right, "careful_frac", 5)]:
-            curves = [curve(r, key) for r in runs]
-            steps = curves[0][0]
-            values = [smooth(v, window) for _, v in curves]
-            columns = list(zip(*values))
-            axis.plot(steps, [sum(c) / len(c) for c in columns], color=colour, label=method)
-            axis.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=colour, alpha=0.15)
-    left.set(title=f"eval avg@4 (mean, band = min-max over {len(args.seeds)} seeds)", xlabel="step", ylabel="accuracy")
-    right.set(title="careful-strategy share of rollouts (5-step mean)", xlabel="step", ylabel="share")
-    left.legend()
-    figure.tight_layout()
-    png = Path(args.png or Path(args.output_dir) / "compare_antisd.png")
-    png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(png, dpi=120)
-    print(f"[compare] figure: {png}")
+          "steps are eval points, every 10; careful share: mean of the last 5 steps)")
+    draw(results, Path(args.png or Path(args.output_dir) / "compare_antisd.png"), len(args.seeds))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""Shared by the toy comparisons (tests/compare_*.py): run a method's script for several seeds,
+read the metrics back, summarise over seeds and draw the eval curves and the careful-strategy share."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_KEY = "eval/avg@4"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def finished(records: list[dict], num_steps: int) -> bool:
+    return any(r["step"] == num_steps and EVAL_KEY in r for r in records)
+
+
+def run(script: str, method: str, flags: list[str], seed: int, num_steps: int, output_dir: str,
+        quiet: bool = False) -> list[dict]:
+    """`script` with the method's flags, `--eval_every 10`, under `output_dir/<method>_s<seed>`;
+    a run whose metrics already hold its final evaluation is not run again."""
+    run_dir = Path(output_dir) / f"{method.replace(' ', '_')}_s{seed}"
+    if not finished(read_metrics(run_dir), num_steps):
+        command = [sys.executable, script, *flags, "--seed", str(seed), "--num_steps", str(num_steps),
+                   "--eval_every", "10", "--output_dir", output_dir, "--run_name", run_dir.name,
+                   *(["--overwrite"] if run_dir.exists() else [])]
+        print(f"[compare] {method} seed {seed}: {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL if quiet else None)
+    return read_metrics(run_dir)
+
+
+def curve(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if key in r]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def last(records: list[dict], key: str, n: int = 5) -> float:
+    """Mean of the last n logged values of `key`."""
+    values = curve(records, key)[1][-n:]
+    return sum(values) / len(values)
+
+
+def smooth(values: list[float], window: int = 5) -> list[float]:
+    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+            for i in range(len(values))]
+
+
+def spread(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+def steps_to_reach(runs: list[list[dict]], target: float) -> str:
+    """Mean first eval step at which a run's accuracy reaches `target`, and how many runs do."""
+    reached = [next((s for s, v in zip(*curve(r, EVAL_KEY)) if v >= target), None) for r in runs]
+    hit = [s for s in reached if s is not None]
+    return f"{sum(hit) / len(hit):.0f} ({len(hit)}/{len(runs)} reached)" if hit else f"never (0/{len(runs)})"
+
+
+def draw(results: dict[str, list[list[dict]]], png: Path, num_seeds: int) -> None:
+    """One PNG: eval avg@4 (mean, min-max band over seeds) and the careful share (5-step mean)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    colours = ["tab:gray", "tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"]
+    for (method, runs), colour in zip(results.items(), colours):
+        for axis, key, window in [(left, EVAL_KEY, 1), (right, "careful_frac", 5)]:
+            curves = [curve(r, key) for r in runs]
+            steps = curves[0][0]
+            columns = list(zip(*[smooth(v, window) for _, v in curves]))
+            axis.plot(steps, [sum(c) / len(c) for c in columns], color=colour, label=method)
+            axis.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=colour, alpha=0.15)
+    left.set(title=f"eval avg@4 (mean, band = min-max over {num_seeds} seeds)", xlabel="step", ylabel="accuracy")
+    right.set(title="careful-strategy share of rollouts (5-step mean)", xlabel="step", ylabel="share")
+    left.legend()
+    figure.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png, dpi=120)
+    print(f"[compare] figure: {png}")
