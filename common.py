@@ -268,21 +268,22 @@ MODEL_ALIASES = {
 }
 
 
-def resolve_model(name: str) -> str:
-    """Map `--model` to something `from_pretrained` takes: built-in toy, alias, local dir or hub id."""
+def resolve_model(name: str, flag: str = "--model") -> str:
+    """Map `--model` to something `from_pretrained` takes: built-in toy, alias, local dir or hub id.
+    `flag` names the option in error messages (e.g. `--teacher_model`)."""
     if name in TOY_SPECS:
         return str(build_toy_model(name))
     if name in MODEL_ALIASES:
         return MODEL_ALIASES[name]
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
-            raise UserError(f"--model {name!r} is a directory without config.json: point it at a "
+            raise UserError(f"{flag} {name!r} is a directory without config.json: point it at a "
                             "Hugging Face model folder (save_pretrained output).")
         return name
     if re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) and not name.startswith((".", "~")):
         return name  # hub id, e.g. Qwen/Qwen3-8B (needs network or a populated HF cache)
     raise UserError(
-        f"Unknown --model {name!r}. Use one of: {', '.join(TOY_SPECS)} (built-in, offline); a short "
+        f"Unknown {flag} {name!r}. Use one of: {', '.join(TOY_SPECS)} (built-in, offline); a short "
         f"alias ({', '.join(MODEL_ALIASES)}); a hub id like 'Qwen/Qwen3-8B'; or a local model directory.")
 
 
@@ -310,13 +311,13 @@ def hub_reachable() -> bool:
 _OFFLINE_NOTE = " (the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache)"
 
 
-def _from_pretrained(loader, name: str, **kwargs):
+def _from_pretrained(loader, name: str, flag: str = "--model", **kwargs):
     """`loader.from_pretrained(resolve_model(name))`, local cache only when the hub is unreachable. A
     model that cannot be loaded is a UserError naming it: transformers reports a missing repo, no
     network and missing files as OSError, a bad config as ValueError; safetensors its own error."""
     from safetensors import SafetensorError
 
-    path = resolve_model(name)
+    path = resolve_model(name, flag)
     hub = not os.path.isdir(path)
     if hub and not hub_reachable():
         kwargs["local_files_only"] = True
@@ -326,17 +327,17 @@ def _from_pretrained(loader, name: str, **kwargs):
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         if not hub or not isinstance(error, OSError):
             where = "the model folder " if not hub else ""
-            raise UserError(f"--model {name!r}: cannot load {where}{path}: {reason}") from error
+            raise UserError(f"{flag} {name!r}: cannot load {where}{path}: {reason}") from error
         offline = "" if hub_reachable() else _OFFLINE_NOTE
-        raise UserError(f"--model {name!r}: cannot load {path!r} from the Hugging Face hub{offline}: {reason} "
+        raise UserError(f"{flag} {name!r}: cannot load {path!r} from the Hugging Face hub{offline}: {reason} "
                         f"It needs network access or a local copy: `hf download {path}` on a connected machine, "
-                        "then pass the folder as --model (or point HF_HOME at that cache).") from error
+                        f"then pass the folder as {flag} (or point HF_HOME at that cache).") from error
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, flag: str = "--model"):
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer, name)
+    tokenizer = _from_pretrained(AutoTokenizer, name, flag)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
@@ -363,19 +364,20 @@ def max_prompt_length(name: str, max_new_tokens: int, max_prompt_tokens: int = 0
     return limit
 
 
-def load_model(name: str, dist_info: Dist, *, trainable: bool = True, activation_checkpointing: bool = False):
+def load_model(name: str, dist_info: Dist, *, trainable: bool = True, activation_checkpointing: bool = False,
+               flag: str = "--model"):
     """Load a causal LM onto this rank's device, sharded with FSDP2 where that applies.
 
     Trainable models keep fp32 master weights (bf16 weights would swallow AdamW updates at lr 1e-6);
     on CUDA they are always wrapped in FSDP2 (also on one GPU) with bf16 compute and fp32 gradient
     reduction. Frozen models (teachers) are bf16 on CUDA. On CPU everything is fp32 and FSDP2 is
-    used only when there is more than one rank (gloo).
+    used only when there is more than one rank (gloo). `flag` names the option in error messages.
     """
     from transformers import AutoModelForCausalLM
 
     cuda = dist_info.device.type == "cuda"
     dtype = torch.bfloat16 if (cuda and not trainable) else torch.float32
-    model = _from_pretrained(AutoModelForCausalLM, name, dtype=dtype).to(dist_info.device)
+    model = _from_pretrained(AutoModelForCausalLM, name, flag, dtype=dtype).to(dist_info.device)
     if activation_checkpointing:  # the method's name changed in transformers 5.x; same behaviour
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -228,7 +228,8 @@ def main(argv=None):
     # ---- data, tokenizers (the teacher's must be the student's: checked before any weights load) ----
     tokenizer = load_tokenizer(args.model)
     if not args.eval_only:
-        check_same_tokenizer(tokenizer, load_tokenizer(args.teacher_model), args.model, args.teacher_model)
+        check_same_tokenizer(tokenizer, load_tokenizer(args.teacher_model, "--teacher_model"), args.model,
+                             args.teacher_model)
     keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key,
                 tokenizer=tokenizer,
                 max_prompt_tokens=max_prompt_length(args.model, args.max_new_tokens, args.max_prompt_tokens))
@@ -239,7 +240,8 @@ def main(argv=None):
     # ---- student (trainable), frozen teacher (sharded like the student), optimizer, engine ----
     model = load_model(str(run.checkpoint or args.model), dist_info,
                        activation_checkpointing=args.activation_checkpointing)
-    teacher = None if args.eval_only else load_model(args.teacher_model, dist_info, trainable=False)
+    teacher = None if args.eval_only else load_model(args.teacher_model, dist_info, trainable=False,
+                                                      flag="--teacher_model")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
     grader = Grader(args.grader_timeout)

@@ -209,6 +209,14 @@ def test_teacher_with_another_tokenizer_is_refused_before_weights_load(tmp_path,
     assert result.returncode == 2 and "error: --teacher_model" in result.stdout and "Traceback" not in result.stdout
 
 
+def test_errors_about_the_teacher_name_its_flag(tmp_path):
+    with pytest.raises(UserError, match=r"^Unknown --teacher_model 'gpt-5'"):
+        iw_opd.main(FAST + ["--teacher_model", "gpt-5", "--output_dir", str(tmp_path), "--run_name", "t"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"^--teacher_model '.*empty' is a directory without config.json"):
+        iw_opd.main(FAST + ["--teacher_model", str(tmp_path / "empty"), "--output_dir", str(tmp_path), "--run_name", "u"])
+
+
 def test_every_numeric_option_has_a_rule():
     rules = {**common.ARG_RULES, **iw_opd.RULES}
     hints = typing.get_type_hints(iw_opd.Args)
