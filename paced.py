@@ -428,7 +428,7 @@ def main(argv=None):
         # ---- 4. weighted mean over problems of the per-problem token-mean divergence
         model.train()
         sums = dict.fromkeys(["loss", "d", "fkl", "rkl", "tokens"], 0.0)
-        shown = []
+        shown, problem_d = [], {}  # problem_d: sum of D_t per problem (for L_i, logged)
         batches = micro_batches(range(len(items)), [len(items[j][1]) + len(items[j][3]) for j in range(len(items))],
                                 args.micro_batch_size)
         padded = int(all_gather_cat(torch.tensor([len(batches)])).max()) if world > 1 else len(batches)
@@ -453,6 +453,7 @@ def main(argv=None):
             sums["rkl"] += rkl[mask].sum()
             sums["tokens"] += mask.sum()
             for row, it in enumerate(batch_items):
+                problem_d[it[0]] = problem_d.get(it[0], 0.0) + float(d.detach()[row][mask[row]].sum())
                 if rank == 0 and len(shown) < args.picture_rollouts:
                     shown.append((it, d.detach()[row][mask[row]].cpu(), fkl[row][mask[row]].cpu(),
                                   rkl[row][mask[row]].cpu()))
@@ -468,7 +469,8 @@ def main(argv=None):
         raw_all = problem_weights(torch.tensor(all_rates), args.weighting, args.alpha, args.beta)
         sums.update(reward=sum(rewards), sequences=len(rewards), careful=sum(writes_work(t) for t in texts),
                     no_answer=grade_counts["no_answer"], grader_timeouts=grade_counts["timeout"],
-                    trained_sequences=len(items))
+                    trained_sequences=len(items), problems_scored=len(problem_d),
+                    problem_kl=sum(v / max(1, problem_tokens[i]) for i, v in problem_d.items()))
         totals = all_reduce_sum(sums)
         tokens = max(totals["tokens"], 1)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -481,6 +483,7 @@ def main(argv=None):
             "weight_mean": float(raw_all.mean()),
             "loss": totals["loss"],
             "kl_trained": totals["d"] / tokens,
+            "kl_problem_mean": totals["problem_kl"] / max(1, totals["problems_scored"]),
             "kl_fkl": totals["fkl"] / tokens,
             "kl_rkl": totals["rkl"] / tokens,
             "kl_active_rkl": float(kind == "rkl"),
