@@ -470,7 +470,9 @@ def main(argv=None):
         sums.update(reward=sum(rewards), sequences=len(rewards), careful=sum(writes_work(t) for t in texts),
                     no_answer=grade_counts["no_answer"], grader_timeouts=grade_counts["timeout"],
                     trained_sequences=len(items), problems_scored=len(problem_d),
-                    problem_kl=sum(v / max(1, problem_tokens[i]) for i, v in problem_d.items()))
+                    problem_kl=sum(v / max(1, problem_tokens[i]) for i, v in problem_d.items()),
+                    weighted_kl=sum(float(raw[i]) * v / max(1, problem_tokens[i]) for i, v in problem_d.items()),
+                    raw_weight=float(raw[list(problem_d)].sum()) if problem_d else 0.0)
         totals = all_reduce_sum(sums)
         tokens = max(totals["tokens"], 1)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -484,6 +486,8 @@ def main(argv=None):
             "loss": totals["loss"],
             "kl_trained": totals["d"] / tokens,
             "kl_problem_mean": totals["problem_kl"] / max(1, totals["problems_scored"]),
+            # sum_i w_i L_i / sum_i w_i with the raw weights, all-reduced: what `loss` must equal
+            "kl_weighted_mean": totals["weighted_kl"] / totals["raw_weight"] if totals["raw_weight"] > 0 else 0.0,
             "kl_fkl": totals["fkl"] / tokens,
             "kl_rkl": totals["rkl"] / tokens,
             "kl_active_rkl": float(kind == "rkl"),

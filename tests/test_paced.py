@@ -279,6 +279,7 @@ def test_divergence_uses_the_right_tokens_prompts_and_direction(tmp_path, monkey
     logged = steps(tmp_path / "m")[0]
     assert logged["loss"] == pytest.approx(total / n, rel=1e-4, abs=1e-6) and total > 0
     assert logged[f"kl_{kl}"] == pytest.approx(logged["kl_trained"], abs=1e-6)
+    assert logged["loss"] == pytest.approx(logged["kl_weighted_mean"], rel=1e-4)
 
 
 def test_both_modes_run_three_steps(tmp_path):
@@ -316,7 +317,8 @@ def test_fkl_then_rkl_and_akl_and_snr_run(tmp_path):
 def test_torchrun_two_ranks(tmp_path):
     """2 ranks, unweighted: the logged loss (summed over ranks) equals the mean over the global batch's
     problems of L_i only if each rank divides by the global problem count; with beta weights every
-    rank divides by the global mean of the weights (the loss is then a weighted mean: within the range)."""
+    rank divides by the global mean of the weights: the loss equals sum_i w_i L_i / sum_i w_i over the global
+    batch, all-reduced separately from the raw weights (`kl_weighted_mean`)."""
     for weighting, extra in [("none", []), ("beta", []), ("self", ["--mode", "self", "--kl", "akl"])]:
         result = run_script(torchrun(2) + ["paced.py", *FAST, *extra, "--num_steps", "2",
                                            "--weighting", "beta" if weighting == "self" else weighting,
@@ -327,6 +329,7 @@ def test_torchrun_two_ranks(tmp_path):
         assert [r["step"] for r in logged] == [1, 2]
         for r in logged:
             assert sum(r[f"pass_hist/{b}"] for b in paced.BINS) == pytest.approx(1.0)
+            assert r["loss"] == pytest.approx(r["kl_weighted_mean"], abs=1e-5)  # the global weighted mean
             if weighting == "none":
                 assert r["problems_trained"] == 4 and r["loss"] == pytest.approx(r["kl_problem_mean"], abs=1e-5)
     assert common.check_checkpoint(tmp_path / "none" / "checkpoints" / "step_000002") is None
