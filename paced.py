@@ -1,0 +1,568 @@
+"""PACED: pass-rate-weighted distillation and self-distillation (arXiv 2603.11178).
+
+Idea. Distillation spends most of its gradient on problems the student already solves every time or
+never solves. The paper measures the cross-problem gradient signal-to-noise ratio and finds it
+bell-shaped over the student's pass rate p, collapsing at p = 0 and p = 1. PACED therefore weights
+each problem's distillation loss by a Beta kernel of its pass rate, so training concentrates on the
+frontier of competence. Two settings: distillation from a larger frozen teacher (teacher-forced on a
+reference the teacher samples), and on-policy self-distillation (the student, shown the expert
+solution, is the teacher of its own rollouts).
+
+Equations (per problem x_i of the global batch, sg = stop-gradient):
+    p_i    = (1/K) sum_k R(x_i, y_ik)          pass rate over K student rollouts (this step's weights)
+    w_i    = p_i^alpha (1 - p_i)^beta          (--weighting beta; p in {0,1} -> 0, no teacher forward)
+             1 if 0 < p_i < 1 else 0           (--weighting hard, the hard-filter baseline)
+             1                                 (--weighting none, unweighted distillation: every problem)
+    w~_i   = w_i / mean_batch(w)               (global batch mean over all ranks)
+    D_t    = full-vocabulary divergence at token t:
+             fkl = KL(pi_T || pi_S), rkl = KL(pi_S || pi_T), fkl_then_rkl = fkl for the first
+             --switch_step steps then rkl, akl = c_head fkl + c_tail rkl (below)
+    L_i    = mean over problem i's trained tokens of D_t
+             (distill: the teacher's reference; self: all K of the student's own rollouts)
+    L      = (1/N) sum_i w~_i L_i = sum_i w_i L_i / sum_i w_i      (N = problems in the global batch)
+AKL (Wu et al. 2024, the paper's baseline): sort the teacher's vocabulary by p_T, descending; the head
+is the shortest prefix whose cumulative probability reaches 0.5 (the token that crosses 0.5 belongs to
+the head; the tail is the rest); g_head = sum_head |p_T - p_S|, g_tail = sum_tail |p_T - p_S|;
+c_head = g_head / (g_head + g_tail), c_tail = 1 - c_head, both without gradient [ours: sg, and
+c_head = 0.5 when g_head + g_tail = 0, where both KLs are 0 anyway].
+
+Where the numbers come from: [paper] the PACED paper (digest in ../shared); [ours] our choice where it
+is silent. [paper]: w(p) = p^alpha (1-p)^beta with alpha = beta = 1; p from K student rollouts; the two
+settings; forward KL for distillation, the two-stage fkl -> rkl schedule, the AKL and unweighted
+baselines; the SNR diagnostic (norm of the mean per-problem gradient over the RMS deviation, per
+pass-rate bin). [ours]: K = 8, dividing the weights by their batch mean, the hard-filter weight 1,
+--switch_step 30, the AKL head inclusion rule, the bins of the histogram and the SNR, all the toy
+defaults (16 problems x 8 rollouts, lr 2e-4, 60 steps, 64 tokens). `--weighting none` keeps p in
+{0,1} (METHODS.md: "unweighted baseline"; every problem weight 1).
+
+Run:
+    python paced.py                                        # distill toy <- toy-large, PACED weights, CPU
+    python paced.py --mode self                            # self-distillation (teacher = student + solution)
+    python paced.py --weighting none                       # unweighted distillation
+    python paced.py --weighting hard                       # hard filter 0 < p < 1
+    python paced.py --kl akl --weighting none              # AKL baseline
+    python paced.py --kl fkl_then_rkl --switch_step 30     # two-stage schedule
+    python paced.py --log_snr 10                           # SNR per pass-rate bin every 10 steps (1 rank)
+    torchrun --nproc_per_node 2 paced.py --num_steps 3     # two CPU ranks (gloo, FSDP2)
+"""
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+from common import (TOY_CONTEXT_HEADER, Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat,
+                    all_reduce_sum, at_least, build_prompt, chunked_map, evaluate, init_distributed, load_checkpoint,
+                    load_model, load_problems, load_tokenizer, make_engine, max_prompt_length, micro_batches, option,
+                    output_head, parse_args, prepare_run_dir, print0, response_hidden, response_token_spans, run_main,
+                    save_checkpoint, validate_args, write_token_picture, writes_work)
+
+AKL_HEAD_MASS = 0.5  # cumulative teacher probability of the AKL head [Wu et al. 2024]
+# pass-rate bins of the histogram and the SNR [ours]: p = 0, (0, .25], (.25, .5], (.5, .75], (.75, 1), p = 1
+BINS = ["p0", "p0-25", "p25-50", "p50-75", "p75-100", "p1"]
+BIN_CENTRES = [0.0, 0.125, 0.375, 0.625, 0.875, 1.0]
+
+RULES = {
+    "k": at_least(1),
+    "alpha": at_least(0),
+    "beta": at_least(0),
+    "switch_step": at_least(0),
+    "log_snr": at_least(0),
+    "picture_rollouts": at_least(0),
+}
+
+
+@dataclass
+class Args:
+    # shared by every script
+    model: str = option("toy", "student: toy | toy-large | alias (Qwen3-0.6B, ...) | hub id | local dir")
+    dataset: str = option("toy", "train problems: toy | hub id | .jsonl/.json/.parquet")
+    dataset_split: str = option("train", "split of --dataset")
+    eval_dataset: str = option("toy", "eval problems (toy = its test split); empty string = no evaluation")
+    eval_split: str = option("test", "split of --eval_dataset")
+    problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
+    answer_key: str = option("answer", "column with the gold answer")
+    solution_key: str = option("solution", "column with the expert solution (the self-teacher's context)")
+    num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
+    seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
+    rollout: str = option("hf", "rollout engine: hf (vllm is planned)")
+    eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
+    resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
+    track: bool = option(False, "log to Weights & Biases")
+    run_name: str = option("", "run directory name under --output_dir; default paced_<mode>_<model>_s<seed>")
+    output_dir: str = option("runs", "where run directories go")
+    resume_or_start: bool = option(False, "like --resume, but start from step 0 when there is no valid checkpoint")
+    overwrite: bool = option(False, "move an existing run directory of --run_name aside and start a new run")
+    debug: bool = option(False, "print the traceback of input errors too (or set RLVR_DEBUG=1)")
+    # method
+    mode: Literal["distill", "self"] = option("distill", "distill: frozen --teacher_model samples a reference, "
+                                                         "teacher-forced KL on it; self: the student shown the "
+                                                         "expert solution scores the student's rollouts [paper]")
+    teacher_model: str = option("toy-large", "distill mode's frozen teacher, same tokenizer as --model")
+    k: int = option(8, "student rollouts per problem for the pass rate [paper: K; ours: 8]")
+    alpha: float = option(1.0, "w(p) = p^alpha (1-p)^beta [paper: 1]")
+    beta: float = option(1.0, "w(p) = p^alpha (1-p)^beta [paper: 1]")
+    weighting: Literal["beta", "none", "hard"] = option("beta", "beta = PACED, none = unweighted, hard = weight 1 "
+                                                                "for 0 < p < 1 [paper baselines]")
+    kl: Literal["fkl", "rkl", "fkl_then_rkl", "akl"] = option("fkl", "divergence [paper]")
+    switch_step: int = option(30, "fkl_then_rkl: the first N steps use fkl, the rest rkl [ours: 30]")
+    log_snr: int = option(0, "every N steps log the cross-problem gradient SNR per pass-rate bin (1 rank); 0 = off")
+    # rollouts
+    num_problems: int = option(16, "problems per step, global [ours: 16 on the toy]")
+    max_new_tokens: int = option(64, "response token limit [ours: 64 on the toy]")
+    max_prompt_tokens: int = option(0, "skip problems with longer prompts; 0 = model context - max_new_tokens")
+    temperature: float = option(1.0, "student and teacher sampling temperature [ours]")
+    top_p: float = option(1.0, "nucleus sampling [ours]")
+    top_k: int = option(0, "top-k, 0 = off")
+    enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch")
+    gen_batch_size: int = option(256, "sequences per generate call, a memory bound of the hf engine [ours]")
+    # optimisation
+    lr: float = option(2e-4, "AdamW learning rate [ours: 2e-4 for the tiny toy model]")
+    weight_decay: float = option(0.0, "AdamW weight decay [ours]")
+    max_grad_norm: float = option(1.0, "gradient-norm clip [ours]")
+    micro_batch_size: int = option(64, "sequences per forward/backward (gradient accumulation)")
+    logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary divergence")
+    activation_checkpointing: bool = option(False, "recompute decoder layers in backward to save memory")
+    # evaluation, checkpoints
+    eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
+    eval_k: int = option(4, "samples per eval problem: avg@k and pass@k")
+    eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
+    eval_temperature: float = option(0.7, "eval sampling temperature [ours]")
+    eval_top_p: float = option(0.95, "eval nucleus sampling [ours]")
+    eval_top_k: int = option(0, "eval top-k, 0 = off")
+    save_every: int = option(0, "checkpoint every N steps and at the end; 0 = never")
+    picture_rollouts: int = option(16, "trained sequences of the latest step drawn in tokens.html")
+    grader_timeout: float = option(10.0, "hard wall-clock bound per graded answer, seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# The method's math: small pure functions
+# ---------------------------------------------------------------------------------------------
+
+
+def beta_weight(p: torch.Tensor, alpha: float = 1.0, beta: float = 1.0) -> torch.Tensor:
+    """w(p) = p^alpha (1-p)^beta [paper], and 0 at p in {0, 1} for every alpha, beta (also alpha or
+    beta = 0, where 0^0 would give 1): problems solved always or never are skipped."""
+    p = torch.as_tensor(p, dtype=torch.float64)
+    w = p.pow(alpha) * (1 - p).pow(beta)
+    return torch.where((p > 0) & (p < 1), w, torch.zeros_like(w))
+
+
+def problem_weights(p: torch.Tensor, weighting: str = "beta", alpha: float = 1.0, beta: float = 1.0) -> torch.Tensor:
+    """Raw per-problem weights: `beta` = w(p); `hard` = 1 for 0 < p < 1, else 0; `none` = 1 everywhere."""
+    p = torch.as_tensor(p, dtype=torch.float64)
+    if weighting == "none":
+        return torch.ones_like(p)
+    if weighting == "hard":
+        return ((p > 0) & (p < 1)).to(p.dtype)
+    return beta_weight(p, alpha, beta)
+
+
+def normalise_weights(w: torch.Tensor, batch_sum: float | None = None, batch_count: int | None = None) -> torch.Tensor:
+    """w / mean(w) over the (global) batch: `batch_sum`/`batch_count` are the all-reduced sum and count
+    (default: this tensor's). A batch whose weights are all 0 stays all 0 (nothing is trained)."""
+    total = float(w.sum()) if batch_sum is None else batch_sum
+    count = len(w) if batch_count is None else batch_count
+    return w * (count / total) if total > 0 else torch.zeros_like(w)
+
+
+def active_divergence(kl: str, step: int, switch_step: int) -> str:
+    """The divergence of optimizer step `step` (0-based): fkl_then_rkl is fkl for steps 0..switch_step-1."""
+    if kl == "fkl_then_rkl":
+        return "fkl" if step < switch_step else "rkl"
+    return kl
+
+
+def akl_head_mask(teacher_probs: torch.Tensor, head_mass: float = AKL_HEAD_MASS) -> torch.Tensor:
+    """[N, V] bool: the teacher's most likely tokens whose cumulative probability (descending order)
+    reaches `head_mass`; a token is in the head when the mass of the tokens ranked before it is below
+    `head_mass` (so the token that crosses it is in the head, and the top token always is)."""
+    sorted_probs, order = teacher_probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs
+    head_sorted = before < head_mass
+    return torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
+
+
+def divergences(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "fkl"):
+    """Per position over the full vocabulary ([N, V] logits -> [N] each): (D, fkl, rkl) with D the
+    trained divergence (`fkl` = KL(pi_T||pi_S), `rkl` = KL(pi_S||pi_T), `akl` = c_head fkl + c_tail rkl
+    with sg coefficients); fkl and rkl are returned detached, for logging."""
+    log_s = torch.log_softmax(student_logits.float(), dim=-1)
+    log_t = torch.log_softmax(teacher_logits.float().detach(), dim=-1)
+    p_s, p_t = log_s.exp(), log_t.exp()
+    fkl = (p_t * (log_t - log_s)).sum(-1)
+    rkl = (p_s * (log_s - log_t)).sum(-1)
+    if kind == "fkl":
+        d = fkl
+    elif kind == "rkl":
+        d = rkl
+    elif kind == "akl":
+        with torch.no_grad():
+            gap = (p_t - p_s).abs()
+            head = akl_head_mask(p_t)
+            g_head, g_tail = (gap * head).sum(-1), (gap * ~head).sum(-1)
+            total = g_head + g_tail
+            c_head = torch.where(total > 0, g_head / total.clamp_min(1e-30), torch.full_like(total, 0.5))
+        d = c_head * fkl + (1 - c_head) * rkl
+    else:
+        raise ValueError(f"unknown divergence {kind!r}")
+    return d, fkl.detach(), rkl.detach()
+
+
+def gradient_snr(per_problem_grads: torch.Tensor) -> float:
+    """Cross-problem gradient SNR [paper]: ||mean_i g_i|| / sqrt(mean_i ||g_i - mean g||^2) for
+    [n, P] flattened per-problem gradients; NaN for fewer than 2 problems, inf for identical ones."""
+    g = per_problem_grads.double()
+    if g.shape[0] < 2:
+        return math.nan
+    mean = g.mean(0)
+    rms = (g - mean).pow(2).sum(1).mean().sqrt()
+    signal = mean.norm()
+    return float(signal / rms) if rms > 0 else math.inf
+
+
+def pass_rate_bin(p: float) -> int:
+    """Index into BINS: p = 0, (0, .25], (.25, .5], (.5, .75], (.75, 1), p = 1."""
+    if p <= 0:
+        return 0
+    if p >= 1:
+        return 5
+    return 1 + min(3, math.ceil(p * 4) - 1)
+
+
+def pass_rate_histogram(pass_rates) -> dict:
+    """Share of problems in each of BINS (keys `pass_hist/<bin>`)."""
+    counts = [0] * len(BINS)
+    for p in pass_rates:
+        counts[pass_rate_bin(float(p))] += 1
+    n = max(1, len(pass_rates))
+    return {f"pass_hist/{name}": c / n for name, c in zip(BINS, counts)}
+
+
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer, student: str, teacher: str) -> None:
+    """The KL compares distributions over the same token ids: refuse a teacher with another tokenizer."""
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student_vocab != teacher_vocab:
+        differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=str)[:3]
+        raise UserError(f"--teacher_model {teacher!r} has a different tokenizer from --model {student!r} "
+                        f"(vocabularies of {len(teacher_vocab)} and {len(student_vocab)} entries differ, e.g. "
+                        f"{differing}); PACED's KL compares the two models' distributions over the same token "
+                        "ids, so both need the same tokenizer (e.g. the same model family).")
+    for name in ["bos_token_id", "eos_token_id", "pad_token_id", "all_special_ids"]:
+        mine, theirs = getattr(student_tokenizer, name, None), getattr(teacher_tokenizer, name, None)
+        if mine != theirs:
+            raise UserError(f"--teacher_model {teacher!r} and --model {student!r} share a vocabulary but not "
+                            f"their special tokens ({name}: {theirs} vs {mine}); use a teacher with the same "
+                            "tokenizer.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring: the teacher's no-grad forward, then the student's, then the chunked divergence
+# ---------------------------------------------------------------------------------------------
+
+
+def score(model, teacher, student_prompts, teacher_prompts, responses, pad_id, kind, chunk_size):
+    """(D, fkl, rkl, mask), each [B, R], for `responses` under the student (its prompts, with
+    gradient) and the teacher (its prompts, no gradient); teacher is `model` itself in self mode."""
+    with torch.no_grad():
+        teacher_hidden, _, _ = response_hidden(teacher, teacher_prompts, responses, pad_id)
+        teacher_head = output_head(teacher)
+    student_hidden, _, mask = response_hidden(model, student_prompts, responses, pad_id)
+    student_head = output_head(model)
+
+    def fn(h_student, h_teacher):
+        with torch.no_grad():
+            teacher_logits = teacher_head(h_teacher)
+        return divergences(student_head(h_student), teacher_logits, kind)
+
+    values = chunked_map(fn, [student_hidden[mask], teacher_hidden[mask].detach()], chunk_size)
+    shaped = []
+    for v in values:
+        out = torch.zeros(mask.shape, dtype=v.dtype, device=v.device)
+        shaped.append(out.masked_scatter(mask, v))
+    return (*shaped, mask)
+
+
+def draw_snr(records: list[dict], png: Path) -> None:
+    """SNR against the pass-rate bin centre, one line per logged step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for record in records:
+        xs = [c for c, name in zip(BIN_CENTRES, BINS) if math.isfinite(record.get(f"snr/{name}", math.nan))]
+        ys = [record[f"snr/{name}"] for name in BINS if math.isfinite(record.get(f"snr/{name}", math.nan))]
+        axis.plot(xs, ys, marker="o", label=f"step {record['step']}")
+    axis.set(xlabel="student pass rate p (bin centre)", ylabel="cross-problem gradient SNR",
+             title="gradient SNR per pass-rate bin")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(png, dpi=110)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(Args, argv)
+    validate_args(args, RULES)
+    dist_info = init_distributed()
+    world, rank = dist_info.world_size, dist_info.rank
+    if args.num_problems % world:
+        raise UserError(f"--num_problems {args.num_problems} does not divide over {world} ranks: use a multiple "
+                        f"of the world size (e.g. {world * max(1, args.num_problems // world)}).")
+    if args.log_snr and world > 1:
+        raise UserError("--log_snr needs per-problem gradients of unsharded weights: run it on 1 rank "
+                        "(plain python), or pass --log_snr 0.")
+    distill = args.mode == "distill"
+    run = prepare_run_dir(args, f"paced_{args.mode}_{Path(args.model).name}_s{args.seed}", dist_info)
+    run_dir, run_name = run.path, run.path.name
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+
+    # ---- data, tokenizers (the teacher's must be the student's: checked before any weights load) ----
+    tokenizer = load_tokenizer(args.model)
+    if distill and not args.eval_only:
+        check_same_tokenizer(tokenizer, load_tokenizer(args.teacher_model), args.model, args.teacher_model)
+    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key,
+                tokenizer=tokenizer,
+                max_prompt_tokens=max_prompt_length(args.model, args.max_new_tokens, args.max_prompt_tokens))
+    train_rows = load_problems(args.dataset, args.dataset_split, **keys)
+    eval_rows = load_problems(args.eval_dataset, args.eval_split, **keys, limit=args.eval_limit or None) \
+        if args.eval_dataset else []
+
+    # ---- student, teacher (distill: frozen, sharded like the student; self: the student itself) ----
+    model = load_model(str(run.checkpoint or args.model), dist_info,
+                       activation_checkpointing=args.activation_checkpointing)
+    teacher = load_model(args.teacher_model, dist_info, trainable=False) if distill and not args.eval_only else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
+    teacher_engine = make_engine(args.rollout, teacher, tokenizer, args.gen_batch_size) if distill else None
+    grader = Grader(args.grader_timeout)
+    sampler = ProblemSampler(len(train_rows), args.seed)
+    start_step = 0
+    if run.checkpoint is not None:
+        restored = load_checkpoint(run.checkpoint, model, optimizer, dist_info)
+        start_step = restored["step"]
+        sampler.load_state_dict(restored["state"]["sampler"])
+        print0(f"[resume] continuing {run_dir} from step {start_step}")
+    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step)
+    params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
+    eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k, args.max_new_tokens)
+    pad_id = tokenizer.pad_token_id
+    picture, snr_records = [], []
+
+    def run_eval(step: int) -> dict:
+        metrics = evaluate(engine, tokenizer, eval_rows, grader, eval_params, args.eval_k, dist_info,
+                           args.enable_thinking)
+        logger.log(step, metrics, prefix="eval")
+        draw_picture()
+        return metrics
+
+    def draw_picture():
+        if picture and dist_info.is_main:
+            write_token_picture(run_dir / "tokens.html", picture, "D_t", title=f"{run_name}: divergence per token",
+                                note=f"D_t = the trained divergence (--kl {args.kl}) at each trained token; the row "
+                                     "label gives the problem's pass rate p and normalised weight w~; hover: fkl, rkl.")
+
+    history = {}
+    if eval_rows and (args.eval_only or start_step == 0):
+        history["first"] = run_eval(start_step)
+    if args.eval_only:
+        logger.close()
+        grader.close()
+        return history
+
+    per_rank = args.num_problems // world
+    print0(f"[paced] {run_name}: --mode {args.mode}, {args.num_steps} steps x {args.num_problems} problems x k "
+           f"{args.k} on {world} rank(s), --weighting {args.weighting} (alpha {args.alpha}, beta {args.beta}), "
+           f"--kl {args.kl}, teacher {args.teacher_model if distill else 'the student + expert solution'}")
+    train_started = time.time()
+    for step in range(start_step, args.num_steps):
+        step_started = time.time()
+        kind = active_divergence(args.kl, step, args.switch_step)
+
+        # ---- 1. k student rollouts per problem -> pass rates (this step's weights)
+        indices = sampler.next(args.num_problems)[rank * per_rank:(rank + 1) * per_rank]
+        problems = [train_rows[i] for i in indices]
+        prompts = [build_prompt(tokenizer, p["problem"], enable_thinking=args.enable_thinking) for p in problems]
+        responses = engine.generate([q for q in prompts for _ in range(args.k)], params, desc="rollout")
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        rewards, grade_counts = grader.grade(texts, [p["answer"] for p in problems for _ in range(args.k)])
+        pass_rates = torch.tensor([sum(rewards[i * args.k:(i + 1) * args.k]) / args.k for i in range(per_rank)],
+                                  dtype=torch.float64)
+
+        # ---- 2. weights, normalised by the global batch mean; zero-weight problems are dropped here
+        raw = problem_weights(pass_rates, args.weighting, args.alpha, args.beta)
+        weight_sum = float(all_reduce_sum(raw.sum()))
+        weights = normalise_weights(raw, weight_sum, args.num_problems)
+        trained = [i for i in range(per_rank) if weights[i] > 0]
+
+        # ---- 3. the sequences to train on: the teacher's reference (distill) or the student's rollouts (self)
+        if distill:
+            count = int(all_gather_cat(torch.tensor([len(trained)])).max())  # every rank samples alike (FSDP)
+            asked = [prompts[i] for i in trained] + [prompts[0]] * (count - len(trained))
+            references = teacher_engine.generate(asked, params, desc="teacher") if count else []
+            items = [(i, prompts[i], prompts[i], references[j]) for j, i in enumerate(trained)]
+        else:
+            contexts = {i: build_prompt(tokenizer, problems[i]["problem"],
+                                        TOY_CONTEXT_HEADER + (problems[i]["solution"] or
+                                                              f"\\boxed{{{problems[i]['answer']}}}"),
+                                        args.enable_thinking) for i in trained}
+            items = [(i, prompts[i], contexts[i], responses[i * args.k + j]) for i in trained for j in range(args.k)]
+        problem_tokens = {}
+        for i, _, _, response in items:
+            problem_tokens[i] = problem_tokens.get(i, 0) + len(response)
+
+        # ---- 4. weighted mean over problems of the per-problem token-mean divergence
+        model.train()
+        sums = dict.fromkeys(["loss", "d", "fkl", "rkl", "tokens"], 0.0)
+        shown, problem_d = [], {}  # problem_d: sum of D_t per problem (for L_i, logged)
+        batches = micro_batches(range(len(items)), [len(items[j][1]) + len(items[j][3]) for j in range(len(items))],
+                                args.micro_batch_size)
+        padded = int(all_gather_cat(torch.tensor([len(batches)])).max()) if world > 1 else len(batches)
+        for b in range(padded):
+            batch = batches[b] if b < len(batches) else None
+            dummy = batch is None or not items
+            if dummy:  # FSDP: every rank runs as many forwards; this one contributes 0
+                batch_items = [(0, prompts[0], prompts[0], responses[0])]
+            else:
+                batch_items = [items[j] for j in batch]
+            d, fkl, rkl, mask = score(model, teacher, [it[1] for it in batch_items], [it[2] for it in batch_items],
+                                      [it[3] for it in batch_items], pad_id, kind, args.logprob_chunk_size)
+            coef = torch.tensor([0.0 if dummy else float(weights[it[0]]) / max(1, problem_tokens[it[0]])
+                                 for it in batch_items], dtype=d.dtype, device=d.device)
+            loss = (d * coef[:, None]).sum() / args.num_problems
+            (loss * world).backward()  # FSDP averages gradients over ranks; the loss wants their sum
+            if dummy:
+                continue
+            sums["loss"] += loss.detach()
+            sums["d"] += d.detach()[mask].sum()
+            sums["fkl"] += fkl[mask].sum()
+            sums["rkl"] += rkl[mask].sum()
+            sums["tokens"] += mask.sum()
+            for row, it in enumerate(batch_items):
+                problem_d[it[0]] = problem_d.get(it[0], 0.0) + float(d.detach()[row][mask[row]].sum())
+                if rank == 0 and len(shown) < args.picture_rollouts:
+                    shown.append((it, d.detach()[row][mask[row]].cpu(), fkl[row][mask[row]].cpu(),
+                                  rkl[row][mask[row]].cpu()))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        engine.update_weights(model)
+
+        # ---- 5. metrics, SNR, token picture, evaluation, checkpoint
+        picture = [picture_row(tokenizer, problems[it[0]], it[3], float(pass_rates[it[0]]), float(weights[it[0]]),
+                               dv, fv, rv, step + 1) for it, dv, fv, rv in shown]
+        all_rates = all_gather_cat(pass_rates).tolist()
+        raw_all = problem_weights(torch.tensor(all_rates), args.weighting, args.alpha, args.beta)
+        sums.update(reward=sum(rewards), sequences=len(rewards), careful=sum(writes_work(t) for t in texts),
+                    no_answer=grade_counts["no_answer"], grader_timeouts=grade_counts["timeout"],
+                    trained_sequences=len(items), problems_scored=len(problem_d),
+                    problem_kl=sum(v / max(1, problem_tokens[i]) for i, v in problem_d.items()),
+                    weighted_kl=sum(float(raw[i]) * v / max(1, problem_tokens[i]) for i, v in problem_d.items()),
+                    raw_weight=float(raw[list(problem_d)].sum()) if problem_d else 0.0)
+        totals = all_reduce_sum(sums)
+        tokens = max(totals["tokens"], 1)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        step_seconds = time.time() - step_started
+        metrics = {
+            "reward": totals["reward"] / totals["sequences"],
+            **pass_rate_histogram(all_rates),
+            "problems_trained": int((raw_all > 0).sum()),
+            "effective_problems": float(raw_all.sum() ** 2 / raw_all.pow(2).sum()) if raw_all.sum() > 0 else 0.0,
+            "weight_mean": float(raw_all.mean()),
+            "loss": totals["loss"],
+            "kl_trained": totals["d"] / tokens,
+            "kl_problem_mean": totals["problem_kl"] / max(1, totals["problems_scored"]),
+            # sum_i w_i L_i / sum_i w_i with the raw weights, all-reduced: what `loss` must equal
+            "kl_weighted_mean": totals["weighted_kl"] / totals["raw_weight"] if totals["raw_weight"] > 0 else 0.0,
+            "kl_fkl": totals["fkl"] / tokens,
+            "kl_rkl": totals["rkl"] / tokens,
+            "kl_active_rkl": float(kind == "rkl"),
+            "kl_active_akl": float(kind == "akl"),
+            "trained_tokens": totals["tokens"],
+            "trained_sequences": totals["trained_sequences"],
+            "grad_norm": float(grad_norm),
+            "careful_frac": totals["careful"] / totals["sequences"],
+            "no_answer": totals["no_answer"],
+            "grader_timeouts": totals["grader_timeouts"],
+            "step_seconds": step_seconds,
+        }
+        if args.log_snr and (step + 1) % args.log_snr == 0:
+            snr = snr_by_bin(model, teacher, teacher_engine, tokenizer, problems, prompts, responses, pass_rates,
+                             args, kind, params)
+            metrics.update({f"snr/{name}": value for name, value in snr.items()})
+            snr_records.append({"step": step + 1, **{f"snr/{n}": v for n, v in snr.items()}})
+            if dist_info.is_main:
+                draw_snr(snr_records, run_dir / "snr.png")
+        logger.log(step + 1, metrics)
+        last_step = step + 1 == args.num_steps
+        if eval_rows and (last_step or (args.eval_every and (step + 1) % args.eval_every == 0)):
+            history["last"] = run_eval(step + 1)
+        if args.save_every and ((step + 1) % args.save_every == 0 or last_step):
+            save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, {"sampler": sampler.state_dict()},
+                            dist_info)
+
+    draw_picture()
+    minutes = (time.time() - train_started) / 60
+    summary = f"[paced] done: steps {start_step}->{args.num_steps} in {minutes:.1f} min; runs dir {run_dir}"
+    if "first" in history and "last" in history:
+        key = f"eval/avg@{args.eval_k}"
+        summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"
+    print0(summary)
+    logger.close()
+    grader.close()
+    return history
+
+
+def picture_row(tokenizer, problem, response, p, w, d, fkl, rkl, step) -> dict:
+    """One row of tokens.html: the trained sequence coloured by D_t, with p and w~ on the row."""
+    text, spans = response_token_spans(tokenizer, response)
+    return {"tokens": [text[s:e] for s, e in spans], "values": d.tolist(),
+            "hover": [f"fkl={f:.3f} rkl={r:.3f}" for f, r in zip(fkl.tolist(), rkl.tolist())],
+            "label": f"step {step} | p {p:.3f} | w~ {w:.3f}\n{problem['problem']}"}
+
+
+def snr_by_bin(model, teacher, teacher_engine, tokenizer, problems, prompts, responses, pass_rates, args, kind,
+               params) -> dict:
+    """Per pass-rate bin: gradient_snr of the flattened per-problem gradients of the unweighted
+    per-problem loss L_i, for every problem of this step (also p in {0, 1}; in distill mode the teacher
+    samples their references here, a diagnostic cost), with the weights after this step's update."""
+    params_list = [p for p in model.parameters() if p.requires_grad]
+    if args.mode == "distill":
+        references = teacher_engine.generate(prompts, params, desc="snr teacher")
+    by_bin = {name: [] for name in BINS}
+    for i, problem in enumerate(problems):
+        if args.mode == "distill":
+            student_prompts, teacher_prompts, seqs = [prompts[i]], [prompts[i]], [references[i]]
+        else:
+            context = build_prompt(tokenizer, problem["problem"], TOY_CONTEXT_HEADER + (problem["solution"] or
+                                   f"\\boxed{{{problem['answer']}}}"), args.enable_thinking)
+            seqs = responses[i * args.k:(i + 1) * args.k]
+            student_prompts, teacher_prompts = [prompts[i]] * len(seqs), [context] * len(seqs)
+        d, _, _, mask = score(model, teacher, student_prompts, teacher_prompts, seqs, tokenizer.pad_token_id, kind,
+                              args.logprob_chunk_size)
+        if not mask.any():
+            continue
+        loss = d[mask].mean()
+        grads = torch.autograd.grad(loss, params_list, allow_unused=True)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                          for g, p in zip(grads, params_list)])
+        by_bin[BINS[pass_rate_bin(float(pass_rates[i]))]].append(flat)
+    return {name: gradient_snr(torch.stack(g)) if len(g) >= 2 else math.nan for name, g in by_bin.items()}
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,58 @@
+"""Comparison on the toy task (not collected by pytest): PACED vs unweighted vs hard filter vs AKL,
+all in `--mode distill` (the `toy` student from the `toy-large` teacher).
+
+    python tests/compare_paced.py                     # 4 methods x 3 seeds, 60 steps each
+    python tests/compare_paced.py --seeds 1 --quiet   # one seed (run seeds as parallel processes)
+
+Every run is `paced.py` with its defaults (16 problems x k 8 per step, forward KL, lr 2e-4) plus the
+method's flags and `--eval_every 10`, under `--output_dir` (default runs/compare_paced). A run whose
+metrics already hold its final evaluation is not run again, so a finished comparison only redraws.
+Prints a table (initial, final and best eval avg@4, mean and range over seeds; steps until a run first
+reaches the unweighted baseline's mean final accuracy; problems trained per step and the careful
+share over the last 5 steps) and writes one PNG of the eval curves and the careful-strategy share.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comparison import EVAL_KEY, curve, draw, last, run, spread, steps_to_reach  # noqa: E402
+
+METHODS = {"unweighted": ["--weighting", "none"], "PACED": [], "hard filter": ["--weighting", "hard"],
+           "AKL": ["--weighting", "none", "--kl", "akl"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--num_steps", type=int, default=60)
+    parser.add_argument("--output_dir", default="runs/compare_paced")
+    parser.add_argument("--png", default="", help="figure path (default <output_dir>/compare_paced.png)")
+    parser.add_argument("--quiet", action="store_true", help="hide the runs' own output")
+    args = parser.parse_args()
+
+    results = {method: [run("paced.py", method, flags, seed, args.num_steps, args.output_dir, args.quiet)
+                        for seed in args.seeds] for method, flags in METHODS.items()}
+    target = sum(curve(r, EVAL_KEY)[1][-1] for r in results["unweighted"]) / len(args.seeds)
+
+    print(f"\n{len(args.seeds)} seeds x {args.num_steps} steps; eval avg@4 on the 256 toy test problems "
+          f"(T 0.7, top-p 0.95); mean [min, max] over seeds")
+    columns = ["method", "eval start", "eval end", "eval best", "steps to unweighted final", "problems trained",
+               "careful share end"]
+    widths = [12, 22, 22, 22, 26, 22, 22]
+    header = " ".join(f"{c:{w}}" for c, w in zip(columns, widths))
+    print(header + "\n" + "-" * len(header))
+    for method, runs in results.items():
+        evals = [curve(r, EVAL_KEY)[1] for r in runs]
+        cells = [method, spread([v[0] for v in evals]), spread([v[-1] for v in evals]),
+                 spread([max(v) for v in evals]), steps_to_reach(runs, target),
+                 spread([last(r, "problems_trained") for r in runs]), spread([last(r, "careful_frac") for r in runs])]
+        print(" ".join(f"{c:{w}}" for c, w in zip(cells, widths)))
+    print(f"(unweighted's mean final accuracy, the target: {target:.3f}; steps are eval points, every 10; "
+          "problems trained (of 16) and careful share: mean of the last 5 steps)")
+    draw(results, Path(args.png or Path(args.output_dir) / "compare_paced.png"), len(args.seeds))
+
+
+if __name__ == "__main__":
+    main()
