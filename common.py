@@ -8,8 +8,8 @@ Surface, in file order:
   distributed   Dist, init_distributed, print0, all_reduce_sum, all_gather_cat, barrier
   arguments     UserError, option, parse_args, ARG_RULES, at_least, above, between, one_of,
                 validate_args, run_main
-  models        MODEL_ALIASES, resolve_model, hub_reachable, load_tokenizer, max_prompt_length,
-                load_model, copy_weights
+  models        MODEL_ALIASES, resolve_model, check_same_tokenizer, hub_reachable, load_tokenizer,
+                max_prompt_length, load_model, copy_weights
   toy testbed   make_toy_rows, toy_response, parse_toy_steps, build_toy_model
   data          load_problems, ProblemSampler
   prompts       BOXED_INSTRUCTION, build_prompt
@@ -285,6 +285,24 @@ def resolve_model(name: str, flag: str = "--model") -> str:
     raise UserError(
         f"Unknown {flag} {name!r}. Use one of: {', '.join(TOY_SPECS)} (built-in, offline); a short "
         f"alias ({', '.join(MODEL_ALIASES)}); a hub id like 'Qwen/Qwen3-8B'; or a local model directory.")
+
+
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer, student: str, teacher: str) -> None:
+    """A separate teacher scores the student's token ids, so it must share the student's vocabulary
+    and special tokens: raise a UserError naming the difference otherwise (before any weights load)."""
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student_vocab != teacher_vocab:
+        differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=str)[:3]
+        raise UserError(f"--teacher_model {teacher!r} has a different tokenizer from --model {student!r} "
+                        f"(vocabularies of {len(teacher_vocab)} and {len(student_vocab)} entries differ, e.g. "
+                        f"{differing}); the teacher scores the student's token ids, so both need the same "
+                        "tokenizer (e.g. the same model family).")
+    for name in ["bos_token_id", "eos_token_id", "pad_token_id", "all_special_ids"]:
+        mine, theirs = getattr(student_tokenizer, name, None), getattr(teacher_tokenizer, name, None)
+        if mine != theirs:
+            raise UserError(f"--teacher_model {teacher!r} and --model {student!r} share a vocabulary but not "
+                            f"their special tokens ({name}: {theirs} vs {mine}); use a teacher with the same "
+                            "tokenizer.")
 
 
 @functools.lru_cache(maxsize=None)

@@ -52,10 +52,10 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
-                    at_least, build_prompt, evaluate, init_distributed, load_checkpoint, load_model, load_problems,
-                    load_tokenizer, make_engine, max_prompt_length, micro_batches, option, parse_args,
-                    prepare_run_dir, print0, response_logprobs, response_token_spans, run_main, save_checkpoint,
-                    stop_token_ids, validate_args, write_token_picture, writes_work)
+                    at_least, build_prompt, check_same_tokenizer, evaluate, init_distributed, load_checkpoint,
+                    load_model, load_problems, load_tokenizer, make_engine, max_prompt_length, micro_batches, option,
+                    parse_args, prepare_run_dir, print0, response_logprobs, response_token_spans, run_main,
+                    save_checkpoint, stop_token_ids, validate_args, write_token_picture, writes_work)
 
 SLICE_SHARE = 0.3  # --token_slice first30 / last30 [paper: 30%]
 
@@ -173,24 +173,6 @@ def opd_loss(logp, old_logp, w, a, mask, num_tokens, clip_low=0.2, clip_high=0.2
     ratio = torch.exp(logp - old_logp)
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
     return -torch.where(mask, surrogate, torch.zeros_like(surrogate)).sum() / num_tokens
-
-
-def check_same_tokenizer(student_tokenizer, teacher_tokenizer, student: str, teacher: str) -> None:
-    """OPD compares log-probs of the same token ids, so the teacher must share the student's
-    vocabulary and special tokens; raise a UserError naming the difference otherwise."""
-    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if student_vocab != teacher_vocab:
-        differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=str)[:3]
-        raise UserError(f"--teacher_model {teacher!r} has a different tokenizer from --model {student!r} "
-                        f"(vocabularies of {len(teacher_vocab)} and {len(student_vocab)} entries differ, e.g. "
-                        f"{differing}); on-policy distillation scores the student's token ids with the teacher, "
-                        "so both need the same tokenizer (e.g. the same model family).")
-    for name in ["bos_token_id", "eos_token_id", "pad_token_id", "all_special_ids"]:
-        mine, theirs = getattr(student_tokenizer, name, None), getattr(teacher_tokenizer, name, None)
-        if mine != theirs:
-            raise UserError(f"--teacher_model {teacher!r} and --model {student!r} share a vocabulary but not "
-                            f"their special tokens ({name}: {theirs} vs {mine}); use a teacher with the same "
-                            "tokenizer.")
 
 
 def picture_row(tokenizer, problem: dict, response: list[int], reward: float, a: torch.Tensor, w: torch.Tensor,

@@ -56,11 +56,12 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from common import (TOY_CONTEXT_HEADER, Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat,
-                    all_reduce_sum, at_least, build_prompt, chunked_map, evaluate, init_distributed, load_checkpoint,
-                    load_model, load_problems, load_tokenizer, make_engine, max_prompt_length, micro_batches, option,
-                    output_head, parse_args, prepare_run_dir, print0, response_hidden, response_token_spans, run_main,
-                    save_checkpoint, validate_args, write_token_picture, writes_work)
+from common import (Grader, ProblemSampler, RunLogger, SamplingParams, TOY_CONTEXT_HEADER, UserError, all_gather_cat,
+                    all_reduce_sum, at_least, build_prompt, check_same_tokenizer, chunked_map, evaluate,
+                    init_distributed, load_checkpoint, load_model, load_problems, load_tokenizer, make_engine,
+                    max_prompt_length, micro_batches, option, output_head, parse_args, prepare_run_dir, print0,
+                    response_hidden, response_token_spans, run_main, save_checkpoint, validate_args,
+                    write_token_picture, writes_work)
 
 AKL_HEAD_MASS = 0.5  # cumulative teacher probability of the AKL head [Wu et al. 2024]
 # pass-rate bins of the histogram and the SNR [ours]: p = 0, (0, .25], (.25, .5], (.5, .75], (.75, 1), p = 1
@@ -244,23 +245,6 @@ def pass_rate_histogram(pass_rates) -> dict:
     return {f"pass_hist/{name}": c / n for name, c in zip(BINS, counts)}
 
 
-def check_same_tokenizer(student_tokenizer, teacher_tokenizer, student: str, teacher: str) -> None:
-    """The KL compares distributions over the same token ids: refuse a teacher with another tokenizer."""
-    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if student_vocab != teacher_vocab:
-        differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=str)[:3]
-        raise UserError(f"--teacher_model {teacher!r} has a different tokenizer from --model {student!r} "
-                        f"(vocabularies of {len(teacher_vocab)} and {len(student_vocab)} entries differ, e.g. "
-                        f"{differing}); PACED's KL compares the two models' distributions over the same token "
-                        "ids, so both need the same tokenizer (e.g. the same model family).")
-    for name in ["bos_token_id", "eos_token_id", "pad_token_id", "all_special_ids"]:
-        mine, theirs = getattr(student_tokenizer, name, None), getattr(teacher_tokenizer, name, None)
-        if mine != theirs:
-            raise UserError(f"--teacher_model {teacher!r} and --model {student!r} share a vocabulary but not "
-                            f"their special tokens ({name}: {theirs} vs {mine}); use a teacher with the same "
-                            "tokenizer.")
-
-
 # ---------------------------------------------------------------------------------------------
 # Scoring: the teacher's no-grad forward, then the student's, then the chunked divergence
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +318,8 @@ def main(argv=None):
     # ---- data, tokenizers (the teacher's must be the student's: checked before any weights load) ----
     tokenizer = load_tokenizer(args.model)
     if distill and not args.eval_only:
-        check_same_tokenizer(tokenizer, load_tokenizer(args.teacher_model), args.model, args.teacher_model)
+        check_same_tokenizer(tokenizer, load_tokenizer(args.teacher_model, "--teacher_model"), args.model,
+                             args.teacher_model)
     keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key,
                 tokenizer=tokenizer,
                 max_prompt_tokens=max_prompt_length(args.model, args.max_new_tokens, args.max_prompt_tokens))
@@ -345,7 +330,8 @@ def main(argv=None):
     # ---- student, teacher (distill: frozen, sharded like the student; self: the student itself) ----
     model = load_model(str(run.checkpoint or args.model), dist_info,
                        activation_checkpointing=args.activation_checkpointing)
-    teacher = load_model(args.teacher_model, dist_info, trainable=False) if distill and not args.eval_only else model
+    teacher = (load_model(args.teacher_model, dist_info, trainable=False, flag="--teacher_model")
+               if distill and not args.eval_only else model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
     teacher_engine = make_engine(args.rollout, teacher, tokenizer, args.gen_batch_size) if distill else None
