@@ -55,7 +55,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
                     answer_span, at_least, between, build_prompt, evaluate, init_distributed, load_checkpoint,
-                    load_model, load_problems, load_tokenizer, make_engine, max_prompt_length, micro_batches,
+                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches,
                     option, parse_args, prepare_run_dir, print0, response_logprobs, response_token_spans, run_main,
                     save_checkpoint, stop_token_ids, token_roles, validate_args, write_token_picture, writes_work)
 
@@ -259,12 +259,7 @@ def main(argv=None):
 
     # ---- data (prompts longer than the context allows are skipped), model, optimizer, engine ----
     tokenizer = load_tokenizer(args.model)
-    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key,
-                tokenizer=tokenizer,
-                max_prompt_tokens=max_prompt_length(args.model, args.max_new_tokens, args.max_prompt_tokens))
-    train_rows = load_problems(args.dataset, args.dataset_split, **keys)
-    eval_rows = load_problems(args.eval_dataset, args.eval_split, **keys, limit=args.eval_limit or None) \
-        if args.eval_dataset else []
+    train_rows, eval_rows = load_run_problems(args, tokenizer)
     model = load_model(str(run.checkpoint or args.model), dist_info,
                        activation_checkpointing=args.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

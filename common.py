@@ -11,7 +11,7 @@ Surface, in file order:
   models        MODEL_ALIASES, resolve_model, check_same_tokenizer, hub_reachable, load_tokenizer,
                 max_prompt_length, load_model, copy_weights
   toy testbed   make_toy_rows, toy_response, parse_toy_steps, build_toy_model
-  data          load_problems, ProblemSampler
+  data          load_problems, load_run_problems, ProblemSampler
   prompts       BOXED_INSTRUCTION, build_prompt
   grading       boxed_span_at, find_last_boxed, extract_boxed_answer, Grader
   responses     THINK_TAGS, answer_span, writes_work, response_token_spans, token_roles
@@ -936,6 +936,19 @@ def _read_json_rows(path: Path) -> list:
             rows.append(None)  # counted as malformed by load_problems
             print0(f"[data] {path}:{number}: not valid JSON, skipped")
     return rows
+
+
+def load_run_problems(args, tokenizer) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) for a script's shared data options: `--dataset`/`--eval_dataset`, their
+    splits and `--*_key` columns, `--eval_limit`; prompts longer than the model's context minus
+    `--max_new_tokens` (or `--max_prompt_tokens`) are skipped. No `--eval_dataset`: no eval rows."""
+    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key,
+                tokenizer=tokenizer,
+                max_prompt_tokens=max_prompt_length(args.model, args.max_new_tokens, args.max_prompt_tokens))
+    train_rows = load_problems(args.dataset, args.dataset_split, **keys)
+    eval_rows = load_problems(args.eval_dataset, args.eval_split, **keys, limit=args.eval_limit or None) \
+        if args.eval_dataset else []
+    return train_rows, eval_rows
 
 
 class ProblemSampler:

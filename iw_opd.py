@@ -53,7 +53,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
                     at_least, build_prompt, check_same_tokenizer, evaluate, init_distributed, load_checkpoint,
-                    load_model, load_problems, load_tokenizer, make_engine, max_prompt_length, micro_batches, option,
+                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches, option,
                     parse_args, prepare_run_dir, print0, response_logprobs, response_token_spans, run_main,
                     save_checkpoint, stop_token_ids, validate_args, write_token_picture, writes_work)
 
@@ -212,12 +212,7 @@ def main(argv=None):
     if not args.eval_only:
         check_same_tokenizer(tokenizer, load_tokenizer(args.teacher_model, "--teacher_model"), args.model,
                              args.teacher_model)
-    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key,
-                tokenizer=tokenizer,
-                max_prompt_tokens=max_prompt_length(args.model, args.max_new_tokens, args.max_prompt_tokens))
-    train_rows = load_problems(args.dataset, args.dataset_split, **keys)
-    eval_rows = load_problems(args.eval_dataset, args.eval_split, **keys, limit=args.eval_limit or None) \
-        if args.eval_dataset else []
+    train_rows, eval_rows = load_run_problems(args, tokenizer)
 
     # ---- student (trainable), frozen teacher (sharded like the student), optimizer, engine ----
     model = load_model(str(run.checkpoint or args.model), dist_info,

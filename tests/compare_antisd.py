@@ -12,24 +12,17 @@ headline; the final share of careful rollouts) and writes one PNG of the eval cu
 careful-strategy share over steps.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comparison import EVAL_KEY, curve, draw, last, run, spread, steps_to_reach  # noqa: E402
+from comparison import EVAL_KEY, curve, draw, last, parse_args, run, spread, steps_to_reach  # noqa: E402
 
 METHODS = {"GRPO": ["--lambda_max", "0"], "AntiSD": [], "SD": ["--signal", "sd"]}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--num_steps", type=int, default=60)
-    parser.add_argument("--output_dir", default="runs/compare_antisd")
-    parser.add_argument("--png", default="", help="figure path (default <output_dir>/compare_antisd.png)")
-    parser.add_argument("--quiet", action="store_true", help="hide the runs' own output")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "compare_antisd")
 
     results = {method: [run("antisd.py", method, flags, seed, args.num_steps, args.output_dir, args.quiet)
                         for seed in args.seeds] for method, flags in METHODS.items()}
@@ -47,7 +40,7 @@ def main():
               f"{spread(careful):22}")
     print(f"(GRPO's mean final accuracy, the target of 'steps to GRPO final': {target:.3f}; "
           "steps are eval points, every 10; careful share: mean of the last 5 steps)")
-    draw(results, Path(args.png or Path(args.output_dir) / "compare_antisd.png"), len(args.seeds))
+    draw(results, args.png, len(args.seeds))
 
 
 if __name__ == "__main__":

@@ -12,25 +12,18 @@ reaches the unweighted baseline's mean final accuracy; problems trained per step
 share over the last 5 steps) and writes one PNG of the eval curves and the careful-strategy share.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comparison import EVAL_KEY, curve, draw, last, run, spread, steps_to_reach  # noqa: E402
+from comparison import EVAL_KEY, curve, draw, last, parse_args, run, spread, steps_to_reach  # noqa: E402
 
 METHODS = {"unweighted": ["--weighting", "none"], "PACED": [], "hard filter": ["--weighting", "hard"],
            "AKL": ["--weighting", "none", "--kl", "akl"]}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--num_steps", type=int, default=60)
-    parser.add_argument("--output_dir", default="runs/compare_paced")
-    parser.add_argument("--png", default="", help="figure path (default <output_dir>/compare_paced.png)")
-    parser.add_argument("--quiet", action="store_true", help="hide the runs' own output")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "compare_paced")
 
     results = {method: [run("paced.py", method, flags, seed, args.num_steps, args.output_dir, args.quiet)
                         for seed in args.seeds] for method, flags in METHODS.items()}
@@ -51,7 +44,7 @@ def main():
         print(" ".join(f"{c:{w}}" for c, w in zip(cells, widths)))
     print(f"(unweighted's mean final accuracy, the target: {target:.3f}; steps are eval points, every 10; "
           "problems trained (of 16) and careful share: mean of the last 5 steps)")
-    draw(results, Path(args.png or Path(args.output_dir) / "compare_paced.png"), len(args.seeds))
+    draw(results, args.png, len(args.seeds))
 
 
 if __name__ == "__main__":

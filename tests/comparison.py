@@ -1,6 +1,7 @@
 """Shared by the toy comparisons (tests/compare_*.py): run a method's script for several seeds,
 read the metrics back, summarise over seeds and draw the eval curves and the careful-strategy share."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -8,6 +9,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_KEY = "eval/avg@4"
+
+
+def parse_args(description: str, name: str) -> argparse.Namespace:
+    """The options every comparison takes; runs go to runs/<name>/, the figure to <name>.png there."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--num_steps", type=int, default=60)
+    parser.add_argument("--output_dir", default=f"runs/{name}")
+    parser.add_argument("--png", default="", help=f"figure path (default <output_dir>/{name}.png)")
+    parser.add_argument("--quiet", action="store_true", help="hide the runs' own output")
+    args = parser.parse_args()
+    args.png = Path(args.png or Path(args.output_dir) / f"{name}.png")
+    return args
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
