@@ -41,7 +41,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("something was loaded before the options were validated")
 
-    for name in ["load_tokenizer", "load_model", "load_problems", "prepare_run_dir", "init_distributed"]:
+    for name in ["load_tokenizer", "load_model", "load_run_problems", "prepare_run_dir", "init_distributed"]:
         monkeypatch.setattr(antisd, name, refuse)
 
 
