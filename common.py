@@ -56,6 +56,12 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+# CUDA: let the caching allocator grow segments instead of fragmenting them (generation and training
+# alternate very different tensor shapes). Read at the first CUDA allocation, so set before torch
+# touches the GPU; a user's own setting wins.
+if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -1245,44 +1251,129 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
 class RolloutEngine:
     """Interface of a rollout engine: sample from token ids; receive new weights after each step.
 
-    `generate(prompts, params)` takes a list of prompt token-id lists and returns, per prompt, one
-    sampled response as token ids, ending with the stop token when one was produced (truncated
-    responses have none). Every rank calls it with the same number of prompts.
+    `generate(prompts, params, desc, logprobs=False)` takes a list of prompt token-id lists and
+    returns, per prompt, one sampled response as token ids, ending with the stop token when one was
+    produced (truncated responses have none). With `logprobs=True` it returns
+    `(responses, sampler_logprobs)`: per response a list of floats, one per response token, the
+    log-probability the sampler gave that token under the model's distribution after temperature
+    and before top-k/top-p filtering, log_softmax(logits / T)[token] (T = 1 when greedy) -- the
+    quantity `response_logprobs(..., temperature=T)` recomputes in training, so the two differ only
+    by numerics (a truncated importance-sampling correction compares exactly these).
+    Every rank calls `generate` the same number of times (a sharded engine gathers its weights at
+    the start of the call, a collective); the number of prompts may differ between ranks.
     """
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generate") -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generate",
+                 logprobs: bool = False):
         raise NotImplementedError
 
     def update_weights(self, model) -> None:
         """Push the policy's new weights to the engine (a no-op when it samples from the policy itself)."""
 
 
+def generation_batches(prompt_lengths: Sequence[int], max_new_tokens: int, max_sequences: int,
+                       max_tokens: int = 0) -> list[list[int]]:
+    """Consecutive batches of prompt indices for one generation phase, in order: at most
+    `max_sequences` rows and, when `max_tokens` > 0, at most `max_tokens` KV-cache positions, counted
+    as rows x (longest prompt in the batch + max_new_tokens), the cache's size when every row runs
+    to the limit (left padding included). A prompt that alone exceeds `max_tokens` goes alone."""
+    batches, batch, width = [], [], 0
+    for i, length in enumerate(prompt_lengths):
+        new_width = max(width, length)
+        full = len(batch) >= max_sequences or (max_tokens > 0 and (len(batch) + 1) * (new_width + max_new_tokens)
+                                                > max_tokens)
+        if batch and full:
+            batches.append(batch)
+            batch, new_width = [], length
+        batch.append(i)
+        width = new_width
+    return batches + ([batch] if batch else [])
+
+
+def _fsdp_modules(model) -> list:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _fsdp_param_groups(module) -> list:
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.8; one optional group before
+    if groups is None:
+        groups = [state._fsdp_param_group] if getattr(state, "_fsdp_param_group", None) is not None else []
+    return list(groups)
+
+
+class gathered_weights:
+    """Context manager: an FSDP2 model's weights all-gathered once for a whole phase (generation).
+
+    Every FSDP unit is unsharded on entry (one all-gather each, in the compute dtype of its
+    MixedPrecisionPolicy: bf16 on CUDA) and kept unsharded after each forward; on exit the units
+    are resharded and their reshard-after-forward settings restored. Inside, forwards call no
+    collective, so ranks need not stay in step. Entering is a collective: every rank enters.
+    A model without FSDP2 units passes through unchanged.
+    """
+
+    def __init__(self, model):
+        self.model, self.modules, self.saved = model, _fsdp_modules(model), []
+
+    def __enter__(self):
+        if not self.modules:
+            return self.model
+        root = self.modules[0]  # model.modules() lists the model itself first
+        # settle which unit is the root first: its lazy init turns off its reshard-after-forward,
+        # and the settings saved here must be the ones training runs with
+        root._get_fsdp_state()._lazy_init()
+        self.saved = [any(g.post_forward_mesh_info is not None for g in _fsdp_param_groups(m)) for m in self.modules]
+        for module in self.modules:
+            module.set_reshard_after_forward(False, recurse=False)
+            module.unshard()
+        return self.model
+
+    def __exit__(self, *exc):
+        for module, reshard in zip(self.modules, self.saved):
+            module.set_reshard_after_forward(reshard, recurse=False)
+            module.reshard()
+        return False
+
+
 class HFEngine(RolloutEngine):
     """Samples from the training model itself with a plain loop over a Hugging Face KV cache.
 
+    Memory: prompts go in order into batches of at most `batch_size` sequences and, when
+    `batch_tokens` > 0, at most `batch_tokens` KV-cache positions (rows x (longest prompt +
+    max_new_tokens), see `generation_batches`), so the cache fits whatever the response length.
     A row that has produced a stop token leaves the batch (the cache is copied without its rows), so
-    short responses cost nothing while long ones finish. Works sharded: under FSDP2 every rank runs the
-    same number of forward passes, and a rank whose rows have all stopped keeps one in the batch,
-    ignored, until every rank is done.
+    short responses cost nothing while long ones finish. Under FSDP2 the weights are gathered once
+    per `generate` call (`gathered_weights`), not once per token, and each rank then samples on its
+    own: no rank waits for another's longest rollout. The sampler never reads the model's
+    `generation_config` (Qwen3 ships T 0.6 / top-p 0.95 / top-k 20 there): only `params` count.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 64):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model, tokenizer, batch_size: int = 64, batch_tokens: int = 0):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.stop_ids = set(stop_token_ids(tokenizer, model))
 
     @torch.no_grad()
-    def generate(self, prompts, params, desc="generate"):
+    def generate(self, prompts, params, desc="generate", logprobs=False):
         was_training = self.model.training
         self.model.eval()
-        responses, progress = [], Progress(len(prompts), desc)
-        for start in range(0, len(prompts), self.batch_size):
-            responses += self._sample(prompts[start: start + self.batch_size], params)
-            progress.update(min(self.batch_size, len(prompts) - start))
+        responses, sampler_logprobs, progress = [], [], Progress(len(prompts), desc)
+        with gathered_weights(self.model):
+            for batch in generation_batches([len(p) for p in prompts], params.max_new_tokens, self.batch_size,
+                                            self.batch_tokens):
+                tokens, token_logprobs = self._sample([prompts[i] for i in batch], params)
+                responses += tokens
+                sampler_logprobs += token_logprobs
+                progress.update(len(batch))
         progress.close()
         self.model.train(was_training)
-        return responses
+        return (responses, sampler_logprobs) if logprobs else responses
 
-    def _sample(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    def _sample(self, prompts: list[list[int]], params: SamplingParams):
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -1293,58 +1384,61 @@ class HFEngine(RolloutEngine):
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(1) - 1).clamp(min=0)
         cache = None  # the model makes its KV cache on the first call
-        responses, stopped = [[] for _ in prompts], [False] * len(prompts)
+        responses, logprobs = [[] for _ in prompts], [[] for _ in prompts]
         rows = list(range(len(prompts)))  # the prompt of each batch row
         for step in range(params.max_new_tokens):
             output = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache, tokens = output.past_key_values, sample_token(output.logits[:, -1], params)
-            for row, token in zip(rows, tokens.tolist()):
-                if not stopped[row]:
-                    responses[row].append(token)
-                    stopped[row] = token in self.stop_ids
-            keep = torch.tensor([not stopped[row] for row in rows])
-            if step + 1 == params.max_new_tokens or not _any_rank(bool(keep.any())):
+            cache = output.past_key_values
+            tokens, token_logprobs = sample_token(output.logits[:, -1], params, return_logprobs=True)
+            keep = []
+            for row, token, logprob in zip(rows, tokens.tolist(), token_logprobs.tolist()):
+                responses[row].append(token)
+                logprobs[row].append(logprob)
+                keep.append(token not in self.stop_ids)
+            if step + 1 == params.max_new_tokens or not any(keep):
                 break
-            if not keep.any():
-                keep[0] = True  # another rank is still sampling: stay in step with it (tokens ignored)
-            if not keep.all():  # stopped rows leave the batch (the cache is copied without them)
-                rows = [row for row, kept in zip(rows, keep.tolist()) if kept]
-                kept = keep.nonzero()[:, 0].to(device)
+            if not all(keep):  # stopped rows leave the batch (the cache is copied without them)
+                rows = [row for row, kept in zip(rows, keep) if kept]
+                kept = torch.tensor(keep).nonzero()[:, 0].to(device)
                 cache.batch_select_indices(kept)
                 tokens, attention, positions = tokens[kept], attention[kept], positions[kept]
             input_ids = tokens[:, None]
             attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
-        return responses
+        return responses, logprobs
 
 
-def _any_rank(flag: bool) -> bool:
-    """True when `flag` is true on some rank."""
-    return bool(all_reduce_sum(float(flag)) > 0) if _distributed() else flag
-
-
-def sample_token(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def sample_token(logits: torch.Tensor, params: SamplingParams, return_logprobs: bool = False):
     """One token per row of [B, V] logits: argmax at temperature 0, else a sample after temperature,
-    top-k and top-p (nucleus: the most likely tokens whose probabilities first reach top_p) filtering."""
+    top-k and top-p (nucleus: the most likely tokens whose probabilities first reach top_p) filtering.
+    With `return_logprobs` also each token's log-probability after temperature, before filtering:
+    log_softmax(logits / T) (T = 1 when greedy), in fp32."""
     logits = logits.float()
+    scaled = logits / params.temperature if params.temperature > 0 else logits
     if params.temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth_largest = logits.topk(params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        outside = probs.cumsum(-1) - probs >= params.top_p  # the mass before it already reaches top_p
-        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+        tokens = logits.argmax(-1)
+    else:
+        filtered = scaled
+        if 0 < params.top_k < logits.shape[-1]:
+            kth_largest = filtered.topk(params.top_k, dim=-1).values[:, -1:]
+            filtered = filtered.masked_fill(filtered < kth_largest, float("-inf"))
+        if params.top_p < 1.0:
+            sorted_logits, order = filtered.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            outside = probs.cumsum(-1) - probs >= params.top_p  # the mass before it already reaches top_p
+            filtered = filtered.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+        tokens = torch.multinomial(filtered.softmax(-1), 1)[:, 0]
+    if not return_logprobs:
+        return tokens
+    return tokens, torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None])[:, 0]
 
 
-def make_engine(kind: str, model, tokenizer, batch_size: int = 64) -> RolloutEngine:
+def make_engine(kind: str, model, tokenizer, batch_size: int = 64, batch_tokens: int = 0) -> RolloutEngine:
+    """The rollout engine of `--rollout`: `batch_size` (--gen_batch_size) sequences and `batch_tokens`
+    (--gen_batch_tokens, 0 = no bound) KV-cache positions per generation batch."""
     if kind == "hf":
-        return HFEngine(model, tokenizer, batch_size)
+        return HFEngine(model, tokenizer, batch_size, batch_tokens)
     if kind == "vllm":
         raise NotImplementedError("--rollout vllm is not implemented yet (it is planned; the RolloutEngine "
                                   "interface in common.py is where it plugs in). Use --rollout hf.")
@@ -1356,11 +1450,36 @@ def make_engine(kind: str, model, tokenizer, batch_size: int = 64) -> RolloutEng
 # ---------------------------------------------------------------------------------------------
 
 
-def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int) -> list[list[int]]:
-    """Split `indices` into micro-batches of at most `size`, sequences of similar `lengths[i]`
-    together so that less compute goes to padding (a sum over micro-batches does not depend on the split)."""
+def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int, max_tokens: int = 0,
+                  same_count: bool = False) -> list[list[int]]:
+    """Split `indices` into micro-batches, sequences sorted by `lengths[i]` so that little compute goes
+    to padding: at most `size` sequences and, when `max_tokens` > 0, at most `max_tokens` padded
+    tokens (rows x longest length in the micro-batch) each; a sequence longer than `max_tokens` goes
+    alone. A sum over micro-batches does not depend on the split.
+
+    `same_count=True` (a collective: every rank calls it) splits the largest micro-batches further
+    until every rank has as many as the rank with the most, as FSDP2 needs (each forward and
+    backward all-gathers); it can always do so when every rank splits equally many sequences.
+    """
     order = sorted(indices, key=lambda i: lengths[i])
-    return [order[start: start + size] for start in range(0, len(order), size)]
+    batches, batch = [], []
+    for i in order:  # ascending: the newest sequence is the longest of its micro-batch
+        if batch and (len(batch) >= size or (max_tokens > 0 and (len(batch) + 1) * lengths[i] > max_tokens)):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    batches += [batch] if batch else []
+    if same_count and _distributed():
+        target = int(all_gather_cat(torch.tensor([len(batches)])).max())
+        while len(batches) < target:
+            splittable = [b for b in batches if len(b) > 1]
+            if not splittable:
+                raise RuntimeError(f"micro_batches: cannot make {target} micro-batches of {len(order)} sequences "
+                                   "(ranks hold different numbers of sequences)")
+            largest = max(splittable, key=lambda b: len(b) * max(lengths[i] for i in b))
+            at = batches.index(largest)
+            batches[at: at + 1] = [largest[: len(largest) // 2], largest[len(largest) // 2:]]
+    return batches
 
 
 def response_hidden(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
@@ -1408,12 +1527,13 @@ def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                      chunk_size: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      chunk_size: int = 512, temperature: float = 1.0
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p(y_t) [B,R], full-vocabulary entropy [B,R], mask [B,R]) of `model` on each response
-    after its prompt: `response_hidden` then `token_logprob_entropy`. Differentiable unless called
-    under `torch.no_grad()`."""
+    after its prompt, under softmax(logits / temperature): `response_hidden` then
+    `token_logprob_entropy`. Differentiable unless called under `torch.no_grad()`."""
     hidden, targets, mask = response_hidden(model, prompts, responses, pad_id)
-    logprobs, entropy = token_logprob_entropy(output_head(model), hidden, targets, mask, chunk_size)
+    logprobs, entropy = token_logprob_entropy(output_head(model), hidden, targets, mask, chunk_size, temperature)
     return logprobs, entropy, mask
 
 
@@ -1435,14 +1555,20 @@ def chunked_map(fn: Callable, tensors: Sequence[torch.Tensor], chunk_size: int) 
 
 
 def token_logprob_entropy(logits_fn: Callable, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                          chunk_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                          chunk_size: int = 512, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) and full-vocabulary entropy per response token ([B,R] each, 0 where masked).
 
     `logits_fn` maps hidden states to logits (`output_head(model)`); bf16/fp16 logits are upcast to fp32.
+    `temperature` T: the distribution is softmax(logits / T), the one a sampler at T draws from before
+    any top-k/top-p filtering (TRL and verl divide the logits alike); T = 1 or T <= 0 (greedy) leave
+    the logits as they are.
     """
+    scaled = 0 < temperature != 1
 
     def logprob_and_entropy(h, y):
-        logprobs = _log_softmax_fp32(logits_fn(h))
+        logits = logits_fn(h)
+        logprobs = _log_softmax_fp32(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+                                     if scaled else logits)
         chosen = logprobs.gather(-1, y[:, None]).squeeze(-1)
         entropy = -(logprobs.exp() * logprobs).sum(-1)
         return chosen, entropy
