@@ -22,7 +22,11 @@ Where the numbers come from: [paper] the AntiSD paper; [2nd] a secondary write-u
 choice where the sources are silent. Paper setting [paper]: DAPO-Math-17k, 200 steps, 32 problems
 x 8 rollouts, AdamW lr 1e-6, 32K tokens, lambda_max 0.5, 5 warm-up steps, tau_down 0.93; eval
 avg@32 on AIME24/25/26 and HMMT25, avg@4 on Minerva, temperature 0.7, top-p 0.95. The median as
-the gate's entropy statistic is [2nd]; the teacher-context template is [ours]. The defaults below
+the gate's entropy statistic is [2nd]; the teacher-context template is [ours]. Temperature: every
+log-prob and entropy here (student, behaviour policy, and the self-teacher shown c) is taken under
+softmax(logits / --temperature), the distribution the rollouts were drawn from, as verl and TRL do
+[code of the peers]; teacher and student share it, so u_t stays the PMI of one tempered policy with
+and without c (T = 1, the default, divides by nothing). The defaults below
 suit the built-in toy task (larger learning rate, short responses) [ours]; the README gives the
 paper's command.
 
@@ -106,7 +110,9 @@ class Args:
     top_p: float = option(1.0, "rollout nucleus sampling [ours]")
     top_k: int = option(0, "rollout top-k, 0 = off [ours]")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch (unset = template default)")
-    gen_batch_size: int = option(256, "sequences per generate call, a memory bound of the hf engine [ours: one call for 32 x 8]")
+    gen_batch_size: int = option(256, "sequences per generation batch of the hf engine [ours: one batch for 32 x 8]")
+    gen_batch_tokens: int = option(262144, "KV-cache positions per generation batch, rows x (longest prompt + "
+                                   "max_new_tokens); 0 = no bound [ours: README, memory table]")
     # optimisation
     lr: float = option(1e-4, "AdamW learning rate [paper: 1e-6; ours: 1e-4 for the tiny toy model]")
     weight_decay: float = option(0.0, "AdamW weight decay [ours]")
@@ -115,7 +121,9 @@ class Args:
     clip_high: float = option(0.28, "PPO ratio clip eps_high, DAPO clip-higher [paper setting via verl]")
     scale_rewards: bool = option(True, "divide group advantages by the group std (false = Dr.GRPO)")
     num_minibatches: int = option(1, "optimizer steps per batch; 1 = on-policy, rho = 1 [ours]")
-    micro_batch_size: int = option(64, "sequences per forward/backward (gradient accumulation)")
+    micro_batch_size: int = option(64, "at most this many sequences per forward/backward (gradient accumulation)")
+    micro_batch_tokens: int = option(16384, "at most this many padded tokens (rows x longest) per forward/backward; "
+                                     "a longer sequence goes alone; 0 = no bound [ours: README, memory table]")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary log-prob/entropy")
     activation_checkpointing: bool = option(False, "recompute decoder layers in backward to save memory")
     # AntiSD
@@ -263,7 +271,7 @@ def main(argv=None):
     model = load_model(str(run.checkpoint or args.model), dist_info,
                        activation_checkpointing=args.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
+    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size, args.gen_batch_tokens)
     grader = Grader(args.grader_timeout)
     sampler = ProblemSampler(len(train_rows), args.seed)
     gate = EntropyGate(args.gate_warmup, args.tau_down)
@@ -310,6 +318,7 @@ def main(argv=None):
 
     problems_per_rank = args.num_problems // world
     group = args.num_generations
+    budget = (args.micro_batch_size, args.micro_batch_tokens)  # sequences and padded tokens per forward
     print0(f"[antisd] {run_name}: {args.num_steps} steps x {args.num_problems} problems x {group} rollouts "
            f"on {world} rank(s), device {dist_info.device}")
     train_started = time.time()
@@ -349,17 +358,17 @@ def main(argv=None):
         with torch.no_grad():
             if use_teacher:
                 teacher_lengths = [len(teacher_prompts[i]) + len(responses[i]) for i in rollouts]
-                for batch in micro_batches(rollouts, teacher_lengths, args.micro_batch_size):
+                for batch in micro_batches(rollouts, teacher_lengths, *budget, same_count=True):
                     logprobs, entropy, mask = response_logprobs(
                         model, [teacher_prompts[i] for i in batch], [responses[i] for i in batch], pad_id,
-                        args.logprob_chunk_size)
+                        args.logprob_chunk_size, temperature=args.temperature)
                     for i, row, row_entropy, row_mask in zip(batch, logprobs, entropy, mask):
                         teacher_logprobs[i], teacher_entropy[i] = row[row_mask], row_entropy[row_mask]
             if args.num_minibatches > 1:
-                for batch in micro_batches(rollouts, student_lengths, args.micro_batch_size):
+                for batch in micro_batches(rollouts, student_lengths, *budget, same_count=True):
                     logprobs, _, mask = response_logprobs(
                         model, [student_prompts[i] for i in batch], [responses[i] for i in batch], pad_id,
-                        args.logprob_chunk_size)
+                        args.logprob_chunk_size, temperature=args.temperature)
                     for i, row, row_mask in zip(batch, logprobs, mask):
                         behaviour_logprobs[i] = row[row_mask]
 
@@ -381,10 +390,10 @@ def main(argv=None):
         for minibatch in range(args.num_minibatches):
             owned = range(minibatch * per_minibatch, (minibatch + 1) * per_minibatch)
             minibatch_tokens = all_reduce_sum(sum(len(responses[i]) for i in owned)).item()
-            for batch in micro_batches(owned, student_lengths, args.micro_batch_size):
+            for batch in micro_batches(owned, student_lengths, *budget, same_count=True):
                 logprobs, entropy, mask = response_logprobs(
                     model, [student_prompts[i] for i in batch], [responses[i] for i in batch], pad_id,
-                    args.logprob_chunk_size)
+                    args.logprob_chunk_size, temperature=args.temperature)
                 # the behaviour policy (the weights that sampled the batch) gives the ratio's denominator
                 old_logprobs = (pad_sequence([behaviour_logprobs[i] for i in batch], batch_first=True)
                                 if args.num_minibatches > 1 else logprobs.detach())

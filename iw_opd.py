@@ -26,7 +26,10 @@ into the standard PPO clipped loss); [ours] our choice where the sources are sil
 [paper/code]: one rollout per prompt, AdamW lr 1e-5, temperature 1.0, PPO clip 0.2, token-mean, no KL
 or entropy terms, thinking off; students Qwen3-0.6B / Qwen3-4B from teachers Qwen3-4B-Instruct-2507 /
 Qwen3-30B-A3B-Instruct-2507. Defaults below suit the toy task (larger lr, short responses) [ours];
-the README gives the paper's commands. --token_slice (the paper's Figure 1a test) keeps the weights
+the README gives the paper's commands. Temperature: the student's, the behaviour policy's and the
+teacher's log-probs are all taken under softmax(logits / --temperature): verl, which the authors
+patch, scores the reference (here: teacher) model at the rollout temperature too [code]; at the
+paper's T = 1 this is moot. --token_slice (the paper's Figure 1a test) keeps the weights
 of the whole response and only restricts which tokens enter the loss [ours].
 
 Run:
@@ -106,7 +109,9 @@ class Args:
     top_p: float = option(1.0, "rollout nucleus sampling [code]")
     top_k: int = option(0, "rollout top-k, 0 = off [code]")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch [paper: off, pass false]")
-    gen_batch_size: int = option(256, "sequences per generate call, a memory bound of the hf engine [ours]")
+    gen_batch_size: int = option(256, "sequences per generation batch of the hf engine [ours: one batch for 32 x 8]")
+    gen_batch_tokens: int = option(262144, "KV-cache positions per generation batch, rows x (longest prompt + "
+                                   "max_new_tokens); 0 = no bound [ours: README, memory table]")
     # optimisation
     lr: float = option(1e-4, "AdamW learning rate [code: 1e-5; ours: 1e-4 for the tiny toy model]")
     weight_decay: float = option(0.0, "AdamW weight decay [ours]")
@@ -114,7 +119,9 @@ class Args:
     clip_low: float = option(0.2, "PPO ratio clip eps_low [code]")
     clip_high: float = option(0.2, "PPO ratio clip eps_high [code]")
     num_minibatches: int = option(1, "optimizer steps per batch; 1 = on-policy, rho = 1 [ours]")
-    micro_batch_size: int = option(64, "sequences per forward/backward (gradient accumulation)")
+    micro_batch_size: int = option(64, "at most this many sequences per forward/backward (gradient accumulation)")
+    micro_batch_tokens: int = option(16384, "at most this many padded tokens (rows x longest) per forward/backward; "
+                                     "a longer sequence goes alone; 0 = no bound [ours: README, memory table]")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary log-prob/entropy")
     activation_checkpointing: bool = option(False, "recompute decoder layers in backward to save memory")
     # evaluation, checkpoints
@@ -220,7 +227,7 @@ def main(argv=None):
     teacher = None if args.eval_only else load_model(args.teacher_model, dist_info, trainable=False,
                                                       flag="--teacher_model")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
+    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size, args.gen_batch_tokens)
     grader = Grader(args.grader_timeout)
     sampler = ProblemSampler(len(train_rows), args.seed)
     start_step = 0
@@ -260,6 +267,7 @@ def main(argv=None):
 
     problems_per_rank = args.num_problems // world
     group = args.num_rollouts
+    budget = (args.micro_batch_size, args.micro_batch_tokens)  # sequences and padded tokens per forward
     print0(f"[iw_opd] {run_name}: {args.num_steps} steps x {args.num_problems} prompts x {group} rollout(s) on "
            f"{world} rank(s), --iw {args.iw}, --token_slice {args.token_slice}, teacher {args.teacher_model}, "
            f"device {dist_info.device}")
@@ -285,16 +293,17 @@ def main(argv=None):
         lengths = [len(prompts[i]) + len(responses[i]) for i in rollouts]
         teacher_logprobs, behaviour_logprobs = [None] * len(rollouts), [None] * len(rollouts)
         with torch.no_grad():
-            for batch in micro_batches(rollouts, lengths, args.micro_batch_size):
+            for batch in micro_batches(rollouts, lengths, *budget, same_count=True):
                 logprobs, _, mask = response_logprobs(teacher, [prompts[i] for i in batch],
-                                                      [responses[i] for i in batch], pad_id, args.logprob_chunk_size)
+                                                      [responses[i] for i in batch], pad_id, args.logprob_chunk_size,
+                                                      temperature=args.temperature)
                 for i, row, row_mask in zip(batch, logprobs, mask):
                     teacher_logprobs[i] = row[row_mask].float()
             if args.num_minibatches > 1:
-                for batch in micro_batches(rollouts, lengths, args.micro_batch_size):
+                for batch in micro_batches(rollouts, lengths, *budget, same_count=True):
                     logprobs, _, mask = response_logprobs(model, [prompts[i] for i in batch],
                                                           [responses[i] for i in batch], pad_id,
-                                                          args.logprob_chunk_size)
+                                                          args.logprob_chunk_size, temperature=args.temperature)
                     for i, row, row_mask in zip(batch, logprobs, mask):
                         behaviour_logprobs[i] = row[row_mask]
 
@@ -308,10 +317,10 @@ def main(argv=None):
             owned = range(minibatch * per_minibatch, (minibatch + 1) * per_minibatch)
             loss_tokens = all_reduce_sum(sum(int(slice_mask(torch.ones(1, len(responses[i]), dtype=torch.bool),
                                                             args.token_slice).sum()) for i in owned)).item()
-            for batch in micro_batches(owned, lengths, args.micro_batch_size):
+            for batch in micro_batches(owned, lengths, *budget, same_count=True):
                 logprobs, entropy, mask = response_logprobs(model, [prompts[i] for i in batch],
                                                             [responses[i] for i in batch], pad_id,
-                                                            args.logprob_chunk_size)
+                                                            args.logprob_chunk_size, temperature=args.temperature)
                 # the behaviour policy (the weights that sampled the batch) gives a_t and the ratio's denominator
                 old_logprobs = (pad_sequence([behaviour_logprobs[i] for i in batch], batch_first=True)
                                 if args.num_minibatches > 1 else logprobs.detach())

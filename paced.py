@@ -33,7 +33,10 @@ baselines; the SNR diagnostic (norm of the mean per-problem gradient over the RM
 pass-rate bin). [ours]: K = 8, dividing the weights by their batch mean, the hard-filter weight 1,
 --switch_step 30, the AKL head inclusion rule, the bins of the histogram and the SNR, all the toy
 defaults (16 problems x 8 rollouts, lr 2e-4, 60 steps, 64 tokens). `--weighting none` keeps p in
-{0,1} (METHODS.md: "unweighted baseline"; every problem weight 1).
+{0,1} (METHODS.md: "unweighted baseline"; every problem weight 1). --temperature shapes sampling only
+(student rollouts, teacher references): the divergences compare the two models' own full distributions
+at T = 1, the teacher's distribution being the distillation target, and no sampled-token log-prob
+enters the loss [ours; TRL's GKD divides both models' logits by its temperature instead].
 
 Run:
     python paced.py                                        # distill toy <- toy-large, PACED weights, CPU
@@ -121,12 +124,16 @@ class Args:
     top_p: float = option(1.0, "nucleus sampling [ours]")
     top_k: int = option(0, "top-k, 0 = off")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch")
-    gen_batch_size: int = option(256, "sequences per generate call, a memory bound of the hf engine [ours]")
+    gen_batch_size: int = option(256, "sequences per generation batch of the hf engine [ours: one batch for 32 x 8]")
+    gen_batch_tokens: int = option(262144, "KV-cache positions per generation batch, rows x (longest prompt + "
+                                   "max_new_tokens); 0 = no bound [ours: README, memory table]")
     # optimisation
     lr: float = option(2e-4, "AdamW learning rate [ours: 2e-4 for the tiny toy model]")
     weight_decay: float = option(0.0, "AdamW weight decay [ours]")
     max_grad_norm: float = option(1.0, "gradient-norm clip [ours]")
-    micro_batch_size: int = option(64, "sequences per forward/backward (gradient accumulation)")
+    micro_batch_size: int = option(64, "at most this many sequences per forward/backward (gradient accumulation)")
+    micro_batch_tokens: int = option(16384, "at most this many padded tokens (rows x longest) per forward/backward; "
+                                     "a longer sequence goes alone; 0 = no bound [ours: README, memory table]")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary divergence")
     activation_checkpointing: bool = option(False, "recompute decoder layers in backward to save memory")
     # evaluation, checkpoints
@@ -328,8 +335,9 @@ def main(argv=None):
     teacher = (load_model(args.teacher_model, dist_info, trainable=False, flag="--teacher_model")
                if distill and not args.eval_only else model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
-    teacher_engine = make_engine(args.rollout, teacher, tokenizer, args.gen_batch_size) if distill else None
+    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size, args.gen_batch_tokens)
+    teacher_engine = make_engine(args.rollout, teacher, tokenizer, args.gen_batch_size,
+                                 args.gen_batch_tokens) if distill else None
     grader = Grader(args.grader_timeout)
     sampler = ProblemSampler(len(train_rows), args.seed)
     start_step = 0
@@ -411,7 +419,7 @@ def main(argv=None):
         sums = dict.fromkeys(["loss", "d", "fkl", "rkl", "tokens"], 0.0)
         shown, problem_d = [], {}  # problem_d: sum of D_t per problem (for L_i, logged)
         batches = micro_batches(range(len(items)), [len(items[j][1]) + len(items[j][3]) for j in range(len(items))],
-                                args.micro_batch_size)
+                                args.micro_batch_size, args.micro_batch_tokens)
         padded = int(all_gather_cat(torch.tensor([len(batches)])).max()) if world > 1 else len(batches)
         for b in range(padded):
             batch = batches[b] if b < len(batches) else None

@@ -20,8 +20,8 @@ steps = [[]]
 score, log = antisd.response_logprobs, antisd.RunLogger.log
 
 
-def recording_score(model, prompts, responses, pad_id, chunk_size=512):
-    logprobs, entropy, mask = score(model, prompts, responses, pad_id, chunk_size)
+def recording_score(model, prompts, responses, pad_id, chunk_size=512, **kwargs):
+    logprobs, entropy, mask = score(model, prompts, responses, pad_id, chunk_size, **kwargs)
     if not torch.is_grad_enabled():
         steps[-1] += [row[row_mask].detach().clone() for row, row_mask in zip(entropy, mask)]
     return logprobs, entropy, mask

@@ -36,8 +36,8 @@ class ScoredRows:
         self.rows, self.step = [], 0
         score, log = antisd.response_logprobs, antisd.RunLogger.log
 
-        def recording_score(model, prompts, responses, pad_id, chunk_size=512):
-            logprobs, entropy, mask = score(model, prompts, responses, pad_id, chunk_size)
+        def recording_score(model, prompts, responses, pad_id, chunk_size=512, **kwargs):
+            logprobs, entropy, mask = score(model, prompts, responses, pad_id, chunk_size, **kwargs)
             weights = sum(float(p.detach().double().sum()) for p in model.parameters())
             for prompt, response, row, row_entropy, row_mask in zip(prompts, responses, logprobs, entropy, mask):
                 self.rows.append({"grad": torch.is_grad_enabled(), "step": self.step, "weights": weights,

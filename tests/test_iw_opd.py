@@ -280,8 +280,8 @@ def test_main_loss_from_rows_it_scores(tmp_path, monkeypatch, flags):
     prompt and response, w_t by hand over the whole response, N the selected tokens."""
     calls, score = [], iw_opd.response_logprobs
 
-    def recording_score(model, prompts, responses, pad_id, chunk_size=512):
-        logprobs, entropy, mask = score(model, prompts, responses, pad_id, chunk_size)
+    def recording_score(model, prompts, responses, pad_id, chunk_size=512, **kwargs):
+        logprobs, entropy, mask = score(model, prompts, responses, pad_id, chunk_size, **kwargs)
         frozen = not any(p.requires_grad for p in model.parameters())
         for prompt, response, row, row_mask in zip(prompts, responses, logprobs, mask):
             calls.append({"teacher": frozen, "grad": torch.is_grad_enabled(), "key": (tuple(prompt), tuple(response)),
