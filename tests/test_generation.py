@@ -260,3 +260,39 @@ def test_micro_batches_same_count_splits_the_largest(monkeypatch):
     monkeypatch.setattr(common, "all_gather_cat", lambda t: torch.tensor([float(t[0]), 7.0]))
     with pytest.raises(RuntimeError, match="cannot make 7"):
         common.micro_batches(range(6), lengths, 64, 0, same_count=True)
+
+
+# ---- the scripts pass their rollout temperature and budgets on ----------------------------------------
+
+
+@pytest.mark.parametrize("script", ["antisd", "iw_opd"])
+def test_scripts_score_at_the_rollout_temperature(tmp_path, monkeypatch, script):
+    """Every log-prob pass of a step (policy, behaviour policy, teacher) runs at --temperature, and
+    every micro-batch stays within --micro_batch_tokens; the engine gets --gen_batch_tokens."""
+    module = __import__(script)
+    calls, engines = [], []
+    score, make_engine = module.response_logprobs, module.make_engine
+
+    def recording_score(model, prompts, responses, pad_id, chunk_size=512, **kwargs):
+        calls.append((kwargs.get("temperature", 1.0), len(prompts),
+                      max(len(p) + len(r) for p, r in zip(prompts, responses))))
+        return score(model, prompts, responses, pad_id, chunk_size, **kwargs)
+
+    def recording_engine(*args):
+        engines.append(args[3:])
+        return make_engine(*args)
+
+    monkeypatch.setattr(module, "response_logprobs", recording_score)
+    monkeypatch.setattr(module, "make_engine", recording_engine)
+    flags = ["--num_steps", "1", "--num_problems", "2", "--eval_dataset", "", "--max_new_tokens", "16",
+             "--temperature", "0.5", "--num_minibatches", "2", "--micro_batch_tokens", "120",
+             "--gen_batch_tokens", "500", "--output_dir", str(tmp_path), "--run_name", "t"]
+    if script == "antisd":
+        flags += ["--num_generations", "4", "--gate", "none"]
+    else:
+        flags += ["--num_rollouts", "4"]
+    module.main(flags)
+    assert engines == [(256, 500)]
+    assert calls and all(t == 0.5 for t, _, _ in calls)
+    assert all(rows * longest <= 120 or rows == 1 for _, rows, longest in calls)
+    assert any(rows > 1 for _, rows, _ in calls)
