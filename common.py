@@ -15,8 +15,9 @@ Surface, in file order:
   prompts       BOXED_INSTRUCTION, build_prompt
   grading       boxed_span_at, find_last_boxed, extract_boxed_answer, Grader
   responses     THINK_TAGS, answer_span, writes_work, response_token_spans, token_roles
-  rollouts      SamplingParams, RolloutEngine, HFEngine, sample_token, make_engine, stop_token_ids
-  log-probs     micro_batches, response_logprobs, response_hidden, output_head, chunked_map, token_logprob_entropy,
+  rollouts      SamplingParams, stop_token_ids, RolloutEngine, generation_batches, gathered_weights, HFEngine,
+                sample_token, make_engine
+  log-probs     micro_batches, response_hidden, output_head, response_logprobs, chunked_map, token_logprob_entropy,
                 token_kl
   evaluation    evaluate
   logging       Progress, RunLogger, supersede_metrics
@@ -30,7 +31,11 @@ of every script, prints them as one line and exits 2. Anything else is a bug and
 Conventions. A "response batch" is B sequences `prompt_ids[i] + response_ids[i]`; per-token
 quantities are returned response-aligned as [B, R] tensors (R = longest response) with a boolean
 mask, so a student and a teacher that see different prompts line up token for token.
-Under FSDP2 (`fully_shard`), weights are fp32 masters; on CUDA compute runs in bf16.
+Under FSDP2 (`fully_shard`), weights are fp32 masters; on CUDA compute runs in bf16. Importing this
+module sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user set an allocator config.
+Memory budgets: generation batches are bounded in sequences and KV-cache positions
+(`generation_batches`), training micro-batches in sequences and padded tokens (`micro_batches`).
+Log-probs of sampled tokens take the sampling temperature (`response_logprobs(..., temperature=T)`).
 """
 
 from __future__ import annotations
@@ -1620,7 +1625,10 @@ def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader, params: SamplingParams, k: int,
              dist_info: Dist, enable_thinking: bool | None = None) -> dict:
-    """avg@k (mean accuracy over k samples) and pass@k (any of k correct), sharded over ranks."""
+    """avg@k (mean accuracy over k samples) and pass@k (any of k correct), sharded over ranks.
+
+    All of this rank's k x problems prompts go to one `engine.generate` call, which batches them
+    under the engine's own budget (`--gen_batch_size`, `--gen_batch_tokens`), as rollouts are."""
     per_rank = math.ceil(len(rows) / dist_info.world_size)
     mine = list(range(dist_info.rank, len(rows), dist_info.world_size))
     padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))  # equal work on every rank
