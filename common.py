@@ -1329,10 +1329,10 @@ class gathered_weights:
     def __enter__(self):
         if not self.modules:
             return self.model
-        root = self.modules[0]  # model.modules() lists the model itself first
-        # settle which unit is the root first: its lazy init turns off its reshard-after-forward,
-        # and the settings saved here must be the ones training runs with
-        root._get_fsdp_state()._lazy_init()
+        if self.modules[0] is self.model:  # `load_model` shards the model itself last: the root
+            # settle which unit is the root first: its lazy init turns off its reshard-after-forward,
+            # and the settings saved here must be the ones training runs with
+            self.model._get_fsdp_state()._lazy_init()
         self.saved = [any(g.post_forward_mesh_info is not None for g in _fsdp_param_groups(m)) for m in self.modules]
         for module in self.modules:
             module.set_reshard_after_forward(False, recurse=False)
@@ -1372,7 +1372,7 @@ class HFEngine(RolloutEngine):
         with gathered_weights(self.model):
             for batch in generation_batches([len(p) for p in prompts], params.max_new_tokens, self.batch_size,
                                             self.batch_tokens):
-                tokens, token_logprobs = self._sample([prompts[i] for i in batch], params)
+                tokens, token_logprobs = self._sample([prompts[i] for i in batch], params, logprobs)
                 responses += tokens
                 sampler_logprobs += token_logprobs
                 progress.update(len(batch))
@@ -1380,7 +1380,7 @@ class HFEngine(RolloutEngine):
         self.model.train(was_training)
         return (responses, sampler_logprobs) if logprobs else responses
 
-    def _sample(self, prompts: list[list[int]], params: SamplingParams):
+    def _sample(self, prompts: list[list[int]], params: SamplingParams, want_logprobs: bool = False):
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -1397,11 +1397,15 @@ class HFEngine(RolloutEngine):
             output = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache = output.past_key_values
-            tokens, token_logprobs = sample_token(output.logits[:, -1], params, return_logprobs=True)
+            if want_logprobs:
+                tokens, token_logprobs = sample_token(output.logits[:, -1], params, return_logprobs=True)
+                for row, logprob in zip(rows, token_logprobs.tolist()):
+                    logprobs[row].append(logprob)
+            else:
+                tokens = sample_token(output.logits[:, -1], params)
             keep = []
-            for row, token, logprob in zip(rows, tokens.tolist(), token_logprobs.tolist()):
+            for row, token in zip(rows, tokens.tolist()):
                 responses[row].append(token)
-                logprobs[row].append(logprob)
                 keep.append(token not in self.stop_ids)
             if step + 1 == params.max_new_tokens or not any(keep):
                 break

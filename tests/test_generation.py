@@ -184,8 +184,8 @@ def test_evaluate_samples_as_requested_despite_generation_config(qwen_like_model
 
     batches = []
     sample = common.HFEngine._sample
-    monkeypatch.setattr(common.HFEngine, "_sample", lambda self, p, params: batches.append(len(p)) or
-                        sample(self, p, params))
+    monkeypatch.setattr(common.HFEngine, "_sample", lambda self, p, *rest: batches.append(len(p)) or
+                        sample(self, p, *rest))
     engine.generate = recording
     grader = common.Grader()
     try:
