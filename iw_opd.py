@@ -109,7 +109,7 @@ class Args:
     top_p: float = option(1.0, "rollout nucleus sampling [code]")
     top_k: int = option(0, "rollout top-k, 0 = off [code]")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch [paper: off, pass false]")
-    gen_batch_size: int = option(256, "sequences per generation batch of the hf engine [ours: one batch for 32 x 8]")
+    gen_batch_size: int = option(256, "sequences per generation batch of the hf engine [ours]")
     gen_batch_tokens: int = option(262144, "KV-cache positions per generation batch, rows x (longest prompt + "
                                    "max_new_tokens); 0 = no bound [ours: README, memory table]")
     # optimisation

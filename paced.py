@@ -124,7 +124,7 @@ class Args:
     top_p: float = option(1.0, "nucleus sampling [ours]")
     top_k: int = option(0, "top-k, 0 = off")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch")
-    gen_batch_size: int = option(256, "sequences per generation batch of the hf engine [ours: one batch for 32 x 8]")
+    gen_batch_size: int = option(256, "sequences per generation batch of the hf engine [ours]")
     gen_batch_tokens: int = option(262144, "KV-cache positions per generation batch, rows x (longest prompt + "
                                    "max_new_tokens); 0 = no bound [ours: README, memory table]")
     # optimisation
