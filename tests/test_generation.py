@@ -296,3 +296,19 @@ def test_scripts_score_at_the_rollout_temperature(tmp_path, monkeypatch, script)
     assert calls and all(t == 0.5 for t, _, _ in calls)
     assert all(rows * longest <= 120 or rows == 1 for _, rows, longest in calls)
     assert any(rows > 1 for _, rows, _ in calls)
+
+
+def test_importing_common_sets_expandable_segments_unless_the_user_chose():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, common; print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=common.__file__.rsplit("/", 1)[0],
+                         capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert out == "expandable_segments:True"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"},
+                         cwd=common.__file__.rsplit("/", 1)[0], capture_output=True, text=True,
+                         check=True).stdout.split()[-1]
+    assert out == "max_split_size_mb:64"
