@@ -1262,10 +1262,12 @@ class RolloutEngine:
     returns, per prompt, one sampled response as token ids, ending with the stop token when one was
     produced (truncated responses have none). With `logprobs=True` it returns
     `(responses, sampler_logprobs)`: per response a list of floats, one per response token, the
-    log-probability the sampler gave that token under the model's distribution after temperature
-    and before top-k/top-p filtering, log_softmax(logits / T)[token] (T = 1 when greedy) -- the
-    quantity `response_logprobs(..., temperature=T)` recomputes in training, so the two differ only
-    by numerics (a truncated importance-sampling correction compares exactly these).
+    log-probability of that token under the distribution it was drawn from: logits / T, then top-k
+    and top-p filtering, renormalised (vLLM's `logprobs_mode="processed_logprobs"`, which TRL's and
+    our vLLM engine use); greedy: log_softmax(logits), T = 1. Without top-k/top-p (the training
+    defaults) this is log_softmax(logits / T)[token], what `response_logprobs(..., temperature=T)`
+    recomputes in training, so the two differ only by numerics; with filtering the sampler's value
+    is higher by the log of the kept mass (a truncated importance-sampling correction sees that).
     Every rank calls `generate` the same number of times (a sharded engine gathers its weights at
     the start of the call, a collective); the number of prompts may differ between ranks.
     """
@@ -1423,14 +1425,14 @@ class HFEngine(RolloutEngine):
 def sample_token(logits: torch.Tensor, params: SamplingParams, return_logprobs: bool = False):
     """One token per row of [B, V] logits: argmax at temperature 0, else a sample after temperature,
     top-k and top-p (nucleus: the most likely tokens whose probabilities first reach top_p) filtering.
-    With `return_logprobs` also each token's log-probability after temperature, before filtering:
-    log_softmax(logits / T) (T = 1 when greedy), in fp32."""
+    With `return_logprobs` also each token's log-probability under the distribution it was drawn
+    from (after temperature and filtering, renormalised; greedy: log_softmax(logits)), in fp32."""
     logits = logits.float()
-    scaled = logits / params.temperature if params.temperature > 0 else logits
+    filtered = logits
     if params.temperature <= 0:
         tokens = logits.argmax(-1)
     else:
-        filtered = scaled
+        filtered = logits / params.temperature
         if 0 < params.top_k < logits.shape[-1]:
             kth_largest = filtered.topk(params.top_k, dim=-1).values[:, -1:]
             filtered = filtered.masked_fill(filtered < kth_largest, float("-inf"))
@@ -1442,7 +1444,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, return_logprobs: 
         tokens = torch.multinomial(filtered.softmax(-1), 1)[:, 0]
     if not return_logprobs:
         return tokens
-    return tokens, torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None])[:, 0]
+    return tokens, torch.log_softmax(filtered, dim=-1).gather(-1, tokens[:, None])[:, 0]
 
 
 def make_engine(kind: str, model, tokenizer, batch_size: int = 64, batch_tokens: int = 0) -> RolloutEngine:

@@ -33,6 +33,23 @@ def naive_logprobs(model, prompt, response, temperature=1.0):
     return logprobs, logprobs.gather(-1, torch.tensor(response)[:, None])[:, 0]
 
 
+def naive_sampler_logprobs(model, prompt, response, params):
+    """The sampler's distribution by Hugging Face's own warpers (temperature, top-k, top-p, in that
+    order) on a naive forward, log-softmaxed, at the sampled tokens; greedy: log_softmax(logits)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([list(prompt) + list(response)])).logits[0].float()
+    logits = logits[len(prompt) - 1: len(prompt) - 1 + len(response)]
+    if params.temperature > 0:
+        logits = TemperatureLogitsWarper(params.temperature)(None, logits)
+        if params.top_k:
+            logits = TopKLogitsWarper(params.top_k)(None, logits)
+        if params.top_p < 1:
+            logits = TopPLogitsWarper(params.top_p)(None, logits)
+    return torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+
+
 # ---- generation batches under a budget ----------------------------------------------------------
 
 
@@ -97,8 +114,9 @@ def test_fsdp_generation_gathers_weights_once_per_phase(tmp_path, toy_tokenizer)
         assert all(out == expected for out in result["budgets"].values())
         assert result["settings_after"] == [False] + [True] * (result["units"] - 1)
         assert result["grad_ok"] and result["sharded_after"]
+        sampled = common.SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=40)
         for prompt, response, logprobs in zip(result["prompts"], result["sampled"], result["sampler_logprobs"]):
-            _, chosen = naive_logprobs(plain, prompt, response, temperature=0.8)
+            chosen = naive_sampler_logprobs(plain, prompt, response, sampled)
             assert torch.allclose(torch.tensor(logprobs, dtype=torch.float64), chosen, atol=1e-4)
 
 
@@ -106,8 +124,10 @@ def test_fsdp_generation_gathers_weights_once_per_phase(tmp_path, toy_tokenizer)
 
 
 def test_sampler_logprobs_align_with_the_sampled_tokens(toy_model, toy_tokenizer):
-    """logprobs=True: one float per response token, = log_softmax(logits / T)[token] before top-k/top-p
-    (a naive forward of prompt + response), also for rows that stopped early and under a budget."""
+    """logprobs=True: one float per response token, the log-prob under the distribution sampled from
+    (logits / T, top-k, top-p, renormalised: vLLM's processed_logprobs; greedy: T = 1) by Hugging Face's
+    warpers on a naive forward of prompt + response, also for rows that stopped early and under a
+    budget; without filtering it equals log_softmax(logits / T), what training recomputes."""
     prompts = [common.build_prompt(toy_tokenizer, r["problem"]) for r in common.make_toy_rows(6, seed=4)]
     for params, budget in [(common.SamplingParams(0.7, 0.9, 5, 25), 0), (common.SamplingParams(1.0, 1.0, 0, 25), 90),
                            (common.SamplingParams(0.0, 1.0, 0, 25), 0)]:
@@ -118,8 +138,13 @@ def test_sampler_logprobs_align_with_the_sampled_tokens(toy_model, toy_tokenizer
         assert common.HFEngine(toy_model, toy_tokenizer, 3, budget).generate(prompts, params) == responses
         assert [len(x) for x in logprobs] == [len(r) for r in responses]
         for prompt, response, values in zip(prompts, responses, logprobs):
-            _, chosen = naive_logprobs(toy_model, prompt, response, params.temperature or 1.0)
-            assert torch.allclose(torch.tensor(values, dtype=torch.float64), chosen, atol=1e-4)
+            values = torch.tensor(values, dtype=torch.float64)
+            assert torch.allclose(values, naive_sampler_logprobs(toy_model, prompt, response, params), atol=1e-4)
+            _, unfiltered = naive_logprobs(toy_model, prompt, response, params.temperature or 1.0)
+            if params.top_k or params.top_p < 1:  # renormalised over the kept tokens: higher
+                assert (values >= unfiltered - 1e-6).all() and (values > unfiltered + 1e-3).any()
+            else:
+                assert torch.allclose(values, unfiltered, atol=1e-4)
     assert common.HFEngine(toy_model, toy_tokenizer).generate([], params, logprobs=True) == ([], [])
 
 
