@@ -807,6 +807,9 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         if tokenizer is not None and max_prompt_tokens:
             rows = [row for row in rows if _prompt_fits(tokenizer, row["problem"], max_prompt_tokens)]
         return rows[:limit] if limit else rows
+    named = dataset_spec(name)  # a short name (math500, gpqa=file, ...) or a known hub id: its adapter
+    if named is not None and not (named[0]["kind"] == "dapo" and name == named[0]["hub"]):
+        return load_named_dataset(name, tokenizer, max_prompt_tokens, limit)
     raw = _read_rows(name, split)
     if not raw:
         raise UserError(f"Dataset {name!r} ({split}) is empty.")
@@ -936,6 +939,207 @@ def _read_json_rows(path: Path) -> list:
             rows.append(None)  # counted as malformed by load_problems
             print0(f"[data] {path}:{number}: not valid JSON, skipped")
     return rows
+
+
+# ---- Named datasets: the papers' training sets and benchmarks --------------------------------
+# One table maps a short name to the hub id, config, split and columns; `kind` picks the adapter
+# that turns a raw row into {problem, answer, solution}. `k` = samples per problem in evaluation by
+# default (AntiSD's protocol [paper]: avg@32 on AIME/HMMT, avg@4 on Minerva; the rest [ours]);
+# a script overrides it with its paper's protocol (`EVAL_PROTOCOL`) and the user with --eval_k.
+# Schemas: see the README ("Datasets") for which were checked against the published files.
+DATASETS = {
+    # training sets
+    "dapo": dict(hub="BytedTsinghua-SIA/DAPO-Math-17k", split="train", kind="dapo"),
+    "openthoughts-math": dict(hub="open-thoughts/OpenThoughts-114k", config="metadata", split="train",
+                              kind="openthoughts"),
+    # benchmarks
+    "math500": dict(hub="HuggingFaceH4/MATH-500", split="test", kind="math", problem="problem", answer="answer",
+                    solution="solution", k=4),
+    "aime24": dict(hub="HuggingFaceH4/aime_2024", split="train", kind="math", problem="problem", answer="answer",
+                   solution="solution", k=32),
+    "aime25": dict(hub="MathArena/aime_2025", split="train", kind="math", problem="problem", answer="answer", k=32),
+    "amc23": dict(hub="math-ai/amc23", split="test", kind="math", problem="question", answer="answer", k=32),
+    "hmmt25": dict(hub="MathArena/hmmt_feb_2025", split="train", kind="math", problem="problem", answer="answer",
+                   k=32),
+    "minerva": dict(hub="math-ai/minervamath", split="test", kind="math", problem="question", answer="answer", k=4),
+    "gpqa": dict(hub="Idavidrein/gpqa", config="gpqa_diamond", split="train", kind="choice", k=4),
+}
+BENCHMARK_NAMES = ("math500", "aime24", "aime25", "amc23", "hmmt25", "minerva", "gpqa")
+TOY_EVAL_K = 4
+CHOICE_LETTERS = "ABCD"
+CHOICE_SEED = 0  # GPQA options are shuffled per question with this seed: the same order in every run
+CHOICE_INSTRUCTION = "Answer with the letter (A, B, C or D) of the correct option."
+# Alternative column names a benchmark file may use (mirrors of the same benchmark differ here)
+_PROBLEM_COLUMNS, _ANSWER_COLUMNS = ("problem", "question", "Problem", "Question"), ("answer", "Answer")
+
+
+def dataset_spec(name: str) -> tuple[dict, str | None] | None:
+    """(table entry, local file or None) for a named dataset: a short name (`math500`), its hub id
+    (`HuggingFaceH4/MATH-500`), or `short=path` (a local .jsonl/.json/.parquet file of that dataset's
+    schema). None for anything else (a plain file or hub id: `load_problems` reads it by its keys)."""
+    short, _, path = name.partition("=")
+    if path and short in DATASETS:
+        return DATASETS[short], path
+    if path:
+        raise UserError(f"Dataset {name!r}: {short!r} is not a named dataset; use one of {', '.join(DATASETS)} "
+                        "before '=' (e.g. gpqa=/data/gpqa_diamond.parquet).")
+    for spec in DATASETS.values():
+        if name in (spec["hub"], *[key for key, value in DATASETS.items() if value is spec]):
+            return spec, None
+    return None
+
+
+def dataset_short_name(name: str) -> str:
+    """`math500` for `math500`, `HuggingFaceH4/MATH-500` or `math500=/x.jsonl`; else the name itself."""
+    spec = dataset_spec(name) if name != "toy" else None
+    return next((key for key, value in DATASETS.items() if value is spec[0]), name) if spec else name
+
+
+def _first_column(row: dict, names: Sequence[str]):
+    return next((row[n] for n in names if row.get(n) is not None), None)
+
+
+def adapt_math_rows(raw: Sequence, spec: dict) -> list[dict | None]:
+    """Benchmark rows -> {problem, answer, solution}; columns from `spec` (else the usual names).
+    Numeric answers (AIME as int64, AMC as float) become strings; 12.0 -> "12"."""
+    rows = []
+    for row in raw:
+        if not isinstance(row, dict):
+            rows.append(None)
+            continue
+        problem = _first_column(row, (spec.get("problem"), *_PROBLEM_COLUMNS))
+        answer = _first_column(row, (spec.get("answer"), *_ANSWER_COLUMNS))
+        if isinstance(answer, float) and answer.is_integer():
+            answer = int(answer)
+        if isinstance(answer, (list, tuple)):  # some mirrors store a list of accepted answers
+            answer = answer[0] if answer else None
+        solution = row.get(spec.get("solution") or "solution")
+        rows.append({"problem": problem, "answer": None if answer is None else str(answer),
+                     "solution": solution if isinstance(solution, str) else ""})
+    return rows
+
+
+def adapt_openthoughts_rows(raw: Sequence, spec: dict | None = None) -> list[dict | None]:
+    """OpenThoughts-114k (`metadata` config): the math domain only; the gold answer is the last
+    `\\boxed{}` of `ground_truth_solution` (rows without one have no answer and are skipped);
+    the solution is `ground_truth_solution` (the privileged context of self-distillation)."""
+    rows = []
+    for row in raw:
+        if not isinstance(row, dict) or row.get("domain") != "math":
+            continue
+        solution = row.get("ground_truth_solution")
+        answer = extract_boxed_answer(solution) if isinstance(solution, str) else None
+        rows.append({"problem": row.get("problem"), "answer": answer,
+                     "solution": solution if isinstance(solution, str) else ""})
+    return rows
+
+
+def adapt_choice_rows(raw: Sequence, spec: dict | None = None, seed: int = CHOICE_SEED) -> list[dict | None]:
+    """GPQA rows (`Question`, `Correct Answer`, `Incorrect Answer 1-3`) -> a multiple-choice problem:
+    the four options shuffled with a fixed seed (per question: the order does not depend on the row
+    order), lettered A-D; the answer is the correct option's letter, graded by `ChoiceGrader`."""
+    rows = []
+    for row in raw:
+        if not isinstance(row, dict):
+            rows.append(None)
+            continue
+        question, correct = row.get("Question"), row.get("Correct Answer")
+        wrong = [row.get(f"Incorrect Answer {i}") for i in (1, 2, 3)]
+        if not isinstance(question, str) or correct is None or any(w is None for w in wrong):
+            rows.append({"problem": question, "answer": None, "solution": ""})
+            continue
+        options = [str(correct).strip(), *[str(w).strip() for w in wrong]]
+        order = list(range(4))
+        random.Random(f"{seed}/{question.strip()}").shuffle(order)
+        lines = "\n".join(f"{CHOICE_LETTERS[i]}) {options[j]}" for i, j in enumerate(order))
+        rows.append({"problem": f"{question.strip()}\n\n{lines}\n\n{CHOICE_INSTRUCTION}",
+                     "answer": CHOICE_LETTERS[order.index(0)], "solution": "", "choice": True})
+    return rows
+
+
+_ADAPTERS = {"math": adapt_math_rows, "openthoughts": adapt_openthoughts_rows, "choice": adapt_choice_rows}
+
+
+def load_named_dataset(name: str, tokenizer=None, max_prompt_tokens: int | None = None,
+                       limit: int | None = None) -> list[dict]:
+    """Rows of a named dataset (see `DATASETS`, `dataset_spec`): read from the hub (its config and
+    split) or from the local file after `=`, turned into {problem, answer, solution} by its adapter,
+    then filtered like `load_problems` (no answer, malformed, prompt too long: skipped and counted).
+    DAPO-Math-17k goes through `load_problems` itself (its own adapter there)."""
+    spec, path = dataset_spec(name)
+    if spec["kind"] == "dapo":
+        return load_problems(path or spec["hub"], spec["split"], tokenizer=tokenizer,
+                             max_prompt_tokens=max_prompt_tokens, limit=limit)
+    raw = _read_rows(path, spec["split"]) if path else _read_hub_rows(spec["hub"], spec.get("config"), spec["split"])
+    if not raw:
+        raise UserError(f"Dataset {name!r} is empty.")
+    adapted = _ADAPTERS[spec["kind"]](raw, spec)
+    rows, no_answer, malformed, too_long = [], 0, 0, 0
+    for row in adapted:
+        if row is None or not isinstance(row.get("problem"), str) or not row["problem"].strip():
+            malformed += 1
+        elif row["answer"] is None or not str(row["answer"]).strip():
+            no_answer += 1
+        elif tokenizer is not None and max_prompt_tokens and not _prompt_fits(tokenizer, row["problem"].strip(),
+                                                                              max_prompt_tokens):
+            too_long += 1
+        else:
+            rows.append({**row, "problem": row["problem"].strip(), "answer": str(row["answer"]).strip()})
+    skipped = f"{no_answer} rows without an answer, {malformed} malformed rows, {too_long} prompts too long"
+    if not rows:
+        raise UserError(f"Dataset {name!r} has no usable rows: {len(raw)} read, {skipped}; check that the file has "
+                        f"the schema of {spec['hub']} and --max_prompt_tokens/--max_new_tokens.")
+    if no_answer or malformed or too_long:
+        print0(f"[data] {name}: skipped {skipped}")
+    print0(f"[data] {name} ({spec['hub']}, {spec['split']}): {len(rows)} problems")
+    return rows[:limit] if limit else rows
+
+
+def _read_hub_rows(hub: str, config: str | None, split: str) -> list:
+    """A hub dataset's split as a list of dicts (local cache only when the hub is unreachable)."""
+    import datasets
+
+    try:
+        if not hub_reachable():
+            with _hub_offline():
+                return list(datasets.load_dataset(hub, config, split=split))
+        return list(datasets.load_dataset(hub, config, split=split))
+    except Exception as error:
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        offline = "" if hub_reachable() else _OFFLINE_NOTE
+        raise UserError(f"Cannot load dataset {hub!r} (config {config!r}, split {split!r}) from the Hugging Face "
+                        f"hub{offline}: {reason}. It needs network access (GPQA is gated: accept its terms and "
+                        "`hf auth login`) or a local copy: download it and pass short=path.") from error
+
+
+_BOXED_LETTER = re.compile(r"^\(?([A-D])\)?(?:$|[\s.:,)])")
+
+
+def choice_letter(text: str) -> str | None:
+    """The option letter a response chose: its last `\\boxed{}` holding C, (C), \\text{C}, C) 42, ..."""
+    inner = extract_boxed_answer(text)
+    if inner is None:
+        return None
+    inner = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", inner).strip().strip("$ ")
+    match = _BOXED_LETTER.match(inner)
+    return match[1] if match else None
+
+
+class ChoiceGrader:
+    """Grades multiple-choice rows by the chosen letter (`choice_letter`); same interface as `Grader`."""
+
+    def grade(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[list[float], dict]:
+        letters = [choice_letter(r) for r in responses]
+        rewards = [float(letter is not None and letter == gold.strip()) for letter, gold in zip(letters, answers)]
+        return rewards, {"no_answer": sum(letter is None for letter in letters), "timeout": 0}
+
+    def close(self) -> None:
+        pass
+
+
+def grader_for(rows: Sequence[dict], grader: "Grader"):
+    """`ChoiceGrader` for multiple-choice rows (GPQA), else `grader` (math-verify)."""
+    return ChoiceGrader() if rows and rows[0].get("choice") else grader
 
 
 def load_run_problems(args, tokenizer) -> tuple[list[dict], list[dict]]:
