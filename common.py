@@ -189,7 +189,7 @@ def one_of(*choices, note: str = ""):
 ARG_RULES = {
     "num_steps": at_least(1),
     "seed": between(0, 2**31 - 1),  # numpy seeds must be in [0, 2**32); rank r adds r
-    "rollout": one_of("hf", note=" (vllm is planned, not implemented yet)"),
+    "rollout": one_of("auto", "vllm", "hf"),
     "num_problems": at_least(1),
     "num_generations": at_least(1),
     "max_new_tokens": at_least(1),
@@ -207,7 +207,7 @@ ARG_RULES = {
     "micro_batch_size": at_least(1),
     "logprob_chunk_size": at_least(1),
     "eval_every": at_least(0),
-    "eval_k": at_least(1),
+    "eval_k": (lambda value: _eval_k_valid(value), ">= 1 (one int, or name=k pairs like aime24=32,math500=4)"),
     "eval_limit": at_least(0),
     "eval_temperature": at_least(0),
     "eval_top_p": between(0, 1, low_open=True),
@@ -1714,6 +1714,153 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader,
     return {f"eval/avg@{k}": totals[0].item() / problems, f"eval/pass@{k}": totals[1].item() / problems,
             "eval/response_len": totals[3].item() / (problems * k), "eval/no_answer": totals[4].item(),
             "eval/grader_timeouts": totals[5].item()}
+
+
+# ---- Several benchmarks, one table (`--eval_only --eval_dataset math500,aime24,...`) -----------
+
+
+def _eval_k_valid(spec) -> bool:
+    try:
+        _parse_eval_k_spec(str(spec))
+        return True
+    except ValueError:
+        return False
+
+
+def _parse_eval_k_spec(spec: str) -> tuple[int | None, dict[str, int]]:
+    """'' -> (None, {}); '8' -> (8, {}); 'aime24=32,math500=4' -> (None, {...}); ValueError otherwise."""
+    spec = spec.strip()
+    if not spec:
+        return None, {}
+    if "=" not in spec:
+        value = int(spec)
+        if value < 1:
+            raise ValueError(spec)
+        return value, {}
+    pairs = {}
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        if not name.strip() or int(value) < 1:
+            raise ValueError(spec)
+        pairs[name.strip()] = int(value)
+    return None, pairs
+
+
+def parse_eval_k(spec: str, names: Sequence[str], protocol: dict | None = None) -> dict[str, int]:
+    """Samples per problem for each benchmark in `names`: `spec` is '' (defaults), one int (every
+    benchmark) or `name=k` pairs (those benchmarks; the rest keep their default). The default is the
+    script's paper `protocol` (short name -> k), else the `DATASETS` table, else 4 (toy, files)."""
+    try:
+        single, pairs = _parse_eval_k_spec(str(spec))
+    except ValueError:
+        raise UserError(f"--eval_k {spec!r}: must be an int >= 1 or name=k pairs like aime24=32,math500=4") from None
+    shorts = {dataset_short_name(name): name for name in names}
+    unknown = [name for name in pairs if name not in shorts and name not in names]
+    if unknown:
+        raise UserError(f"--eval_k names {unknown}, which --eval_dataset does not list ({', '.join(shorts)})")
+    ks = {}
+    for name in names:
+        short = dataset_short_name(name)
+        default = (protocol or {}).get(short) or DATASETS.get(short, {}).get("k") or TOY_EVAL_K
+        ks[name] = single or pairs.get(name) or pairs.get(short) or default
+    return ks
+
+
+def eval_dataset_names(args) -> list[str]:
+    """The comma-separated `--eval_dataset` as a list (empty: no evaluation). More than one is for
+    `--eval_only`; a training run evaluates on one (UserError otherwise)."""
+    names = [name.strip() for name in (args.eval_dataset or "").split(",") if name.strip()]
+    if not names and getattr(args, "eval_only", False):
+        raise UserError("--eval_only evaluates on --eval_dataset: name at least one (toy, math500, aime24, ...)")
+    if len(names) > 1 and not getattr(args, "eval_only", False):
+        raise UserError(f"--eval_dataset {args.eval_dataset!r}: a training run evaluates on one dataset; a "
+                        "comma-separated list of benchmarks is for --eval_only")
+    return names
+
+
+def load_eval_benchmarks(args, tokenizer) -> list[tuple[str, list[dict]]]:
+    """(name, rows) per `--eval_dataset` entry (toy, a short name, `short=file`, a file or hub id read
+    with `--eval_split` and the `--*_key` columns), `--eval_limit` rows each; prompts that do not fit
+    the context with `--max_new_tokens` are skipped."""
+    limit = max_prompt_length(args.model, args.max_new_tokens, args.max_prompt_tokens)
+    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key)
+    return [(name, load_problems(name, args.eval_split, **keys, limit=args.eval_limit or None, tokenizer=tokenizer,
+                                 max_prompt_tokens=limit)) for name in eval_dataset_names(args)]
+
+
+def evaluate_benchmarks(engine: RolloutEngine, tokenizer, benchmarks: Sequence[tuple[str, list[dict]]], grader,
+                        params: SamplingParams, ks: dict[str, int], dist_info: Dist,
+                        enable_thinking: bool | None = None) -> dict[str, dict]:
+    """`evaluate` on each benchmark with its own k (multiple-choice rows graded by letter):
+    name -> {problems, k, avg@k, pass@k, response_len, no_answer, grader_timeouts}."""
+    results = {}
+    for name, rows in benchmarks:
+        k = ks[name]
+        metrics = evaluate(engine, tokenizer, rows, grader_for(rows, grader), params, k, dist_info, enable_thinking)
+        results[name] = {"problems": len(rows), "k": k, "avg@k": metrics[f"eval/avg@{k}"],
+                         "pass@k": metrics[f"eval/pass@{k}"], "response_len": metrics["eval/response_len"],
+                         "no_answer": metrics["eval/no_answer"], "grader_timeouts": metrics["eval/grader_timeouts"]}
+    return results
+
+
+def flat_eval_metrics(results: dict[str, dict]) -> dict:
+    """Metrics for `RunLogger.log`: eval/<name>/avg@k ... per benchmark; with one benchmark also
+    the plain eval/avg@k keys a training run logs."""
+    flat = {}
+    for name, result in results.items():
+        short, k = dataset_short_name(name), result["k"]
+        flat.update({f"eval/{short}/avg@{k}": result["avg@k"], f"eval/{short}/pass@{k}": result["pass@k"],
+                     f"eval/{short}/response_len": result["response_len"]})
+    if len(results) == 1:
+        (result,) = results.values()
+        k = result["k"]
+        flat.update({f"eval/avg@{k}": result["avg@k"], f"eval/pass@{k}": result["pass@k"],
+                     "eval/response_len": result["response_len"], "eval/no_answer": result["no_answer"],
+                     "eval/grader_timeouts": result["grader_timeouts"]})
+    return flat
+
+
+def eval_table_markdown(results: dict[str, dict], title: str = "") -> str:
+    """One Markdown table: a row per benchmark (avg@k, pass@k in percent) and their unweighted mean."""
+    lines = [f"## {title}", ""] if title else []
+    lines += ["| benchmark | problems | k | avg@k (%) | pass@k (%) | mean response tokens | no answer |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {dataset_short_name(name)} | {r['problems']} | {r['k']} | {100 * r['avg@k']:.1f} | "
+                     f"{100 * r['pass@k']:.1f} | {r['response_len']:.0f} | {r['no_answer']:.0f} |")
+    if len(results) > 1:
+        mean = lambda key: 100 * sum(r[key] for r in results.values()) / len(results)
+        lines.append(f"| mean | | | {mean('avg@k'):.1f} | {mean('pass@k'):.1f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_eval_table(run_dir: str | Path, results: dict[str, dict], dist_info: Dist, title: str = "",
+                     meta: dict | None = None) -> Path | None:
+    """Print the table and write `eval_table.md` and `eval_table.json` in the run directory (rank 0;
+    an existing pair is kept and the new one gets a `+` name, never overwritten). Returns the .md path."""
+    if not dist_info.is_main:
+        return None
+    text = eval_table_markdown(results, title)
+    print(text, flush=True)
+    markdown = _unused_path(Path(run_dir) / "eval_table.md")
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(text)
+    payload = {**(meta or {}), "benchmarks": {dataset_short_name(name): r for name, r in results.items()}}
+    _unused_path(markdown.with_suffix(".json")).write_text(json.dumps(payload, indent=2, default=str))
+    return markdown
+
+
+def eval_only_table(engine: RolloutEngine, tokenizer, benchmarks, grader, params: SamplingParams, ks: dict[str, int],
+                    dist_info: Dist, logger: "RunLogger", run_dir: str | Path, step: int, model: str,
+                    enable_thinking: bool | None = None) -> dict:
+    """The `--eval_only` branch of every script: `evaluate_benchmarks`, one logged record, the table
+    printed and written (`write_eval_table`). Returns the logged metrics (`flat_eval_metrics`)."""
+    results = evaluate_benchmarks(engine, tokenizer, benchmarks, grader, params, ks, dist_info, enable_thinking)
+    metrics = flat_eval_metrics(results)
+    logger.log(step, metrics, prefix="eval")
+    write_eval_table(run_dir, results, dist_info, title=f"{model} (step {step})",
+                     meta={"model": model, "step": step, "sampling": asdict(params)})
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from common import (Grader, ProblemSampler, RunLogger, SamplingParams, TOY_CONTEXT_HEADER, UserError, all_gather_cat,
+from common import (eval_dataset_names, eval_only_table, grader_for, load_eval_benchmarks, parse_eval_k,
+                    Grader, ProblemSampler, RunLogger, SamplingParams, TOY_CONTEXT_HEADER, UserError, all_gather_cat,
                     all_reduce_sum, at_least, build_prompt, check_same_tokenizer, chunked_map, evaluate,
                     init_distributed, load_checkpoint, load_model, load_run_problems, load_tokenizer, make_engine,
                     micro_batches, option, output_head, parse_args, prepare_run_dir, print0,
@@ -78,13 +79,18 @@ RULES = {
 }
 
 
+# Evaluation protocol [paper]: mean accuracy over 8 samples on MATH-500, AIME 2024 and AIME 2025.
+EVAL_PROTOCOL = {"math500": 8, "aime24": 8, "aime25": 8}
+
+
 @dataclass
 class Args:
     # shared by every script
     model: str = option("toy", "student: toy | toy-large | alias (Qwen3-0.6B, ...) | hub id | local dir")
     dataset: str = option("toy", "train problems: toy | hub id | .jsonl/.json/.parquet")
     dataset_split: str = option("train", "split of --dataset")
-    eval_dataset: str = option("toy", "eval problems (toy = its test split); empty string = no evaluation")
+    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,amc23,hmmt25,minerva,gpqa (a comma "
+                               "list with --eval_only) | short=file | file | hub id; empty = none")
     eval_split: str = option("test", "split of --eval_dataset")
     problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
     answer_key: str = option("answer", "column with the gold answer")
@@ -131,7 +137,8 @@ class Args:
     activation_checkpointing: bool = option(False, "recompute decoder layers in backward to save memory")
     # evaluation, checkpoints
     eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
-    eval_k: int = option(4, "samples per eval problem: avg@k and pass@k")
+    eval_k: str = option("", "samples per eval problem (avg@k, pass@k): empty = each benchmark's default "
+                         "(EVAL_PROTOCOL, toy 4) | one int | name=k pairs, e.g. aime24=32,math500=4")
     eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
     eval_temperature: float = option(0.7, "eval sampling temperature [ours]")
     eval_top_p: float = option(0.95, "eval nucleus sampling [ours]")
@@ -299,7 +306,9 @@ def draw_snr(records: list[dict], png: Path) -> None:
 
 def main(argv=None):
     args = parse_args(Args, argv)
-    validate_args(args, RULES)
+    validate_args(args, RULES)  # every option's range, before anything loads: one-line errors
+    eval_ks = parse_eval_k(args.eval_k, eval_dataset_names(args), EVAL_PROTOCOL)  # benchmark -> k
+    eval_k = next(iter(eval_ks.values()), 4)  # a training run evaluates on one dataset
     dist_info = init_distributed()
     world, rank = dist_info.world_size, dist_info.rank
     if args.num_problems % world:
@@ -320,7 +329,8 @@ def main(argv=None):
     if distill and not args.eval_only:
         check_same_tokenizer(tokenizer, load_tokenizer(args.teacher_model, "--teacher_model"), args.model,
                              args.teacher_model)
-    train_rows, eval_rows = load_run_problems(args, tokenizer)
+    train_rows, eval_rows = load_run_problems(args, tokenizer) if not args.eval_only else ([], [])
+    benchmarks = load_eval_benchmarks(args, tokenizer) if args.eval_only else []  # (name, rows) each
 
     # ---- student, teacher (distill: frozen, sharded like the student; self: the student itself) ----
     model = load_model(str(run.checkpoint or args.model), dist_info,
@@ -345,7 +355,7 @@ def main(argv=None):
     picture, snr_records = [], []
 
     def run_eval(step: int) -> dict:
-        metrics = evaluate(engine, tokenizer, eval_rows, grader, eval_params, args.eval_k, dist_info,
+        metrics = evaluate(engine, tokenizer, eval_rows, grader_for(eval_rows, grader), eval_params, eval_k, dist_info,
                            args.enable_thinking)
         logger.log(step, metrics, prefix="eval")
         draw_picture()
@@ -358,12 +368,15 @@ def main(argv=None):
                                      "label gives the problem's pass rate p and normalised weight w~; hover: fkl, rkl.")
 
     history = {}
-    if eval_rows and (args.eval_only or start_step == 0):
-        history["first"] = run_eval(start_step)
-    if args.eval_only:
+    if args.eval_only:  # every --eval_dataset benchmark with its k: one table (eval_table.md/.json)
+        history["first"] = eval_only_table(engine, tokenizer, benchmarks, grader, eval_params, eval_ks, dist_info,
+                                           logger, run_dir, start_step, str(run.checkpoint or args.model),
+                                           args.enable_thinking)
         logger.close()
         grader.close()
         return history
+    if eval_rows and start_step == 0:
+        history["first"] = run_eval(start_step)
 
     per_rank = args.num_problems // world
     print0(f"[paced] {run_name}: --mode {args.mode}, {args.num_steps} steps x {args.num_problems} problems x k "
@@ -500,7 +513,7 @@ def main(argv=None):
     minutes = (time.time() - train_started) / 60
     summary = f"[paced] done: steps {start_step}->{args.num_steps} in {minutes:.1f} min; runs dir {run_dir}"
     if "first" in history and "last" in history:
-        key = f"eval/avg@{args.eval_k}"
+        key = f"eval/avg@{eval_k}"
         summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"
     print0(summary)
     logger.close()
