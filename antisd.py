@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from common import (eval_dataset_names, eval_only_table, grader_for, load_eval_benchmarks, parse_eval_k,
+from common import (eval_dataset_names, resolve_model, vllm_options, eval_only_table, grader_for, load_eval_benchmarks, parse_eval_k,
                     Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
                     answer_span, at_least, between, build_prompt, evaluate, init_distributed, load_checkpoint,
                     load_model, load_run_problems, load_tokenizer, make_engine, micro_batches,
@@ -95,7 +95,7 @@ class Args:
     solution_key: str = option("solution", "column with a reference solution (optional)")
     num_steps: int = option(60, "optimizer steps [paper: 200; ours: 60 on the toy]")
     seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
-    rollout: str = option("hf", "rollout engine: hf (vllm is planned)")
+    rollout: str = option("auto", "rollout engine: auto (vllm when installed and on CUDA, else hf) | vllm | hf")
     eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
     resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
     track: bool = option(False, "log to Weights & Biases")
@@ -114,6 +114,13 @@ class Args:
     top_k: int = option(0, "rollout top-k, 0 = off [ours]")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch (unset = template default)")
     gen_batch_size: int = option(256, "sequences per generate call, a memory bound of the hf engine [ours: one call for 32 x 8]")
+    vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
+                                                "cache), the rest is the trainer's [ours]")
+    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; 1 = one engine per rank")
+    vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to CPU, 2 discard "
+                              "(reloaded from the trainer before sampling)")
+    tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
+                                 "- log pi_sampler), cap); 0 = off [TRL, verl]")
     # optimisation
     lr: float = option(1e-4, "AdamW learning rate [paper: 1e-6; ours: 1e-4 for the tiny toy model]")
     weight_decay: float = option(0.0, "AdamW weight decay [ours]")
@@ -274,7 +281,9 @@ def main(argv=None):
     model = load_model(str(run.checkpoint or args.model), dist_info,
                        activation_checkpointing=args.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
+    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size, dist_info=dist_info,
+                         model_path=str(run.checkpoint or resolve_model(args.model)),
+                         vllm_options=vllm_options(args))
     grader = Grader(args.grader_timeout)
     sampler = ProblemSampler(len(train_rows), args.seed)
     gate = EntropyGate(args.gate_warmup, args.tau_down)

@@ -190,6 +190,10 @@ ARG_RULES = {
     "num_steps": at_least(1),
     "seed": between(0, 2**31 - 1),  # numpy seeds must be in [0, 2**32); rank r adds r
     "rollout": one_of("auto", "vllm", "hf"),
+    "vllm_gpu_memory_utilization": between(0, 1, low_open=True),
+    "vllm_tensor_parallel_size": at_least(1),
+    "vllm_sleep": one_of(0, 1, 2),
+    "tis_cap": at_least(0),
     "num_problems": at_least(1),
     "num_generations": at_least(1),
     "max_new_tokens": at_least(1),
@@ -1451,10 +1455,13 @@ class RolloutEngine:
 
     `generate(prompts, params)` takes a list of prompt token-id lists and returns, per prompt, one
     sampled response as token ids, ending with the stop token when one was produced (truncated
-    responses have none). Every rank calls it with the same number of prompts.
+    responses have none). Every rank calls it with the same number of prompts. With `logprobs=True`
+    it returns (responses, sampler log-probs): per response, the log-prob of each sampled token under
+    the distribution it was sampled from (after temperature; 0.0 for greedy), aligned with the tokens.
     """
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generate") -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generate",
+                 logprobs: bool = False):
         raise NotImplementedError
 
     def update_weights(self, model) -> None:
@@ -1475,18 +1482,19 @@ class HFEngine(RolloutEngine):
         self.stop_ids = set(stop_token_ids(tokenizer, model))
 
     @torch.no_grad()
-    def generate(self, prompts, params, desc="generate"):
+    def generate(self, prompts, params, desc="generate", logprobs=False):
         was_training = self.model.training
         self.model.eval()
-        responses, progress = [], Progress(len(prompts), desc)
+        responses, sampled_logprobs, progress = [], [], Progress(len(prompts), desc)
         for start in range(0, len(prompts), self.batch_size):
-            responses += self._sample(prompts[start: start + self.batch_size], params)
+            batch, batch_logprobs = self._sample(prompts[start: start + self.batch_size], params)
+            responses, sampled_logprobs = responses + batch, sampled_logprobs + batch_logprobs
             progress.update(min(self.batch_size, len(prompts) - start))
         progress.close()
         self.model.train(was_training)
-        return responses
+        return (responses, sampled_logprobs) if logprobs else responses
 
-    def _sample(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    def _sample(self, prompts: list[list[int]], params: SamplingParams):
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -1498,14 +1506,19 @@ class HFEngine(RolloutEngine):
         positions = (attention.cumsum(1) - 1).clamp(min=0)
         cache = None  # the model makes its KV cache on the first call
         responses, stopped = [[] for _ in prompts], [False] * len(prompts)
+        sampled_logprobs = [[] for _ in prompts]  # log-prob of each sampled token after temperature
         rows = list(range(len(prompts)))  # the prompt of each batch row
         for step in range(params.max_new_tokens):
             output = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache, tokens = output.past_key_values, sample_token(output.logits[:, -1], params)
-            for row, token in zip(rows, tokens.tolist()):
+            scaled = output.logits[:, -1].float() / params.temperature if params.temperature > 0 else None
+            chosen = (torch.log_softmax(scaled, -1).gather(-1, tokens[:, None])[:, 0].tolist()
+                      if scaled is not None else [0.0] * len(rows))
+            for row, token, logprob in zip(rows, tokens.tolist(), chosen):
                 if not stopped[row]:
                     responses[row].append(token)
+                    sampled_logprobs[row].append(logprob)
                     stopped[row] = token in self.stop_ids
             keep = torch.tensor([not stopped[row] for row in rows])
             if step + 1 == params.max_new_tokens or not _any_rank(bool(keep.any())):
@@ -1520,7 +1533,7 @@ class HFEngine(RolloutEngine):
             input_ids = tokens[:, None]
             attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
-        return responses
+        return responses, sampled_logprobs
 
 
 def _any_rank(flag: bool) -> bool:
@@ -1546,13 +1559,145 @@ def sample_token(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 
-def make_engine(kind: str, model, tokenizer, batch_size: int = 64) -> RolloutEngine:
+def make_engine(kind: str, model, tokenizer, batch_size: int = 64, *, model_path: str | None = None,
+                dist_info: "Dist | None" = None, vllm_options: dict | None = None) -> RolloutEngine:
+    """The rollout engine for `--rollout` (`auto` resolved by `resolve_rollout`). vLLM needs the HF-format
+    folder or hub id the model was loaded from (`model_path`) and takes `vllm_options` (VLLMEngine's
+    keyword arguments: gpu_memory_utilization, tensor_parallel_size, sleep_level, max_model_len, seed)."""
+    if kind == "auto":
+        kind = resolve_rollout(kind)
     if kind == "hf":
         return HFEngine(model, tokenizer, batch_size)
     if kind == "vllm":
-        raise NotImplementedError("--rollout vllm is not implemented yet (it is planned; the RolloutEngine "
-                                  "interface in common.py is where it plugs in). Use --rollout hf.")
-    raise ValueError(f"Unknown --rollout {kind!r}; choose hf (or vllm, once available).")
+        if model_path is None or dist_info is None:
+            raise ValueError("make_engine('vllm', ...) needs model_path and dist_info")
+        return VLLMEngine(model, tokenizer, model_path, dist_info, **(vllm_options or {}))
+    raise ValueError(f"Unknown --rollout {kind!r}; choose auto, vllm or hf.")
+
+# The vLLM range this engine was written against (GPU extra, see requirements.txt): `logprobs_mode`
+# arrived in 0.10.2; LLM.sleep/wake_up(tags)/reset_prefix_cache, TokensPrompt and the
+# external_launcher backend are older. Checked in vLLM's vllm/entrypoints/llm.py and against the
+# colocated engines of TRL (grpo_trainer.py) and verl (sharding managers); not run here (no GPU).
+VLLM_RANGE = ">=0.10.2,<0.12"
+
+
+class VLLMEngine(RolloutEngine):
+    """A vLLM engine colocated with training, one per rank (`distributed_executor_backend=
+    "external_launcher"`: it joins torchrun's process group instead of spawning workers; tensor
+    parallel 1 by default, so each rank samples its own prompts).
+
+    Generation runs from token ids (`TokensPrompt`) and returns the sampler's log-prob of every
+    sampled token (`logprobs=0` = the sampled token only, `logprobs_mode="processed_logprobs"` = after
+    temperature and top-k/top-p, the distribution it sampled from). After each optimizer step
+    `update_weights(model)` pushes the FSDP2 model's parameters one at a time (each gathered in full
+    with `DTensor.full_tensor()`, under the model's own HF names) into vLLM's `load_weights`, then
+    resets the prefix cache (its KV blocks were computed with the old weights).
+
+    Sleep mode (`sleep_level` 1 or 2) frees the engine's GPU memory while the trainer runs: sleep
+    after each generation; `update_weights` wakes the weights only (level 1 restores the old ones
+    from CPU, level 2 allocates them empty) and overwrites them; `generate` wakes the KV cache last.
+    After a level-2 sleep with no push since (e.g. two evaluations in a row) `generate` reloads the
+    weights from the model first, so it never samples from discarded (garbage) weights.
+    """
+
+    def __init__(self, model, tokenizer, model_path: str, dist_info: "Dist", gpu_memory_utilization: float = 0.5,
+                 tensor_parallel_size: int = 1, sleep_level: int = 0, max_model_len: int | None = None,
+                 seed: int = 0, dtype: str = "bfloat16"):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: its model is reachable
+        try:
+            import vllm
+        except ImportError as error:
+            raise UserError(f"--rollout vllm needs the GPU extra: pip install \"vllm{VLLM_RANGE}\" "
+                            "(or use --rollout hf)") from error
+        self.vllm, self.model, self.tokenizer = vllm, model, tokenizer
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.sleep_level = sleep_level
+        self.llm = vllm.LLM(model=model_path, tensor_parallel_size=tensor_parallel_size,
+                            distributed_executor_backend="external_launcher", gpu_memory_utilization=gpu_memory_utilization,
+                            enable_sleep_mode=sleep_level > 0, max_model_len=max_model_len, dtype=dtype,
+                            seed=seed + dist_info.rank // tensor_parallel_size,  # one stream per engine
+                            enable_prefix_caching=True, logprobs_mode="processed_logprobs")
+        self.asleep = {"weights": False, "kv_cache": False}
+        self.weights_current = True  # the engine holds the model's weights (it loaded them from model_path)
+        if sleep_level:
+            self._sleep()
+
+    def _sleep(self) -> None:
+        self.llm.sleep(level=self.sleep_level)
+        self.asleep = {"weights": True, "kv_cache": True}
+        if self.sleep_level >= 2:
+            self.weights_current = False  # level 2 discards the weights: reload before sampling
+
+    def _wake(self, tag: str) -> None:
+        if self.asleep[tag]:
+            self.llm.wake_up(tags=[tag])
+            self.asleep[tag] = False
+
+    def _runner_model(self):
+        """vLLM's nn.Module in this process (the path TRL's colocate mode and verl use)."""
+        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+    @torch.no_grad()
+    def update_weights(self, model) -> None:
+        """Push every parameter of `model` (one full tensor at a time) and reset the prefix cache."""
+        self.model = model
+        self._wake("weights")
+        runner = self._runner_model()
+        for name, param in model.named_parameters():  # the HF names vLLM's load_weights maps itself
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param  # a collective under FSDP2
+            runner.load_weights([(name, full.detach())])
+            del full
+        self.llm.reset_prefix_cache()
+        self.weights_current = True
+
+    @torch.no_grad()
+    def generate(self, prompts, params, desc="generate", logprobs=False):
+        if not self.weights_current:  # after a level-2 sleep without a push since
+            self.update_weights(self.model)
+        self._wake("weights")
+        self._wake("kv_cache")
+        greedy = params.temperature <= 0
+        sampling = self.vllm.SamplingParams(
+            n=1, temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
+            top_k=-1 if greedy or params.top_k <= 0 else params.top_k, max_tokens=params.max_new_tokens,
+            stop_token_ids=self.stop_ids, logprobs=0, detokenize=False)
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling,
+                                    use_tqdm=False)
+        responses, sampler_logprobs = [], []
+        for output in outputs:
+            sample = output.outputs[0]
+            tokens = list(sample.token_ids)
+            responses.append(tokens)
+            # one {token id: Logprob} per generated position; the sampled token is always in it
+            sampler_logprobs.append([float(step[token].logprob) for step, token in zip(sample.logprobs or [], tokens)])
+        if self.sleep_level:
+            self._sleep()
+        if any(len(r) != len(lp) for r, lp in zip(responses, sampler_logprobs)):
+            raise RuntimeError("vLLM returned log-probs not aligned with the sampled tokens")
+        return (responses, sampler_logprobs) if logprobs else responses
+
+
+def vllm_options(args) -> dict:
+    """VLLMEngine's keyword arguments from a script's --vllm_* options and --seed."""
+    return dict(gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                tensor_parallel_size=args.vllm_tensor_parallel_size, sleep_level=args.vllm_sleep, seed=args.seed)
+
+
+def resolve_rollout(kind: str) -> str:
+    """`auto` -> `vllm` when vLLM is importable and CUDA is available, else `hf`; one log line says
+    which engine runs and why."""
+    if kind == "auto":
+        found, cuda = importlib.util.find_spec("vllm") is not None, torch.cuda.is_available()
+        kind = "vllm" if found and cuda else "hf"
+        why = "vLLM importable and CUDA available" if kind == "vllm" else \
+            f"{'no CUDA' if not cuda else 'vLLM not installed'}"
+        print0(f"[rollout] engine: {kind} (--rollout auto: {why})")
+    else:
+        print0(f"[rollout] engine: {kind}")
+    return kind
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from common import (eval_dataset_names, eval_only_table, grader_for, load_eval_benchmarks, parse_eval_k,
+from common import (eval_dataset_names, resolve_model, vllm_options, eval_only_table, grader_for, load_eval_benchmarks, parse_eval_k,
                     Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
                     at_least, build_prompt, check_same_tokenizer, evaluate, init_distributed, load_checkpoint,
                     load_model, load_run_problems, load_tokenizer, make_engine, micro_batches, option,
@@ -86,7 +86,7 @@ class Args:
     solution_key: str = option("solution", "column with a reference solution (optional; unused by OPD)")
     num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
     seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
-    rollout: str = option("hf", "rollout engine: hf (vllm is planned)")
+    rollout: str = option("auto", "rollout engine: auto (vllm when installed and on CUDA, else hf) | vllm | hf")
     eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
     resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
     track: bool = option(False, "log to Weights & Biases")
@@ -113,6 +113,13 @@ class Args:
     top_k: int = option(0, "rollout top-k, 0 = off [code]")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch [paper: off, pass false]")
     gen_batch_size: int = option(256, "sequences per generate call, a memory bound of the hf engine [ours]")
+    vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
+                                                "cache), the rest is the trainer's [ours]")
+    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; 1 = one engine per rank")
+    vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to CPU, 2 discard "
+                              "(reloaded from the trainer before sampling)")
+    tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
+                                 "- log pi_sampler), cap); 0 = off [TRL, verl]")
     # optimisation
     lr: float = option(1e-4, "AdamW learning rate [code: 1e-5; ours: 1e-4 for the tiny toy model]")
     weight_decay: float = option(0.0, "AdamW weight decay [ours]")
@@ -230,7 +237,9 @@ def main(argv=None):
     teacher = None if args.eval_only else load_model(args.teacher_model, dist_info, trainable=False,
                                                       flag="--teacher_model")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
+    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size, dist_info=dist_info,
+                         model_path=str(run.checkpoint or resolve_model(args.model)),
+                         vllm_options=vllm_options(args))
     grader = Grader(args.grader_timeout)
     sampler = ProblemSampler(len(train_rows), args.seed)
     start_step = 0

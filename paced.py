@@ -56,7 +56,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from common import (eval_dataset_names, eval_only_table, grader_for, load_eval_benchmarks, parse_eval_k,
+from common import (eval_dataset_names, resolve_model, vllm_options, eval_only_table, grader_for, load_eval_benchmarks, parse_eval_k,
                     Grader, ProblemSampler, RunLogger, SamplingParams, TOY_CONTEXT_HEADER, UserError, all_gather_cat,
                     all_reduce_sum, at_least, build_prompt, check_same_tokenizer, chunked_map, evaluate,
                     init_distributed, load_checkpoint, load_model, load_run_problems, load_tokenizer, make_engine,
@@ -97,7 +97,7 @@ class Args:
     solution_key: str = option("solution", "column with the expert solution (the self-teacher's context)")
     num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
     seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
-    rollout: str = option("hf", "rollout engine: hf (vllm is planned)")
+    rollout: str = option("auto", "rollout engine: auto (vllm when installed and on CUDA, else hf) | vllm | hf")
     eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
     resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
     track: bool = option(False, "log to Weights & Biases")
@@ -128,6 +128,13 @@ class Args:
     top_k: int = option(0, "top-k, 0 = off")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch")
     gen_batch_size: int = option(256, "sequences per generate call, a memory bound of the hf engine [ours]")
+    vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
+                                                "cache), the rest is the trainer's [ours]")
+    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; 1 = one engine per rank")
+    vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to CPU, 2 discard "
+                              "(reloaded from the trainer before sampling)")
+    tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
+                                 "- log pi_sampler), cap); 0 = off [TRL, verl]")
     # optimisation
     lr: float = option(2e-4, "AdamW learning rate [ours: 2e-4 for the tiny toy model]")
     weight_decay: float = option(0.0, "AdamW weight decay [ours]")
@@ -338,8 +345,12 @@ def main(argv=None):
     teacher = (load_model(args.teacher_model, dist_info, trainable=False, flag="--teacher_model")
                if distill and not args.eval_only else model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
-    teacher_engine = make_engine(args.rollout, teacher, tokenizer, args.gen_batch_size) if distill else None
+    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size, dist_info=dist_info,
+                         model_path=str(run.checkpoint or resolve_model(args.model)),
+                         vllm_options=vllm_options(args))
+    # the separate teacher (distill) samples its references with the HF engine on its own frozen weights: no
+    # second vLLM engine to hold in memory or keep in sync (README, "vLLM rollouts")
+    teacher_engine = make_engine("hf", teacher, tokenizer, args.gen_batch_size) if distill else None
     grader = Grader(args.grader_timeout)
     sampler = ProblemSampler(len(train_rows), args.seed)
     start_step = 0
