@@ -53,12 +53,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from common import (eval_dataset_names, resolve_model, vllm_options, eval_only_table, grader_for, load_eval_benchmarks, parse_eval_k,
-                    Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
-                    answer_span, at_least, between, build_prompt, evaluate, init_distributed, load_checkpoint,
-                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches,
-                    option, parse_args, prepare_run_dir, print0, response_logprobs, response_token_spans, run_main,
-                    save_checkpoint, stop_token_ids, token_roles, validate_args, write_token_picture, writes_work)
+from common import (Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
+                    answer_span, at_least, between, build_prompt, eval_dataset_names, eval_only_table, evaluate,
+                    grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model, load_run_problems,
+                    load_tokenizer, make_engine, micro_batches, option, parse_args, parse_eval_k, prepare_run_dir,
+                    print0, resolve_model, response_logprobs, response_token_spans, run_main, save_checkpoint,
+                    stop_token_ids, token_roles, validate_args, vllm_options, write_token_picture, writes_work)
 
 # Privileged context c [paper: verified solution + correctness feedback; wording ours]. The toy
 # models are taught this exact form (common.TOY_CONTEXT_HEADER / TOY_FEEDBACK_LINES).
@@ -176,12 +176,33 @@ def token_signal(u: torch.Tensor, signal: str = "antisd", divergence: str = "jsd
     return -u if divergence == "rkl" else -phi(u)  # AntiSD: reverse-KL ascent or JSD ascent
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, num_tokens, clip_low=0.2, clip_high=0.28):
+def policy_loss(logprobs, old_logprobs, advantages, mask, num_tokens, clip_low=0.2, clip_high=0.28, tis=None):
     """Clipped surrogate summed over valid tokens, divided by the global valid-token count.
-    Summing this over micro-batches and ranks gives the global token-mean for any split."""
+    Summing this over micro-batches and ranks gives the global token-mean for any split.
+    `tis`: per-token truncated importance weights (`tis_weights`) multiplying each token's term."""
     ratio = torch.exp(logprobs - old_logprobs)
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
+    if tis is not None:
+        surrogate = surrogate * tis
     return -torch.where(mask, surrogate, torch.zeros_like(surrogate)).sum() / num_tokens
+
+
+def tis_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                cap: float) -> torch.Tensor:
+    """Truncated importance sampling between the sampler (vLLM: another kernel, bf16) and the trainer
+    [TRL `vllm_importance_sampling_correction`, mode token_truncate; verl rollout correction]:
+    w_t = min(exp(log pi_train(y_t) - log pi_sampler(y_t)), cap), no gradient; 1 where masked.
+    log pi_train is the behaviour policy as the trainer computes it (the ratio's denominator)."""
+    w = torch.exp(train_logprobs.detach() - sampler_logprobs).clamp(max=cap)
+    return torch.where(mask, w, torch.ones_like(w))
+
+
+def padded_rows(rows: list, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row lists of floats -> a [B, R] tensor shaped like `mask` (0 where padded)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(mask.device)
 
 
 @dataclass
@@ -344,7 +365,11 @@ def main(argv=None):
         problems = [train_rows[i] for i in indices]
         prompts = [build_prompt(tokenizer, p["problem"], enable_thinking=args.enable_thinking) for p in problems]
         student_prompts = [prompt for prompt in prompts for _ in range(group)]  # rollout i: problem i // G
-        responses = engine.generate(student_prompts, rollout_params, desc="rollout")
+        if args.tis_cap > 0:  # the sampler's own log-probs, for the sampler/trainer correction
+            responses, sampler_logprobs = engine.generate(student_prompts, rollout_params, desc="rollout",
+                                                          logprobs=True)
+        else:
+            responses = engine.generate(student_prompts, rollout_params, desc="rollout")
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
 
         # ---- 2. verifier rewards and GRPO group advantages A_i^seq
@@ -397,7 +422,7 @@ def main(argv=None):
         # ---- 6. policy gradient on A_{i,t} = A_i^seq + lambda * sg[delta_t], global token-mean
         model.train()
         sums = dict.fromkeys(["loss", "entropy", "u_negative", "bonus", "u", "clipped", "u_work", "work_tokens",
-                              "u_answer", "answer_tokens"], 0.0)
+                              "u_answer", "answer_tokens", "tis"], 0.0)
         if not use_teacher:  # no u without a teacher
             sums.update(u_negative=float("nan"), u=float("nan"), u_work=float("nan"), u_answer=float("nan"))
         per_minibatch = len(responses) // args.num_minibatches
@@ -425,8 +450,12 @@ def main(argv=None):
                     for name, role_id in [("work", 1), ("answer", 2)]:
                         sums[f"u_{name}"] += u[role == role_id].sum()
                         sums[f"{name}_tokens"] += (role == role_id).sum()
+                tis = (tis_weights(old_logprobs, padded_rows([sampler_logprobs[i] for i in batch], mask), mask,
+                                   args.tis_cap) if args.tis_cap > 0 else None)
                 loss = policy_loss(logprobs, old_logprobs, advantages, mask, minibatch_tokens,
-                                   args.clip_low, args.clip_high)
+                                   args.clip_low, args.clip_high, tis)
+                if tis is not None:
+                    sums["tis"] += tis[mask].sum()
                 (loss * world).backward()  # FSDP averages gradients over ranks; the loss wants their sum
                 ratio = torch.exp(logprobs.detach() - old_logprobs)[mask]
                 sums["loss"] += loss.detach()  # tensors: no device sync inside the loop
@@ -470,6 +499,7 @@ def main(argv=None):
             "u_answer": totals["u_answer"] / totals["answer_tokens"] if totals["answer_tokens"] else float("nan"),
             "careful_frac": totals["careful"] / sequences_global,
             "clip_frac": totals["clipped"] / tokens,
+            "tis_weight_mean": totals["tis"] / tokens if args.tis_cap > 0 else float("nan"),
             "truncated_frac": totals["truncated"] / sequences_global,
             "zero_adv_groups": totals["zero_adv_groups"] / args.num_problems,
             "no_answer": totals["no_answer"],

@@ -1613,7 +1613,8 @@ class VLLMEngine(RolloutEngine):
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.sleep_level = sleep_level
         self.llm = vllm.LLM(model=model_path, tensor_parallel_size=tensor_parallel_size,
-                            distributed_executor_backend="external_launcher", gpu_memory_utilization=gpu_memory_utilization,
+                            distributed_executor_backend="external_launcher",
+                            gpu_memory_utilization=gpu_memory_utilization,
                             enable_sleep_mode=sleep_level > 0, max_model_len=max_model_len, dtype=dtype,
                             seed=seed + dist_info.rank // tensor_parallel_size,  # one stream per engine
                             enable_prefix_caching=True, logprobs_mode="processed_logprobs")

@@ -51,12 +51,12 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from common import (eval_dataset_names, resolve_model, vllm_options, eval_only_table, grader_for, load_eval_benchmarks, parse_eval_k,
-                    Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
-                    at_least, build_prompt, check_same_tokenizer, evaluate, init_distributed, load_checkpoint,
-                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches, option,
-                    parse_args, prepare_run_dir, print0, response_logprobs, response_token_spans, run_main,
-                    save_checkpoint, stop_token_ids, validate_args, write_token_picture, writes_work)
+from common import (Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
+                    at_least, build_prompt, check_same_tokenizer, eval_dataset_names, eval_only_table, evaluate,
+                    grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model, load_run_problems,
+                    load_tokenizer, make_engine, micro_batches, option, parse_args, parse_eval_k, prepare_run_dir,
+                    print0, resolve_model, response_logprobs, response_token_spans, run_main, save_checkpoint,
+                    stop_token_ids, validate_args, vllm_options, write_token_picture, writes_work)
 
 SLICE_SHARE = 0.3  # --token_slice first30 / last30 [paper: 30%]
 
@@ -179,14 +179,35 @@ def slice_mask(mask: torch.Tensor, which: str = "all", share: float = SLICE_SHAR
     return mask & selected
 
 
-def opd_loss(logp, old_logp, w, a, mask, num_tokens, clip_low=0.2, clip_high=0.2):
+def opd_loss(logp, old_logp, w, a, mask, num_tokens, clip_low=0.2, clip_high=0.2, tis=None):
     """PPO clipped surrogate with A_t = w_t * a_t, summed over the `mask`ed tokens and divided by the
     global token count `num_tokens` (summed over micro-batches and ranks: the global token-mean).
-    With old_logp = sg[logp] (one update per batch) rho = 1 and grad = -sum w_t a_t grad logp / N."""
+    With old_logp = sg[logp] (one update per batch) rho = 1 and grad = -sum w_t a_t grad logp / N.
+    `tis`: per-token truncated importance weights (`tis_weights`) multiplying each token's term."""
     advantages = (w * a).detach()
     ratio = torch.exp(logp - old_logp)
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
+    if tis is not None:
+        surrogate = surrogate * tis
     return -torch.where(mask, surrogate, torch.zeros_like(surrogate)).sum() / num_tokens
+
+
+def tis_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                cap: float) -> torch.Tensor:
+    """Truncated importance sampling between the sampler (vLLM: another kernel, bf16) and the trainer
+    [TRL `vllm_importance_sampling_correction`, mode token_truncate; verl rollout correction]:
+    w_t = min(exp(log pi_train(y_t) - log pi_sampler(y_t)), cap), no gradient; 1 where masked.
+    log pi_train is the behaviour policy as the trainer computes it (the ratio's denominator)."""
+    w = torch.exp(train_logprobs.detach() - sampler_logprobs).clamp(max=cap)
+    return torch.where(mask, w, torch.ones_like(w))
+
+
+def padded_rows(rows: list, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row lists of floats -> a [B, R] tensor shaped like `mask` (0 where padded)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(mask.device)
 
 
 def picture_row(tokenizer, problem: dict, response: list[int], reward: float, a: torch.Tensor, w: torch.Tensor,
@@ -294,7 +315,10 @@ def main(argv=None):
         problems = [train_rows[i] for i in indices]
         prompts = [build_prompt(tokenizer, p["problem"], enable_thinking=args.enable_thinking) for p in problems]
         prompts = [prompt for prompt in prompts for _ in range(group)]  # rollout i: problem i // group
-        responses = engine.generate(prompts, rollout_params, desc="rollout")
+        if args.tis_cap > 0:  # the sampler's own log-probs, for the sampler/trainer correction
+            responses, sampler_logprobs = engine.generate(prompts, rollout_params, desc="rollout", logprobs=True)
+        else:
+            responses = engine.generate(prompts, rollout_params, desc="rollout")
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
 
         # ---- 2. verifier rewards: logged only, OPD's signal is the teacher
@@ -323,7 +347,7 @@ def main(argv=None):
         # ---- 4. policy gradient on A_t = w_t * a_t (PPO clip), global token-mean over the loss tokens
         model.train()
         sums = dict.fromkeys(["loss", "loss_tokens", "entropy", "clipped", "w", "a", "abs_a", "gap_first",
-                              "gap_last"], 0.0)
+                              "gap_last", "tis"], 0.0)
         w_min, w_max = math.inf, -math.inf
         per_minibatch = len(responses) // args.num_minibatches
         for minibatch in range(args.num_minibatches):
@@ -341,8 +365,12 @@ def main(argv=None):
                 a = sampled_token_advantage(teacher_logp, old_logprobs, mask)
                 w = importance_weights(a, mask, args.gamma, args.iw)  # over the whole response, also when sliced
                 loss_mask = slice_mask(mask, args.token_slice)
+                tis = (tis_weights(old_logprobs, padded_rows([sampler_logprobs[i] for i in batch], mask), mask,
+                                   args.tis_cap) if args.tis_cap > 0 else None)
                 loss = opd_loss(logprobs, old_logprobs, w, a, loss_mask, max(loss_tokens, 1),
-                                args.clip_low, args.clip_high)
+                                args.clip_low, args.clip_high, tis)
+                if tis is not None:
+                    sums["tis"] += tis[loss_mask].sum()
                 (loss * world).backward()  # FSDP averages gradients over ranks; the loss wants their sum
                 ratio = torch.exp(logprobs.detach() - old_logprobs)[loss_mask]
                 sums["loss"] += loss.detach()  # tensors: no device sync inside the loop
@@ -395,6 +423,7 @@ def main(argv=None):
             "gap_last_third": totals["gap_last"] / sequences_global,
             "careful_frac": totals["careful"] / sequences_global,
             "clip_frac": totals["clipped"] / max(totals["loss_tokens"], 1),
+            "tis_weight_mean": totals["tis"] / max(totals["loss_tokens"], 1) if args.tis_cap > 0 else float("nan"),
             "truncated_frac": totals["truncated"] / sequences_global,
             "no_answer": totals["no_answer"],
             "grader_timeouts": totals["grader_timeouts"],

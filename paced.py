@@ -56,12 +56,12 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from common import (eval_dataset_names, resolve_model, vllm_options, eval_only_table, grader_for, load_eval_benchmarks, parse_eval_k,
-                    Grader, ProblemSampler, RunLogger, SamplingParams, TOY_CONTEXT_HEADER, UserError, all_gather_cat,
-                    all_reduce_sum, at_least, build_prompt, check_same_tokenizer, chunked_map, evaluate,
-                    init_distributed, load_checkpoint, load_model, load_run_problems, load_tokenizer, make_engine,
-                    micro_batches, option, output_head, parse_args, prepare_run_dir, print0,
-                    response_hidden, response_token_spans, run_main, save_checkpoint, validate_args,
+from common import (Grader, ProblemSampler, RunLogger, SamplingParams, TOY_CONTEXT_HEADER, UserError, all_gather_cat,
+                    all_reduce_sum, at_least, build_prompt, check_same_tokenizer, chunked_map, eval_dataset_names,
+                    eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
+                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches, option, output_head,
+                    parse_args, parse_eval_k, prepare_run_dir, print0, resolve_model, response_hidden,
+                    response_logprobs, response_token_spans, run_main, save_checkpoint, validate_args, vllm_options,
                     write_token_picture, writes_work)
 
 AKL_HEAD_MASS = 0.5  # cumulative teacher probability of the AKL head [Wu et al. 2024]
@@ -241,6 +241,24 @@ def gradient_snr(per_problem_grads: torch.Tensor) -> float:
     return float(signal / rms) if rms > 0 else math.inf
 
 
+def tis_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                cap: float) -> torch.Tensor:
+    """Truncated importance sampling between the sampler (vLLM: another kernel, bf16) and the trainer
+    [TRL `vllm_importance_sampling_correction`, mode token_truncate; verl rollout correction]:
+    w_t = min(exp(log pi_train(y_t) - log pi_sampler(y_t)), cap), no gradient; 1 where masked.
+    Here it weights each token's divergence D_t on the student's own rollouts (--mode self)."""
+    w = torch.exp(train_logprobs.detach() - sampler_logprobs).clamp(max=cap)
+    return torch.where(mask, w, torch.ones_like(w))
+
+
+def padded_rows(rows: list, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row lists of floats -> a [B, R] tensor shaped like `mask` (0 where padded)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(mask.device)
+
+
 def pass_rate_bin(p: float) -> int:
     """Index into BINS: p = 0, (0, .25], (.25, .5], (.5, .75], (.75, 1), p = 1."""
     if p <= 0:
@@ -325,6 +343,9 @@ def main(argv=None):
         raise UserError("--log_snr needs per-problem gradients of unsharded weights: run it on 1 rank "
                         "(plain python), or pass --log_snr 0.")
     distill = args.mode == "distill"
+    if distill and args.tis_cap > 0:
+        raise UserError("--tis_cap corrects the student's own rollouts (--mode self); in --mode distill the student "
+                        "trains on the teacher's references, which the teacher samples with the HF engine.")
     run = prepare_run_dir(args, f"paced_{args.mode}_{Path(args.model).name}_s{args.seed}", dist_info)
     run_dir, run_name = run.path, run.path.name
     random.seed(args.seed + rank)
@@ -402,7 +423,11 @@ def main(argv=None):
         indices = sampler.next(args.num_problems)[rank * per_rank:(rank + 1) * per_rank]
         problems = [train_rows[i] for i in indices]
         prompts = [build_prompt(tokenizer, p["problem"], enable_thinking=args.enable_thinking) for p in problems]
-        responses = engine.generate([q for q in prompts for _ in range(args.k)], params, desc="rollout")
+        rollout_prompts = [q for q in prompts for _ in range(args.k)]
+        if args.tis_cap > 0:  # the sampler's own log-probs, for the sampler/trainer correction
+            responses, sampler_logprobs = engine.generate(rollout_prompts, params, desc="rollout", logprobs=True)
+        else:
+            responses = engine.generate(rollout_prompts, params, desc="rollout")
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         rewards, grade_counts = grader.grade(texts, [p["answer"] for p in problems for _ in range(args.k)])
         pass_rates = torch.tensor([sum(rewards[i * args.k:(i + 1) * args.k]) / args.k for i in range(per_rank)],
@@ -426,13 +451,14 @@ def main(argv=None):
                                                               f"\\boxed{{{problems[i]['answer']}}}"),
                                         args.enable_thinking) for i in trained}
             items = [(i, prompts[i], contexts[i], responses[i * args.k + j]) for i in trained for j in range(args.k)]
+            item_rollouts = [i * args.k + j for i in trained for j in range(args.k)]  # the rollout of each item
         problem_tokens = {}
         for i, _, _, response in items:
             problem_tokens[i] = problem_tokens.get(i, 0) + len(response)
 
         # ---- 4. weighted mean over problems of the per-problem token-mean divergence
         model.train()
-        sums = dict.fromkeys(["loss", "d", "fkl", "rkl", "tokens"], 0.0)
+        sums = dict.fromkeys(["loss", "d", "fkl", "rkl", "tokens", "tis"], 0.0)
         shown, problem_d = [], {}  # problem_d: sum of D_t per problem (for L_i, logged)
         batches = micro_batches(range(len(items)), [len(items[j][1]) + len(items[j][3]) for j in range(len(items))],
                                 args.micro_batch_size)
@@ -446,9 +472,19 @@ def main(argv=None):
                 batch_items = [items[j] for j in batch]
             d, fkl, rkl, mask = score(model, teacher, [it[1] for it in batch_items], [it[2] for it in batch_items],
                                       [it[3] for it in batch_items], pad_id, kind, args.logprob_chunk_size)
+            loss_d = d
+            if args.tis_cap > 0:  # trainer log-probs of the sampled tokens (the weights that sampled them)
+                with torch.no_grad():
+                    train_logprobs, _, _ = response_logprobs(model, [it[1] for it in batch_items],
+                                                             [it[3] for it in batch_items], pad_id,
+                                                             args.logprob_chunk_size)
+                rows = [sampler_logprobs[item_rollouts[j]] for j in batch] if not dummy else [[]]
+                tis = tis_weights(train_logprobs, padded_rows(rows, mask), mask, args.tis_cap)
+                loss_d = d * tis
+                sums["tis"] += 0.0 if dummy else tis[mask].sum()
             coef = torch.tensor([0.0 if dummy else float(weights[it[0]]) / max(1, problem_tokens[it[0]])
                                  for it in batch_items], dtype=d.dtype, device=d.device)
-            loss = (d * coef[:, None]).sum() / args.num_problems
+            loss = (loss_d * coef[:, None]).sum() / args.num_problems
             (loss * world).backward()  # FSDP averages gradients over ranks; the loss wants their sum
             if dummy:
                 continue
@@ -494,6 +530,8 @@ def main(argv=None):
             # sum_i w_i L_i / sum_i w_i with the raw weights, all-reduced: what `loss` must equal
             "kl_weighted_mean": totals["weighted_kl"] / totals["raw_weight"] if totals["raw_weight"] > 0 else 0.0,
             "kl_fkl": totals["fkl"] / tokens,
+            "tis_weight_mean": (totals["tis"] / totals["tokens"] if args.tis_cap > 0 and totals["tokens"]
+                                else float("nan")),
             "kl_rkl": totals["rkl"] / tokens,
             "kl_active_rkl": float(kind == "rkl"),
             "kl_active_akl": float(kind == "akl"),
