@@ -1564,8 +1564,7 @@ def make_engine(kind: str, model, tokenizer, batch_size: int = 64, *, model_path
     """The rollout engine for `--rollout` (`auto` resolved by `resolve_rollout`). vLLM needs the HF-format
     folder or hub id the model was loaded from (`model_path`) and takes `vllm_options` (VLLMEngine's
     keyword arguments: gpu_memory_utilization, tensor_parallel_size, sleep_level, max_model_len, seed)."""
-    if kind == "auto":
-        kind = resolve_rollout(kind)
+    kind = resolve_rollout(kind)
     if kind == "hf":
         return HFEngine(model, tokenizer, batch_size)
     if kind == "vllm":
@@ -1695,6 +1694,8 @@ def resolve_rollout(kind: str) -> str:
         why = "vLLM importable and CUDA available" if kind == "vllm" else \
             f"{'no CUDA' if not cuda else 'vLLM not installed'}"
         print0(f"[rollout] engine: {kind} (--rollout auto: {why})")
+    elif kind == "vllm" and not torch.cuda.is_available():
+        raise UserError("--rollout vllm needs a CUDA GPU; use --rollout hf (or auto, which picks hf here)")
     else:
         print0(f"[rollout] engine: {kind}")
     return kind

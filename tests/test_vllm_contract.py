@@ -7,6 +7,7 @@ sampling from discarded weights); sampler log-probs aligned with the returned to
 
 import sys
 import textwrap
+from unittest import mock
 
 import pytest
 import torch
@@ -113,8 +114,10 @@ def model_and_tokenizer():
 
 
 def make(model, tokenizer, **options):
-    return common.make_engine("vllm", model, tokenizer, model_path="/models/toy", dist_info=common.init_distributed(),
-                              vllm_options=options)
+    # --rollout vllm is refused without CUDA; the stand-in needs none, so that check is told yes
+    with mock.patch.object(torch.cuda, "is_available", return_value=True):
+        return common.make_engine("vllm", model, tokenizer, model_path="/models/toy", dist_info=common.init_distributed(),
+                                  vllm_options=options)
 
 
 def events(log, *kinds):
@@ -218,11 +221,15 @@ def test_sleep_wake_order(fake_vllm, model_and_tokenizer, level):
 
 
 def test_rollout_auto(fake_vllm, monkeypatch, capsys):
-    assert common.resolve_rollout("auto") == "hf"  # no CUDA here: hf, even with vllm importable
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert common.resolve_rollout("auto") == "hf"  # no CUDA: hf, even with vllm importable
     assert "[rollout] engine: hf (--rollout auto: no CUDA)" in capsys.readouterr().out
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert common.resolve_rollout("auto") == "vllm"
     assert "vLLM importable and CUDA available" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(common.UserError, match="--rollout vllm needs a CUDA GPU"):
+        common.resolve_rollout("vllm")
 
 
 def test_missing_vllm_is_a_user_error(monkeypatch, model_and_tokenizer):
