@@ -33,6 +33,10 @@ Run:
     python antisd.py --signal sd                            # default self-distillation (+u_t, no gate)
     python antisd.py --divergence rkl                       # reverse-KL ascent ablation (-u_t)
     python antisd.py --gate none                            # no entropy gate
+    python antisd.py --eval_only --model <ckpt or hub id> --eval_dataset aime24,aime25,hmmt25,minerva
+                                                            # one table, avg@32 / avg@4 [paper protocol]
+On a GPU `--rollout auto` samples with vLLM (README, "vLLM rollouts"); `--tis_cap 2` adds the
+sampler/trainer correction.
 On the toy task (README, "The toy testbed") the premise is built in: the plain prompt mostly takes the
 shortcut (box the answer at once), the careful strategy (steps, check lines) is more accurate, and the
 self-teacher shown an answer prefers the shortcut, so u < 0 on deliberation and u > 0 on the answer

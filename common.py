@@ -11,14 +11,19 @@ Surface, in file order:
   models        MODEL_ALIASES, resolve_model, check_same_tokenizer, hub_reachable, load_tokenizer,
                 max_prompt_length, load_model, copy_weights
   toy testbed   make_toy_rows, toy_response, parse_toy_steps, build_toy_model
-  data          load_problems, load_run_problems, ProblemSampler
+  data          load_problems, load_run_problems, ProblemSampler; named datasets: DATASETS,
+                BENCHMARK_NAMES, dataset_spec, dataset_short_name, load_named_dataset, adapt_math_rows,
+                adapt_openthoughts_rows, adapt_choice_rows, choice_letter, ChoiceGrader, grader_for
   prompts       BOXED_INSTRUCTION, build_prompt
   grading       boxed_span_at, find_last_boxed, extract_boxed_answer, Grader
   responses     THINK_TAGS, answer_span, writes_work, response_token_spans, token_roles
-  rollouts      SamplingParams, RolloutEngine, HFEngine, sample_token, make_engine, stop_token_ids
+  rollouts      SamplingParams, RolloutEngine, HFEngine, sample_token, make_engine, stop_token_ids,
+                VLLMEngine, VLLM_RANGE, vllm_options, resolve_rollout
   log-probs     micro_batches, response_logprobs, response_hidden, output_head, chunked_map, token_logprob_entropy,
                 token_kl
-  evaluation    evaluate
+  evaluation    evaluate; several benchmarks, one table: parse_eval_k, eval_dataset_names,
+                load_eval_benchmarks, evaluate_benchmarks, flat_eval_metrics, eval_table_markdown,
+                write_eval_table, eval_only_table
   logging       Progress, RunLogger, supersede_metrics
   token picture write_token_picture
   run dirs and  RunDir, prepare_run_dir, list_checkpoints, check_checkpoint, save_checkpoint,

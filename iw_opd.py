@@ -33,6 +33,7 @@ Run:
     python iw_opd.py                                          # IW-OPD: toy student from toy-large, CPU
     python iw_opd.py --iw none                                # standard OPD
     python iw_opd.py --iw signed                              # signed prefix sum (unstable variant)
+    python iw_opd.py --eval_only --model <ckpt> --eval_dataset aime24,aime25   # one benchmark table
     python iw_opd.py --iw none --token_slice first30          # OPD on the first 30% of tokens only
     torchrun --nproc_per_node 2 iw_opd.py --num_steps 3       # two CPU ranks (gloo, FSDP2)
 On the toy task (README, "The toy testbed") the premise is built in: `toy-large` prefers the careful

@@ -39,6 +39,7 @@ Run:
     python paced.py                                        # distill toy <- toy-large, PACED weights, CPU
     python paced.py --mode self                            # self-distillation (teacher = student + solution)
     python paced.py --weighting none                       # unweighted distillation
+    python paced.py --eval_only --model <ckpt> --eval_dataset math500,aime24,aime25  # avg@8 table [paper]
     python paced.py --weighting hard                       # hard filter 0 < p < 1
     python paced.py --kl akl --weighting none              # AKL baseline
     python paced.py --kl fkl_then_rkl --switch_step 30     # two-stage schedule
