@@ -989,7 +989,7 @@ def dataset_spec(name: str) -> tuple[dict, str | None] | None:
     short, _, path = name.partition("=")
     if path and short in DATASETS:
         return DATASETS[short], path
-    if path:
+    if path and not os.path.exists(name):  # (a file whose name holds "=" is just a file)
         raise UserError(f"Dataset {name!r}: {short!r} is not a named dataset; use one of {', '.join(DATASETS)} "
                         "before '=' (e.g. gpqa=/data/gpqa_diamond.parquet).")
     for spec in DATASETS.values():
