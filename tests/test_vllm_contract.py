@@ -236,3 +236,36 @@ def test_missing_vllm_is_a_user_error(monkeypatch, model_and_tokenizer):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(common.UserError, match="pip install"):
         make(*model_and_tokenizer)
+
+
+def test_push_gathers_one_full_tensor_at_a_time(fake_vllm, model_and_tokenizer):
+    """Under FSDP2 each parameter is a DTensor shard: the push gathers one (`full_tensor()`, a
+    collective every rank runs in the same order) and loads it before gathering the next."""
+    model, tokenizer = model_and_tokenizer
+    engine = make(model, tokenizer)
+    order = []
+
+    class Shard:  # stands in for a DTensor parameter
+        def __init__(self, name, full):
+            self.name, self.full = name, full
+
+        def full_tensor(self):
+            order.append(("gather", self.name))
+            return self.full
+
+    class Sharded:
+        def named_parameters(self):
+            return [(name, Shard(name, param.detach() + 1)) for name, param in model.named_parameters()]
+
+    runner = engine._runner_model()
+    load = runner.load_weights
+
+    def recording_load(weights):
+        weights = list(weights)
+        order.extend(("load", name) for name, _ in weights)
+        return load(weights)
+
+    runner.load_weights = recording_load
+    engine.update_weights(Sharded())
+    names = [name for name, _ in model.named_parameters()]
+    assert order == [step for name in names for step in (("gather", name), ("load", name))]
