@@ -303,9 +303,9 @@ def test_scripts_score_at_the_rollout_temperature(tmp_path, monkeypatch, script)
                       max(len(p) + len(r) for p, r in zip(prompts, responses))))
         return score(model, prompts, responses, pad_id, chunk_size, **kwargs)
 
-    def recording_engine(*args):
+    def recording_engine(*args, **options):
         engines.append(args[3:])
-        return make_engine(*args)
+        return make_engine(*args, **options)
 
     monkeypatch.setattr(module, "response_logprobs", recording_score)
     monkeypatch.setattr(module, "make_engine", recording_engine)
