@@ -198,8 +198,8 @@ class Recorder:
             self.weights.append((p.clone(), w.clone()))
             return w
 
-        def recording_engine(kind, model, tokenizer, batch_size=64, **options):
-            engine = make_engine(kind, model, tokenizer, batch_size, **options)
+        def recording_engine(kind, model, tokenizer, *sizes, **options):
+            engine = make_engine(kind, model, tokenizer, *sizes, **options)
             generate = engine.generate
             frozen = not any(p.requires_grad for p in model.parameters())
 
