@@ -82,6 +82,8 @@ class Dist:
 def init_distributed() -> Dist:
     """Start the process group under `torchrun` (NCCL on CUDA, gloo on CPU); plain `python` -> 1 rank."""
     cuda = torch.cuda.is_available()
+    if cuda:  # fp32 matmuls (the fp32 output head) on tensor cores; bf16-born operands are exact in TF32
+        torch.set_float32_matmul_precision("high")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -382,30 +384,117 @@ def max_prompt_length(name: str, max_new_tokens: int, max_prompt_tokens: int = 0
     return limit
 
 
-def load_model(name: str, dist_info: Dist, *, trainable: bool = True, activation_checkpointing: bool = False,
+def load_model(name: str, dist_info: Dist, *, trainable: bool = True, activation_checkpointing: bool | None = None,
                flag: str = "--model"):
-    """Load a causal LM onto this rank's device, sharded with FSDP2 where that applies.
+    """Load a causal LM onto this rank's device; `load_plan` decides sharding and precision.
 
-    Trainable models keep fp32 master weights (bf16 weights would swallow AdamW updates at lr 1e-6);
-    on CUDA they are always wrapped in FSDP2 (also on one GPU) with bf16 compute and fp32 gradient
-    reduction. Frozen models (teachers) are bf16 on CUDA. On CPU everything is fp32 and FSDP2 is
-    used only when there is more than one rank (gloo). `flag` names the option in error messages.
+    One process (plain `python`, no process group): the whole model on the device. Trainable models
+    keep fp32 master weights (bf16 weights would swallow AdamW updates at lr 1e-6) and, on CUDA,
+    compute in bf16 under autocast. Several ranks (torchrun): FSDP2 with one unit per decoder layer,
+    built on the meta device; rank 0 alone reads the weights (on CPU) and they are broadcast into
+    the shards, so no rank holds a full copy on its device. On CUDA the shards of a trainable model
+    are fp32 masters computing in bf16 with fp32 gradient reduction. Frozen models (teachers) are
+    bf16 on CUDA. On CPU everything is fp32. `activation_checkpointing` (None: on for a trainable
+    model on CUDA) recomputes each decoder layer in backward. `flag` names the option in errors.
     """
     from transformers import AutoModelForCausalLM
 
-    cuda = dist_info.device.type == "cuda"
-    dtype = torch.bfloat16 if (cuda and not trainable) else torch.float32
-    model = _from_pretrained(AutoModelForCausalLM, name, flag, dtype=dtype).to(dist_info.device)
-    if activation_checkpointing:  # the method's name changed in transformers 5.x; same behaviour
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cuda or dist_info.world_size > 1:
-        _fully_shard(model, dist_info, bf16_compute=cuda and trainable)
+    plan = load_plan(dist_info.device.type, dist_info.world_size, trainable)
+    if activation_checkpointing is None:
+        activation_checkpointing = plan.activation_checkpointing
+    if plan.shard:
+        model = _load_sharded(name, dist_info, plan, activation_checkpointing, flag)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, name, flag, dtype=plan.dtype).to(dist_info.device)
+        if activation_checkpointing:
+            _enable_activation_checkpointing(model)
+        if plan.bf16_compute:
+            _autocast_forward(model, dist_info.device.type)
     if not trainable:
         model.requires_grad_(False)
-        model.eval()
+    model.eval()  # as from_pretrained leaves it; the scripts switch to train() for their gradient passes
+    return model
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    shard: bool                    # FSDP2 over the ranks of the process group (only with > 1 rank)
+    dtype: torch.dtype             # parameter dtype: fp32 masters, or bf16 for a frozen model on CUDA
+    bf16_compute: bool             # fp32 masters computing in bf16 (FSDP2 mixed precision or autocast)
+    activation_checkpointing: bool  # the default of load_model's `activation_checkpointing`
+
+
+def load_plan(device_type: str, world_size: int, trainable: bool) -> LoadPlan:
+    """How `load_model` places a model. One process never shards: FSDP2 needs a device mesh, hence
+    a process group, and on one rank it would only re-do what autocast does (cast the fp32 masters
+    to bf16 for compute) while a process group made up locally would change what `torch.distributed`
+    reports to everything else. So one process = plain model + autocast, several = FSDP2."""
+    cuda = device_type == "cuda"
+    return LoadPlan(shard=world_size > 1, dtype=torch.bfloat16 if (cuda and not trainable) else torch.float32,
+                    bf16_compute=cuda and trainable, activation_checkpointing=cuda and trainable)
+
+
+def _enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (transformers 5 API; its 4.x name as a fallback). The
+    flag is set per layer and honoured only in train mode; on FSDP2 apply it before sharding."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _autocast_forward(model, device_type: str) -> None:
+    """Run every forward of `model` under bf16 autocast (fp32 weights stay the masters; matmuls cast
+    them to bf16, norms and softmax stay fp32). A fresh context per call, so calls may nest."""
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    model.forward = autocast_forward
+
+
+def _load_sharded(name: str, dist_info: Dist, plan: LoadPlan, activation_checkpointing: bool, flag: str):
+    """FSDP2 model whose weights only rank 0 reads: meta-device build, shard, allocate the shards,
+    broadcast rank 0's full state dict into them (`broadcast_from_rank0`), then the buffers."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = _from_pretrained(AutoConfig, name, flag)
+    full, error = None, None
+    if dist_info.is_main:  # every other rank waits for rank 0's verdict instead of hanging in a collective
+        try:
+            full = _from_pretrained(AutoModelForCausalLM, name, flag, dtype=plan.dtype)
+        except UserError as caught:
+            error = str(caught)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=plan.dtype)
+    try:  # sampling defaults and stop ids (Qwen3 stops on two) live in generation_config.json
+        model.generation_config = GenerationConfig.from_pretrained(config._name_or_path,
+                                                                   local_files_only=not hub_reachable())
+    except OSError:
+        pass
+    if activation_checkpointing:
+        _enable_activation_checkpointing(model)
+    _fully_shard(model, dist_info, bf16_compute=plan.bf16_compute)
+    model.to_empty(device=dist_info.device)
+    # tied weights (lm_head = embed_tokens) are one parameter here and in `full`: both names load it
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # buffers are not sharded and non-persistent ones (rotary inv_freq) are in no state dict
+    sources = dict(full.named_buffers()) if full is not None else {}
+    with torch.no_grad():
+        for buffer_name, buffer in model.named_buffers():
+            if dist_info.is_main:
+                buffer.copy_(sources[buffer_name])
+            dist.broadcast(buffer, src=0)
+    del full
     return model
 
 
@@ -413,7 +502,7 @@ def _fully_shard(model, dist_info: Dist, bf16_compute: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
+    mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))  # over the existing process group
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute \
         else MixedPrecisionPolicy()
     block_names = set(getattr(model, "_no_split_modules", None) or [])
@@ -428,6 +517,11 @@ def _fully_shard(model, dist_info: Dist, bf16_compute: bool) -> None:
 @torch.no_grad()
 def copy_weights(dst_model, src_model) -> None:
     """dst <- src, parameter by parameter (both loaded by `load_model` with the same sharding)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in list(dst_model.modules()) + list(src_model.modules()):
+        if isinstance(module, FSDPModule):  # FSDP2 keeps the root gathered after a forward: copy the shards
+            module.reshard()
     dst_params, src_params = dict(dst_model.named_parameters()), dict(src_model.named_parameters())
     if dst_params.keys() != src_params.keys():
         raise ValueError("copy_weights: the two models have different parameter names.")
@@ -1402,9 +1496,19 @@ def response_hidden(model, prompts: list[list[int]], responses: list[list[int]],
 
 
 def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """hidden -> logits with the model's output projection (call after a forward of that model)."""
+    """hidden -> logits with the model's output projection, in at least fp32 (call after a forward of
+    that model, once per batch).
+
+    A bf16 head weight (FSDP2's compute copy, a bf16 teacher) is upcast once here, so the gradients
+    of all position chunks add up in fp32 in that one copy and are rounded to bf16 once, instead of
+    being summed in bf16 chunk by chunk (relative error ~1e-2 at 100 chunks). It also gives the
+    log-probs fp32 logits. Costs one fp32 copy of the head ([vocab, hidden]) while the batch lives.
+    """
     head = model.get_output_embeddings()
-    return lambda hidden: F.linear(hidden, head.weight, head.bias)
+    dtype = torch.promote_types(head.weight.dtype, torch.float32)
+    weight = head.weight.to(dtype)
+    bias = head.bias.to(dtype) if head.bias is not None else None
+    return lambda hidden: F.linear(hidden.to(dtype), weight, bias)
 
 
 def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
