@@ -1962,9 +1962,11 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def check_checkpoint(path: str | Path) -> str | None:
     """Why the checkpoint folder `path` cannot be resumed from, or None when it can: config.json,
-    every weights file with a readable header covering the whole file, and a trainer_state.pt that
-    loads (memory-mapped, so cheap even for large optimizer states) with the folder's step."""
+    every weights file with a readable header covering the whole file, the training state (its DCP
+    `.metadata` loads and every shard file it names is there and long enough) and a trainer_state.pt
+    that loads with the folder's step."""
     from safetensors import safe_open
+    from torch.distributed.checkpoint import FileSystemReader
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -1984,13 +1986,25 @@ def check_checkpoint(path: str | Path) -> str | None:
                 return f"{shard} is missing"
             with safe_open(str(current), "pt") as weights:
                 weights.keys()
+        current = path / TRAIN_STATE / ".metadata"
+        if not current.is_file():
+            return f"the training state ({TRAIN_STATE}/.metadata) is missing"
+        ends = {}  # shard file -> bytes its items need
+        for item in FileSystemReader(str(path / TRAIN_STATE)).read_metadata().storage_data.values():
+            ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+        for name, end in sorted(ends.items()):
+            current = path / TRAIN_STATE / name
+            if not current.is_file():
+                return f"{TRAIN_STATE}/{name} is missing"
+            if current.stat().st_size < end:
+                return f"{TRAIN_STATE}/{name} is truncated ({current.stat().st_size} of {end} bytes)"
         current = path / "trainer_state.pt"
         if not current.is_file():
             return "trainer_state.pt is missing"
         saved = torch.load(current, weights_only=False, mmap=True, map_location="cpu")
         named = re.fullmatch(r"step_(\d+)", path.name)
-        if not isinstance(saved, dict) or not {"step", "optimizer", "rng", "state"} <= saved.keys():
-            return "trainer_state.pt lacks step/optimizer/rng/state"
+        if not isinstance(saved, dict) or not {"step", "rng", "state"} <= saved.keys():
+            return "trainer_state.pt lacks step/rng/state"
         if named and saved["step"] != int(named[1]):
             return f"trainer_state.pt is for step {saved['step']}"
     except Exception as error:  # truncated or corrupt file: whatever the library raises
@@ -1999,40 +2013,47 @@ def check_checkpoint(path: str | Path) -> str | None:
     return None
 
 
+TRAIN_STATE = "train_state"  # the DCP folder of a checkpoint: weights + optimizer state, one file per rank
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, state: dict, dist_info: Dist,
                     keep: int = 2) -> Path:
     """Write `checkpoints/step_NNNNNN/` atomically (temp dir, then rename) and point `latest` at it.
 
-    Contents: HF-format weights + tokenizer (loadable by `from_pretrained`), and `trainer_state.pt`
-    with the full optimizer state, every rank's RNG states, the step and `state` (data position and
-    method state). Rotation keeps this checkpoint and the `keep - 1` newest before it (by step
-    number; keep <= 0 keeps all); it never deletes this one, the one `latest` names, or those of
-    later steps (a resumed run replaces those when it writes the same step).
+    Contents: `train_state/`, the training state for resume written with torch.distributed.checkpoint
+    (DCP): every rank writes its own shards of the fp32 weights and the optimizer state, nothing is
+    gathered; `trainer_state.pt` with every rank's RNG states, the step and `state` (data position
+    and method state); and an HF-format export of the weights + tokenizer for `from_pretrained` and
+    vLLM (the full weights gathered into rank 0's CPU memory, one tensor at a time). Collective:
+    every rank calls it. Under torchrun on several nodes the run directory must be a shared file
+    system. Rotation keeps this checkpoint and the `keep - 1` newest before it (by step number;
+    keep <= 0 keeps all); it never deletes this one, the one `latest` names, or those of later steps
+    (a resumed run replaces those when it writes the same step).
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    # tied weights (e.g. lm_head = embed_tokens) appear under both names: keep the one module owns
-    owned = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-    model_state = {name: tensor for name, tensor in model_state.items() if name in owned}
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    root = Path(run_dir) / "checkpoints"
+    final, staging = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
+    if dist_info.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors under FSDP2)
+    _run_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state}, staging / TRAIN_STATE)
+    export = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [rng]
     if _distributed():
         rngs = [None] * dist_info.world_size
         dist.all_gather_object(rngs, rng)
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step_{step:06d}"
     if dist_info.is_main:
-        staging = root / f"step_{step:06d}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        model.save_pretrained(staging, state_dict=model_state)
+        # tied weights (e.g. lm_head = embed_tokens) appear under both names: keep the one module owns
+        owned = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+        model.save_pretrained(staging, state_dict={name: t for name, t in export.items() if name in owned})
         tokenizer.save_pretrained(staging)
-        torch.save({"step": step, "optimizer": optimizer_state, "rng": rngs, "state": state},
+        torch.save({"step": step, "rng": rngs, "state": state, "world_size": dist_info.world_size},
                    staging / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)  # only a same-step folder of an abandoned (broken) timeline
         os.replace(staging, final)
@@ -2054,14 +2075,29 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return next((path for _, path in list_checkpoints(run_dir) if check_checkpoint(path) is None), None)
 
 
-def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist) -> dict:
-    """Restore optimizer and RNG state from a checkpoint whose weights `model` was loaded from.
-    Returns the trainer state (`step`, `state`)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def _run_dcp(function, state_dict: dict, folder: Path) -> None:
+    """dcp.save / dcp.load; one process has no process group and DCP then works alone (no_dist),
+    with the same files as one rank, after a warning that says just that (silenced here)."""
+    import warnings
 
-    saved = torch.load(Path(path) / "trainer_state.pt", weights_only=False, mmap=True)
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=saved["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        function(state_dict, checkpoint_id=str(folder), no_dist=not _distributed())
+
+
+def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist) -> dict:
+    """Restore weights, optimizer and RNG state from a checkpoint: every rank reads its own shards of
+    `train_state/` (DCP reshards when the number of ranks changed). Returns the trainer state
+    (`step`, `state`). Collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    # the state dicts to load into: this rank's shards (an optimizer without state gets it made at lr 0)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    _run_dcp(dcp.load, {"model": model_state, "optimizer": optimizer_state}, path / TRAIN_STATE)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+    saved = torch.load(path / "trainer_state.pt", weights_only=False)
     rngs = saved["rng"]
     if len(rngs) != dist_info.world_size:
         print0(f"[resume] checkpoint was written by {len(rngs)} ranks, now {dist_info.world_size}: "
