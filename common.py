@@ -892,7 +892,9 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
     keys). Rows without an answer, with a malformed problem, or (given `tokenizer` and
     `max_prompt_tokens`, see `max_prompt_length`) whose chat prompt is longer than that are skipped
     and counted; a missing column, an unreadable, empty or all-skipped dataset is a UserError that
-    says what to do.
+    says what to do. DAPO-Math-17k rows are deduplicated while reading (the hub copy holds each
+    problem ~100 times: 1.79M rows -> 17.9K problems), and the count is printed; only the kept
+    problems' strings are held, the rest stays in the memory-mapped Arrow file.
     """
     if name == "toy":
         if split not in TOY_SPLIT_SEEDS:
@@ -901,20 +903,23 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         if tokenizer is not None and max_prompt_tokens:
             rows = [row for row in rows if _prompt_fits(tokenizer, row["problem"], max_prompt_tokens)]
         return rows[:limit] if limit else rows
-    raw = _read_rows(name, split)
-    if not raw:
+    raw = _read_rows(name, split)  # a list (json) or a memory-mapped datasets.Dataset, iterated lazily
+    if not len(raw):
         raise UserError(f"Dataset {name!r} ({split}) is empty.")
-    objects = [row for row in raw if isinstance(row, dict)]
-    if not objects:
+    first = next((row for row in raw if isinstance(row, dict)), None)
+    if first is None:
         raise UserError(f"Dataset {name!r} ({split}): all {len(raw)} rows are malformed (not JSON objects).")
-    columns = list(objects[0].keys())
+    columns = list(first.keys())
     dapo = _is_dapo(name, columns)
     if dapo:  # DAPO-Math-17k: problem inside the chat prompt, answer under reward_model
         problem_key, answer_key = "prompt", "reward_model.ground_truth"
+        if hasattr(raw, "select_columns"):  # read only what is used of the 1.79M rows
+            raw = raw.select_columns([c for c in ("prompt", "reward_model") if c in columns])
     for key, flag in [(problem_key, "--problem_key"), (answer_key, "--answer_key")]:
-        if not any(_get_key(row, key) is not None for row in objects):
+        if not any(_get_key(row, key) is not None for row in raw if isinstance(row, dict)):
             raise UserError(f"Dataset {name!r} has no column {key!r} (set {flag}); its columns are {columns}.")
     rows, no_answer, malformed, too_long = [], 0, 0, 0
+    seen = set()  # DAPO-Math-17k holds each problem ~100 times: keep the first (problem, answer)
     for row in raw:
         if not isinstance(row, dict):
             malformed += 1
@@ -928,6 +933,11 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         if answer is None or not str(answer).strip():
             no_answer += 1
             continue
+        if dapo:
+            key = (problem.strip(), str(answer).strip())
+            if key in seen:
+                continue
+            seen.add(key)
         if tokenizer is not None and max_prompt_tokens and not _prompt_fits(tokenizer, problem.strip(),
                                                                              max_prompt_tokens):
             too_long += 1
@@ -940,6 +950,8 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
     if not rows:
         raise UserError(f"Dataset {name!r} ({split}) has no usable rows: {len(raw)} read, {skipped}; check the "
                         "file, the *_key options and --max_prompt_tokens/--max_new_tokens.")
+    if dapo:
+        print0(f"[data] {name}: deduplicated {len(raw)} rows -> {len(seen)} problems")
     if no_answer or malformed or too_long:
         print0(f"[data] {name}: skipped {skipped}")
     print0(f"[data] {name} ({split}): {len(rows)} problems")
@@ -966,7 +978,7 @@ def _prompt_overhead(tokenizer) -> int:
     return cached
 
 
-def _read_rows(name: str, split: str) -> list:
+def _read_rows(name: str, split: str):
     import datasets
 
     path = Path(name).expanduser()
@@ -980,12 +992,13 @@ def _read_rows(name: str, split: str) -> list:
     try:
         if suffix in (".jsonl", ".json"):
             return _read_json_rows(path)
+        # a Dataset, not a list: its Arrow table stays memory-mapped (1.79M DAPO rows are not held per rank)
         if suffix == ".parquet":
-            return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+            return datasets.load_dataset("parquet", data_files=str(path), split="train")
         if not hub_reachable():
             with _hub_offline():
-                return list(datasets.load_dataset(name, split=split))
-        return list(datasets.load_dataset(name, split=split))
+                return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, split=split)
     except Exception as error:  # unreadable file, unknown hub name, no network, bad split
         reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         if path.exists():

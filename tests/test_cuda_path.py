@@ -169,3 +169,28 @@ def test_one_process_checkpoint_round_trip(tmp_path, toy_tokenizer):
         assert torch.equal(got, want), name
     for want, got in zip(optimizer.state.values(), fresh_optimizer.state.values()):
         assert all(torch.equal(got[key], want[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_dapo_rows_are_deduplicated_while_reading(tmp_path, capsys):
+    """DAPO-Math-17k on the hub holds each problem ~100 times; a local parquet in its format with 3
+    problems x 5 copies (one problem also under a second answer) keeps 4, in first-seen order."""
+    import pandas as pd
+
+    def row(problem, answer, index):
+        content = (f"{common.DAPO_PREFIX} The last line of your response should be of the form Answer: $Answer\n\n"
+                   f"{problem}\n\n{common.DAPO_SUFFIX} \"Answer:\".")
+        return {"data_source": "math_dapo", "prompt": [{"content": content, "role": "user"}], "ability": "MATH",
+                "reward_model": {"ground_truth": answer, "style": "rule"}, "extra_info": {"index": str(index)}}
+
+    problems = [("What is $2+3$?", "5"), ("What is $7-4$?", "3"), ("What is $2 \\cdot 6$?", "12")]
+    frame = [row(p, a, 10 * copy + i) for copy in range(5) for i, (p, a) in enumerate(problems)]
+    frame.append(row("What is $2+3$?", "6", 99))  # same text, another answer: kept apart
+    frame.append(row("What is $1+1$?", "", 100))  # no answer: counted as such, not as a duplicate
+    pd.DataFrame(frame).to_parquet(tmp_path / "train.parquet")
+    capsys.readouterr()
+    rows = common.load_problems(str(tmp_path / "train.parquet"))
+    assert rows == [{"problem": p, "answer": a, "solution": ""} for p, a in problems + [("What is $2+3$?", "6")]]
+    out = capsys.readouterr().out
+    assert "deduplicated 17 rows -> 4 problems" in out and "skipped 1 rows without an answer" in out
+    raw = common._read_rows(str(tmp_path / "train.parquet"), "train")
+    assert not isinstance(raw, list) and len(raw) == 17  # a memory-mapped Dataset, iterated, not copied
