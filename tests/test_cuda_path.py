@@ -194,3 +194,10 @@ def test_dapo_rows_are_deduplicated_while_reading(tmp_path, capsys):
     assert "deduplicated 17 rows -> 4 problems" in out and "skipped 1 rows without an answer" in out
     raw = common._read_rows(str(tmp_path / "train.parquet"), "train")
     assert not isinstance(raw, list) and len(raw) == 17  # a memory-mapped Dataset, iterated, not copied
+
+
+def test_torchrun_with_the_cuda_plan_on_cpu():
+    """FSDP2 with bf16 compute over fp32 shards, fp32 reduction, activation checkpointing and a bf16
+    frozen teacher, run on 2 CPU ranks: dtypes at every stage; gradients against one process."""
+    result = run_script(torchrun(2) + ["tests/dist_cuda_plan_check.py"], timeout=300)
+    assert "CUDA-PLAN-OK rank 0" in result.stdout and "CUDA-PLAN-OK rank 1" in result.stdout
