@@ -465,8 +465,8 @@ def _load_sharded(name: str, dist_info: Dist, plan: LoadPlan, activation_checkpo
     config = _from_pretrained(AutoConfig, name, flag)
     full, error = None, None
     if dist_info.is_main:  # every other rank waits for rank 0's verdict instead of hanging in a collective
-        try:
-            full = _from_pretrained(AutoModelForCausalLM, name, flag, dtype=plan.dtype)
+        try:  # in the checkpoint's own dtype (bf16 for hub models: half the host memory); the shards upcast
+            full = _from_pretrained(AutoModelForCausalLM, name, flag, dtype="auto")
         except UserError as caught:
             error = str(caught)
     box = [error]

@@ -4,7 +4,7 @@ equals a plain single-process `from_pretrained` model exactly: full weights (tie
 included), buffers (rotary inv_freq, in no state dict), logits, for a trainable and a frozen
 (`trainable=False`) load, and `copy_weights` between the two.
 
-    torchrun --nproc_per_node 2 tests/dist_load_check.py
+    torchrun --nproc_per_node 2 tests/dist_load_check.py [a bf16 copy of the toy model]
 """
 
 import sys
@@ -65,6 +65,10 @@ def main():
             plain.mul_(1.5)
     common.copy_weights(frozen, policy)
     check_equal(frozen, reference, ids, "copy_weights")
+    if len(sys.argv) > 1:  # a bf16 checkpoint: rank 0 reads it in bf16, the fp32 shards hold the exact upcast
+        bf16_dir = sys.argv[1]
+        plain = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.float32)
+        check_equal(common.load_model(bf16_dir, dist_info), plain, ids, "bf16 checkpoint")
     dist.destroy_process_group()
 
 

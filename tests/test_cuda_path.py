@@ -61,12 +61,17 @@ def test_one_process_with_the_cuda_plan_needs_no_process_group(monkeypatch):
     assert {p.dtype for p in frozen.parameters()} == {BF16} and not any(p.requires_grad for p in frozen.parameters())
 
 
-def test_torchrun_sharded_load_equals_from_pretrained():
+def test_torchrun_sharded_load_equals_from_pretrained(tmp_path):
     """Meta-device build + rank 0's weights broadcast into the shards: full weights, tied embeddings,
-    rotary buffers and logits equal a plain from_pretrained model, trainable and frozen; copy_weights."""
-    result = run_script(torchrun(2) + ["tests/dist_load_check.py"], timeout=300)
+    rotary buffers and logits equal a plain from_pretrained model, trainable and frozen; copy_weights;
+    a bf16 checkpoint (as hub models are) read in bf16 by rank 0 and upcast into fp32 shards."""
+    from transformers import AutoModelForCausalLM
+
+    bf16 = AutoModelForCausalLM.from_pretrained(common.build_toy_model("toy"), dtype=BF16)
+    bf16.save_pretrained(tmp_path / "bf16")
+    result = run_script(torchrun(2) + ["tests/dist_load_check.py", str(tmp_path / "bf16")], timeout=300)
     for rank in (0, 1):
-        for what in ("trainable", "frozen", "copy_weights"):
+        for what in ("trainable", "frozen", "copy_weights", "bf16 checkpoint"):
             assert f"LOAD-EQUAL rank {rank} {what}" in result.stdout
 
 
