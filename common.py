@@ -9,7 +9,7 @@ Surface, in file order:
   arguments     UserError, option, parse_args, ARG_RULES, at_least, above, between, one_of,
                 validate_args, run_main
   models        MODEL_ALIASES, resolve_model, check_same_tokenizer, hub_reachable, load_tokenizer,
-                max_prompt_length, load_model, copy_weights
+                max_prompt_length, load_model, LoadPlan, load_plan, copy_weights
   toy testbed   make_toy_rows, toy_response, parse_toy_steps, build_toy_model
   data          load_problems, load_run_problems, ProblemSampler
   prompts       BOXED_INSTRUCTION, build_prompt
@@ -21,7 +21,7 @@ Surface, in file order:
   evaluation    evaluate
   logging       Progress, RunLogger, supersede_metrics
   token picture write_token_picture
-  run dirs and  RunDir, prepare_run_dir, list_checkpoints, check_checkpoint, save_checkpoint,
+  run dirs and  RunDir, prepare_run_dir, list_checkpoints, check_checkpoint, TRAIN_STATE, save_checkpoint,
   checkpoints   latest_checkpoint, load_checkpoint
 
 Errors. Problems with the user's input raise `UserError` (a ValueError); `run_main`, the entry point
@@ -30,7 +30,10 @@ of every script, prints them as one line and exits 2. Anything else is a bug and
 Conventions. A "response batch" is B sequences `prompt_ids[i] + response_ids[i]`; per-token
 quantities are returned response-aligned as [B, R] tensors (R = longest response) with a boolean
 mask, so a student and a teacher that see different prompts line up token for token.
-Under FSDP2 (`fully_shard`), weights are fp32 masters; on CUDA compute runs in bf16.
+Precision and placement (`load_plan`): trainable weights are fp32 masters with fp32 optimizer state;
+on CUDA compute runs in bf16 (FSDP2 mixed precision under torchrun, autocast on one process, which
+needs no process group). Under torchrun models are FSDP2-sharded (`fully_shard`) and only rank 0
+reads the weights. Checkpoints hold the training state as per-rank DCP shards plus an HF export.
 """
 
 from __future__ import annotations
@@ -476,8 +479,9 @@ def _load_sharded(name: str, dist_info: Dist, plan: LoadPlan, activation_checkpo
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=plan.dtype)
     try:  # sampling defaults and stop ids (Qwen3 stops on two) live in generation_config.json
-        model.generation_config = GenerationConfig.from_pretrained(config._name_or_path,
-                                                                   local_files_only=not hub_reachable())
+        source = config._name_or_path
+        model.generation_config = GenerationConfig.from_pretrained(
+            source, local_files_only=os.path.isdir(source) or not hub_reachable())
     except OSError:
         pass
     if activation_checkpointing:
