@@ -118,7 +118,7 @@ class Args:
     micro_batch_size: int = option(64, "sequences per forward/backward (gradient accumulation)")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary log-prob/entropy")
     activation_checkpointing: Optional[bool] = option(None, "recompute decoder layers in backward to save memory "
-                                                            "(unset = on with CUDA, off on CPU)")
+                                                            "(unset = on with CUDA, off on CPU)", alone=True)
     # AntiSD
     lambda_max: float = option(0.5, "weight of the token term when the gate is open [paper]; 0 = GRPO")
     signal: Literal["antisd", "sd"] = option("antisd", "antisd: -phi(u) or -u; sd: +u, no gate [paper]")

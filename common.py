@@ -153,11 +153,14 @@ class UserError(ValueError):
 _DEBUG = False  # set by parse_args from --debug; RLVR_DEBUG=1 does the same
 
 
-def option(default, help: str):
-    """A dataclass field with its `--help` text: `lr: float = option(1e-6, "AdamW learning rate")`."""
+def option(default, help: str, alone=None):
+    """A dataclass field with its `--help` text: `lr: float = option(1e-6, "AdamW learning rate")`.
+    `alone`: the value of the bare flag, for an Optional[bool] that is unset (None) by default:
+    `option(None, "...", alone=True)` takes `--flag`, `--flag true/false` or nothing."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+    metadata = {"help": help} if alone is None else {"help": help, "nargs": "?", "const": alone}
+    return field(default=default, metadata=metadata)
 
 
 def parse_args(args_class, argv: Sequence[str] | None = None):
@@ -518,14 +521,22 @@ def _fully_shard(model, dist_info: Dist, bf16_compute: bool) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
+def _reshard(*models) -> None:
+    """Back to the sharded parameters: FSDP2 keeps the root unit gathered after a forward without a
+    backward (evaluation, no-grad passes), and its parameters are then other tensors than the
+    optimizer's until the next backward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
 @torch.no_grad()
 def copy_weights(dst_model, src_model) -> None:
     """dst <- src, parameter by parameter (both loaded by `load_model` with the same sharding)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in list(dst_model.modules()) + list(src_model.modules()):
-        if isinstance(module, FSDPModule):  # FSDP2 keeps the root gathered after a forward: copy the shards
-            module.reshard()
+    _reshard(dst_model, src_model)  # copy the shards
     dst_params, src_params = dict(dst_model.named_parameters()), dict(src_model.named_parameters())
     if dst_params.keys() != src_params.keys():
         raise ValueError("copy_weights: the two models have different parameter names.")
@@ -2056,6 +2067,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     barrier()
+    _reshard(model)
     model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors under FSDP2)
     _run_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state}, staging / TRAIN_STATE)
     export = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -2111,6 +2123,7 @@ def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist) -> dict
 
     path = Path(path)
     # the state dicts to load into: this rank's shards (an optimizer without state gets it made at lr 0)
+    _reshard(model)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     _run_dcp(dcp.load, {"model": model_state, "optimizer": optimizer_state}, path / TRAIN_STATE)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)

@@ -117,7 +117,7 @@ class Args:
     micro_batch_size: int = option(64, "sequences per forward/backward (gradient accumulation)")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary log-prob/entropy")
     activation_checkpointing: Optional[bool] = option(None, "recompute decoder layers in backward to save memory "
-                                                            "(unset = on with CUDA, off on CPU)")
+                                                            "(unset = on with CUDA, off on CPU)", alone=True)
     # evaluation, checkpoints
     eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
     eval_k: int = option(4, "samples per eval problem: avg@k and pass@k")

@@ -129,8 +129,9 @@ def test_torchrun_resume_is_exact_with_sharded_checkpoints(tmp_path):
 
     from safetensors.torch import load_file
 
-    def run(name, steps, *extra):
-        run_script(torchrun(2) + ["antisd.py", *FAST, "--output_dir", str(tmp_path), "--run_name", name,
+    def run(name, steps, *extra):  # an evaluation right before each checkpoint: FSDP2's root is gathered then
+        run_script(torchrun(2) + ["antisd.py", *FAST[:4], "--max_new_tokens", "24", "--eval_dataset", "toy", "--eval_limit", "4", "--eval_k",
+                                  "1", "--eval_every", "2", "--output_dir", str(tmp_path), "--run_name", name,
                                   "--save_every", "2", "--num_steps", str(steps), *extra], timeout=600)
         return tmp_path / name
 
@@ -142,7 +143,7 @@ def test_torchrun_resume_is_exact_with_sharded_checkpoints(tmp_path):
         return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
                 for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-    assert [r["step"] for r in records(straight)] == [1, 2, 3, 4]
+    assert [r["step"] for r in records(straight)] == [0, 1, 2, 2, 3, 4, 4]  # evaluations at 0, 2, 4
     assert records(resumed) == records(straight)
     final = [run_dir / "checkpoints" / "step_000004" for run_dir in (straight, resumed)]
     weights = [load_file(path / "model.safetensors") for path in final]
