@@ -207,3 +207,26 @@ def test_torchrun_with_the_cuda_plan_on_cpu():
     frozen teacher, run on 2 CPU ranks: dtypes at every stage; gradients against one process."""
     result = run_script(torchrun(2) + ["tests/dist_cuda_plan_check.py"], timeout=300)
     assert "CUDA-PLAN-OK rank 0" in result.stdout and "CUDA-PLAN-OK rank 1" in result.stdout
+
+
+def test_one_gpu_plan_trains_and_resumes_exactly_on_cpu(tmp_path, monkeypatch):
+    """antisd.main end to end with the one-GPU plan (autocast bf16 over fp32 masters, activation
+    checkpointing, no process group), on CPU: 2 steps straight equal 1 step + --resume for 1."""
+    import json
+
+    import antisd
+
+    cuda_plan = common.load_plan
+    monkeypatch.setattr(common, "load_plan", lambda device, world, trainable: cuda_plan("cuda", world, trainable))
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: (_ for _ in ()).throw(AssertionError("pg")))
+
+    def run(name, steps, *extra):
+        antisd.main(FAST + ["--gate", "none", "--save_every", "1", "--output_dir", str(tmp_path), "--run_name", name,
+                            "--num_steps", str(steps), *extra])
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+                for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    straight = run("straight", 2)
+    run("resumed", 1)
+    assert run("resumed", 2, "--resume") == straight and [r["step"] for r in straight] == [1, 2]
+    assert straight[1]["loss"] != 0 and not dist.is_initialized()
