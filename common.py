@@ -11,14 +11,19 @@ Surface, in file order:
   models        MODEL_ALIASES, resolve_model, check_same_tokenizer, hub_reachable, load_tokenizer,
                 max_prompt_length, load_model, LoadPlan, load_plan, copy_weights
   toy testbed   make_toy_rows, toy_response, parse_toy_steps, build_toy_model
-  data          load_problems, load_run_problems, ProblemSampler
+  data          load_problems, load_run_problems, ProblemSampler; named datasets: DATASETS,
+                BENCHMARK_NAMES, dataset_spec, dataset_short_name, load_named_dataset, adapt_math_rows,
+                adapt_openthoughts_rows, adapt_choice_rows, choice_letter, ChoiceGrader, grader_for
   prompts       BOXED_INSTRUCTION, build_prompt
   grading       boxed_span_at, find_last_boxed, extract_boxed_answer, Grader
   responses     THINK_TAGS, answer_span, writes_work, response_token_spans, token_roles
-  rollouts      SamplingParams, RolloutEngine, HFEngine, sample_token, make_engine, stop_token_ids
+  rollouts      SamplingParams, RolloutEngine, HFEngine, sample_token, make_engine, stop_token_ids,
+                VLLMEngine, VLLM_RANGE, vllm_options, resolve_rollout
   log-probs     micro_batches, response_logprobs, response_hidden, output_head, chunked_map, token_logprob_entropy,
                 token_kl
-  evaluation    evaluate
+  evaluation    evaluate; several benchmarks, one table: parse_eval_k, eval_dataset_names,
+                load_eval_benchmarks, evaluate_benchmarks, flat_eval_metrics, eval_table_markdown,
+                write_eval_table, eval_only_table
   logging       Progress, RunLogger, supersede_metrics
   token picture write_token_picture
   run dirs and  RunDir, prepare_run_dir, list_checkpoints, check_checkpoint, TRAIN_STATE, save_checkpoint,
@@ -197,7 +202,11 @@ def one_of(*choices, note: str = ""):
 ARG_RULES = {
     "num_steps": at_least(1),
     "seed": between(0, 2**31 - 1),  # numpy seeds must be in [0, 2**32); rank r adds r
-    "rollout": one_of("hf", note=" (vllm is planned, not implemented yet)"),
+    "rollout": one_of("auto", "vllm", "hf"),
+    "vllm_gpu_memory_utilization": between(0, 1, low_open=True),
+    "vllm_tensor_parallel_size": at_least(1),
+    "vllm_sleep": one_of(0, 1, 2),
+    "tis_cap": at_least(0),
     "num_problems": at_least(1),
     "num_generations": at_least(1),
     "max_new_tokens": at_least(1),
@@ -215,7 +224,7 @@ ARG_RULES = {
     "micro_batch_size": at_least(1),
     "logprob_chunk_size": at_least(1),
     "eval_every": at_least(0),
-    "eval_k": at_least(1),
+    "eval_k": (lambda value: _eval_k_valid(value), ">= 1 (one int, or name=k pairs like aime24=32,math500=4)"),
     "eval_limit": at_least(0),
     "eval_temperature": at_least(0),
     "eval_top_p": between(0, 1, low_open=True),
@@ -918,6 +927,9 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         if tokenizer is not None and max_prompt_tokens:
             rows = [row for row in rows if _prompt_fits(tokenizer, row["problem"], max_prompt_tokens)]
         return rows[:limit] if limit else rows
+    named = dataset_spec(name)  # a short name (math500, gpqa=file, ...) or a known hub id: its adapter
+    if named is not None and not (named[0]["kind"] == "dapo" and name == named[0]["hub"]):
+        return load_named_dataset(name, tokenizer, max_prompt_tokens, limit)
     raw = _read_rows(name, split)  # a list (json) or a memory-mapped datasets.Dataset, iterated lazily
     if not len(raw):
         raise UserError(f"Dataset {name!r} ({split}) is empty.")
@@ -1058,6 +1070,209 @@ def _read_json_rows(path: Path) -> list:
             rows.append(None)  # counted as malformed by load_problems
             print0(f"[data] {path}:{number}: not valid JSON, skipped")
     return rows
+
+
+# ---- Named datasets: the papers' training sets and benchmarks --------------------------------
+# One table maps a short name to the hub id, config, split and columns; `kind` picks the adapter
+# that turns a raw row into {problem, answer, solution}. `k` = samples per problem in evaluation by
+# default (AntiSD's protocol [paper]: avg@32 on AIME/HMMT, avg@4 on Minerva; the rest [ours]);
+# a script overrides it with its paper's protocol (`EVAL_PROTOCOL`) and the user with --eval_k.
+# Schemas: see the README ("Datasets") for which were checked against the published files.
+DATASETS = {
+    # training sets
+    "dapo": dict(hub="BytedTsinghua-SIA/DAPO-Math-17k", split="train", kind="dapo"),
+    "openthoughts-math": dict(hub="open-thoughts/OpenThoughts-114k", config="metadata", split="train",
+                              kind="openthoughts"),
+    # benchmarks
+    "math500": dict(hub="HuggingFaceH4/MATH-500", split="test", kind="math", problem="problem", answer="answer",
+                    solution="solution", k=4),
+    "aime24": dict(hub="HuggingFaceH4/aime_2024", split="train", kind="math", problem="problem", answer="answer",
+                   solution="solution", k=32),
+    "aime25": dict(hub="MathArena/aime_2025", split="train", kind="math", problem="problem", answer="answer", k=32),
+    "amc23": dict(hub="math-ai/amc23", split="test", kind="math", problem="question", answer="answer", k=32),
+    "hmmt25": dict(hub="MathArena/hmmt_feb_2025", split="train", kind="math", problem="problem", answer="answer",
+                   k=32),
+    "minerva": dict(hub="math-ai/minervamath", split="test", kind="math", problem="question", answer="answer", k=4),
+    "gpqa": dict(hub="Idavidrein/gpqa", config="gpqa_diamond", split="train", kind="choice", k=4),
+}
+BENCHMARK_NAMES = ("math500", "aime24", "aime25", "amc23", "hmmt25", "minerva", "gpqa")
+TOY_EVAL_K = 4
+CHOICE_LETTERS = "ABCD"
+CHOICE_SEED = 0  # GPQA options are shuffled per question with this seed: the same order in every run
+CHOICE_INSTRUCTION = "Answer with the letter (A, B, C or D) of the correct option."
+# Alternative column names a benchmark file may use (mirrors of the same benchmark differ here)
+_PROBLEM_COLUMNS, _ANSWER_COLUMNS = ("problem", "question", "Problem", "Question"), ("answer", "Answer")
+
+
+def dataset_spec(name: str) -> tuple[dict, str | None] | None:
+    """(table entry, local file or None) for a named dataset: a short name (`math500`), its hub id
+    (`HuggingFaceH4/MATH-500`), or `short=path` (a local .jsonl/.json/.parquet file of that dataset's
+    schema). None for anything else (a plain file or hub id: `load_problems` reads it by its keys)."""
+    short, _, path = name.partition("=")
+    if path and short in DATASETS:
+        return DATASETS[short], path
+    if path and not os.path.exists(name):  # (a file whose name holds "=" is just a file)
+        raise UserError(f"Dataset {name!r}: {short!r} is not a named dataset; use one of {', '.join(DATASETS)} "
+                        "before '=' (e.g. gpqa=/data/gpqa_diamond.parquet).")
+    for spec in DATASETS.values():
+        if name in (spec["hub"], *[key for key, value in DATASETS.items() if value is spec]):
+            return spec, None
+    return None
+
+
+def dataset_short_name(name: str) -> str:
+    """`math500` for `math500`, `HuggingFaceH4/MATH-500` or `math500=/x.jsonl`; else the name itself."""
+    spec = dataset_spec(name) if name != "toy" else None
+    return next((key for key, value in DATASETS.items() if value is spec[0]), name) if spec else name
+
+
+def _first_column(row: dict, names: Sequence[str]):
+    return next((row[n] for n in names if row.get(n) is not None), None)
+
+
+def adapt_math_rows(raw: Sequence, spec: dict) -> list[dict | None]:
+    """Benchmark rows -> {problem, answer, solution}; columns from `spec` (else the usual names).
+    Numeric answers (AIME as int64, AMC as float) become strings; 12.0 -> "12"."""
+    rows = []
+    for row in raw:
+        if not isinstance(row, dict):
+            rows.append(None)
+            continue
+        problem = _first_column(row, (spec.get("problem"), *_PROBLEM_COLUMNS))
+        answer = _first_column(row, (spec.get("answer"), *_ANSWER_COLUMNS))
+        if isinstance(answer, float) and answer.is_integer():
+            answer = int(answer)
+        if isinstance(answer, (list, tuple)):  # some mirrors store a list of accepted answers
+            answer = answer[0] if answer else None
+        solution = row.get(spec.get("solution") or "solution")
+        rows.append({"problem": problem, "answer": None if answer is None else str(answer),
+                     "solution": solution if isinstance(solution, str) else ""})
+    return rows
+
+
+def adapt_openthoughts_rows(raw: Sequence, spec: dict | None = None) -> list[dict | None]:
+    """OpenThoughts-114k (`metadata` config): the math domain only; the gold answer is the last
+    `\\boxed{}` of `ground_truth_solution` (rows without one have no answer and are skipped);
+    the solution is `ground_truth_solution` (the privileged context of self-distillation)."""
+    rows = []
+    for row in raw:
+        if not isinstance(row, dict) or row.get("domain") != "math":
+            continue
+        solution = row.get("ground_truth_solution")
+        answer = extract_boxed_answer(solution) if isinstance(solution, str) else None
+        rows.append({"problem": row.get("problem"), "answer": answer,
+                     "solution": solution if isinstance(solution, str) else ""})
+    return rows
+
+
+def adapt_choice_rows(raw: Sequence, spec: dict | None = None, seed: int = CHOICE_SEED) -> list[dict | None]:
+    """GPQA rows (`Question`, `Correct Answer`, `Incorrect Answer 1-3`) -> a multiple-choice problem:
+    the four options shuffled with a fixed seed (per question: the order does not depend on the row
+    order), lettered A-D; the answer is the correct option's letter, graded by `ChoiceGrader`."""
+    rows = []
+    for row in raw:
+        if not isinstance(row, dict):
+            rows.append(None)
+            continue
+        question, correct = row.get("Question"), row.get("Correct Answer")
+        wrong = [row.get(f"Incorrect Answer {i}") for i in (1, 2, 3)]
+        if not isinstance(question, str) or correct is None or any(w is None for w in wrong):
+            rows.append({"problem": question, "answer": None, "solution": ""})
+            continue
+        options = [str(correct).strip(), *[str(w).strip() for w in wrong]]
+        order = list(range(4))
+        random.Random(f"{seed}/{question.strip()}").shuffle(order)
+        lines = "\n".join(f"{CHOICE_LETTERS[i]}) {options[j]}" for i, j in enumerate(order))
+        rows.append({"problem": f"{question.strip()}\n\n{lines}\n\n{CHOICE_INSTRUCTION}",
+                     "answer": CHOICE_LETTERS[order.index(0)], "solution": "", "choice": True})
+    return rows
+
+
+_ADAPTERS = {"math": adapt_math_rows, "openthoughts": adapt_openthoughts_rows, "choice": adapt_choice_rows}
+
+
+def load_named_dataset(name: str, tokenizer=None, max_prompt_tokens: int | None = None,
+                       limit: int | None = None) -> list[dict]:
+    """Rows of a named dataset (see `DATASETS`, `dataset_spec`): read from the hub (its config and
+    split) or from the local file after `=`, turned into {problem, answer, solution} by its adapter,
+    then filtered like `load_problems` (no answer, malformed, prompt too long: skipped and counted).
+    DAPO-Math-17k goes through `load_problems` itself (its own adapter there)."""
+    spec, path = dataset_spec(name)
+    if spec["kind"] == "dapo":
+        return load_problems(path or spec["hub"], spec["split"], tokenizer=tokenizer,
+                             max_prompt_tokens=max_prompt_tokens, limit=limit)
+    # a list, as the adapters expect (_read_rows gives a parquet file as a memory-mapped Dataset)
+    raw = list(_read_rows(path, spec["split"])) if path else _read_hub_rows(spec["hub"], spec.get("config"),
+                                                                           spec["split"])
+    if not raw:
+        raise UserError(f"Dataset {name!r} is empty.")
+    adapted = _ADAPTERS[spec["kind"]](raw, spec)
+    rows, no_answer, malformed, too_long = [], 0, 0, 0
+    for row in adapted:
+        if row is None or not isinstance(row.get("problem"), str) or not row["problem"].strip():
+            malformed += 1
+        elif row["answer"] is None or not str(row["answer"]).strip():
+            no_answer += 1
+        elif tokenizer is not None and max_prompt_tokens and not _prompt_fits(tokenizer, row["problem"].strip(),
+                                                                              max_prompt_tokens):
+            too_long += 1
+        else:
+            rows.append({**row, "problem": row["problem"].strip(), "answer": str(row["answer"]).strip()})
+    skipped = f"{no_answer} rows without an answer, {malformed} malformed rows, {too_long} prompts too long"
+    if not rows:
+        raise UserError(f"Dataset {name!r} has no usable rows: {len(raw)} read, {skipped}; check that the file has "
+                        f"the schema of {spec['hub']} and --max_prompt_tokens/--max_new_tokens.")
+    if no_answer or malformed or too_long:
+        print0(f"[data] {name}: skipped {skipped}")
+    print0(f"[data] {name} ({spec['hub']}, {spec['split']}): {len(rows)} problems")
+    return rows[:limit] if limit else rows
+
+
+def _read_hub_rows(hub: str, config: str | None, split: str) -> list:
+    """A hub dataset's split as a list of dicts (local cache only when the hub is unreachable)."""
+    import datasets
+
+    try:
+        if not hub_reachable():
+            with _hub_offline():
+                return list(datasets.load_dataset(hub, config, split=split))
+        return list(datasets.load_dataset(hub, config, split=split))
+    except Exception as error:
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        offline = "" if hub_reachable() else _OFFLINE_NOTE
+        raise UserError(f"Cannot load dataset {hub!r} (config {config!r}, split {split!r}) from the Hugging Face "
+                        f"hub{offline}: {reason}. It needs network access (GPQA is gated: accept its terms and "
+                        "`hf auth login`) or a local copy: download it and pass short=path.") from error
+
+
+_BOXED_LETTER = re.compile(r"^\(?([A-D])\)?(?:$|[\s.:,)])")
+
+
+def choice_letter(text: str) -> str | None:
+    """The option letter a response chose: its last `\\boxed{}` holding C, (C), \\text{C}, C) 42, ..."""
+    inner = extract_boxed_answer(text)
+    if inner is None:
+        return None
+    inner = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", inner).strip().strip("$ ")
+    match = _BOXED_LETTER.match(inner)
+    return match[1] if match else None
+
+
+class ChoiceGrader:
+    """Grades multiple-choice rows by the chosen letter (`choice_letter`); same interface as `Grader`."""
+
+    def grade(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[list[float], dict]:
+        letters = [choice_letter(r) for r in responses]
+        rewards = [float(letter is not None and letter == gold.strip()) for letter, gold in zip(letters, answers)]
+        return rewards, {"no_answer": sum(letter is None for letter in letters), "timeout": 0}
+
+    def close(self) -> None:
+        pass
+
+
+def grader_for(rows: Sequence[dict], grader: "Grader"):
+    """`ChoiceGrader` for multiple-choice rows (GPQA), else `grader` (math-verify)."""
+    return ChoiceGrader() if rows and rows[0].get("choice") else grader
 
 
 def load_run_problems(args, tokenizer) -> tuple[list[dict], list[dict]]:
@@ -1369,10 +1584,13 @@ class RolloutEngine:
 
     `generate(prompts, params)` takes a list of prompt token-id lists and returns, per prompt, one
     sampled response as token ids, ending with the stop token when one was produced (truncated
-    responses have none). Every rank calls it with the same number of prompts.
+    responses have none). Every rank calls it with the same number of prompts. With `logprobs=True`
+    it returns (responses, sampler log-probs): per response, the log-prob of each sampled token under
+    the distribution it was sampled from (after temperature; 0.0 for greedy), aligned with the tokens.
     """
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generate") -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generate",
+                 logprobs: bool = False):
         raise NotImplementedError
 
     def update_weights(self, model) -> None:
@@ -1393,18 +1611,19 @@ class HFEngine(RolloutEngine):
         self.stop_ids = set(stop_token_ids(tokenizer, model))
 
     @torch.no_grad()
-    def generate(self, prompts, params, desc="generate"):
+    def generate(self, prompts, params, desc="generate", logprobs=False):
         was_training = self.model.training
         self.model.eval()
-        responses, progress = [], Progress(len(prompts), desc)
+        responses, sampled_logprobs, progress = [], [], Progress(len(prompts), desc)
         for start in range(0, len(prompts), self.batch_size):
-            responses += self._sample(prompts[start: start + self.batch_size], params)
+            batch, batch_logprobs = self._sample(prompts[start: start + self.batch_size], params)
+            responses, sampled_logprobs = responses + batch, sampled_logprobs + batch_logprobs
             progress.update(min(self.batch_size, len(prompts) - start))
         progress.close()
         self.model.train(was_training)
-        return responses
+        return (responses, sampled_logprobs) if logprobs else responses
 
-    def _sample(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    def _sample(self, prompts: list[list[int]], params: SamplingParams):
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -1416,14 +1635,19 @@ class HFEngine(RolloutEngine):
         positions = (attention.cumsum(1) - 1).clamp(min=0)
         cache = None  # the model makes its KV cache on the first call
         responses, stopped = [[] for _ in prompts], [False] * len(prompts)
+        sampled_logprobs = [[] for _ in prompts]  # log-prob of each sampled token after temperature
         rows = list(range(len(prompts)))  # the prompt of each batch row
         for step in range(params.max_new_tokens):
             output = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache, tokens = output.past_key_values, sample_token(output.logits[:, -1], params)
-            for row, token in zip(rows, tokens.tolist()):
+            scaled = output.logits[:, -1].float() / params.temperature if params.temperature > 0 else None
+            chosen = (torch.log_softmax(scaled, -1).gather(-1, tokens[:, None])[:, 0].tolist()
+                      if scaled is not None else [0.0] * len(rows))
+            for row, token, logprob in zip(rows, tokens.tolist(), chosen):
                 if not stopped[row]:
                     responses[row].append(token)
+                    sampled_logprobs[row].append(logprob)
                     stopped[row] = token in self.stop_ids
             keep = torch.tensor([not stopped[row] for row in rows])
             if step + 1 == params.max_new_tokens or not _any_rank(bool(keep.any())):
@@ -1438,7 +1662,7 @@ class HFEngine(RolloutEngine):
             input_ids = tokens[:, None]
             attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
-        return responses
+        return responses, sampled_logprobs
 
 
 def _any_rank(flag: bool) -> bool:
@@ -1464,13 +1688,147 @@ def sample_token(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 
-def make_engine(kind: str, model, tokenizer, batch_size: int = 64) -> RolloutEngine:
+def make_engine(kind: str, model, tokenizer, batch_size: int = 64, *, model_path: str | None = None,
+                dist_info: "Dist | None" = None, vllm_options: dict | None = None) -> RolloutEngine:
+    """The rollout engine for `--rollout` (`auto` resolved by `resolve_rollout`). vLLM needs the HF-format
+    folder or hub id the model was loaded from (`model_path`) and takes `vllm_options` (VLLMEngine's
+    keyword arguments: gpu_memory_utilization, tensor_parallel_size, sleep_level, max_model_len, seed)."""
+    kind = resolve_rollout(kind)
     if kind == "hf":
         return HFEngine(model, tokenizer, batch_size)
     if kind == "vllm":
-        raise NotImplementedError("--rollout vllm is not implemented yet (it is planned; the RolloutEngine "
-                                  "interface in common.py is where it plugs in). Use --rollout hf.")
-    raise ValueError(f"Unknown --rollout {kind!r}; choose hf (or vllm, once available).")
+        if model_path is None or dist_info is None:
+            raise ValueError("make_engine('vllm', ...) needs model_path and dist_info")
+        return VLLMEngine(model, tokenizer, model_path, dist_info, **(vllm_options or {}))
+    raise ValueError(f"Unknown --rollout {kind!r}; choose auto, vllm or hf.")
+
+# The vLLM range this engine was written against (GPU extra, see requirements.txt): `logprobs_mode`
+# arrived in 0.10.2; LLM.sleep/wake_up(tags)/reset_prefix_cache, TokensPrompt and the
+# external_launcher backend are older. Checked in vLLM's vllm/entrypoints/llm.py and against the
+# colocated engines of TRL (grpo_trainer.py) and verl (sharding managers); not run here (no GPU).
+VLLM_RANGE = ">=0.10.2,<0.12"
+
+
+class VLLMEngine(RolloutEngine):
+    """A vLLM engine colocated with training, one per rank (`distributed_executor_backend=
+    "external_launcher"`: it joins torchrun's process group instead of spawning workers; tensor
+    parallel 1 by default, so each rank samples its own prompts).
+
+    Generation runs from token ids (`TokensPrompt`) and returns the sampler's log-prob of every
+    sampled token (`logprobs=0` = the sampled token only, `logprobs_mode="processed_logprobs"` = after
+    temperature and top-k/top-p, the distribution it sampled from). After each optimizer step
+    `update_weights(model)` pushes the FSDP2 model's parameters one at a time (each gathered in full
+    with `DTensor.full_tensor()`, under the model's own HF names) into vLLM's `load_weights`, then
+    resets the prefix cache (its KV blocks were computed with the old weights).
+
+    Sleep mode (`sleep_level` 1 or 2) frees the engine's GPU memory while the trainer runs: sleep
+    after each generation; `update_weights` wakes the weights only (level 1 restores the old ones
+    from CPU, level 2 allocates them empty) and overwrites them; `generate` wakes the KV cache last.
+    After a level-2 sleep with no push since (e.g. two evaluations in a row) `generate` reloads the
+    weights from the model first, so it never samples from discarded (garbage) weights.
+    """
+
+    def __init__(self, model, tokenizer, model_path: str, dist_info: "Dist", gpu_memory_utilization: float = 0.5,
+                 tensor_parallel_size: int = 1, sleep_level: int = 0, max_model_len: int | None = None,
+                 seed: int = 0, dtype: str = "bfloat16"):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: its model is reachable
+        try:
+            import vllm
+        except ImportError as error:
+            raise UserError(f"--rollout vllm needs the GPU extra: pip install \"vllm{VLLM_RANGE}\" "
+                            "(or use --rollout hf)") from error
+        self.vllm, self.model, self.tokenizer = vllm, model, tokenizer
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.sleep_level = sleep_level
+        self.llm = vllm.LLM(model=model_path, tensor_parallel_size=tensor_parallel_size,
+                            distributed_executor_backend="external_launcher",
+                            gpu_memory_utilization=gpu_memory_utilization,
+                            enable_sleep_mode=sleep_level > 0, max_model_len=max_model_len, dtype=dtype,
+                            seed=seed + dist_info.rank // tensor_parallel_size,  # one stream per engine
+                            enable_prefix_caching=True, logprobs_mode="processed_logprobs")
+        self.asleep = {"weights": False, "kv_cache": False}
+        self.weights_current = True  # the engine holds the model's weights (it loaded them from model_path)
+        if sleep_level:
+            self._sleep()
+
+    def _sleep(self) -> None:
+        self.llm.sleep(level=self.sleep_level)
+        self.asleep = {"weights": True, "kv_cache": True}
+        if self.sleep_level >= 2:
+            self.weights_current = False  # level 2 discards the weights: reload before sampling
+
+    def _wake(self, tag: str) -> None:
+        if self.asleep[tag]:
+            self.llm.wake_up(tags=[tag])
+            self.asleep[tag] = False
+
+    def _runner_model(self):
+        """vLLM's nn.Module in this process (the path TRL's colocate mode and verl use)."""
+        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+    @torch.no_grad()
+    def update_weights(self, model) -> None:
+        """Push every parameter of `model` (one full tensor at a time) and reset the prefix cache."""
+        self.model = model
+        self._wake("weights")
+        runner = self._runner_model()
+        for name, param in model.named_parameters():  # the HF names vLLM's load_weights maps itself
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param  # a collective under FSDP2
+            runner.load_weights([(name, full.detach())])
+            del full
+        self.llm.reset_prefix_cache()
+        self.weights_current = True
+
+    @torch.no_grad()
+    def generate(self, prompts, params, desc="generate", logprobs=False):
+        if not self.weights_current:  # after a level-2 sleep without a push since
+            self.update_weights(self.model)
+        self._wake("weights")
+        self._wake("kv_cache")
+        greedy = params.temperature <= 0
+        sampling = self.vllm.SamplingParams(
+            n=1, temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
+            top_k=-1 if greedy or params.top_k <= 0 else params.top_k, max_tokens=params.max_new_tokens,
+            stop_token_ids=self.stop_ids, logprobs=0, detokenize=False)
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling,
+                                    use_tqdm=False)
+        responses, sampler_logprobs = [], []
+        for output in outputs:
+            sample = output.outputs[0]
+            tokens = list(sample.token_ids)
+            responses.append(tokens)
+            # one {token id: Logprob} per generated position; the sampled token is always in it
+            sampler_logprobs.append([float(step[token].logprob) for step, token in zip(sample.logprobs or [], tokens)])
+        if self.sleep_level:
+            self._sleep()
+        if any(len(r) != len(lp) for r, lp in zip(responses, sampler_logprobs)):
+            raise RuntimeError("vLLM returned log-probs not aligned with the sampled tokens")
+        return (responses, sampler_logprobs) if logprobs else responses
+
+
+def vllm_options(args) -> dict:
+    """VLLMEngine's keyword arguments from a script's --vllm_* options and --seed."""
+    return dict(gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                tensor_parallel_size=args.vllm_tensor_parallel_size, sleep_level=args.vllm_sleep, seed=args.seed)
+
+
+def resolve_rollout(kind: str) -> str:
+    """`auto` -> `vllm` when vLLM is importable and CUDA is available, else `hf`; one log line says
+    which engine runs and why."""
+    if kind == "auto":
+        found, cuda = importlib.util.find_spec("vllm") is not None, torch.cuda.is_available()
+        kind = "vllm" if found and cuda else "hf"
+        why = "vLLM importable and CUDA available" if kind == "vllm" else \
+            f"{'no CUDA' if not cuda else 'vLLM not installed'}"
+        print0(f"[rollout] engine: {kind} (--rollout auto: {why})")
+    elif kind == "vllm" and not torch.cuda.is_available():
+        raise UserError("--rollout vllm needs a CUDA GPU; use --rollout hf (or auto, which picks hf here)")
+    else:
+        print0(f"[rollout] engine: {kind}")
+    return kind
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1642,6 +2000,153 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader,
     return {f"eval/avg@{k}": totals[0].item() / problems, f"eval/pass@{k}": totals[1].item() / problems,
             "eval/response_len": totals[3].item() / (problems * k), "eval/no_answer": totals[4].item(),
             "eval/grader_timeouts": totals[5].item()}
+
+
+# ---- Several benchmarks, one table (`--eval_only --eval_dataset math500,aime24,...`) -----------
+
+
+def _eval_k_valid(spec) -> bool:
+    try:
+        _parse_eval_k_spec(str(spec))
+        return True
+    except ValueError:
+        return False
+
+
+def _parse_eval_k_spec(spec: str) -> tuple[int | None, dict[str, int]]:
+    """'' -> (None, {}); '8' -> (8, {}); 'aime24=32,math500=4' -> (None, {...}); ValueError otherwise."""
+    spec = spec.strip()
+    if not spec:
+        return None, {}
+    if "=" not in spec:
+        value = int(spec)
+        if value < 1:
+            raise ValueError(spec)
+        return value, {}
+    pairs = {}
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        if not name.strip() or int(value) < 1:
+            raise ValueError(spec)
+        pairs[name.strip()] = int(value)
+    return None, pairs
+
+
+def parse_eval_k(spec: str, names: Sequence[str], protocol: dict | None = None) -> dict[str, int]:
+    """Samples per problem for each benchmark in `names`: `spec` is '' (defaults), one int (every
+    benchmark) or `name=k` pairs (those benchmarks; the rest keep their default). The default is the
+    script's paper `protocol` (short name -> k), else the `DATASETS` table, else 4 (toy, files)."""
+    try:
+        single, pairs = _parse_eval_k_spec(str(spec))
+    except ValueError:
+        raise UserError(f"--eval_k {spec!r}: must be an int >= 1 or name=k pairs like aime24=32,math500=4") from None
+    shorts = {dataset_short_name(name): name for name in names}
+    unknown = [name for name in pairs if name not in shorts and name not in names]
+    if unknown:
+        raise UserError(f"--eval_k names {unknown}, which --eval_dataset does not list ({', '.join(shorts)})")
+    ks = {}
+    for name in names:
+        short = dataset_short_name(name)
+        default = (protocol or {}).get(short) or DATASETS.get(short, {}).get("k") or TOY_EVAL_K
+        ks[name] = single or pairs.get(name) or pairs.get(short) or default
+    return ks
+
+
+def eval_dataset_names(args) -> list[str]:
+    """The comma-separated `--eval_dataset` as a list (empty: no evaluation). More than one is for
+    `--eval_only`; a training run evaluates on one (UserError otherwise)."""
+    names = [name.strip() for name in (args.eval_dataset or "").split(",") if name.strip()]
+    if not names and getattr(args, "eval_only", False):
+        raise UserError("--eval_only evaluates on --eval_dataset: name at least one (toy, math500, aime24, ...)")
+    if len(names) > 1 and not getattr(args, "eval_only", False):
+        raise UserError(f"--eval_dataset {args.eval_dataset!r}: a training run evaluates on one dataset; a "
+                        "comma-separated list of benchmarks is for --eval_only")
+    return names
+
+
+def load_eval_benchmarks(args, tokenizer) -> list[tuple[str, list[dict]]]:
+    """(name, rows) per `--eval_dataset` entry (toy, a short name, `short=file`, a file or hub id read
+    with `--eval_split` and the `--*_key` columns), `--eval_limit` rows each; prompts that do not fit
+    the context with `--max_new_tokens` are skipped."""
+    limit = max_prompt_length(args.model, args.max_new_tokens, args.max_prompt_tokens)
+    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key)
+    return [(name, load_problems(name, args.eval_split, **keys, limit=args.eval_limit or None, tokenizer=tokenizer,
+                                 max_prompt_tokens=limit)) for name in eval_dataset_names(args)]
+
+
+def evaluate_benchmarks(engine: RolloutEngine, tokenizer, benchmarks: Sequence[tuple[str, list[dict]]], grader,
+                        params: SamplingParams, ks: dict[str, int], dist_info: Dist,
+                        enable_thinking: bool | None = None) -> dict[str, dict]:
+    """`evaluate` on each benchmark with its own k (multiple-choice rows graded by letter):
+    name -> {problems, k, avg@k, pass@k, response_len, no_answer, grader_timeouts}."""
+    results = {}
+    for name, rows in benchmarks:
+        k = ks[name]
+        metrics = evaluate(engine, tokenizer, rows, grader_for(rows, grader), params, k, dist_info, enable_thinking)
+        results[name] = {"problems": len(rows), "k": k, "avg@k": metrics[f"eval/avg@{k}"],
+                         "pass@k": metrics[f"eval/pass@{k}"], "response_len": metrics["eval/response_len"],
+                         "no_answer": metrics["eval/no_answer"], "grader_timeouts": metrics["eval/grader_timeouts"]}
+    return results
+
+
+def flat_eval_metrics(results: dict[str, dict]) -> dict:
+    """Metrics for `RunLogger.log`: eval/<name>/avg@k ... per benchmark; with one benchmark also
+    the plain eval/avg@k keys a training run logs."""
+    flat = {}
+    for name, result in results.items():
+        short, k = dataset_short_name(name), result["k"]
+        flat.update({f"eval/{short}/avg@{k}": result["avg@k"], f"eval/{short}/pass@{k}": result["pass@k"],
+                     f"eval/{short}/response_len": result["response_len"]})
+    if len(results) == 1:
+        (result,) = results.values()
+        k = result["k"]
+        flat.update({f"eval/avg@{k}": result["avg@k"], f"eval/pass@{k}": result["pass@k"],
+                     "eval/response_len": result["response_len"], "eval/no_answer": result["no_answer"],
+                     "eval/grader_timeouts": result["grader_timeouts"]})
+    return flat
+
+
+def eval_table_markdown(results: dict[str, dict], title: str = "") -> str:
+    """One Markdown table: a row per benchmark (avg@k, pass@k in percent) and their unweighted mean."""
+    lines = [f"## {title}", ""] if title else []
+    lines += ["| benchmark | problems | k | avg@k (%) | pass@k (%) | mean response tokens | no answer |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {dataset_short_name(name)} | {r['problems']} | {r['k']} | {100 * r['avg@k']:.1f} | "
+                     f"{100 * r['pass@k']:.1f} | {r['response_len']:.0f} | {r['no_answer']:.0f} |")
+    if len(results) > 1:
+        mean = lambda key: 100 * sum(r[key] for r in results.values()) / len(results)
+        lines.append(f"| mean | | | {mean('avg@k'):.1f} | {mean('pass@k'):.1f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_eval_table(run_dir: str | Path, results: dict[str, dict], dist_info: Dist, title: str = "",
+                     meta: dict | None = None) -> Path | None:
+    """Print the table and write `eval_table.md` and `eval_table.json` in the run directory (rank 0;
+    an existing pair is kept and the new one gets a `+` name, never overwritten). Returns the .md path."""
+    if not dist_info.is_main:
+        return None
+    text = eval_table_markdown(results, title)
+    print(text, flush=True)
+    markdown = _unused_path(Path(run_dir) / "eval_table.md")
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(text)
+    payload = {**(meta or {}), "benchmarks": {dataset_short_name(name): r for name, r in results.items()}}
+    _unused_path(markdown.with_suffix(".json")).write_text(json.dumps(payload, indent=2, default=str))
+    return markdown
+
+
+def eval_only_table(engine: RolloutEngine, tokenizer, benchmarks, grader, params: SamplingParams, ks: dict[str, int],
+                    dist_info: Dist, logger: "RunLogger", run_dir: str | Path, step: int, model: str,
+                    enable_thinking: bool | None = None) -> dict:
+    """The `--eval_only` branch of every script: `evaluate_benchmarks`, one logged record, the table
+    printed and written (`write_eval_table`). Returns the logged metrics (`flat_eval_metrics`)."""
+    results = evaluate_benchmarks(engine, tokenizer, benchmarks, grader, params, ks, dist_info, enable_thinking)
+    metrics = flat_eval_metrics(results)
+    logger.log(step, metrics, prefix="eval")
+    write_eval_table(run_dir, results, dist_info, title=f"{model} (step {step})",
+                     meta={"model": model, "step": step, "sampling": asdict(params)})
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------
