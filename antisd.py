@@ -143,7 +143,8 @@ class Args:
     micro_batch_tokens: int = option(16384, "at most this many padded tokens (rows x longest) per forward/backward; "
                                      "a longer sequence goes alone; 0 = no bound [ours: README, memory table]")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary log-prob/entropy")
-    activation_checkpointing: bool = option(False, "recompute decoder layers in backward to save memory")
+    activation_checkpointing: Optional[bool] = option(None, "recompute decoder layers in backward to save memory "
+                                                            "(unset = on with CUDA, off on CPU)", alone=True)
     # AntiSD
     lambda_max: float = option(0.5, "weight of the token term when the gate is open [paper]; 0 = GRPO")
     signal: Literal["antisd", "sd"] = option("antisd", "antisd: -phi(u) or -u; sd: +u, no gate [paper]")

@@ -9,7 +9,7 @@ Surface, in file order:
   arguments     UserError, option, parse_args, ARG_RULES, at_least, above, between, one_of,
                 validate_args, run_main
   models        MODEL_ALIASES, resolve_model, check_same_tokenizer, hub_reachable, load_tokenizer,
-                max_prompt_length, load_model, copy_weights
+                max_prompt_length, load_model, LoadPlan, load_plan, copy_weights
   toy testbed   make_toy_rows, toy_response, parse_toy_steps, build_toy_model
   data          load_problems, load_run_problems, ProblemSampler; named datasets: DATASETS,
                 BENCHMARK_NAMES, dataset_spec, dataset_short_name, load_named_dataset, adapt_math_rows,
@@ -26,7 +26,7 @@ Surface, in file order:
                 write_eval_table, eval_only_table
   logging       Progress, RunLogger, supersede_metrics
   token picture write_token_picture
-  run dirs and  RunDir, prepare_run_dir, list_checkpoints, check_checkpoint, save_checkpoint,
+  run dirs and  RunDir, prepare_run_dir, list_checkpoints, check_checkpoint, TRAIN_STATE, save_checkpoint,
   checkpoints   latest_checkpoint, load_checkpoint
 
 Errors. Problems with the user's input raise `UserError` (a ValueError); `run_main`, the entry point
@@ -35,9 +35,12 @@ of every script, prints them as one line and exits 2. Anything else is a bug and
 Conventions. A "response batch" is B sequences `prompt_ids[i] + response_ids[i]`; per-token
 quantities are returned response-aligned as [B, R] tensors (R = longest response) with a boolean
 mask, so a student and a teacher that see different prompts line up token for token.
-Under FSDP2 (`fully_shard`), weights are fp32 masters; on CUDA compute runs in bf16. Importing this
-module sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user set an allocator config.
-Memory budgets: generation batches are bounded in sequences and KV-cache positions
+Precision and placement (`load_plan`): trainable weights are fp32 masters with fp32 optimizer state;
+on CUDA compute runs in bf16 (FSDP2 mixed precision under torchrun, autocast on one process, which
+needs no process group). Under torchrun models are FSDP2-sharded (`fully_shard`) and only rank 0
+reads the weights. Checkpoints hold the training state as per-rank DCP shards plus an HF export.
+Importing this module sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user set an
+allocator config. Memory budgets: generation batches are bounded in sequences and KV-cache positions
 (`generation_batches`), training micro-batches in sequences and padded tokens (`micro_batches`).
 Log-probs of sampled tokens take the sampling temperature (`response_logprobs(..., temperature=T)`).
 """
@@ -97,6 +100,8 @@ class Dist:
 def init_distributed() -> Dist:
     """Start the process group under `torchrun` (NCCL on CUDA, gloo on CPU); plain `python` -> 1 rank."""
     cuda = torch.cuda.is_available()
+    if cuda:  # fp32 matmuls (the fp32 output head) on tensor cores; bf16-born operands are exact in TF32
+        torch.set_float32_matmul_precision("high")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -163,11 +168,14 @@ class UserError(ValueError):
 _DEBUG = False  # set by parse_args from --debug; RLVR_DEBUG=1 does the same
 
 
-def option(default, help: str):
-    """A dataclass field with its `--help` text: `lr: float = option(1e-6, "AdamW learning rate")`."""
+def option(default, help: str, alone=None):
+    """A dataclass field with its `--help` text: `lr: float = option(1e-6, "AdamW learning rate")`.
+    `alone`: the value of the bare flag, for an Optional[bool] that is unset (None) by default:
+    `option(None, "...", alone=True)` takes `--flag`, `--flag true/false` or nothing."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+    metadata = {"help": help} if alone is None else {"help": help, "nargs": "?", "const": alone}
+    return field(default=default, metadata=metadata)
 
 
 def parse_args(args_class, argv: Sequence[str] | None = None):
@@ -403,30 +411,118 @@ def max_prompt_length(name: str, max_new_tokens: int, max_prompt_tokens: int = 0
     return limit
 
 
-def load_model(name: str, dist_info: Dist, *, trainable: bool = True, activation_checkpointing: bool = False,
+def load_model(name: str, dist_info: Dist, *, trainable: bool = True, activation_checkpointing: bool | None = None,
                flag: str = "--model"):
-    """Load a causal LM onto this rank's device, sharded with FSDP2 where that applies.
+    """Load a causal LM onto this rank's device; `load_plan` decides sharding and precision.
 
-    Trainable models keep fp32 master weights (bf16 weights would swallow AdamW updates at lr 1e-6);
-    on CUDA they are always wrapped in FSDP2 (also on one GPU) with bf16 compute and fp32 gradient
-    reduction. Frozen models (teachers) are bf16 on CUDA. On CPU everything is fp32 and FSDP2 is
-    used only when there is more than one rank (gloo). `flag` names the option in error messages.
+    One process (plain `python`, no process group): the whole model on the device. Trainable models
+    keep fp32 master weights (bf16 weights would swallow AdamW updates at lr 1e-6) and, on CUDA,
+    compute in bf16 under autocast. Several ranks (torchrun): FSDP2 with one unit per decoder layer,
+    built on the meta device; rank 0 alone reads the weights (on CPU) and they are broadcast into
+    the shards, so no rank holds a full copy on its device. On CUDA the shards of a trainable model
+    are fp32 masters computing in bf16 with fp32 gradient reduction. Frozen models (teachers) are
+    bf16 on CUDA. On CPU everything is fp32. `activation_checkpointing` (None: on for a trainable
+    model on CUDA) recomputes each decoder layer in backward. `flag` names the option in errors.
     """
     from transformers import AutoModelForCausalLM
 
-    cuda = dist_info.device.type == "cuda"
-    dtype = torch.bfloat16 if (cuda and not trainable) else torch.float32
-    model = _from_pretrained(AutoModelForCausalLM, name, flag, dtype=dtype).to(dist_info.device)
-    if activation_checkpointing:  # the method's name changed in transformers 5.x; same behaviour
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cuda or dist_info.world_size > 1:
-        _fully_shard(model, dist_info, bf16_compute=cuda and trainable)
+    plan = load_plan(dist_info.device.type, dist_info.world_size, trainable)
+    if activation_checkpointing is None:
+        activation_checkpointing = plan.activation_checkpointing
+    if plan.shard:
+        model = _load_sharded(name, dist_info, plan, activation_checkpointing, flag)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, name, flag, dtype=plan.dtype).to(dist_info.device)
+        if activation_checkpointing:
+            _enable_activation_checkpointing(model)
+        if plan.bf16_compute:
+            _autocast_forward(model, dist_info.device.type)
     if not trainable:
         model.requires_grad_(False)
-        model.eval()
+    model.eval()  # as from_pretrained leaves it; the scripts switch to train() for their gradient passes
+    return model
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    shard: bool                    # FSDP2 over the ranks of the process group (only with > 1 rank)
+    dtype: torch.dtype             # parameter dtype: fp32 masters, or bf16 for a frozen model on CUDA
+    bf16_compute: bool             # fp32 masters computing in bf16 (FSDP2 mixed precision or autocast)
+    activation_checkpointing: bool  # the default of load_model's `activation_checkpointing`
+
+
+def load_plan(device_type: str, world_size: int, trainable: bool) -> LoadPlan:
+    """How `load_model` places a model. One process never shards: FSDP2 needs a device mesh, hence
+    a process group, and on one rank it would only re-do what autocast does (cast the fp32 masters
+    to bf16 for compute) while a process group made up locally would change what `torch.distributed`
+    reports to everything else. So one process = plain model + autocast, several = FSDP2."""
+    cuda = device_type == "cuda"
+    return LoadPlan(shard=world_size > 1, dtype=torch.bfloat16 if (cuda and not trainable) else torch.float32,
+                    bf16_compute=cuda and trainable, activation_checkpointing=cuda and trainable)
+
+
+def _enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (transformers 5 API; its 4.x name as a fallback). The
+    flag is set per layer and honoured only in train mode; on FSDP2 apply it before sharding."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _autocast_forward(model, device_type: str) -> None:
+    """Run every forward of `model` under bf16 autocast (fp32 weights stay the masters; matmuls cast
+    them to bf16, norms and softmax stay fp32). A fresh context per call, so calls may nest."""
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    model.forward = autocast_forward
+
+
+def _load_sharded(name: str, dist_info: Dist, plan: LoadPlan, activation_checkpointing: bool, flag: str):
+    """FSDP2 model whose weights only rank 0 reads: meta-device build, shard, allocate the shards,
+    broadcast rank 0's full state dict into them (`broadcast_from_rank0`), then the buffers."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = _from_pretrained(AutoConfig, name, flag)
+    full, error = None, None
+    if dist_info.is_main:  # every other rank waits for rank 0's verdict instead of hanging in a collective
+        try:  # in the checkpoint's own dtype (bf16 for hub models: half the host memory); the shards upcast
+            full = _from_pretrained(AutoModelForCausalLM, name, flag, dtype="auto")
+        except UserError as caught:
+            error = str(caught)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=plan.dtype)
+    try:  # sampling defaults and stop ids (Qwen3 stops on two) live in generation_config.json
+        source = config._name_or_path
+        model.generation_config = GenerationConfig.from_pretrained(
+            source, local_files_only=os.path.isdir(source) or not hub_reachable())
+    except OSError:
+        pass
+    if activation_checkpointing:
+        _enable_activation_checkpointing(model)
+    _fully_shard(model, dist_info, bf16_compute=plan.bf16_compute)
+    model.to_empty(device=dist_info.device)
+    # tied weights (lm_head = embed_tokens) are one parameter here and in `full`: both names load it
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # buffers are not sharded and non-persistent ones (rotary inv_freq) are in no state dict
+    sources = dict(full.named_buffers()) if full is not None else {}
+    with torch.no_grad():
+        for buffer_name, buffer in model.named_buffers():
+            if dist_info.is_main:
+                buffer.copy_(sources[buffer_name])
+            dist.broadcast(buffer, src=0)
+    del full
     return model
 
 
@@ -434,7 +530,7 @@ def _fully_shard(model, dist_info: Dist, bf16_compute: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
+    mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))  # over the existing process group
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute \
         else MixedPrecisionPolicy()
     block_names = set(getattr(model, "_no_split_modules", None) or [])
@@ -446,9 +542,22 @@ def _fully_shard(model, dist_info: Dist, bf16_compute: bool) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
+def _reshard(*models) -> None:
+    """Back to the sharded parameters: FSDP2 keeps the root unit gathered after a forward without a
+    backward (evaluation, no-grad passes), and its parameters are then other tensors than the
+    optimizer's until the next backward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
 @torch.no_grad()
 def copy_weights(dst_model, src_model) -> None:
     """dst <- src, parameter by parameter (both loaded by `load_model` with the same sharding)."""
+    _reshard(dst_model, src_model)  # copy the shards
     dst_params, src_params = dict(dst_model.named_parameters()), dict(src_model.named_parameters())
     if dst_params.keys() != src_params.keys():
         raise ValueError("copy_weights: the two models have different parameter names.")
@@ -819,7 +928,9 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
     keys). Rows without an answer, with a malformed problem, or (given `tokenizer` and
     `max_prompt_tokens`, see `max_prompt_length`) whose chat prompt is longer than that are skipped
     and counted; a missing column, an unreadable, empty or all-skipped dataset is a UserError that
-    says what to do.
+    says what to do. DAPO-Math-17k rows are deduplicated while reading (the hub copy holds each
+    problem ~100 times: 1.79M rows -> 17.9K problems), and the count is printed; only the kept
+    problems' strings are held, the rest stays in the memory-mapped Arrow file.
     """
     if name == "toy":
         if split not in TOY_SPLIT_SEEDS:
@@ -831,20 +942,23 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
     named = dataset_spec(name)  # a short name (math500, gpqa=file, ...) or a known hub id: its adapter
     if named is not None and not (named[0]["kind"] == "dapo" and name == named[0]["hub"]):
         return load_named_dataset(name, tokenizer, max_prompt_tokens, limit)
-    raw = _read_rows(name, split)
-    if not raw:
+    raw = _read_rows(name, split)  # a list (json) or a memory-mapped datasets.Dataset, iterated lazily
+    if not len(raw):
         raise UserError(f"Dataset {name!r} ({split}) is empty.")
-    objects = [row for row in raw if isinstance(row, dict)]
-    if not objects:
+    first = next((row for row in raw if isinstance(row, dict)), None)
+    if first is None:
         raise UserError(f"Dataset {name!r} ({split}): all {len(raw)} rows are malformed (not JSON objects).")
-    columns = list(objects[0].keys())
+    columns = list(first.keys())
     dapo = _is_dapo(name, columns)
     if dapo:  # DAPO-Math-17k: problem inside the chat prompt, answer under reward_model
         problem_key, answer_key = "prompt", "reward_model.ground_truth"
+        if hasattr(raw, "select_columns"):  # read only what is used of the 1.79M rows
+            raw = raw.select_columns([c for c in ("prompt", "reward_model") if c in columns])
     for key, flag in [(problem_key, "--problem_key"), (answer_key, "--answer_key")]:
-        if not any(_get_key(row, key) is not None for row in objects):
+        if not any(_get_key(row, key) is not None for row in raw if isinstance(row, dict)):
             raise UserError(f"Dataset {name!r} has no column {key!r} (set {flag}); its columns are {columns}.")
     rows, no_answer, malformed, too_long = [], 0, 0, 0
+    seen = set()  # DAPO-Math-17k holds each problem ~100 times: keep the first (problem, answer)
     for row in raw:
         if not isinstance(row, dict):
             malformed += 1
@@ -858,6 +972,11 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         if answer is None or not str(answer).strip():
             no_answer += 1
             continue
+        if dapo:
+            key = (problem.strip(), str(answer).strip())
+            if key in seen:
+                continue
+            seen.add(key)
         if tokenizer is not None and max_prompt_tokens and not _prompt_fits(tokenizer, problem.strip(),
                                                                              max_prompt_tokens):
             too_long += 1
@@ -870,6 +989,8 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
     if not rows:
         raise UserError(f"Dataset {name!r} ({split}) has no usable rows: {len(raw)} read, {skipped}; check the "
                         "file, the *_key options and --max_prompt_tokens/--max_new_tokens.")
+    if dapo:
+        print0(f"[data] {name}: deduplicated {len(raw)} rows -> {len(seen)} problems")
     if no_answer or malformed or too_long:
         print0(f"[data] {name}: skipped {skipped}")
     print0(f"[data] {name} ({split}): {len(rows)} problems")
@@ -896,7 +1017,7 @@ def _prompt_overhead(tokenizer) -> int:
     return cached
 
 
-def _read_rows(name: str, split: str) -> list:
+def _read_rows(name: str, split: str):
     import datasets
 
     path = Path(name).expanduser()
@@ -910,12 +1031,13 @@ def _read_rows(name: str, split: str) -> list:
     try:
         if suffix in (".jsonl", ".json"):
             return _read_json_rows(path)
+        # a Dataset, not a list: its Arrow table stays memory-mapped (1.79M DAPO rows are not held per rank)
         if suffix == ".parquet":
-            return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+            return datasets.load_dataset("parquet", data_files=str(path), split="train")
         if not hub_reachable():
             with _hub_offline():
-                return list(datasets.load_dataset(name, split=split))
-        return list(datasets.load_dataset(name, split=split))
+                return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, split=split)
     except Exception as error:  # unreadable file, unknown hub name, no network, bad split
         reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         if path.exists():
@@ -1091,7 +1213,9 @@ def load_named_dataset(name: str, tokenizer=None, max_prompt_tokens: int | None 
     if spec["kind"] == "dapo":
         return load_problems(path or spec["hub"], spec["split"], tokenizer=tokenizer,
                              max_prompt_tokens=max_prompt_tokens, limit=limit)
-    raw = _read_rows(path, spec["split"]) if path else _read_hub_rows(spec["hub"], spec.get("config"), spec["split"])
+    # a list, as the adapters expect (_read_rows gives a parquet file as a memory-mapped Dataset)
+    raw = list(_read_rows(path, spec["split"])) if path else _read_hub_rows(spec["hub"], spec.get("config"),
+                                                                           spec["split"])
     if not raw:
         raise UserError(f"Dataset {name!r} is empty.")
     adapted = _ADAPTERS[spec["kind"]](raw, spec)
@@ -1534,14 +1658,23 @@ class gathered_weights:
     MixedPrecisionPolicy: bf16 on CUDA) and kept unsharded after each forward; on exit the units
     are resharded and their reshard-after-forward settings restored. Inside, forwards call no
     collective, so ranks need not stay in step. Entering is a collective: every rank enters.
-    A model without FSDP2 units passes through unchanged.
+    A model without FSDP2 units passes through unchanged, except a trainable fp32 model on CUDA (one
+    process): its bf16 weight casts are made once for the phase (autocast's cache; not run on a GPU).
     """
 
     def __init__(self, model):
-        self.model, self.modules, self.saved = model, _fsdp_modules(model), []
+        self.model, self.modules, self.saved, self.autocast = model, _fsdp_modules(model), [], None
 
     def __enter__(self):
         if not self.modules:
+            params = list(self.model.parameters())
+            if params and params[0].device.type == "cuda" and any(
+                    p.dtype == torch.float32 and p.requires_grad for p in params):
+                # one process on CUDA (`load_plan`: fp32 masters, bf16 autocast per forward): one autocast
+                # region around the phase keeps autocast's cache of bf16 weight casts alive across decode
+                # steps (the model's own per-forward region nests inside), so weights are cast once per phase
+                self.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+                self.autocast.__enter__()
             return self.model
         if self.modules[0] is self.model:  # `load_model` shards the model itself last: the root
             # settle which unit is the root first: its lazy init turns off its reshard-after-forward,
@@ -1554,6 +1687,9 @@ class gathered_weights:
         return self.model
 
     def __exit__(self, *exc):
+        if self.autocast is not None:
+            self.autocast.__exit__(*exc)  # leaves the outermost region: the cast cache is freed
+            self.autocast = None
         for module, reshard in zip(self.modules, self.saved):
             module.set_reshard_after_forward(reshard, recurse=False)
             module.reshard()
@@ -1881,9 +2017,19 @@ def response_hidden(model, prompts: list[list[int]], responses: list[list[int]],
 
 
 def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """hidden -> logits with the model's output projection (call after a forward of that model)."""
+    """hidden -> logits with the model's output projection, in at least fp32 (call after a forward of
+    that model, once per batch).
+
+    A bf16 head weight (FSDP2's compute copy, a bf16 teacher) is upcast once here, so the gradients
+    of all position chunks add up in fp32 in that one copy and are rounded to bf16 once, instead of
+    being summed in bf16 chunk by chunk (relative error ~1e-2 at 100 chunks). It also gives the
+    log-probs fp32 logits. Costs one fp32 copy of the head ([vocab, hidden]) while the batch lives.
+    """
     head = model.get_output_embeddings()
-    return lambda hidden: F.linear(hidden, head.weight, head.bias)
+    dtype = torch.promote_types(head.weight.dtype, torch.float32)
+    weight = head.weight.to(dtype)
+    bias = head.bias.to(dtype) if head.bias is not None else None
+    return lambda hidden: F.linear(hidden.to(dtype), weight, bias)
 
 
 def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
@@ -2494,9 +2640,11 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def check_checkpoint(path: str | Path) -> str | None:
     """Why the checkpoint folder `path` cannot be resumed from, or None when it can: config.json,
-    every weights file with a readable header covering the whole file, and a trainer_state.pt that
-    loads (memory-mapped, so cheap even for large optimizer states) with the folder's step."""
+    every weights file with a readable header covering the whole file, the training state (its DCP
+    `.metadata` loads and every shard file it names is there and long enough) and a trainer_state.pt
+    that loads with the folder's step."""
     from safetensors import safe_open
+    from torch.distributed.checkpoint import FileSystemReader
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -2516,13 +2664,25 @@ def check_checkpoint(path: str | Path) -> str | None:
                 return f"{shard} is missing"
             with safe_open(str(current), "pt") as weights:
                 weights.keys()
+        current = path / TRAIN_STATE / ".metadata"
+        if not current.is_file():
+            return f"the training state ({TRAIN_STATE}/.metadata) is missing"
+        ends = {}  # shard file -> bytes its items need
+        for item in FileSystemReader(str(path / TRAIN_STATE)).read_metadata().storage_data.values():
+            ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+        for name, end in sorted(ends.items()):
+            current = path / TRAIN_STATE / name
+            if not current.is_file():
+                return f"{TRAIN_STATE}/{name} is missing"
+            if current.stat().st_size < end:
+                return f"{TRAIN_STATE}/{name} is truncated ({current.stat().st_size} of {end} bytes)"
         current = path / "trainer_state.pt"
         if not current.is_file():
             return "trainer_state.pt is missing"
         saved = torch.load(current, weights_only=False, mmap=True, map_location="cpu")
         named = re.fullmatch(r"step_(\d+)", path.name)
-        if not isinstance(saved, dict) or not {"step", "optimizer", "rng", "state"} <= saved.keys():
-            return "trainer_state.pt lacks step/optimizer/rng/state"
+        if not isinstance(saved, dict) or not {"step", "rng", "state"} <= saved.keys():
+            return "trainer_state.pt lacks step/rng/state"
         if named and saved["step"] != int(named[1]):
             return f"trainer_state.pt is for step {saved['step']}"
     except Exception as error:  # truncated or corrupt file: whatever the library raises
@@ -2531,40 +2691,48 @@ def check_checkpoint(path: str | Path) -> str | None:
     return None
 
 
+TRAIN_STATE = "train_state"  # the DCP folder of a checkpoint: weights + optimizer state, one file per rank
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, state: dict, dist_info: Dist,
                     keep: int = 2) -> Path:
     """Write `checkpoints/step_NNNNNN/` atomically (temp dir, then rename) and point `latest` at it.
 
-    Contents: HF-format weights + tokenizer (loadable by `from_pretrained`), and `trainer_state.pt`
-    with the full optimizer state, every rank's RNG states, the step and `state` (data position and
-    method state). Rotation keeps this checkpoint and the `keep - 1` newest before it (by step
-    number; keep <= 0 keeps all); it never deletes this one, the one `latest` names, or those of
-    later steps (a resumed run replaces those when it writes the same step).
+    Contents: `train_state/`, the training state for resume written with torch.distributed.checkpoint
+    (DCP): every rank writes its own shards of the fp32 weights and the optimizer state, nothing is
+    gathered; `trainer_state.pt` with every rank's RNG states, the step and `state` (data position
+    and method state); and an HF-format export of the weights + tokenizer for `from_pretrained` and
+    vLLM (the full weights gathered into rank 0's CPU memory, one tensor at a time). Collective:
+    every rank calls it. Under torchrun on several nodes the run directory must be a shared file
+    system. Rotation keeps this checkpoint and the `keep - 1` newest before it (by step number;
+    keep <= 0 keeps all); it never deletes this one, the one `latest` names, or those of later steps
+    (a resumed run replaces those when it writes the same step).
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    # tied weights (e.g. lm_head = embed_tokens) appear under both names: keep the one module owns
-    owned = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-    model_state = {name: tensor for name, tensor in model_state.items() if name in owned}
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    root = Path(run_dir) / "checkpoints"
+    final, staging = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
+    if dist_info.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    _reshard(model)
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors under FSDP2)
+    _run_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state}, staging / TRAIN_STATE)
+    export = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [rng]
     if _distributed():
         rngs = [None] * dist_info.world_size
         dist.all_gather_object(rngs, rng)
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step_{step:06d}"
     if dist_info.is_main:
-        staging = root / f"step_{step:06d}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        model.save_pretrained(staging, state_dict=model_state)
+        # tied weights (e.g. lm_head = embed_tokens) appear under both names: keep the one module owns
+        owned = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+        model.save_pretrained(staging, state_dict={name: t for name, t in export.items() if name in owned})
         tokenizer.save_pretrained(staging)
-        torch.save({"step": step, "optimizer": optimizer_state, "rng": rngs, "state": state},
+        torch.save({"step": step, "rng": rngs, "state": state, "world_size": dist_info.world_size},
                    staging / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)  # only a same-step folder of an abandoned (broken) timeline
         os.replace(staging, final)
@@ -2586,14 +2754,30 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return next((path for _, path in list_checkpoints(run_dir) if check_checkpoint(path) is None), None)
 
 
-def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist) -> dict:
-    """Restore optimizer and RNG state from a checkpoint whose weights `model` was loaded from.
-    Returns the trainer state (`step`, `state`)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def _run_dcp(function, state_dict: dict, folder: Path) -> None:
+    """dcp.save / dcp.load; one process has no process group and DCP then works alone (no_dist),
+    with the same files as one rank, after a warning that says just that (silenced here)."""
+    import warnings
 
-    saved = torch.load(Path(path) / "trainer_state.pt", weights_only=False, mmap=True)
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=saved["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        function(state_dict, checkpoint_id=str(folder), no_dist=not _distributed())
+
+
+def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist) -> dict:
+    """Restore weights, optimizer and RNG state from a checkpoint: every rank reads its own shards of
+    `train_state/` (DCP reshards when the number of ranks changed). Returns the trainer state
+    (`step`, `state`). Collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    # the state dicts to load into: this rank's shards (an optimizer without state gets it made at lr 0)
+    _reshard(model)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    _run_dcp(dcp.load, {"model": model_state, "optimizer": optimizer_state}, path / TRAIN_STATE)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+    saved = torch.load(path / "trainer_state.pt", weights_only=False)
     rngs = saved["rng"]
     if len(rngs) != dist_info.world_size:
         print0(f"[resume] checkpoint was written by {len(rngs)} ranks, now {dist_info.world_size}: "

@@ -137,7 +137,8 @@ class Args:
     micro_batch_tokens: int = option(16384, "at most this many padded tokens (rows x longest) per forward/backward; "
                                      "a longer sequence goes alone; 0 = no bound [ours: README, memory table]")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary log-prob/entropy")
-    activation_checkpointing: bool = option(False, "recompute decoder layers in backward to save memory")
+    activation_checkpointing: Optional[bool] = option(None, "recompute decoder layers in backward to save memory "
+                                                            "(unset = on with CUDA, off on CPU)", alone=True)
     # evaluation, checkpoints
     eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
     eval_k: str = option("", "samples per eval problem (avg@k, pass@k): empty = each benchmark's default "

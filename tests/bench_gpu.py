@@ -1,14 +1,14 @@
 """Benchmark (not collected by pytest): the pieces of one training step on a randomly initialised Qwen3.
 
-    python tests/bench_gpu.py --shape 1.7b                          # one GPU (FSDP2 on 1 rank, bf16 compute)
+    python tests/bench_gpu.py --shape 1.7b                          # one GPU (fp32 masters, bf16 autocast)
     torchrun --nproc_per_node 8 tests/bench_gpu.py --shape 8b       # 8 GPUs, FSDP2
     python tests/bench_gpu.py --shape tiny                          # CPU smoke run (what CI can do)
     python tests/bench_gpu.py --shape 1.7b --response_len 8192 --sequences 8 --micro_batch_tokens 16384
 
 No download: the model is `Qwen3ForCausalLM(Qwen3Config(...))` with the published Qwen3 shapes
 (`SHAPES`), random weights, seed 0 on every rank. Everything runs through the project's own code,
-as the training scripts do: `common.load_model`'s sharding (`_fully_shard`: FSDP2 on CUDA or with
-several ranks; fp32 masters, bf16 compute on CUDA), `HFEngine.generate` (weights gathered once per
+as the training scripts do: `common.load_plan` places it as `load_model` would (one process: plain
+model, bf16 autocast on CUDA; torchrun: FSDP2 `_fully_shard`, fp32 shards, bf16 compute on CUDA), `HFEngine.generate` (weights gathered once per
 call), `response_logprobs` under `micro_batches(--micro_batch_tokens)`, AdamW. Pieces, each timed
 after one warm-up run on this rank's `--sequences` sequences (prompt `--prompt_len` random tokens,
 response `--response_len` random tokens):
@@ -72,14 +72,13 @@ def build_model(shape: str, dist_info, activation_checkpointing: bool):
     torch.manual_seed(0)  # the same random weights on every rank
     with torch.device(dist_info.device):  # fp32 masters built on the device (no host copy per rank)
         model = Qwen3ForCausalLM(config)
-    if activation_checkpointing:  # as common.load_model does (the method's name changed in transformers 5.x)
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    cuda = dist_info.device.type == "cuda"
-    if cuda or dist_info.world_size > 1:
-        common._fully_shard(model, dist_info, bf16_compute=cuda)
+    plan = common.load_plan(dist_info.device.type, dist_info.world_size, trainable=True)  # as load_model places it
+    if activation_checkpointing:
+        common._enable_activation_checkpointing(model)
+    if plan.shard:  # torchrun: FSDP2, fp32 shards, bf16 compute on CUDA
+        common._fully_shard(model, dist_info, bf16_compute=plan.bf16_compute)
+    elif plan.bf16_compute:  # one GPU: plain model, bf16 autocast
+        common._autocast_forward(model, dist_info.device.type)
     return model
 
 
