@@ -428,6 +428,9 @@ def _fully_shard(model, dist_info: Dist, bf16_compute: bool) -> None:
 @torch.no_grad()
 def copy_weights(dst_model, src_model) -> None:
     """dst <- src, parameter by parameter (both loaded by `load_model` with the same sharding)."""
+    for module in [*dst_model.modules(), *src_model.modules()]:  # FSDP2 keeps the root unsharded after a
+        if callable(getattr(module, "reshard", None)):            # forward: copy between the sharded params
+            module.reshard()
     dst_params, src_params = dict(dst_model.named_parameters()), dict(src_model.named_parameters())
     if dst_params.keys() != src_params.keys():
         raise ValueError("copy_weights: the two models have different parameter names.")
