@@ -402,6 +402,18 @@ def test_grpo_and_live_teacher_load_no_copy(tmp_path, monkeypatch):
     assert seen.teacher and seen.frozen is None
 
 
+def test_every_numeric_option_has_a_rule():
+    import dataclasses
+    import typing
+
+    import common
+
+    rules = {**common.ARG_RULES, **trace.RULES}
+    hints = typing.get_type_hints(trace.Args)
+    numeric = {f.name for f in dataclasses.fields(trace.Args) if hints[f.name] in (int, float)}
+    assert numeric - rules.keys() == set() and set(trace.RULES) <= {f.name for f in dataclasses.fields(trace.Args)}
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--annotator", "oracle", "--dataset", "some/hub-id"], "toy task only"),
     (["--annotator", "api"], "--annotator_url"),
