@@ -560,7 +560,8 @@ def main(argv=None):
                                 note=f"red = forward KL (key span of a correct rollout), blue = reverse KL (error "
                                      f"span of an incorrect rollout), white = GRPO only; hover: the token's "
                                      f"full-vocabulary KL D_t before the --kl_clip bound (--route {args.route}, "
-                                     f"--annotator {args.annotator}). After step {args.kl_end} every token is GRPO.")
+                                     f"--annotator {args.annotator}). From step {args.kl_end} on every token is GRPO: the "
+                                     f"picture shows the last step with routing.")
 
     history = {}
     if eval_rows and (args.eval_only or start_step == 0):
@@ -754,9 +755,10 @@ def main(argv=None):
         engine.update_weights(model)
 
         # ---- 7. metrics, token picture, evaluation, checkpoint
-        picture = [picture_row(tokenizer, problems[i // group], responses[i], rewards[i], shown_rows[i],
-                               kl_rows.get(i, torch.zeros(len(responses[i]))), labels[i] or "-", step + 1)
-                   for i in shown_rows]
+        if lam > 0 or not picture or not kl_steps:  # after kl_end the picture keeps the last routed step
+            picture = [picture_row(tokenizer, problems[i // group], responses[i], rewards[i], shown_rows[i],
+                                   kl_rows.get(i, torch.zeros(len(responses[i]))), labels[i] or "-", step + 1)
+                       for i in shown_rows]
         sums.update(counts, reward=sum(rewards), sequences=len(rewards), tokens=sum(len(r) for r in responses),
                     careful=sum(writes_work(text) for text in texts),
                     truncated=sum(1 for r in responses if not r or r[-1] not in stop_ids),
