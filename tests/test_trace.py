@@ -404,6 +404,18 @@ def test_grpo_and_live_teacher_load_no_copy(tmp_path, monkeypatch):
     assert seen.teacher and seen.frozen is None
 
 
+@pytest.mark.parametrize("norm", ["token", "span"])
+def test_loss_does_not_depend_on_the_micro_batch_split(norm, tmp_path):
+    logged = []
+    for size in ("64", "3"):
+        trace.main([*FAST, "--num_steps", "1", "--route", "both", "--annotator", "oracle", "--kl_norm", norm,
+                    "--micro_batch_size", size, "--output_dir", str(tmp_path / size)])
+        logged.append(records(next((tmp_path / size).iterdir()))[0])
+    assert logged[0]["kl_loss"] > 0
+    for key in ("loss", "kl_loss", "grad_norm", "kl_routed"):
+        assert logged[0][key] == pytest.approx(logged[1][key], rel=1e-5), key
+
+
 def test_every_numeric_option_has_a_rule():
     import dataclasses
     import typing
