@@ -416,6 +416,19 @@ def test_loss_does_not_depend_on_the_micro_batch_split(norm, tmp_path):
         assert logged[0][key] == pytest.approx(logged[1][key], rel=1e-5), key
 
 
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    flags = [*FAST, "--route", "both", "--annotator", "random", "--kl_hold", "1", "--kl_end", "4",
+             "--teacher_sync_every", "2", "--save_every", "2", "--run_name", "r"]
+    trace.main([*flags, "--num_steps", "4", "--output_dir", str(tmp_path / "whole")])
+    trace.main([*flags, "--num_steps", "2", "--output_dir", str(tmp_path / "parts")])
+    trace.main([*flags, "--num_steps", "4", "--output_dir", str(tmp_path / "parts"), "--resume"])
+    whole, parts = records(tmp_path / "whole" / "r"), records(tmp_path / "parts" / "r")
+    assert [r["step"] for r in parts] == [1, 2, 3, 4] and parts[2]["lambda_k"] > 0  # resumed inside the window
+    for a, b in zip(whole, parts):
+        assert {k: v for k, v in a.items() if k not in ("step_seconds", "tokens_per_second")} == pytest.approx(
+            {k: v for k, v in b.items() if k not in ("step_seconds", "tokens_per_second")}, rel=1e-6, nan_ok=True)
+
+
 def test_every_numeric_option_has_a_rule():
     import dataclasses
     import typing
