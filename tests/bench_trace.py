@@ -4,12 +4,14 @@
     OMP_NUM_THREADS=1 python tests/bench_trace.py --annotator self   # the policy annotates (generation)
 
 One process runs `trace.py` in-process with the same seed and sizes, alternating GRPO (--lambda_0 0)
-and TRACE (--kl_hold H --kl_end E) `--repeats` times each, so that a slow spell of a shared machine hits
-both. Step k of a TRACE run is compared with step k of the GRPO runs (the responses' lengths drift alike
-over training): the KL window is steps 1..E-1 (step 0, the first, is warm-up and skipped), the
-GRPO-only part steps E..N-1. Prints the median step time of each part divided by GRPO's (medians: other work on a shared
-machine makes single steps slow), and the same
-per response token (which removes the difference in response lengths). Target after kl_end: <= 1.1x.
+and TRACE (--kl_hold H --kl_end E) `--repeats` times each, so that a slow spell of a shared machine
+hits both. Step k of a TRACE run is compared with step k of the GRPO runs (response lengths drift
+alike over training): the KL window is steps 1..E-1 (step 0, the first, is warm-up and skipped), the
+GRPO-only part steps E..N-1. Prints the median step time of each part and its ratio to GRPO's, as
+wall-clock time and as this process's CPU time (with OMP_NUM_THREADS=1 the CPU time barely depends
+on what else runs on a shared machine, the wall time does), and the median response tokens per
+step (the runs' responses drift apart in length after the first update). Target after kl_end:
+<= 1.1x.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,27 +39,42 @@ def main():
               "--seed", "0"]
     configs = {"GRPO": ["--lambda_0", "0"],
                "TRACE": ["--annotator", args.annotator, "--kl_hold", str(args.kl_hold), "--kl_end", str(args.kl_end)]}
-    steps = {name: [] for name in configs}  # per run: list of (step_seconds, tokens)
+    steps = {name: [] for name in configs}  # per run: list of (wall seconds, CPU seconds, tokens) per step
+    cpu_marks = []
+    log = trace.RunLogger.log
+
+    def marking_log(logger, step, metrics, prefix="step"):  # this process's CPU time at the end of each step
+        if prefix == "step":
+            cpu_marks.append(time.process_time())
+        log(logger, step, metrics, prefix)
+
+    trace.RunLogger.log = marking_log
     with tempfile.TemporaryDirectory() as out:
         for repeat in range(args.repeats):
             for name, flags in configs.items():
                 run_dir = Path(out) / f"{name}_{repeat}"
+                cpu_marks.clear()
+                cpu_marks.append(time.process_time())
                 trace.main([*common, *flags, "--output_dir", out, "--run_name", run_dir.name])
                 records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-                steps[name].append([(r["step_seconds"], r["response_len"] * args.num_problems * 8) for r in records])
+                cpu = [b - a for a, b in zip(cpu_marks, cpu_marks[1:])]
+                steps[name].append([(r["step_seconds"], c, r["response_len"] * args.num_problems * 8)
+                                    for r, c in zip(records, cpu)])
 
-    def part(name, first, last):
-        seconds = [run[k][0] for run in steps[name] for k in range(first, last)]
-        per_token = [run[k][0] / run[k][1] for run in steps[name] for k in range(first, last)]
-        return statistics.median(seconds), statistics.median(per_token)
+    def part(name, first, last, which):
+        return statistics.median(run[k][which] for run in steps[name] for k in range(first, last))
 
     window, after = (1, args.kl_end), (args.kl_end, args.num_steps)
     print(f"\n{args.repeats} x GRPO and {args.repeats} x TRACE (--annotator {args.annotator}, kl_hold {args.kl_hold}, "
-          f"kl_end {args.kl_end}), {args.num_steps} steps of {args.num_problems} problems x 8 rollouts, alternating")
+          f"kl_end {args.kl_end}), {args.num_steps} steps of {args.num_problems} problems x 8 rollouts, alternating; "
+          "medians over steps and runs")
     for label, (first, last) in [("KL window", window), ("after kl_end", after)]:
-        grpo, traced = part("GRPO", first, last), part("TRACE", first, last)
-        print(f"{label:13} steps {first}-{last - 1}: GRPO {grpo[0]:.3f} s/step, TRACE {traced[0]:.3f} s/step -> "
-              f"ratio {traced[0] / grpo[0]:.2f}x step time, {traced[1] / grpo[1]:.2f}x time per response token")
+        wall = part("GRPO", first, last, 0), part("TRACE", first, last, 0)
+        cpu = part("GRPO", first, last, 1), part("TRACE", first, last, 1)
+        tokens = part("GRPO", first, last, 2), part("TRACE", first, last, 2)
+        print(f"{label:13} steps {first}-{last - 1}: wall GRPO {wall[0]:.3f} s, TRACE {wall[1]:.3f} s "
+              f"({wall[1] / wall[0]:.2f}x); CPU GRPO {cpu[0]:.3f} s, TRACE {cpu[1]:.3f} s ({cpu[1] / cpu[0]:.2f}x); "
+              f"response tokens per step GRPO {tokens[0]:.0f}, TRACE {tokens[1]:.0f}")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ Every run is `trace.py` with its defaults plus the method's flags and `--eval_ev
 toy the self-teacher was trained only with contexts that start with a reference solution, and at step
 1 that context gives the lower KL on the routed tokens and the teacher closer to the student on key
 spans (README, "TRACE"). A run whose metrics already hold its final evaluation is not run again, so an
-interrupted comparison continues where it stopped. Prints a table (initial and final eval avg@4, mean
-[min, max] over seeds; the final careful share; the mean KL on routed tokens and the annotation success
+interrupted comparison continues where it stopped. Prints a table (eval avg@4 at the start, at step
+20 (inside the KL window) and at the end, mean [min, max] over seeds; the final careful share; the mean KL on routed tokens and the annotation success
 over the KL window) and writes one PNG of the eval curves and the careful-strategy share.
 
 `--context_check` runs no training: for the step-1 rollouts of the toy model (32 problems x 8, per
@@ -160,16 +160,17 @@ def main():
 
     print(f"\n{len(args.seeds)} seeds x {args.num_steps} steps; eval avg@4 on the 256 toy test problems "
           f"(T 0.7, top-p 0.95); mean [min, max] over seeds")
-    header = (f"{'method':18} {'eval start':22} {'eval end':22} {'careful share end':22} {'KL routed (window)':20} "
-              f"{'annotation ok':14}")
+    header = (f"{'method':18} {'eval start':22} {'eval step 20':22} {'eval end':22} {'careful share end':22} "
+              f"{'KL routed (window)':20} {'annotation ok':14}")
     print(header + "\n" + "-" * len(header))
     for method, runs in results.items():
         starts = [curve(r, EVAL_KEY)[1][0] for r in runs]
+        middles = [dict(zip(*curve(r, EVAL_KEY))).get(20, math.nan) for r in runs]
         finals = [curve(r, EVAL_KEY)[1][-1] for r in runs]
         careful = [last(r, "careful_frac") for r in runs]
         kl = sum(window_mean(r, "kl_routed") for r in runs) / len(runs)
         ok = sum(window_mean(r, "annotation_success") for r in runs) / len(runs)
-        print(f"{method:18} {spread(starts):22} {spread(finals):22} {spread(careful):22} {kl:<20.3f} {ok:<14.3f}")
+        print(f"{method:18} {spread(starts):22} {spread(middles):22} {spread(finals):22} {spread(careful):22} {kl:<20.3f} {ok:<14.3f}")
     print("(careful share: mean of the last 5 steps; KL routed and annotation ok: means over the steps of the "
           "KL window, nan for GRPO)")
     draw(results, png, len(args.seeds))
