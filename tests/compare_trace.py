@@ -7,9 +7,9 @@
 
 Every run is `trace.py` with its defaults plus the method's flags and `--eval_every 10`, under
 `--output_dir` (default runs/compare_trace). TRACE runs use `--teacher_context label+solution`: on the
-toy the self-teacher was trained only with contexts that start with a reference solution, and at step
-1 that context gives the lower KL on the routed tokens and the teacher closer to the student on key
-spans (README, "TRACE"). A run whose metrics already hold its final evaluation is not run again, so an
+toy the self-teacher was trained only with contexts that start with a reference solution, and on the
+step-1 rollouts that context brings the teacher closer to the student on both kinds of span (the
+`--context_check` below; README, "TRACE"). A run whose metrics already hold its final evaluation is not run again, so an
 interrupted comparison continues where it stopped. Prints a table (eval avg@4 at the start, at step
 20 (inside the KL window) and at the end, mean [min, max] over seeds; the final careful share; the mean KL on routed tokens and the annotation success
 over the KL window) and writes one PNG of the eval curves and the careful-strategy share.
