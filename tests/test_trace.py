@@ -429,6 +429,14 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
             {k: v for k, v in b.items() if k not in ("step_seconds", "tokens_per_second")}, rel=1e-6, nan_ok=True)
 
 
+def test_several_minibatches_clamp_and_span_norm_run(tmp_path):
+    trace.main([*FAST, "--num_steps", "2", "--route", "both", "--annotator", "oracle", "--num_minibatches", "2",
+                "--kl_clip_mode", "clamp", "--kl_norm", "span", "--micro_batch_size", "3", "--output_dir", str(tmp_path)])
+    logged = records(next(tmp_path.iterdir()))
+    assert len(logged) == 2 and all(math.isfinite(r["loss"]) and r["kl_loss"] > 0 for r in logged)
+    assert all(r["kl_routed_bounded"] <= 0.05 + 1e-6 for r in logged)  # clamp: every routed D' <= kl_clip
+
+
 def test_every_numeric_option_has_a_rule():
     import dataclasses
     import typing
