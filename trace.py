@@ -560,8 +560,8 @@ def main(argv=None):
                                 note=f"red = forward KL (key span of a correct rollout), blue = reverse KL (error "
                                      f"span of an incorrect rollout), white = GRPO only; hover: the token's "
                                      f"full-vocabulary KL D_t before the --kl_clip bound (--route {args.route}, "
-                                     f"--annotator {args.annotator}). From step {args.kl_end} on every token is GRPO: the "
-                                     f"picture shows the last step with routing.")
+                                     f"--annotator {args.annotator}). From step {args.kl_end} on every token is "
+                                     f"GRPO: the picture shows the last step with routing.")
 
     history = {}
     if eval_rows and (args.eval_only or start_step == 0):

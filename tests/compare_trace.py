@@ -6,13 +6,14 @@
     python tests/compare_trace.py --context_check       # the evidence for the teacher context (below)
 
 Every run is `trace.py` with its defaults plus the method's flags and `--eval_every 10`, under
-`--output_dir` (default runs/compare_trace). TRACE runs use `--teacher_context label+solution`: on the
-toy the self-teacher was trained only with contexts that start with a reference solution, and on the
-step-1 rollouts that context brings the teacher closer to the student on both kinds of span (the
-`--context_check` below; README, "TRACE"). A run whose metrics already hold its final evaluation is not run again, so an
-interrupted comparison continues where it stopped. Prints a table (eval avg@4 at the start, at step
-20 (inside the KL window) and at the end, mean [min, max] over seeds; the final careful share; the mean KL on routed tokens and the annotation success
-over the KL window) and writes one PNG of the eval curves and the careful-strategy share.
+`--output_dir` (default runs/compare_trace). TRACE runs use `--teacher_context label+solution`: on
+the toy the self-teacher was trained only with contexts that start with a reference solution, and
+on the step-1 rollouts that context brings the teacher closer to the student on both kinds of span
+(`--context_check` below; README, "TRACE"). A run whose metrics already hold its final evaluation
+is not run again, so an interrupted comparison continues where it stopped. Prints a table (eval
+avg@4 at the start, at step 20 (inside the KL window) and at the end, mean [min, max] over seeds;
+the final careful share; the mean KL on routed tokens and the annotation success over the KL
+window) and writes one PNG of the eval curves and the careful-strategy share.
 
 `--context_check` runs no training: for the step-1 rollouts of the toy model (32 problems x 8, per
 seed) it asks, for each `--teacher_context`, whether the self-teacher is surer than the student of the
@@ -93,7 +94,8 @@ def context_check(seeds: list[int]) -> None:
                     right = f"\\boxed{{{problem['answer']}}}"
                 elif step and label == "arithmetic":
                     left, op, number = int(step[1]), step[2], int(step[3])
-                    right = f"{left}{op}{number}={left + number if op == '+' else left - number if op == '-' else left * number}"
+                    result = left + number if op == "+" else left - number if op == "-" else left * number
+                    right = f"{left}{op}{number}={result}"
                 if right is not None:
                     k = next((k for k, (x, y) in enumerate(zip(line, right)) if x != y), None)
                     start = [t for t, (s, e) in enumerate(spans) if s == a + k] if k is not None else []
@@ -170,7 +172,8 @@ def main():
         careful = [last(r, "careful_frac") for r in runs]
         kl = sum(window_mean(r, "kl_routed") for r in runs) / len(runs)
         ok = sum(window_mean(r, "annotation_success") for r in runs) / len(runs)
-        print(f"{method:18} {spread(starts):22} {spread(middles):22} {spread(finals):22} {spread(careful):22} {kl:<20.3f} {ok:<14.3f}")
+        print(f"{method:18} {spread(starts):22} {spread(middles):22} {spread(finals):22} {spread(careful):22} "
+              f"{kl:<20.3f} {ok:<14.3f}")
     print("(careful share: mean of the last 5 steps; KL routed and annotation ok: means over the steps of the "
           "KL window, nan for GRPO)")
     draw(results, png, len(args.seeds))

@@ -7,7 +7,6 @@ shares with the standard library's `trace` module."""
 import json
 import math
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 import trace
-from common import UserError, load_tokenizer, parse_toy_steps
+from common import UserError, parse_toy_steps
 from conftest import ROOT, run_script, torchrun
 
 FAST = ["--num_problems", "4", "--num_generations", "4", "--eval_dataset", "", "--max_new_tokens", "40"]
@@ -312,8 +311,8 @@ class Recorder:
 
     def __init__(self, monkeypatch):
         self.step, self.teacher, self.kl, self.annotations, self.teacher_alive = 0, [], [], [], {}
-        forward, kl, annotate, log = trace.teacher_forward, trace.routed_kl, trace.oracle_annotation, trace.RunLogger.log
-        load = trace.load_model
+        forward, kl, annotate = trace.teacher_forward, trace.routed_kl, trace.oracle_annotation
+        log, load = trace.RunLogger.log, trace.load_model
         self.frozen = None
 
         def recording_forward(teacher, prompts, responses, pad_id):
@@ -370,7 +369,8 @@ def test_routing_only_on_the_routes_spans(route, tmp_path, monkeypatch, toy_toke
             wanted = ([line for line in lines if line["kind"] == "step"] or
                       [line for line in lines if line["kind"] == "answer"])[-1:] if route == "fkl_key" else \
                 [line for line in lines if not line["correct"]][:1]
-            inside = {t for t, (a, b) in enumerate(spans) for line in wanted if max(a, line["start"]) < min(b, line["end"])}
+            inside = {t for t, (a, b) in enumerate(spans) for line in wanted
+                      if max(a, line["start"]) < min(b, line["end"])}
             where = set(row[:len(response)].nonzero().flatten().tolist())
             assert where and where <= inside and len(where) <= math.floor(0.25 * len(response))
             assert where == set(sorted(inside)[:len(where)])  # the line's first tokens (the cap truncates)
@@ -431,7 +431,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
 
 def test_several_minibatches_clamp_and_span_norm_run(tmp_path):
     trace.main([*FAST, "--num_steps", "2", "--route", "both", "--annotator", "oracle", "--num_minibatches", "2",
-                "--kl_clip_mode", "clamp", "--kl_norm", "span", "--micro_batch_size", "3", "--output_dir", str(tmp_path)])
+                "--kl_clip_mode", "clamp", "--kl_norm", "span", "--micro_batch_size", "3",
+                "--output_dir", str(tmp_path)])
     logged = records(next(tmp_path.iterdir()))
     assert len(logged) == 2 and all(math.isfinite(r["loss"]) and r["kl_loss"] > 0 for r in logged)
     assert all(r["kl_routed_bounded"] <= 0.05 + 1e-6 for r in logged)  # clamp: every routed D' <= kl_clip
