@@ -33,6 +33,10 @@ Run:
     python antisd.py --signal sd                            # default self-distillation (+u_t, no gate)
     python antisd.py --divergence rkl                       # reverse-KL ascent ablation (-u_t)
     python antisd.py --gate none                            # no entropy gate
+    python antisd.py --eval_only --model <ckpt or hub id> --eval_dataset aime24,aime25,hmmt25,minerva
+                                                            # one table, avg@32 / avg@4 [paper protocol]
+On a GPU `--rollout auto` samples with vLLM (README, "vLLM rollouts"); `--tis_cap 2` adds the
+sampler/trainer correction.
 On the toy task (README, "The toy testbed") the premise is built in: the plain prompt mostly takes the
 shortcut (box the answer at once), the careful strategy (steps, check lines) is more accurate, and the
 self-teacher shown an answer prefers the shortcut, so u < 0 on deliberation and u > 0 on the answer
@@ -54,10 +58,11 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
-                    answer_span, at_least, between, build_prompt, evaluate, init_distributed, load_checkpoint,
-                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches,
-                    option, parse_args, prepare_run_dir, print0, response_logprobs, response_token_spans, run_main,
-                    save_checkpoint, stop_token_ids, token_roles, validate_args, write_token_picture, writes_work)
+                    answer_span, at_least, between, build_prompt, eval_dataset_names, eval_only_table, evaluate,
+                    grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model, load_run_problems,
+                    load_tokenizer, make_engine, micro_batches, option, parse_args, parse_eval_k, prepare_run_dir,
+                    print0, resolve_model, response_logprobs, response_token_spans, run_main, save_checkpoint,
+                    stop_token_ids, token_roles, validate_args, vllm_options, write_token_picture, writes_work)
 
 # Privileged context c [paper: verified solution + correctness feedback; wording ours]. The toy
 # models are taught this exact form (common.TOY_CONTEXT_HEADER / TOY_FEEDBACK_LINES).
@@ -75,20 +80,26 @@ RULES = {
 }
 
 
+# Evaluation protocol [paper]: avg@32 on AIME24/25 and HMMT25, avg@4 on Minerva (common.DATASETS has
+# these as defaults); the other benchmarks keep the table's k.
+EVAL_PROTOCOL = {"aime24": 32, "aime25": 32, "hmmt25": 32, "minerva": 4}
+
+
 @dataclass
 class Args:
     # shared by every script
     model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | local dir")
     dataset: str = option("toy", "train problems: toy | DAPO-Math-17k hub id | hub id | .jsonl/.json/.parquet")
     dataset_split: str = option("train", "split of --dataset")
-    eval_dataset: str = option("toy", "eval problems (toy = its test split); empty string = no evaluation")
+    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,amc23,hmmt25,minerva,gpqa (a comma "
+                               "list with --eval_only) | short=file | file | hub id; empty = none")
     eval_split: str = option("test", "split of --eval_dataset")
     problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
     answer_key: str = option("answer", "column with the gold answer")
     solution_key: str = option("solution", "column with a reference solution (optional)")
     num_steps: int = option(60, "optimizer steps [paper: 200; ours: 60 on the toy]")
     seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
-    rollout: str = option("hf", "rollout engine: hf (vllm is planned)")
+    rollout: str = option("auto", "rollout engine: auto (vllm when installed and on CUDA, else hf) | vllm | hf")
     eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
     resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
     track: bool = option(False, "log to Weights & Biases")
@@ -107,6 +118,13 @@ class Args:
     top_k: int = option(0, "rollout top-k, 0 = off [ours]")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch (unset = template default)")
     gen_batch_size: int = option(256, "sequences per generate call, a memory bound of the hf engine [ours: one call for 32 x 8]")
+    vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
+                                                "cache), the rest is the trainer's [ours]")
+    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; 1 = one engine per rank")
+    vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to CPU, 2 discard "
+                              "(reloaded from the trainer before sampling)")
+    tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
+                                 "- log pi_sampler), cap); 0 = off [TRL, verl]")
     # optimisation
     lr: float = option(1e-4, "AdamW learning rate [paper: 1e-6; ours: 1e-4 for the tiny toy model]")
     weight_decay: float = option(0.0, "AdamW weight decay [ours]")
@@ -117,7 +135,8 @@ class Args:
     num_minibatches: int = option(1, "optimizer steps per batch; 1 = on-policy, rho = 1 [ours]")
     micro_batch_size: int = option(64, "sequences per forward/backward (gradient accumulation)")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary log-prob/entropy")
-    activation_checkpointing: bool = option(False, "recompute decoder layers in backward to save memory")
+    activation_checkpointing: Optional[bool] = option(None, "recompute decoder layers in backward to save memory "
+                                                            "(unset = on with CUDA, off on CPU)", alone=True)
     # AntiSD
     lambda_max: float = option(0.5, "weight of the token term when the gate is open [paper]; 0 = GRPO")
     signal: Literal["antisd", "sd"] = option("antisd", "antisd: -phi(u) or -u; sd: +u, no gate [paper]")
@@ -127,7 +146,8 @@ class Args:
     tau_down: float = option(0.93, "gate closes below tau_down * H_warm [paper; ablations 0.90, 0.95]")
     # evaluation, checkpoints
     eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
-    eval_k: int = option(4, "samples per eval problem: avg@k and pass@k [paper: 32 on AIME/HMMT]")
+    eval_k: str = option("", "samples per eval problem (avg@k, pass@k): empty = each benchmark's default "
+                         "(EVAL_PROTOCOL, toy 4) | one int | name=k pairs, e.g. aime24=32,math500=4")
     eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
     eval_temperature: float = option(0.7, "eval sampling temperature [paper]")
     eval_top_p: float = option(0.95, "eval nucleus sampling [paper]")
@@ -161,12 +181,33 @@ def token_signal(u: torch.Tensor, signal: str = "antisd", divergence: str = "jsd
     return -u if divergence == "rkl" else -phi(u)  # AntiSD: reverse-KL ascent or JSD ascent
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, num_tokens, clip_low=0.2, clip_high=0.28):
+def policy_loss(logprobs, old_logprobs, advantages, mask, num_tokens, clip_low=0.2, clip_high=0.28, tis=None):
     """Clipped surrogate summed over valid tokens, divided by the global valid-token count.
-    Summing this over micro-batches and ranks gives the global token-mean for any split."""
+    Summing this over micro-batches and ranks gives the global token-mean for any split.
+    `tis`: per-token truncated importance weights (`tis_weights`) multiplying each token's term."""
     ratio = torch.exp(logprobs - old_logprobs)
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
+    if tis is not None:
+        surrogate = surrogate * tis
     return -torch.where(mask, surrogate, torch.zeros_like(surrogate)).sum() / num_tokens
+
+
+def tis_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                cap: float) -> torch.Tensor:
+    """Truncated importance sampling between the sampler (vLLM: another kernel, bf16) and the trainer
+    [TRL `vllm_importance_sampling_correction`, mode token_truncate; verl rollout correction]:
+    w_t = min(exp(log pi_train(y_t) - log pi_sampler(y_t)), cap), no gradient; 1 where masked.
+    log pi_train is the behaviour policy as the trainer computes it (the ratio's denominator)."""
+    w = torch.exp(train_logprobs.detach() - sampler_logprobs).clamp(max=cap)
+    return torch.where(mask, w, torch.ones_like(w))
+
+
+def padded_rows(rows: list, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row lists of floats -> a [B, R] tensor shaped like `mask` (0 where padded)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(mask.device)
 
 
 @dataclass
@@ -240,6 +281,8 @@ def picture_row(tokenizer, problem: dict, response: list[int], reward: float, va
 def main(argv=None):
     args = parse_args(Args, argv)
     validate_args(args, RULES)  # every option's range, before anything loads: one-line errors
+    eval_ks = parse_eval_k(args.eval_k, eval_dataset_names(args), EVAL_PROTOCOL)  # benchmark -> k
+    eval_k = next(iter(eval_ks.values()), 4)  # a training run evaluates on one dataset
     dist_info = init_distributed()
     world, rank = dist_info.world_size, dist_info.rank
     if args.num_problems % world:
@@ -259,11 +302,14 @@ def main(argv=None):
 
     # ---- data (prompts longer than the context allows are skipped), model, optimizer, engine ----
     tokenizer = load_tokenizer(args.model)
-    train_rows, eval_rows = load_run_problems(args, tokenizer)
+    train_rows, eval_rows = load_run_problems(args, tokenizer) if not args.eval_only else ([], [])
+    benchmarks = load_eval_benchmarks(args, tokenizer) if args.eval_only else []  # (name, rows) each
     model = load_model(str(run.checkpoint or args.model), dist_info,
                        activation_checkpointing=args.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
+    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size, dist_info=dist_info,
+                         model_path=str(run.checkpoint or resolve_model(args.model)),
+                         vllm_options=vllm_options(args))
     grader = Grader(args.grader_timeout)
     sampler = ProblemSampler(len(train_rows), args.seed)
     gate = EntropyGate(args.gate_warmup, args.tau_down)
@@ -284,7 +330,7 @@ def main(argv=None):
     picture = []  # rows of tokens.html from the latest step (rank 0)
 
     def run_eval(step: int) -> dict:
-        metrics = evaluate(engine, tokenizer, eval_rows, grader, eval_params, args.eval_k, dist_info,
+        metrics = evaluate(engine, tokenizer, eval_rows, grader_for(eval_rows, grader), eval_params, eval_k, dist_info,
                            args.enable_thinking)
         logger.log(step, metrics, prefix="eval")
         draw_picture()
@@ -301,12 +347,15 @@ def main(argv=None):
                                      "group advantage A_i; red = reinforced, blue = discouraged.")
 
     history = {}
-    if eval_rows and (args.eval_only or start_step == 0):
-        history["first"] = run_eval(start_step)
-    if args.eval_only:
+    if args.eval_only:  # every --eval_dataset benchmark with its k: one table (eval_table.md/.json)
+        history["first"] = eval_only_table(engine, tokenizer, benchmarks, grader, eval_params, eval_ks, dist_info,
+                                           logger, run_dir, start_step, str(run.checkpoint or args.model),
+                                           args.enable_thinking)
         logger.close()
         grader.close()
         return history
+    if eval_rows and start_step == 0:
+        history["first"] = run_eval(start_step)
 
     problems_per_rank = args.num_problems // world
     group = args.num_generations
@@ -321,7 +370,11 @@ def main(argv=None):
         problems = [train_rows[i] for i in indices]
         prompts = [build_prompt(tokenizer, p["problem"], enable_thinking=args.enable_thinking) for p in problems]
         student_prompts = [prompt for prompt in prompts for _ in range(group)]  # rollout i: problem i // G
-        responses = engine.generate(student_prompts, rollout_params, desc="rollout")
+        if args.tis_cap > 0:  # the sampler's own log-probs, for the sampler/trainer correction
+            responses, sampler_logprobs = engine.generate(student_prompts, rollout_params, desc="rollout",
+                                                          logprobs=True)
+        else:
+            responses = engine.generate(student_prompts, rollout_params, desc="rollout")
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
 
         # ---- 2. verifier rewards and GRPO group advantages A_i^seq
@@ -374,7 +427,7 @@ def main(argv=None):
         # ---- 6. policy gradient on A_{i,t} = A_i^seq + lambda * sg[delta_t], global token-mean
         model.train()
         sums = dict.fromkeys(["loss", "entropy", "u_negative", "bonus", "u", "clipped", "u_work", "work_tokens",
-                              "u_answer", "answer_tokens"], 0.0)
+                              "u_answer", "answer_tokens", "tis"], 0.0)
         if not use_teacher:  # no u without a teacher
             sums.update(u_negative=float("nan"), u=float("nan"), u_work=float("nan"), u_answer=float("nan"))
         per_minibatch = len(responses) // args.num_minibatches
@@ -402,8 +455,12 @@ def main(argv=None):
                     for name, role_id in [("work", 1), ("answer", 2)]:
                         sums[f"u_{name}"] += u[role == role_id].sum()
                         sums[f"{name}_tokens"] += (role == role_id).sum()
+                tis = (tis_weights(old_logprobs, padded_rows([sampler_logprobs[i] for i in batch], mask), mask,
+                                   args.tis_cap) if args.tis_cap > 0 else None)
                 loss = policy_loss(logprobs, old_logprobs, advantages, mask, minibatch_tokens,
-                                   args.clip_low, args.clip_high)
+                                   args.clip_low, args.clip_high, tis)
+                if tis is not None:
+                    sums["tis"] += tis[mask].sum()
                 (loss * world).backward()  # FSDP averages gradients over ranks; the loss wants their sum
                 ratio = torch.exp(logprobs.detach() - old_logprobs)[mask]
                 sums["loss"] += loss.detach()  # tensors: no device sync inside the loop
@@ -447,6 +504,7 @@ def main(argv=None):
             "u_answer": totals["u_answer"] / totals["answer_tokens"] if totals["answer_tokens"] else float("nan"),
             "careful_frac": totals["careful"] / sequences_global,
             "clip_frac": totals["clipped"] / tokens,
+            "tis_weight_mean": totals["tis"] / tokens if args.tis_cap > 0 else float("nan"),
             "truncated_frac": totals["truncated"] / sequences_global,
             "zero_adv_groups": totals["zero_adv_groups"] / args.num_problems,
             "no_answer": totals["no_answer"],
@@ -467,7 +525,7 @@ def main(argv=None):
     minutes = (time.time() - train_started) / 60
     summary = f"[antisd] done: steps {start_step}->{args.num_steps} in {minutes:.1f} min; runs dir {run_dir}"
     if "first" in history and "last" in history:
-        key = f"eval/avg@{args.eval_k}"
+        key = f"eval/avg@{eval_k}"
         summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"
     print0(summary)
     logger.close()

@@ -9,19 +9,24 @@ Surface, in file order:
   arguments     UserError, option, parse_args, ARG_RULES, at_least, above, between, one_of,
                 validate_args, run_main
   models        MODEL_ALIASES, resolve_model, check_same_tokenizer, hub_reachable, load_tokenizer,
-                max_prompt_length, load_model, copy_weights
+                max_prompt_length, load_model, LoadPlan, load_plan, copy_weights
   toy testbed   make_toy_rows, toy_response, parse_toy_steps, build_toy_model
-  data          load_problems, load_run_problems, ProblemSampler
+  data          load_problems, load_run_problems, ProblemSampler; named datasets: DATASETS,
+                BENCHMARK_NAMES, dataset_spec, dataset_short_name, load_named_dataset, adapt_math_rows,
+                adapt_openthoughts_rows, adapt_choice_rows, choice_letter, ChoiceGrader, grader_for
   prompts       BOXED_INSTRUCTION, build_prompt
   grading       boxed_span_at, find_last_boxed, extract_boxed_answer, Grader
   responses     THINK_TAGS, answer_span, writes_work, response_token_spans, token_roles
-  rollouts      SamplingParams, RolloutEngine, HFEngine, sample_token, make_engine, stop_token_ids
+  rollouts      SamplingParams, RolloutEngine, HFEngine, sample_token, make_engine, stop_token_ids,
+                VLLMEngine, VLLM_RANGE, vllm_options, resolve_rollout
   log-probs     micro_batches, response_logprobs, response_hidden, output_head, chunked_map, token_logprob_entropy,
                 token_kl
-  evaluation    evaluate
+  evaluation    evaluate; several benchmarks, one table: parse_eval_k, eval_dataset_names,
+                load_eval_benchmarks, evaluate_benchmarks, flat_eval_metrics, eval_table_markdown,
+                write_eval_table, eval_only_table
   logging       Progress, RunLogger, supersede_metrics
   token picture write_token_picture
-  run dirs and  RunDir, prepare_run_dir, list_checkpoints, check_checkpoint, save_checkpoint,
+  run dirs and  RunDir, prepare_run_dir, list_checkpoints, check_checkpoint, TRAIN_STATE, save_checkpoint,
   checkpoints   latest_checkpoint, load_checkpoint
 
 Errors. Problems with the user's input raise `UserError` (a ValueError); `run_main`, the entry point
@@ -30,7 +35,10 @@ of every script, prints them as one line and exits 2. Anything else is a bug and
 Conventions. A "response batch" is B sequences `prompt_ids[i] + response_ids[i]`; per-token
 quantities are returned response-aligned as [B, R] tensors (R = longest response) with a boolean
 mask, so a student and a teacher that see different prompts line up token for token.
-Under FSDP2 (`fully_shard`), weights are fp32 masters; on CUDA compute runs in bf16.
+Precision and placement (`load_plan`): trainable weights are fp32 masters with fp32 optimizer state;
+on CUDA compute runs in bf16 (FSDP2 mixed precision under torchrun, autocast on one process, which
+needs no process group). Under torchrun models are FSDP2-sharded (`fully_shard`) and only rank 0
+reads the weights. Checkpoints hold the training state as per-rank DCP shards plus an HF export.
 """
 
 from __future__ import annotations
@@ -82,6 +90,8 @@ class Dist:
 def init_distributed() -> Dist:
     """Start the process group under `torchrun` (NCCL on CUDA, gloo on CPU); plain `python` -> 1 rank."""
     cuda = torch.cuda.is_available()
+    if cuda:  # fp32 matmuls (the fp32 output head) on tensor cores; bf16-born operands are exact in TF32
+        torch.set_float32_matmul_precision("high")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -148,11 +158,14 @@ class UserError(ValueError):
 _DEBUG = False  # set by parse_args from --debug; RLVR_DEBUG=1 does the same
 
 
-def option(default, help: str):
-    """A dataclass field with its `--help` text: `lr: float = option(1e-6, "AdamW learning rate")`."""
+def option(default, help: str, alone=None):
+    """A dataclass field with its `--help` text: `lr: float = option(1e-6, "AdamW learning rate")`.
+    `alone`: the value of the bare flag, for an Optional[bool] that is unset (None) by default:
+    `option(None, "...", alone=True)` takes `--flag`, `--flag true/false` or nothing."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+    metadata = {"help": help} if alone is None else {"help": help, "nargs": "?", "const": alone}
+    return field(default=default, metadata=metadata)
 
 
 def parse_args(args_class, argv: Sequence[str] | None = None):
@@ -189,7 +202,11 @@ def one_of(*choices, note: str = ""):
 ARG_RULES = {
     "num_steps": at_least(1),
     "seed": between(0, 2**31 - 1),  # numpy seeds must be in [0, 2**32); rank r adds r
-    "rollout": one_of("hf", note=" (vllm is planned, not implemented yet)"),
+    "rollout": one_of("auto", "vllm", "hf"),
+    "vllm_gpu_memory_utilization": between(0, 1, low_open=True),
+    "vllm_tensor_parallel_size": at_least(1),
+    "vllm_sleep": one_of(0, 1, 2),
+    "tis_cap": at_least(0),
     "num_problems": at_least(1),
     "num_generations": at_least(1),
     "max_new_tokens": at_least(1),
@@ -207,7 +224,7 @@ ARG_RULES = {
     "micro_batch_size": at_least(1),
     "logprob_chunk_size": at_least(1),
     "eval_every": at_least(0),
-    "eval_k": at_least(1),
+    "eval_k": (lambda value: _eval_k_valid(value), ">= 1 (one int, or name=k pairs like aime24=32,math500=4)"),
     "eval_limit": at_least(0),
     "eval_temperature": at_least(0),
     "eval_top_p": between(0, 1, low_open=True),
@@ -382,30 +399,118 @@ def max_prompt_length(name: str, max_new_tokens: int, max_prompt_tokens: int = 0
     return limit
 
 
-def load_model(name: str, dist_info: Dist, *, trainable: bool = True, activation_checkpointing: bool = False,
+def load_model(name: str, dist_info: Dist, *, trainable: bool = True, activation_checkpointing: bool | None = None,
                flag: str = "--model"):
-    """Load a causal LM onto this rank's device, sharded with FSDP2 where that applies.
+    """Load a causal LM onto this rank's device; `load_plan` decides sharding and precision.
 
-    Trainable models keep fp32 master weights (bf16 weights would swallow AdamW updates at lr 1e-6);
-    on CUDA they are always wrapped in FSDP2 (also on one GPU) with bf16 compute and fp32 gradient
-    reduction. Frozen models (teachers) are bf16 on CUDA. On CPU everything is fp32 and FSDP2 is
-    used only when there is more than one rank (gloo). `flag` names the option in error messages.
+    One process (plain `python`, no process group): the whole model on the device. Trainable models
+    keep fp32 master weights (bf16 weights would swallow AdamW updates at lr 1e-6) and, on CUDA,
+    compute in bf16 under autocast. Several ranks (torchrun): FSDP2 with one unit per decoder layer,
+    built on the meta device; rank 0 alone reads the weights (on CPU) and they are broadcast into
+    the shards, so no rank holds a full copy on its device. On CUDA the shards of a trainable model
+    are fp32 masters computing in bf16 with fp32 gradient reduction. Frozen models (teachers) are
+    bf16 on CUDA. On CPU everything is fp32. `activation_checkpointing` (None: on for a trainable
+    model on CUDA) recomputes each decoder layer in backward. `flag` names the option in errors.
     """
     from transformers import AutoModelForCausalLM
 
-    cuda = dist_info.device.type == "cuda"
-    dtype = torch.bfloat16 if (cuda and not trainable) else torch.float32
-    model = _from_pretrained(AutoModelForCausalLM, name, flag, dtype=dtype).to(dist_info.device)
-    if activation_checkpointing:  # the method's name changed in transformers 5.x; same behaviour
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cuda or dist_info.world_size > 1:
-        _fully_shard(model, dist_info, bf16_compute=cuda and trainable)
+    plan = load_plan(dist_info.device.type, dist_info.world_size, trainable)
+    if activation_checkpointing is None:
+        activation_checkpointing = plan.activation_checkpointing
+    if plan.shard:
+        model = _load_sharded(name, dist_info, plan, activation_checkpointing, flag)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, name, flag, dtype=plan.dtype).to(dist_info.device)
+        if activation_checkpointing:
+            _enable_activation_checkpointing(model)
+        if plan.bf16_compute:
+            _autocast_forward(model, dist_info.device.type)
     if not trainable:
         model.requires_grad_(False)
-        model.eval()
+    model.eval()  # as from_pretrained leaves it; the scripts switch to train() for their gradient passes
+    return model
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    shard: bool                    # FSDP2 over the ranks of the process group (only with > 1 rank)
+    dtype: torch.dtype             # parameter dtype: fp32 masters, or bf16 for a frozen model on CUDA
+    bf16_compute: bool             # fp32 masters computing in bf16 (FSDP2 mixed precision or autocast)
+    activation_checkpointing: bool  # the default of load_model's `activation_checkpointing`
+
+
+def load_plan(device_type: str, world_size: int, trainable: bool) -> LoadPlan:
+    """How `load_model` places a model. One process never shards: FSDP2 needs a device mesh, hence
+    a process group, and on one rank it would only re-do what autocast does (cast the fp32 masters
+    to bf16 for compute) while a process group made up locally would change what `torch.distributed`
+    reports to everything else. So one process = plain model + autocast, several = FSDP2."""
+    cuda = device_type == "cuda"
+    return LoadPlan(shard=world_size > 1, dtype=torch.bfloat16 if (cuda and not trainable) else torch.float32,
+                    bf16_compute=cuda and trainable, activation_checkpointing=cuda and trainable)
+
+
+def _enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (transformers 5 API; its 4.x name as a fallback). The
+    flag is set per layer and honoured only in train mode; on FSDP2 apply it before sharding."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _autocast_forward(model, device_type: str) -> None:
+    """Run every forward of `model` under bf16 autocast (fp32 weights stay the masters; matmuls cast
+    them to bf16, norms and softmax stay fp32). A fresh context per call, so calls may nest."""
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    model.forward = autocast_forward
+
+
+def _load_sharded(name: str, dist_info: Dist, plan: LoadPlan, activation_checkpointing: bool, flag: str):
+    """FSDP2 model whose weights only rank 0 reads: meta-device build, shard, allocate the shards,
+    broadcast rank 0's full state dict into them (`broadcast_from_rank0`), then the buffers."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = _from_pretrained(AutoConfig, name, flag)
+    full, error = None, None
+    if dist_info.is_main:  # every other rank waits for rank 0's verdict instead of hanging in a collective
+        try:  # in the checkpoint's own dtype (bf16 for hub models: half the host memory); the shards upcast
+            full = _from_pretrained(AutoModelForCausalLM, name, flag, dtype="auto")
+        except UserError as caught:
+            error = str(caught)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=plan.dtype)
+    try:  # sampling defaults and stop ids (Qwen3 stops on two) live in generation_config.json
+        source = config._name_or_path
+        model.generation_config = GenerationConfig.from_pretrained(
+            source, local_files_only=os.path.isdir(source) or not hub_reachable())
+    except OSError:
+        pass
+    if activation_checkpointing:
+        _enable_activation_checkpointing(model)
+    _fully_shard(model, dist_info, bf16_compute=plan.bf16_compute)
+    model.to_empty(device=dist_info.device)
+    # tied weights (lm_head = embed_tokens) are one parameter here and in `full`: both names load it
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # buffers are not sharded and non-persistent ones (rotary inv_freq) are in no state dict
+    sources = dict(full.named_buffers()) if full is not None else {}
+    with torch.no_grad():
+        for buffer_name, buffer in model.named_buffers():
+            if dist_info.is_main:
+                buffer.copy_(sources[buffer_name])
+            dist.broadcast(buffer, src=0)
+    del full
     return model
 
 
@@ -413,7 +518,7 @@ def _fully_shard(model, dist_info: Dist, bf16_compute: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
+    mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))  # over the existing process group
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute \
         else MixedPrecisionPolicy()
     block_names = set(getattr(model, "_no_split_modules", None) or [])
@@ -425,12 +530,22 @@ def _fully_shard(model, dist_info: Dist, bf16_compute: bool) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
+def _reshard(*models) -> None:
+    """Back to the sharded parameters: FSDP2 keeps the root unit gathered after a forward without a
+    backward (evaluation, no-grad passes), and its parameters are then other tensors than the
+    optimizer's until the next backward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
 @torch.no_grad()
 def copy_weights(dst_model, src_model) -> None:
     """dst <- src, parameter by parameter (both loaded by `load_model` with the same sharding)."""
-    for module in [*dst_model.modules(), *src_model.modules()]:  # FSDP2 keeps the root unsharded after a
-        if callable(getattr(module, "reshard", None)):            # forward: copy between the sharded params
-            module.reshard()
+    _reshard(dst_model, src_model)  # copy the shards
     dst_params, src_params = dict(dst_model.named_parameters()), dict(src_model.named_parameters())
     if dst_params.keys() != src_params.keys():
         raise ValueError("copy_weights: the two models have different parameter names.")
@@ -801,7 +916,9 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
     keys). Rows without an answer, with a malformed problem, or (given `tokenizer` and
     `max_prompt_tokens`, see `max_prompt_length`) whose chat prompt is longer than that are skipped
     and counted; a missing column, an unreadable, empty or all-skipped dataset is a UserError that
-    says what to do.
+    says what to do. DAPO-Math-17k rows are deduplicated while reading (the hub copy holds each
+    problem ~100 times: 1.79M rows -> 17.9K problems), and the count is printed; only the kept
+    problems' strings are held, the rest stays in the memory-mapped Arrow file.
     """
     if name == "toy":
         if split not in TOY_SPLIT_SEEDS:
@@ -810,20 +927,26 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         if tokenizer is not None and max_prompt_tokens:
             rows = [row for row in rows if _prompt_fits(tokenizer, row["problem"], max_prompt_tokens)]
         return rows[:limit] if limit else rows
-    raw = _read_rows(name, split)
-    if not raw:
+    named = dataset_spec(name)  # a short name (math500, gpqa=file, ...) or a known hub id: its adapter
+    if named is not None and not (named[0]["kind"] == "dapo" and name == named[0]["hub"]):
+        return load_named_dataset(name, tokenizer, max_prompt_tokens, limit)
+    raw = _read_rows(name, split)  # a list (json) or a memory-mapped datasets.Dataset, iterated lazily
+    if not len(raw):
         raise UserError(f"Dataset {name!r} ({split}) is empty.")
-    objects = [row for row in raw if isinstance(row, dict)]
-    if not objects:
+    first = next((row for row in raw if isinstance(row, dict)), None)
+    if first is None:
         raise UserError(f"Dataset {name!r} ({split}): all {len(raw)} rows are malformed (not JSON objects).")
-    columns = list(objects[0].keys())
+    columns = list(first.keys())
     dapo = _is_dapo(name, columns)
     if dapo:  # DAPO-Math-17k: problem inside the chat prompt, answer under reward_model
         problem_key, answer_key = "prompt", "reward_model.ground_truth"
+        if hasattr(raw, "select_columns"):  # read only what is used of the 1.79M rows
+            raw = raw.select_columns([c for c in ("prompt", "reward_model") if c in columns])
     for key, flag in [(problem_key, "--problem_key"), (answer_key, "--answer_key")]:
-        if not any(_get_key(row, key) is not None for row in objects):
+        if not any(_get_key(row, key) is not None for row in raw if isinstance(row, dict)):
             raise UserError(f"Dataset {name!r} has no column {key!r} (set {flag}); its columns are {columns}.")
     rows, no_answer, malformed, too_long = [], 0, 0, 0
+    seen = set()  # DAPO-Math-17k holds each problem ~100 times: keep the first (problem, answer)
     for row in raw:
         if not isinstance(row, dict):
             malformed += 1
@@ -837,6 +960,11 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         if answer is None or not str(answer).strip():
             no_answer += 1
             continue
+        if dapo:
+            key = (problem.strip(), str(answer).strip())
+            if key in seen:
+                continue
+            seen.add(key)
         if tokenizer is not None and max_prompt_tokens and not _prompt_fits(tokenizer, problem.strip(),
                                                                              max_prompt_tokens):
             too_long += 1
@@ -849,6 +977,8 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
     if not rows:
         raise UserError(f"Dataset {name!r} ({split}) has no usable rows: {len(raw)} read, {skipped}; check the "
                         "file, the *_key options and --max_prompt_tokens/--max_new_tokens.")
+    if dapo:
+        print0(f"[data] {name}: deduplicated {len(raw)} rows -> {len(seen)} problems")
     if no_answer or malformed or too_long:
         print0(f"[data] {name}: skipped {skipped}")
     print0(f"[data] {name} ({split}): {len(rows)} problems")
@@ -875,7 +1005,7 @@ def _prompt_overhead(tokenizer) -> int:
     return cached
 
 
-def _read_rows(name: str, split: str) -> list:
+def _read_rows(name: str, split: str):
     import datasets
 
     path = Path(name).expanduser()
@@ -889,12 +1019,13 @@ def _read_rows(name: str, split: str) -> list:
     try:
         if suffix in (".jsonl", ".json"):
             return _read_json_rows(path)
+        # a Dataset, not a list: its Arrow table stays memory-mapped (1.79M DAPO rows are not held per rank)
         if suffix == ".parquet":
-            return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+            return datasets.load_dataset("parquet", data_files=str(path), split="train")
         if not hub_reachable():
             with _hub_offline():
-                return list(datasets.load_dataset(name, split=split))
-        return list(datasets.load_dataset(name, split=split))
+                return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, split=split)
     except Exception as error:  # unreadable file, unknown hub name, no network, bad split
         reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         if path.exists():
@@ -939,6 +1070,209 @@ def _read_json_rows(path: Path) -> list:
             rows.append(None)  # counted as malformed by load_problems
             print0(f"[data] {path}:{number}: not valid JSON, skipped")
     return rows
+
+
+# ---- Named datasets: the papers' training sets and benchmarks --------------------------------
+# One table maps a short name to the hub id, config, split and columns; `kind` picks the adapter
+# that turns a raw row into {problem, answer, solution}. `k` = samples per problem in evaluation by
+# default (AntiSD's protocol [paper]: avg@32 on AIME/HMMT, avg@4 on Minerva; the rest [ours]);
+# a script overrides it with its paper's protocol (`EVAL_PROTOCOL`) and the user with --eval_k.
+# Schemas: see the README ("Datasets") for which were checked against the published files.
+DATASETS = {
+    # training sets
+    "dapo": dict(hub="BytedTsinghua-SIA/DAPO-Math-17k", split="train", kind="dapo"),
+    "openthoughts-math": dict(hub="open-thoughts/OpenThoughts-114k", config="metadata", split="train",
+                              kind="openthoughts"),
+    # benchmarks
+    "math500": dict(hub="HuggingFaceH4/MATH-500", split="test", kind="math", problem="problem", answer="answer",
+                    solution="solution", k=4),
+    "aime24": dict(hub="HuggingFaceH4/aime_2024", split="train", kind="math", problem="problem", answer="answer",
+                   solution="solution", k=32),
+    "aime25": dict(hub="MathArena/aime_2025", split="train", kind="math", problem="problem", answer="answer", k=32),
+    "amc23": dict(hub="math-ai/amc23", split="test", kind="math", problem="question", answer="answer", k=32),
+    "hmmt25": dict(hub="MathArena/hmmt_feb_2025", split="train", kind="math", problem="problem", answer="answer",
+                   k=32),
+    "minerva": dict(hub="math-ai/minervamath", split="test", kind="math", problem="question", answer="answer", k=4),
+    "gpqa": dict(hub="Idavidrein/gpqa", config="gpqa_diamond", split="train", kind="choice", k=4),
+}
+BENCHMARK_NAMES = ("math500", "aime24", "aime25", "amc23", "hmmt25", "minerva", "gpqa")
+TOY_EVAL_K = 4
+CHOICE_LETTERS = "ABCD"
+CHOICE_SEED = 0  # GPQA options are shuffled per question with this seed: the same order in every run
+CHOICE_INSTRUCTION = "Answer with the letter (A, B, C or D) of the correct option."
+# Alternative column names a benchmark file may use (mirrors of the same benchmark differ here)
+_PROBLEM_COLUMNS, _ANSWER_COLUMNS = ("problem", "question", "Problem", "Question"), ("answer", "Answer")
+
+
+def dataset_spec(name: str) -> tuple[dict, str | None] | None:
+    """(table entry, local file or None) for a named dataset: a short name (`math500`), its hub id
+    (`HuggingFaceH4/MATH-500`), or `short=path` (a local .jsonl/.json/.parquet file of that dataset's
+    schema). None for anything else (a plain file or hub id: `load_problems` reads it by its keys)."""
+    short, _, path = name.partition("=")
+    if path and short in DATASETS:
+        return DATASETS[short], path
+    if path and not os.path.exists(name):  # (a file whose name holds "=" is just a file)
+        raise UserError(f"Dataset {name!r}: {short!r} is not a named dataset; use one of {', '.join(DATASETS)} "
+                        "before '=' (e.g. gpqa=/data/gpqa_diamond.parquet).")
+    for spec in DATASETS.values():
+        if name in (spec["hub"], *[key for key, value in DATASETS.items() if value is spec]):
+            return spec, None
+    return None
+
+
+def dataset_short_name(name: str) -> str:
+    """`math500` for `math500`, `HuggingFaceH4/MATH-500` or `math500=/x.jsonl`; else the name itself."""
+    spec = dataset_spec(name) if name != "toy" else None
+    return next((key for key, value in DATASETS.items() if value is spec[0]), name) if spec else name
+
+
+def _first_column(row: dict, names: Sequence[str]):
+    return next((row[n] for n in names if row.get(n) is not None), None)
+
+
+def adapt_math_rows(raw: Sequence, spec: dict) -> list[dict | None]:
+    """Benchmark rows -> {problem, answer, solution}; columns from `spec` (else the usual names).
+    Numeric answers (AIME as int64, AMC as float) become strings; 12.0 -> "12"."""
+    rows = []
+    for row in raw:
+        if not isinstance(row, dict):
+            rows.append(None)
+            continue
+        problem = _first_column(row, (spec.get("problem"), *_PROBLEM_COLUMNS))
+        answer = _first_column(row, (spec.get("answer"), *_ANSWER_COLUMNS))
+        if isinstance(answer, float) and answer.is_integer():
+            answer = int(answer)
+        if isinstance(answer, (list, tuple)):  # some mirrors store a list of accepted answers
+            answer = answer[0] if answer else None
+        solution = row.get(spec.get("solution") or "solution")
+        rows.append({"problem": problem, "answer": None if answer is None else str(answer),
+                     "solution": solution if isinstance(solution, str) else ""})
+    return rows
+
+
+def adapt_openthoughts_rows(raw: Sequence, spec: dict | None = None) -> list[dict | None]:
+    """OpenThoughts-114k (`metadata` config): the math domain only; the gold answer is the last
+    `\\boxed{}` of `ground_truth_solution` (rows without one have no answer and are skipped);
+    the solution is `ground_truth_solution` (the privileged context of self-distillation)."""
+    rows = []
+    for row in raw:
+        if not isinstance(row, dict) or row.get("domain") != "math":
+            continue
+        solution = row.get("ground_truth_solution")
+        answer = extract_boxed_answer(solution) if isinstance(solution, str) else None
+        rows.append({"problem": row.get("problem"), "answer": answer,
+                     "solution": solution if isinstance(solution, str) else ""})
+    return rows
+
+
+def adapt_choice_rows(raw: Sequence, spec: dict | None = None, seed: int = CHOICE_SEED) -> list[dict | None]:
+    """GPQA rows (`Question`, `Correct Answer`, `Incorrect Answer 1-3`) -> a multiple-choice problem:
+    the four options shuffled with a fixed seed (per question: the order does not depend on the row
+    order), lettered A-D; the answer is the correct option's letter, graded by `ChoiceGrader`."""
+    rows = []
+    for row in raw:
+        if not isinstance(row, dict):
+            rows.append(None)
+            continue
+        question, correct = row.get("Question"), row.get("Correct Answer")
+        wrong = [row.get(f"Incorrect Answer {i}") for i in (1, 2, 3)]
+        if not isinstance(question, str) or correct is None or any(w is None for w in wrong):
+            rows.append({"problem": question, "answer": None, "solution": ""})
+            continue
+        options = [str(correct).strip(), *[str(w).strip() for w in wrong]]
+        order = list(range(4))
+        random.Random(f"{seed}/{question.strip()}").shuffle(order)
+        lines = "\n".join(f"{CHOICE_LETTERS[i]}) {options[j]}" for i, j in enumerate(order))
+        rows.append({"problem": f"{question.strip()}\n\n{lines}\n\n{CHOICE_INSTRUCTION}",
+                     "answer": CHOICE_LETTERS[order.index(0)], "solution": "", "choice": True})
+    return rows
+
+
+_ADAPTERS = {"math": adapt_math_rows, "openthoughts": adapt_openthoughts_rows, "choice": adapt_choice_rows}
+
+
+def load_named_dataset(name: str, tokenizer=None, max_prompt_tokens: int | None = None,
+                       limit: int | None = None) -> list[dict]:
+    """Rows of a named dataset (see `DATASETS`, `dataset_spec`): read from the hub (its config and
+    split) or from the local file after `=`, turned into {problem, answer, solution} by its adapter,
+    then filtered like `load_problems` (no answer, malformed, prompt too long: skipped and counted).
+    DAPO-Math-17k goes through `load_problems` itself (its own adapter there)."""
+    spec, path = dataset_spec(name)
+    if spec["kind"] == "dapo":
+        return load_problems(path or spec["hub"], spec["split"], tokenizer=tokenizer,
+                             max_prompt_tokens=max_prompt_tokens, limit=limit)
+    # a list, as the adapters expect (_read_rows gives a parquet file as a memory-mapped Dataset)
+    raw = list(_read_rows(path, spec["split"])) if path else _read_hub_rows(spec["hub"], spec.get("config"),
+                                                                           spec["split"])
+    if not raw:
+        raise UserError(f"Dataset {name!r} is empty.")
+    adapted = _ADAPTERS[spec["kind"]](raw, spec)
+    rows, no_answer, malformed, too_long = [], 0, 0, 0
+    for row in adapted:
+        if row is None or not isinstance(row.get("problem"), str) or not row["problem"].strip():
+            malformed += 1
+        elif row["answer"] is None or not str(row["answer"]).strip():
+            no_answer += 1
+        elif tokenizer is not None and max_prompt_tokens and not _prompt_fits(tokenizer, row["problem"].strip(),
+                                                                              max_prompt_tokens):
+            too_long += 1
+        else:
+            rows.append({**row, "problem": row["problem"].strip(), "answer": str(row["answer"]).strip()})
+    skipped = f"{no_answer} rows without an answer, {malformed} malformed rows, {too_long} prompts too long"
+    if not rows:
+        raise UserError(f"Dataset {name!r} has no usable rows: {len(raw)} read, {skipped}; check that the file has "
+                        f"the schema of {spec['hub']} and --max_prompt_tokens/--max_new_tokens.")
+    if no_answer or malformed or too_long:
+        print0(f"[data] {name}: skipped {skipped}")
+    print0(f"[data] {name} ({spec['hub']}, {spec['split']}): {len(rows)} problems")
+    return rows[:limit] if limit else rows
+
+
+def _read_hub_rows(hub: str, config: str | None, split: str) -> list:
+    """A hub dataset's split as a list of dicts (local cache only when the hub is unreachable)."""
+    import datasets
+
+    try:
+        if not hub_reachable():
+            with _hub_offline():
+                return list(datasets.load_dataset(hub, config, split=split))
+        return list(datasets.load_dataset(hub, config, split=split))
+    except Exception as error:
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        offline = "" if hub_reachable() else _OFFLINE_NOTE
+        raise UserError(f"Cannot load dataset {hub!r} (config {config!r}, split {split!r}) from the Hugging Face "
+                        f"hub{offline}: {reason}. It needs network access (GPQA is gated: accept its terms and "
+                        "`hf auth login`) or a local copy: download it and pass short=path.") from error
+
+
+_BOXED_LETTER = re.compile(r"^\(?([A-D])\)?(?:$|[\s.:,)])")
+
+
+def choice_letter(text: str) -> str | None:
+    """The option letter a response chose: its last `\\boxed{}` holding C, (C), \\text{C}, C) 42, ..."""
+    inner = extract_boxed_answer(text)
+    if inner is None:
+        return None
+    inner = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", inner).strip().strip("$ ")
+    match = _BOXED_LETTER.match(inner)
+    return match[1] if match else None
+
+
+class ChoiceGrader:
+    """Grades multiple-choice rows by the chosen letter (`choice_letter`); same interface as `Grader`."""
+
+    def grade(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[list[float], dict]:
+        letters = [choice_letter(r) for r in responses]
+        rewards = [float(letter is not None and letter == gold.strip()) for letter, gold in zip(letters, answers)]
+        return rewards, {"no_answer": sum(letter is None for letter in letters), "timeout": 0}
+
+    def close(self) -> None:
+        pass
+
+
+def grader_for(rows: Sequence[dict], grader: "Grader"):
+    """`ChoiceGrader` for multiple-choice rows (GPQA), else `grader` (math-verify)."""
+    return ChoiceGrader() if rows and rows[0].get("choice") else grader
 
 
 def load_run_problems(args, tokenizer) -> tuple[list[dict], list[dict]]:
@@ -1250,10 +1584,13 @@ class RolloutEngine:
 
     `generate(prompts, params)` takes a list of prompt token-id lists and returns, per prompt, one
     sampled response as token ids, ending with the stop token when one was produced (truncated
-    responses have none). Every rank calls it with the same number of prompts.
+    responses have none). Every rank calls it with the same number of prompts. With `logprobs=True`
+    it returns (responses, sampler log-probs): per response, the log-prob of each sampled token under
+    the distribution it was sampled from (after temperature; 0.0 for greedy), aligned with the tokens.
     """
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generate") -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generate",
+                 logprobs: bool = False):
         raise NotImplementedError
 
     def update_weights(self, model) -> None:
@@ -1274,18 +1611,19 @@ class HFEngine(RolloutEngine):
         self.stop_ids = set(stop_token_ids(tokenizer, model))
 
     @torch.no_grad()
-    def generate(self, prompts, params, desc="generate"):
+    def generate(self, prompts, params, desc="generate", logprobs=False):
         was_training = self.model.training
         self.model.eval()
-        responses, progress = [], Progress(len(prompts), desc)
+        responses, sampled_logprobs, progress = [], [], Progress(len(prompts), desc)
         for start in range(0, len(prompts), self.batch_size):
-            responses += self._sample(prompts[start: start + self.batch_size], params)
+            batch, batch_logprobs = self._sample(prompts[start: start + self.batch_size], params)
+            responses, sampled_logprobs = responses + batch, sampled_logprobs + batch_logprobs
             progress.update(min(self.batch_size, len(prompts) - start))
         progress.close()
         self.model.train(was_training)
-        return responses
+        return (responses, sampled_logprobs) if logprobs else responses
 
-    def _sample(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    def _sample(self, prompts: list[list[int]], params: SamplingParams):
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -1297,14 +1635,19 @@ class HFEngine(RolloutEngine):
         positions = (attention.cumsum(1) - 1).clamp(min=0)
         cache = None  # the model makes its KV cache on the first call
         responses, stopped = [[] for _ in prompts], [False] * len(prompts)
+        sampled_logprobs = [[] for _ in prompts]  # log-prob of each sampled token after temperature
         rows = list(range(len(prompts)))  # the prompt of each batch row
         for step in range(params.max_new_tokens):
             output = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache, tokens = output.past_key_values, sample_token(output.logits[:, -1], params)
-            for row, token in zip(rows, tokens.tolist()):
+            scaled = output.logits[:, -1].float() / params.temperature if params.temperature > 0 else None
+            chosen = (torch.log_softmax(scaled, -1).gather(-1, tokens[:, None])[:, 0].tolist()
+                      if scaled is not None else [0.0] * len(rows))
+            for row, token, logprob in zip(rows, tokens.tolist(), chosen):
                 if not stopped[row]:
                     responses[row].append(token)
+                    sampled_logprobs[row].append(logprob)
                     stopped[row] = token in self.stop_ids
             keep = torch.tensor([not stopped[row] for row in rows])
             if step + 1 == params.max_new_tokens or not _any_rank(bool(keep.any())):
@@ -1319,7 +1662,7 @@ class HFEngine(RolloutEngine):
             input_ids = tokens[:, None]
             attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
-        return responses
+        return responses, sampled_logprobs
 
 
 def _any_rank(flag: bool) -> bool:
@@ -1345,13 +1688,147 @@ def sample_token(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 
-def make_engine(kind: str, model, tokenizer, batch_size: int = 64) -> RolloutEngine:
+def make_engine(kind: str, model, tokenizer, batch_size: int = 64, *, model_path: str | None = None,
+                dist_info: "Dist | None" = None, vllm_options: dict | None = None) -> RolloutEngine:
+    """The rollout engine for `--rollout` (`auto` resolved by `resolve_rollout`). vLLM needs the HF-format
+    folder or hub id the model was loaded from (`model_path`) and takes `vllm_options` (VLLMEngine's
+    keyword arguments: gpu_memory_utilization, tensor_parallel_size, sleep_level, max_model_len, seed)."""
+    kind = resolve_rollout(kind)
     if kind == "hf":
         return HFEngine(model, tokenizer, batch_size)
     if kind == "vllm":
-        raise NotImplementedError("--rollout vllm is not implemented yet (it is planned; the RolloutEngine "
-                                  "interface in common.py is where it plugs in). Use --rollout hf.")
-    raise ValueError(f"Unknown --rollout {kind!r}; choose hf (or vllm, once available).")
+        if model_path is None or dist_info is None:
+            raise ValueError("make_engine('vllm', ...) needs model_path and dist_info")
+        return VLLMEngine(model, tokenizer, model_path, dist_info, **(vllm_options or {}))
+    raise ValueError(f"Unknown --rollout {kind!r}; choose auto, vllm or hf.")
+
+# The vLLM range this engine was written against (GPU extra, see requirements.txt): `logprobs_mode`
+# arrived in 0.10.2; LLM.sleep/wake_up(tags)/reset_prefix_cache, TokensPrompt and the
+# external_launcher backend are older. Checked in vLLM's vllm/entrypoints/llm.py and against the
+# colocated engines of TRL (grpo_trainer.py) and verl (sharding managers); not run here (no GPU).
+VLLM_RANGE = ">=0.10.2,<0.12"
+
+
+class VLLMEngine(RolloutEngine):
+    """A vLLM engine colocated with training, one per rank (`distributed_executor_backend=
+    "external_launcher"`: it joins torchrun's process group instead of spawning workers; tensor
+    parallel 1 by default, so each rank samples its own prompts).
+
+    Generation runs from token ids (`TokensPrompt`) and returns the sampler's log-prob of every
+    sampled token (`logprobs=0` = the sampled token only, `logprobs_mode="processed_logprobs"` = after
+    temperature and top-k/top-p, the distribution it sampled from). After each optimizer step
+    `update_weights(model)` pushes the FSDP2 model's parameters one at a time (each gathered in full
+    with `DTensor.full_tensor()`, under the model's own HF names) into vLLM's `load_weights`, then
+    resets the prefix cache (its KV blocks were computed with the old weights).
+
+    Sleep mode (`sleep_level` 1 or 2) frees the engine's GPU memory while the trainer runs: sleep
+    after each generation; `update_weights` wakes the weights only (level 1 restores the old ones
+    from CPU, level 2 allocates them empty) and overwrites them; `generate` wakes the KV cache last.
+    After a level-2 sleep with no push since (e.g. two evaluations in a row) `generate` reloads the
+    weights from the model first, so it never samples from discarded (garbage) weights.
+    """
+
+    def __init__(self, model, tokenizer, model_path: str, dist_info: "Dist", gpu_memory_utilization: float = 0.5,
+                 tensor_parallel_size: int = 1, sleep_level: int = 0, max_model_len: int | None = None,
+                 seed: int = 0, dtype: str = "bfloat16"):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: its model is reachable
+        try:
+            import vllm
+        except ImportError as error:
+            raise UserError(f"--rollout vllm needs the GPU extra: pip install \"vllm{VLLM_RANGE}\" "
+                            "(or use --rollout hf)") from error
+        self.vllm, self.model, self.tokenizer = vllm, model, tokenizer
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.sleep_level = sleep_level
+        self.llm = vllm.LLM(model=model_path, tensor_parallel_size=tensor_parallel_size,
+                            distributed_executor_backend="external_launcher",
+                            gpu_memory_utilization=gpu_memory_utilization,
+                            enable_sleep_mode=sleep_level > 0, max_model_len=max_model_len, dtype=dtype,
+                            seed=seed + dist_info.rank // tensor_parallel_size,  # one stream per engine
+                            enable_prefix_caching=True, logprobs_mode="processed_logprobs")
+        self.asleep = {"weights": False, "kv_cache": False}
+        self.weights_current = True  # the engine holds the model's weights (it loaded them from model_path)
+        if sleep_level:
+            self._sleep()
+
+    def _sleep(self) -> None:
+        self.llm.sleep(level=self.sleep_level)
+        self.asleep = {"weights": True, "kv_cache": True}
+        if self.sleep_level >= 2:
+            self.weights_current = False  # level 2 discards the weights: reload before sampling
+
+    def _wake(self, tag: str) -> None:
+        if self.asleep[tag]:
+            self.llm.wake_up(tags=[tag])
+            self.asleep[tag] = False
+
+    def _runner_model(self):
+        """vLLM's nn.Module in this process (the path TRL's colocate mode and verl use)."""
+        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+    @torch.no_grad()
+    def update_weights(self, model) -> None:
+        """Push every parameter of `model` (one full tensor at a time) and reset the prefix cache."""
+        self.model = model
+        self._wake("weights")
+        runner = self._runner_model()
+        for name, param in model.named_parameters():  # the HF names vLLM's load_weights maps itself
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param  # a collective under FSDP2
+            runner.load_weights([(name, full.detach())])
+            del full
+        self.llm.reset_prefix_cache()
+        self.weights_current = True
+
+    @torch.no_grad()
+    def generate(self, prompts, params, desc="generate", logprobs=False):
+        if not self.weights_current:  # after a level-2 sleep without a push since
+            self.update_weights(self.model)
+        self._wake("weights")
+        self._wake("kv_cache")
+        greedy = params.temperature <= 0
+        sampling = self.vllm.SamplingParams(
+            n=1, temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
+            top_k=-1 if greedy or params.top_k <= 0 else params.top_k, max_tokens=params.max_new_tokens,
+            stop_token_ids=self.stop_ids, logprobs=0, detokenize=False)
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling,
+                                    use_tqdm=False)
+        responses, sampler_logprobs = [], []
+        for output in outputs:
+            sample = output.outputs[0]
+            tokens = list(sample.token_ids)
+            responses.append(tokens)
+            # one {token id: Logprob} per generated position; the sampled token is always in it
+            sampler_logprobs.append([float(step[token].logprob) for step, token in zip(sample.logprobs or [], tokens)])
+        if self.sleep_level:
+            self._sleep()
+        if any(len(r) != len(lp) for r, lp in zip(responses, sampler_logprobs)):
+            raise RuntimeError("vLLM returned log-probs not aligned with the sampled tokens")
+        return (responses, sampler_logprobs) if logprobs else responses
+
+
+def vllm_options(args) -> dict:
+    """VLLMEngine's keyword arguments from a script's --vllm_* options and --seed."""
+    return dict(gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                tensor_parallel_size=args.vllm_tensor_parallel_size, sleep_level=args.vllm_sleep, seed=args.seed)
+
+
+def resolve_rollout(kind: str) -> str:
+    """`auto` -> `vllm` when vLLM is importable and CUDA is available, else `hf`; one log line says
+    which engine runs and why."""
+    if kind == "auto":
+        found, cuda = importlib.util.find_spec("vllm") is not None, torch.cuda.is_available()
+        kind = "vllm" if found and cuda else "hf"
+        why = "vLLM importable and CUDA available" if kind == "vllm" else \
+            f"{'no CUDA' if not cuda else 'vLLM not installed'}"
+        print0(f"[rollout] engine: {kind} (--rollout auto: {why})")
+    elif kind == "vllm" and not torch.cuda.is_available():
+        raise UserError("--rollout vllm needs a CUDA GPU; use --rollout hf (or auto, which picks hf here)")
+    else:
+        print0(f"[rollout] engine: {kind}")
+    return kind
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1405,9 +1882,19 @@ def response_hidden(model, prompts: list[list[int]], responses: list[list[int]],
 
 
 def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """hidden -> logits with the model's output projection (call after a forward of that model)."""
+    """hidden -> logits with the model's output projection, in at least fp32 (call after a forward of
+    that model, once per batch).
+
+    A bf16 head weight (FSDP2's compute copy, a bf16 teacher) is upcast once here, so the gradients
+    of all position chunks add up in fp32 in that one copy and are rounded to bf16 once, instead of
+    being summed in bf16 chunk by chunk (relative error ~1e-2 at 100 chunks). It also gives the
+    log-probs fp32 logits. Costs one fp32 copy of the head ([vocab, hidden]) while the batch lives.
+    """
     head = model.get_output_embeddings()
-    return lambda hidden: F.linear(hidden, head.weight, head.bias)
+    dtype = torch.promote_types(head.weight.dtype, torch.float32)
+    weight = head.weight.to(dtype)
+    bias = head.bias.to(dtype) if head.bias is not None else None
+    return lambda hidden: F.linear(hidden.to(dtype), weight, bias)
 
 
 def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
@@ -1513,6 +2000,153 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader,
     return {f"eval/avg@{k}": totals[0].item() / problems, f"eval/pass@{k}": totals[1].item() / problems,
             "eval/response_len": totals[3].item() / (problems * k), "eval/no_answer": totals[4].item(),
             "eval/grader_timeouts": totals[5].item()}
+
+
+# ---- Several benchmarks, one table (`--eval_only --eval_dataset math500,aime24,...`) -----------
+
+
+def _eval_k_valid(spec) -> bool:
+    try:
+        _parse_eval_k_spec(str(spec))
+        return True
+    except ValueError:
+        return False
+
+
+def _parse_eval_k_spec(spec: str) -> tuple[int | None, dict[str, int]]:
+    """'' -> (None, {}); '8' -> (8, {}); 'aime24=32,math500=4' -> (None, {...}); ValueError otherwise."""
+    spec = spec.strip()
+    if not spec:
+        return None, {}
+    if "=" not in spec:
+        value = int(spec)
+        if value < 1:
+            raise ValueError(spec)
+        return value, {}
+    pairs = {}
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        if not name.strip() or int(value) < 1:
+            raise ValueError(spec)
+        pairs[name.strip()] = int(value)
+    return None, pairs
+
+
+def parse_eval_k(spec: str, names: Sequence[str], protocol: dict | None = None) -> dict[str, int]:
+    """Samples per problem for each benchmark in `names`: `spec` is '' (defaults), one int (every
+    benchmark) or `name=k` pairs (those benchmarks; the rest keep their default). The default is the
+    script's paper `protocol` (short name -> k), else the `DATASETS` table, else 4 (toy, files)."""
+    try:
+        single, pairs = _parse_eval_k_spec(str(spec))
+    except ValueError:
+        raise UserError(f"--eval_k {spec!r}: must be an int >= 1 or name=k pairs like aime24=32,math500=4") from None
+    shorts = {dataset_short_name(name): name for name in names}
+    unknown = [name for name in pairs if name not in shorts and name not in names]
+    if unknown:
+        raise UserError(f"--eval_k names {unknown}, which --eval_dataset does not list ({', '.join(shorts)})")
+    ks = {}
+    for name in names:
+        short = dataset_short_name(name)
+        default = (protocol or {}).get(short) or DATASETS.get(short, {}).get("k") or TOY_EVAL_K
+        ks[name] = single or pairs.get(name) or pairs.get(short) or default
+    return ks
+
+
+def eval_dataset_names(args) -> list[str]:
+    """The comma-separated `--eval_dataset` as a list (empty: no evaluation). More than one is for
+    `--eval_only`; a training run evaluates on one (UserError otherwise)."""
+    names = [name.strip() for name in (args.eval_dataset or "").split(",") if name.strip()]
+    if not names and getattr(args, "eval_only", False):
+        raise UserError("--eval_only evaluates on --eval_dataset: name at least one (toy, math500, aime24, ...)")
+    if len(names) > 1 and not getattr(args, "eval_only", False):
+        raise UserError(f"--eval_dataset {args.eval_dataset!r}: a training run evaluates on one dataset; a "
+                        "comma-separated list of benchmarks is for --eval_only")
+    return names
+
+
+def load_eval_benchmarks(args, tokenizer) -> list[tuple[str, list[dict]]]:
+    """(name, rows) per `--eval_dataset` entry (toy, a short name, `short=file`, a file or hub id read
+    with `--eval_split` and the `--*_key` columns), `--eval_limit` rows each; prompts that do not fit
+    the context with `--max_new_tokens` are skipped."""
+    limit = max_prompt_length(args.model, args.max_new_tokens, args.max_prompt_tokens)
+    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key)
+    return [(name, load_problems(name, args.eval_split, **keys, limit=args.eval_limit or None, tokenizer=tokenizer,
+                                 max_prompt_tokens=limit)) for name in eval_dataset_names(args)]
+
+
+def evaluate_benchmarks(engine: RolloutEngine, tokenizer, benchmarks: Sequence[tuple[str, list[dict]]], grader,
+                        params: SamplingParams, ks: dict[str, int], dist_info: Dist,
+                        enable_thinking: bool | None = None) -> dict[str, dict]:
+    """`evaluate` on each benchmark with its own k (multiple-choice rows graded by letter):
+    name -> {problems, k, avg@k, pass@k, response_len, no_answer, grader_timeouts}."""
+    results = {}
+    for name, rows in benchmarks:
+        k = ks[name]
+        metrics = evaluate(engine, tokenizer, rows, grader_for(rows, grader), params, k, dist_info, enable_thinking)
+        results[name] = {"problems": len(rows), "k": k, "avg@k": metrics[f"eval/avg@{k}"],
+                         "pass@k": metrics[f"eval/pass@{k}"], "response_len": metrics["eval/response_len"],
+                         "no_answer": metrics["eval/no_answer"], "grader_timeouts": metrics["eval/grader_timeouts"]}
+    return results
+
+
+def flat_eval_metrics(results: dict[str, dict]) -> dict:
+    """Metrics for `RunLogger.log`: eval/<name>/avg@k ... per benchmark; with one benchmark also
+    the plain eval/avg@k keys a training run logs."""
+    flat = {}
+    for name, result in results.items():
+        short, k = dataset_short_name(name), result["k"]
+        flat.update({f"eval/{short}/avg@{k}": result["avg@k"], f"eval/{short}/pass@{k}": result["pass@k"],
+                     f"eval/{short}/response_len": result["response_len"]})
+    if len(results) == 1:
+        (result,) = results.values()
+        k = result["k"]
+        flat.update({f"eval/avg@{k}": result["avg@k"], f"eval/pass@{k}": result["pass@k"],
+                     "eval/response_len": result["response_len"], "eval/no_answer": result["no_answer"],
+                     "eval/grader_timeouts": result["grader_timeouts"]})
+    return flat
+
+
+def eval_table_markdown(results: dict[str, dict], title: str = "") -> str:
+    """One Markdown table: a row per benchmark (avg@k, pass@k in percent) and their unweighted mean."""
+    lines = [f"## {title}", ""] if title else []
+    lines += ["| benchmark | problems | k | avg@k (%) | pass@k (%) | mean response tokens | no answer |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {dataset_short_name(name)} | {r['problems']} | {r['k']} | {100 * r['avg@k']:.1f} | "
+                     f"{100 * r['pass@k']:.1f} | {r['response_len']:.0f} | {r['no_answer']:.0f} |")
+    if len(results) > 1:
+        mean = lambda key: 100 * sum(r[key] for r in results.values()) / len(results)
+        lines.append(f"| mean | | | {mean('avg@k'):.1f} | {mean('pass@k'):.1f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_eval_table(run_dir: str | Path, results: dict[str, dict], dist_info: Dist, title: str = "",
+                     meta: dict | None = None) -> Path | None:
+    """Print the table and write `eval_table.md` and `eval_table.json` in the run directory (rank 0;
+    an existing pair is kept and the new one gets a `+` name, never overwritten). Returns the .md path."""
+    if not dist_info.is_main:
+        return None
+    text = eval_table_markdown(results, title)
+    print(text, flush=True)
+    markdown = _unused_path(Path(run_dir) / "eval_table.md")
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(text)
+    payload = {**(meta or {}), "benchmarks": {dataset_short_name(name): r for name, r in results.items()}}
+    _unused_path(markdown.with_suffix(".json")).write_text(json.dumps(payload, indent=2, default=str))
+    return markdown
+
+
+def eval_only_table(engine: RolloutEngine, tokenizer, benchmarks, grader, params: SamplingParams, ks: dict[str, int],
+                    dist_info: Dist, logger: "RunLogger", run_dir: str | Path, step: int, model: str,
+                    enable_thinking: bool | None = None) -> dict:
+    """The `--eval_only` branch of every script: `evaluate_benchmarks`, one logged record, the table
+    printed and written (`write_eval_table`). Returns the logged metrics (`flat_eval_metrics`)."""
+    results = evaluate_benchmarks(engine, tokenizer, benchmarks, grader, params, ks, dist_info, enable_thinking)
+    metrics = flat_eval_metrics(results)
+    logger.log(step, metrics, prefix="eval")
+    write_eval_table(run_dir, results, dist_info, title=f"{model} (step {step})",
+                     meta={"model": model, "step": step, "sampling": asdict(params)})
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1861,9 +2495,11 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def check_checkpoint(path: str | Path) -> str | None:
     """Why the checkpoint folder `path` cannot be resumed from, or None when it can: config.json,
-    every weights file with a readable header covering the whole file, and a trainer_state.pt that
-    loads (memory-mapped, so cheap even for large optimizer states) with the folder's step."""
+    every weights file with a readable header covering the whole file, the training state (its DCP
+    `.metadata` loads and every shard file it names is there and long enough) and a trainer_state.pt
+    that loads with the folder's step."""
     from safetensors import safe_open
+    from torch.distributed.checkpoint import FileSystemReader
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -1883,13 +2519,25 @@ def check_checkpoint(path: str | Path) -> str | None:
                 return f"{shard} is missing"
             with safe_open(str(current), "pt") as weights:
                 weights.keys()
+        current = path / TRAIN_STATE / ".metadata"
+        if not current.is_file():
+            return f"the training state ({TRAIN_STATE}/.metadata) is missing"
+        ends = {}  # shard file -> bytes its items need
+        for item in FileSystemReader(str(path / TRAIN_STATE)).read_metadata().storage_data.values():
+            ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+        for name, end in sorted(ends.items()):
+            current = path / TRAIN_STATE / name
+            if not current.is_file():
+                return f"{TRAIN_STATE}/{name} is missing"
+            if current.stat().st_size < end:
+                return f"{TRAIN_STATE}/{name} is truncated ({current.stat().st_size} of {end} bytes)"
         current = path / "trainer_state.pt"
         if not current.is_file():
             return "trainer_state.pt is missing"
         saved = torch.load(current, weights_only=False, mmap=True, map_location="cpu")
         named = re.fullmatch(r"step_(\d+)", path.name)
-        if not isinstance(saved, dict) or not {"step", "optimizer", "rng", "state"} <= saved.keys():
-            return "trainer_state.pt lacks step/optimizer/rng/state"
+        if not isinstance(saved, dict) or not {"step", "rng", "state"} <= saved.keys():
+            return "trainer_state.pt lacks step/rng/state"
         if named and saved["step"] != int(named[1]):
             return f"trainer_state.pt is for step {saved['step']}"
     except Exception as error:  # truncated or corrupt file: whatever the library raises
@@ -1898,40 +2546,48 @@ def check_checkpoint(path: str | Path) -> str | None:
     return None
 
 
+TRAIN_STATE = "train_state"  # the DCP folder of a checkpoint: weights + optimizer state, one file per rank
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, state: dict, dist_info: Dist,
                     keep: int = 2) -> Path:
     """Write `checkpoints/step_NNNNNN/` atomically (temp dir, then rename) and point `latest` at it.
 
-    Contents: HF-format weights + tokenizer (loadable by `from_pretrained`), and `trainer_state.pt`
-    with the full optimizer state, every rank's RNG states, the step and `state` (data position and
-    method state). Rotation keeps this checkpoint and the `keep - 1` newest before it (by step
-    number; keep <= 0 keeps all); it never deletes this one, the one `latest` names, or those of
-    later steps (a resumed run replaces those when it writes the same step).
+    Contents: `train_state/`, the training state for resume written with torch.distributed.checkpoint
+    (DCP): every rank writes its own shards of the fp32 weights and the optimizer state, nothing is
+    gathered; `trainer_state.pt` with every rank's RNG states, the step and `state` (data position
+    and method state); and an HF-format export of the weights + tokenizer for `from_pretrained` and
+    vLLM (the full weights gathered into rank 0's CPU memory, one tensor at a time). Collective:
+    every rank calls it. Under torchrun on several nodes the run directory must be a shared file
+    system. Rotation keeps this checkpoint and the `keep - 1` newest before it (by step number;
+    keep <= 0 keeps all); it never deletes this one, the one `latest` names, or those of later steps
+    (a resumed run replaces those when it writes the same step).
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    # tied weights (e.g. lm_head = embed_tokens) appear under both names: keep the one module owns
-    owned = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-    model_state = {name: tensor for name, tensor in model_state.items() if name in owned}
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    root = Path(run_dir) / "checkpoints"
+    final, staging = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
+    if dist_info.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    _reshard(model)
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors under FSDP2)
+    _run_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state}, staging / TRAIN_STATE)
+    export = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [rng]
     if _distributed():
         rngs = [None] * dist_info.world_size
         dist.all_gather_object(rngs, rng)
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step_{step:06d}"
     if dist_info.is_main:
-        staging = root / f"step_{step:06d}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        model.save_pretrained(staging, state_dict=model_state)
+        # tied weights (e.g. lm_head = embed_tokens) appear under both names: keep the one module owns
+        owned = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+        model.save_pretrained(staging, state_dict={name: t for name, t in export.items() if name in owned})
         tokenizer.save_pretrained(staging)
-        torch.save({"step": step, "optimizer": optimizer_state, "rng": rngs, "state": state},
+        torch.save({"step": step, "rng": rngs, "state": state, "world_size": dist_info.world_size},
                    staging / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)  # only a same-step folder of an abandoned (broken) timeline
         os.replace(staging, final)
@@ -1953,14 +2609,30 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return next((path for _, path in list_checkpoints(run_dir) if check_checkpoint(path) is None), None)
 
 
-def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist) -> dict:
-    """Restore optimizer and RNG state from a checkpoint whose weights `model` was loaded from.
-    Returns the trainer state (`step`, `state`)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def _run_dcp(function, state_dict: dict, folder: Path) -> None:
+    """dcp.save / dcp.load; one process has no process group and DCP then works alone (no_dist),
+    with the same files as one rank, after a warning that says just that (silenced here)."""
+    import warnings
 
-    saved = torch.load(Path(path) / "trainer_state.pt", weights_only=False, mmap=True)
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=saved["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        function(state_dict, checkpoint_id=str(folder), no_dist=not _distributed())
+
+
+def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist) -> dict:
+    """Restore weights, optimizer and RNG state from a checkpoint: every rank reads its own shards of
+    `train_state/` (DCP reshards when the number of ranks changed). Returns the trainer state
+    (`step`, `state`). Collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    # the state dicts to load into: this rank's shards (an optimizer without state gets it made at lr 0)
+    _reshard(model)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    _run_dcp(dcp.load, {"model": model_state, "optimizer": optimizer_state}, path / TRAIN_STATE)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+    saved = torch.load(path / "trainer_state.pt", weights_only=False)
     rngs = saved["rng"]
     if len(rngs) != dist_info.world_size:
         print0(f"[resume] checkpoint was written by {len(rngs)} ranks, now {dist_info.world_size}: "

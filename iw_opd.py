@@ -33,6 +33,7 @@ Run:
     python iw_opd.py                                          # IW-OPD: toy student from toy-large, CPU
     python iw_opd.py --iw none                                # standard OPD
     python iw_opd.py --iw signed                              # signed prefix sum (unstable variant)
+    python iw_opd.py --eval_only --model <ckpt> --eval_dataset aime24,aime25   # one benchmark table
     python iw_opd.py --iw none --token_slice first30          # OPD on the first 30% of tokens only
     torchrun --nproc_per_node 2 iw_opd.py --num_steps 3       # two CPU ranks (gloo, FSDP2)
 On the toy task (README, "The toy testbed") the premise is built in: `toy-large` prefers the careful
@@ -52,10 +53,11 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
-                    at_least, build_prompt, check_same_tokenizer, evaluate, init_distributed, load_checkpoint,
-                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches, option,
-                    parse_args, prepare_run_dir, print0, response_logprobs, response_token_spans, run_main,
-                    save_checkpoint, stop_token_ids, validate_args, write_token_picture, writes_work)
+                    at_least, build_prompt, check_same_tokenizer, eval_dataset_names, eval_only_table, evaluate,
+                    grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model, load_run_problems,
+                    load_tokenizer, make_engine, micro_batches, option, parse_args, parse_eval_k, prepare_run_dir,
+                    print0, resolve_model, response_logprobs, response_token_spans, run_main, save_checkpoint,
+                    stop_token_ids, validate_args, vllm_options, write_token_picture, writes_work)
 
 SLICE_SHARE = 0.3  # --token_slice first30 / last30 [paper: 30%]
 
@@ -67,20 +69,25 @@ RULES = {
 }
 
 
+# Evaluation protocol: the paper does not state its k here [ours: common.DATASETS defaults].
+EVAL_PROTOCOL: dict = {}
+
+
 @dataclass
 class Args:
     # shared by every script
     model: str = option("toy", "student: toy | toy-large | alias (Qwen3-0.6B, ...) | hub id | local dir")
     dataset: str = option("toy", "train problems: toy | DAPO-Math-17k hub id | hub id | .jsonl/.json/.parquet")
     dataset_split: str = option("train", "split of --dataset")
-    eval_dataset: str = option("toy", "eval problems (toy = its test split); empty string = no evaluation")
+    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,amc23,hmmt25,minerva,gpqa (a comma "
+                               "list with --eval_only) | short=file | file | hub id; empty = none")
     eval_split: str = option("test", "split of --eval_dataset")
     problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
     answer_key: str = option("answer", "column with the gold answer")
     solution_key: str = option("solution", "column with a reference solution (optional; unused by OPD)")
     num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
     seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
-    rollout: str = option("hf", "rollout engine: hf (vllm is planned)")
+    rollout: str = option("auto", "rollout engine: auto (vllm when installed and on CUDA, else hf) | vllm | hf")
     eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
     resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
     track: bool = option(False, "log to Weights & Biases")
@@ -107,6 +114,13 @@ class Args:
     top_k: int = option(0, "rollout top-k, 0 = off [code]")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch [paper: off, pass false]")
     gen_batch_size: int = option(256, "sequences per generate call, a memory bound of the hf engine [ours]")
+    vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
+                                                "cache), the rest is the trainer's [ours]")
+    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; 1 = one engine per rank")
+    vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to CPU, 2 discard "
+                              "(reloaded from the trainer before sampling)")
+    tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
+                                 "- log pi_sampler), cap); 0 = off [TRL, verl]")
     # optimisation
     lr: float = option(1e-4, "AdamW learning rate [code: 1e-5; ours: 1e-4 for the tiny toy model]")
     weight_decay: float = option(0.0, "AdamW weight decay [ours]")
@@ -116,10 +130,12 @@ class Args:
     num_minibatches: int = option(1, "optimizer steps per batch; 1 = on-policy, rho = 1 [ours]")
     micro_batch_size: int = option(64, "sequences per forward/backward (gradient accumulation)")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary log-prob/entropy")
-    activation_checkpointing: bool = option(False, "recompute decoder layers in backward to save memory")
+    activation_checkpointing: Optional[bool] = option(None, "recompute decoder layers in backward to save memory "
+                                                            "(unset = on with CUDA, off on CPU)", alone=True)
     # evaluation, checkpoints
     eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
-    eval_k: int = option(4, "samples per eval problem: avg@k and pass@k")
+    eval_k: str = option("", "samples per eval problem (avg@k, pass@k): empty = each benchmark's default "
+                         "(EVAL_PROTOCOL, toy 4) | one int | name=k pairs, e.g. aime24=32,math500=4")
     eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
     eval_temperature: float = option(0.7, "eval sampling temperature [ours]")
     eval_top_p: float = option(0.95, "eval nucleus sampling [ours]")
@@ -165,14 +181,35 @@ def slice_mask(mask: torch.Tensor, which: str = "all", share: float = SLICE_SHAR
     return mask & selected
 
 
-def opd_loss(logp, old_logp, w, a, mask, num_tokens, clip_low=0.2, clip_high=0.2):
+def opd_loss(logp, old_logp, w, a, mask, num_tokens, clip_low=0.2, clip_high=0.2, tis=None):
     """PPO clipped surrogate with A_t = w_t * a_t, summed over the `mask`ed tokens and divided by the
     global token count `num_tokens` (summed over micro-batches and ranks: the global token-mean).
-    With old_logp = sg[logp] (one update per batch) rho = 1 and grad = -sum w_t a_t grad logp / N."""
+    With old_logp = sg[logp] (one update per batch) rho = 1 and grad = -sum w_t a_t grad logp / N.
+    `tis`: per-token truncated importance weights (`tis_weights`) multiplying each token's term."""
     advantages = (w * a).detach()
     ratio = torch.exp(logp - old_logp)
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
+    if tis is not None:
+        surrogate = surrogate * tis
     return -torch.where(mask, surrogate, torch.zeros_like(surrogate)).sum() / num_tokens
+
+
+def tis_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                cap: float) -> torch.Tensor:
+    """Truncated importance sampling between the sampler (vLLM: another kernel, bf16) and the trainer
+    [TRL `vllm_importance_sampling_correction`, mode token_truncate; verl rollout correction]:
+    w_t = min(exp(log pi_train(y_t) - log pi_sampler(y_t)), cap), no gradient; 1 where masked.
+    log pi_train is the behaviour policy as the trainer computes it (the ratio's denominator)."""
+    w = torch.exp(train_logprobs.detach() - sampler_logprobs).clamp(max=cap)
+    return torch.where(mask, w, torch.ones_like(w))
+
+
+def padded_rows(rows: list, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row lists of floats -> a [B, R] tensor shaped like `mask` (0 where padded)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(mask.device)
 
 
 def picture_row(tokenizer, problem: dict, response: list[int], reward: float, a: torch.Tensor, w: torch.Tensor,
@@ -192,6 +229,8 @@ def picture_row(tokenizer, problem: dict, response: list[int], reward: float, a:
 def main(argv=None):
     args = parse_args(Args, argv)
     validate_args(args, RULES)  # every option's range, before anything loads: one-line errors
+    eval_ks = parse_eval_k(args.eval_k, eval_dataset_names(args), EVAL_PROTOCOL)  # benchmark -> k
+    eval_k = next(iter(eval_ks.values()), 4)  # a training run evaluates on one dataset
     dist_info = init_distributed()
     world, rank = dist_info.world_size, dist_info.rank
     if args.num_problems % world:
@@ -212,7 +251,8 @@ def main(argv=None):
     if not args.eval_only:
         check_same_tokenizer(tokenizer, load_tokenizer(args.teacher_model, "--teacher_model"), args.model,
                              args.teacher_model)
-    train_rows, eval_rows = load_run_problems(args, tokenizer)
+    train_rows, eval_rows = load_run_problems(args, tokenizer) if not args.eval_only else ([], [])
+    benchmarks = load_eval_benchmarks(args, tokenizer) if args.eval_only else []  # (name, rows) each
 
     # ---- student (trainable), frozen teacher (sharded like the student), optimizer, engine ----
     model = load_model(str(run.checkpoint or args.model), dist_info,
@@ -220,7 +260,9 @@ def main(argv=None):
     teacher = None if args.eval_only else load_model(args.teacher_model, dist_info, trainable=False,
                                                       flag="--teacher_model")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
+    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size, dist_info=dist_info,
+                         model_path=str(run.checkpoint or resolve_model(args.model)),
+                         vllm_options=vllm_options(args))
     grader = Grader(args.grader_timeout)
     sampler = ProblemSampler(len(train_rows), args.seed)
     start_step = 0
@@ -237,7 +279,7 @@ def main(argv=None):
     picture = []  # rows of tokens.html from the latest step (rank 0)
 
     def run_eval(step: int) -> dict:
-        metrics = evaluate(engine, tokenizer, eval_rows, grader, eval_params, args.eval_k, dist_info,
+        metrics = evaluate(engine, tokenizer, eval_rows, grader_for(eval_rows, grader), eval_params, eval_k, dist_info,
                            args.enable_thinking)
         logger.log(step, metrics, prefix="eval")
         draw_picture()
@@ -251,12 +293,15 @@ def main(argv=None):
                                      f"the weight w_t (--iw {args.iw}, gamma {args.gamma}).")
 
     history = {}
-    if eval_rows and (args.eval_only or start_step == 0):
-        history["first"] = run_eval(start_step)
-    if args.eval_only:
+    if args.eval_only:  # every --eval_dataset benchmark with its k: one table (eval_table.md/.json)
+        history["first"] = eval_only_table(engine, tokenizer, benchmarks, grader, eval_params, eval_ks, dist_info,
+                                           logger, run_dir, start_step, str(run.checkpoint or args.model),
+                                           args.enable_thinking)
         logger.close()
         grader.close()
         return history
+    if eval_rows and start_step == 0:
+        history["first"] = run_eval(start_step)
 
     problems_per_rank = args.num_problems // world
     group = args.num_rollouts
@@ -272,7 +317,10 @@ def main(argv=None):
         problems = [train_rows[i] for i in indices]
         prompts = [build_prompt(tokenizer, p["problem"], enable_thinking=args.enable_thinking) for p in problems]
         prompts = [prompt for prompt in prompts for _ in range(group)]  # rollout i: problem i // group
-        responses = engine.generate(prompts, rollout_params, desc="rollout")
+        if args.tis_cap > 0:  # the sampler's own log-probs, for the sampler/trainer correction
+            responses, sampler_logprobs = engine.generate(prompts, rollout_params, desc="rollout", logprobs=True)
+        else:
+            responses = engine.generate(prompts, rollout_params, desc="rollout")
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
 
         # ---- 2. verifier rewards: logged only, OPD's signal is the teacher
@@ -301,7 +349,7 @@ def main(argv=None):
         # ---- 4. policy gradient on A_t = w_t * a_t (PPO clip), global token-mean over the loss tokens
         model.train()
         sums = dict.fromkeys(["loss", "loss_tokens", "entropy", "clipped", "w", "a", "abs_a", "gap_first",
-                              "gap_last"], 0.0)
+                              "gap_last", "tis"], 0.0)
         w_min, w_max = math.inf, -math.inf
         per_minibatch = len(responses) // args.num_minibatches
         for minibatch in range(args.num_minibatches):
@@ -319,8 +367,12 @@ def main(argv=None):
                 a = sampled_token_advantage(teacher_logp, old_logprobs, mask)
                 w = importance_weights(a, mask, args.gamma, args.iw)  # over the whole response, also when sliced
                 loss_mask = slice_mask(mask, args.token_slice)
+                tis = (tis_weights(old_logprobs, padded_rows([sampler_logprobs[i] for i in batch], mask), mask,
+                                   args.tis_cap) if args.tis_cap > 0 else None)
                 loss = opd_loss(logprobs, old_logprobs, w, a, loss_mask, max(loss_tokens, 1),
-                                args.clip_low, args.clip_high)
+                                args.clip_low, args.clip_high, tis)
+                if tis is not None:
+                    sums["tis"] += tis[loss_mask].sum()
                 (loss * world).backward()  # FSDP averages gradients over ranks; the loss wants their sum
                 ratio = torch.exp(logprobs.detach() - old_logprobs)[loss_mask]
                 sums["loss"] += loss.detach()  # tensors: no device sync inside the loop
@@ -373,6 +425,7 @@ def main(argv=None):
             "gap_last_third": totals["gap_last"] / sequences_global,
             "careful_frac": totals["careful"] / sequences_global,
             "clip_frac": totals["clipped"] / max(totals["loss_tokens"], 1),
+            "tis_weight_mean": totals["tis"] / max(totals["loss_tokens"], 1) if args.tis_cap > 0 else float("nan"),
             "truncated_frac": totals["truncated"] / sequences_global,
             "no_answer": totals["no_answer"],
             "grader_timeouts": totals["grader_timeouts"],
@@ -392,7 +445,7 @@ def main(argv=None):
     minutes = (time.time() - train_started) / 60
     summary = f"[iw_opd] done: steps {start_step}->{args.num_steps} in {minutes:.1f} min; runs dir {run_dir}"
     if "first" in history and "last" in history:
-        key = f"eval/avg@{args.eval_k}"
+        key = f"eval/avg@{eval_k}"
         summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"
     print0(summary)
     logger.close()

@@ -39,6 +39,7 @@ Run:
     python paced.py                                        # distill toy <- toy-large, PACED weights, CPU
     python paced.py --mode self                            # self-distillation (teacher = student + solution)
     python paced.py --weighting none                       # unweighted distillation
+    python paced.py --eval_only --model <ckpt> --eval_dataset math500,aime24,aime25  # avg@8 table [paper]
     python paced.py --weighting hard                       # hard filter 0 < p < 1
     python paced.py --kl akl --weighting none              # AKL baseline
     python paced.py --kl fkl_then_rkl --switch_step 30     # two-stage schedule
@@ -57,10 +58,11 @@ import numpy as np
 import torch
 
 from common import (Grader, ProblemSampler, RunLogger, SamplingParams, TOY_CONTEXT_HEADER, UserError, all_gather_cat,
-                    all_reduce_sum, at_least, build_prompt, check_same_tokenizer, chunked_map, evaluate,
-                    init_distributed, load_checkpoint, load_model, load_run_problems, load_tokenizer, make_engine,
-                    micro_batches, option, output_head, parse_args, prepare_run_dir, print0,
-                    response_hidden, response_token_spans, run_main, save_checkpoint, validate_args,
+                    all_reduce_sum, at_least, build_prompt, check_same_tokenizer, chunked_map, eval_dataset_names,
+                    eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
+                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches, option, output_head,
+                    parse_args, parse_eval_k, prepare_run_dir, print0, resolve_model, response_hidden,
+                    response_logprobs, response_token_spans, run_main, save_checkpoint, validate_args, vllm_options,
                     write_token_picture, writes_work)
 
 AKL_HEAD_MASS = 0.5  # cumulative teacher probability of the AKL head [Wu et al. 2024]
@@ -78,20 +80,25 @@ RULES = {
 }
 
 
+# Evaluation protocol [paper]: mean accuracy over 8 samples on MATH-500, AIME 2024 and AIME 2025.
+EVAL_PROTOCOL = {"math500": 8, "aime24": 8, "aime25": 8}
+
+
 @dataclass
 class Args:
     # shared by every script
     model: str = option("toy", "student: toy | toy-large | alias (Qwen3-0.6B, ...) | hub id | local dir")
     dataset: str = option("toy", "train problems: toy | hub id | .jsonl/.json/.parquet")
     dataset_split: str = option("train", "split of --dataset")
-    eval_dataset: str = option("toy", "eval problems (toy = its test split); empty string = no evaluation")
+    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,amc23,hmmt25,minerva,gpqa (a comma "
+                               "list with --eval_only) | short=file | file | hub id; empty = none")
     eval_split: str = option("test", "split of --eval_dataset")
     problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
     answer_key: str = option("answer", "column with the gold answer")
     solution_key: str = option("solution", "column with the expert solution (the self-teacher's context)")
     num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
     seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
-    rollout: str = option("hf", "rollout engine: hf (vllm is planned)")
+    rollout: str = option("auto", "rollout engine: auto (vllm when installed and on CUDA, else hf) | vllm | hf")
     eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
     resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
     track: bool = option(False, "log to Weights & Biases")
@@ -122,16 +129,25 @@ class Args:
     top_k: int = option(0, "top-k, 0 = off")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch")
     gen_batch_size: int = option(256, "sequences per generate call, a memory bound of the hf engine [ours]")
+    vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
+                                                "cache), the rest is the trainer's [ours]")
+    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; 1 = one engine per rank")
+    vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to CPU, 2 discard "
+                              "(reloaded from the trainer before sampling)")
+    tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
+                                 "- log pi_sampler), cap); 0 = off [TRL, verl]")
     # optimisation
     lr: float = option(2e-4, "AdamW learning rate [ours: 2e-4 for the tiny toy model]")
     weight_decay: float = option(0.0, "AdamW weight decay [ours]")
     max_grad_norm: float = option(1.0, "gradient-norm clip [ours]")
     micro_batch_size: int = option(64, "sequences per forward/backward (gradient accumulation)")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary divergence")
-    activation_checkpointing: bool = option(False, "recompute decoder layers in backward to save memory")
+    activation_checkpointing: Optional[bool] = option(None, "recompute decoder layers in backward to save memory "
+                                                            "(unset = on with CUDA, off on CPU)", alone=True)
     # evaluation, checkpoints
     eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
-    eval_k: int = option(4, "samples per eval problem: avg@k and pass@k")
+    eval_k: str = option("", "samples per eval problem (avg@k, pass@k): empty = each benchmark's default "
+                         "(EVAL_PROTOCOL, toy 4) | one int | name=k pairs, e.g. aime24=32,math500=4")
     eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
     eval_temperature: float = option(0.7, "eval sampling temperature [ours]")
     eval_top_p: float = option(0.95, "eval nucleus sampling [ours]")
@@ -227,6 +243,24 @@ def gradient_snr(per_problem_grads: torch.Tensor) -> float:
     return float(signal / rms) if rms > 0 else math.inf
 
 
+def tis_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                cap: float) -> torch.Tensor:
+    """Truncated importance sampling between the sampler (vLLM: another kernel, bf16) and the trainer
+    [TRL `vllm_importance_sampling_correction`, mode token_truncate; verl rollout correction]:
+    w_t = min(exp(log pi_train(y_t) - log pi_sampler(y_t)), cap), no gradient; 1 where masked.
+    Here it weights each token's divergence D_t on the student's own rollouts (--mode self)."""
+    w = torch.exp(train_logprobs.detach() - sampler_logprobs).clamp(max=cap)
+    return torch.where(mask, w, torch.ones_like(w))
+
+
+def padded_rows(rows: list, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row lists of floats -> a [B, R] tensor shaped like `mask` (0 where padded)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(mask.device)
+
+
 def pass_rate_bin(p: float) -> int:
     """Index into BINS: p = 0, (0, .25], (.25, .5], (.5, .75], (.75, 1), p = 1."""
     if p <= 0:
@@ -299,7 +333,9 @@ def draw_snr(records: list[dict], png: Path) -> None:
 
 def main(argv=None):
     args = parse_args(Args, argv)
-    validate_args(args, RULES)
+    validate_args(args, RULES)  # every option's range, before anything loads: one-line errors
+    eval_ks = parse_eval_k(args.eval_k, eval_dataset_names(args), EVAL_PROTOCOL)  # benchmark -> k
+    eval_k = next(iter(eval_ks.values()), 4)  # a training run evaluates on one dataset
     dist_info = init_distributed()
     world, rank = dist_info.world_size, dist_info.rank
     if args.num_problems % world:
@@ -309,6 +345,9 @@ def main(argv=None):
         raise UserError("--log_snr needs per-problem gradients of unsharded weights: run it on 1 rank "
                         "(plain python), or pass --log_snr 0.")
     distill = args.mode == "distill"
+    if distill and args.tis_cap > 0:
+        raise UserError("--tis_cap corrects the student's own rollouts (--mode self); in --mode distill the student "
+                        "trains on the teacher's references, which the teacher samples with the HF engine.")
     run = prepare_run_dir(args, f"paced_{args.mode}_{Path(args.model).name}_s{args.seed}", dist_info)
     run_dir, run_name = run.path, run.path.name
     random.seed(args.seed + rank)
@@ -320,7 +359,8 @@ def main(argv=None):
     if distill and not args.eval_only:
         check_same_tokenizer(tokenizer, load_tokenizer(args.teacher_model, "--teacher_model"), args.model,
                              args.teacher_model)
-    train_rows, eval_rows = load_run_problems(args, tokenizer)
+    train_rows, eval_rows = load_run_problems(args, tokenizer) if not args.eval_only else ([], [])
+    benchmarks = load_eval_benchmarks(args, tokenizer) if args.eval_only else []  # (name, rows) each
 
     # ---- student, teacher (distill: frozen, sharded like the student; self: the student itself) ----
     model = load_model(str(run.checkpoint or args.model), dist_info,
@@ -328,8 +368,12 @@ def main(argv=None):
     teacher = (load_model(args.teacher_model, dist_info, trainable=False, flag="--teacher_model")
                if distill and not args.eval_only else model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
-    teacher_engine = make_engine(args.rollout, teacher, tokenizer, args.gen_batch_size) if distill else None
+    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size, dist_info=dist_info,
+                         model_path=str(run.checkpoint or resolve_model(args.model)),
+                         vllm_options=vllm_options(args))
+    # the separate teacher (distill) samples its references with the HF engine on its own frozen weights: no
+    # second vLLM engine to hold in memory or keep in sync (README, "vLLM rollouts")
+    teacher_engine = make_engine("hf", teacher, tokenizer, args.gen_batch_size) if distill else None
     grader = Grader(args.grader_timeout)
     sampler = ProblemSampler(len(train_rows), args.seed)
     start_step = 0
@@ -345,7 +389,7 @@ def main(argv=None):
     picture, snr_records = [], []
 
     def run_eval(step: int) -> dict:
-        metrics = evaluate(engine, tokenizer, eval_rows, grader, eval_params, args.eval_k, dist_info,
+        metrics = evaluate(engine, tokenizer, eval_rows, grader_for(eval_rows, grader), eval_params, eval_k, dist_info,
                            args.enable_thinking)
         logger.log(step, metrics, prefix="eval")
         draw_picture()
@@ -358,12 +402,15 @@ def main(argv=None):
                                      "label gives the problem's pass rate p and normalised weight w~; hover: fkl, rkl.")
 
     history = {}
-    if eval_rows and (args.eval_only or start_step == 0):
-        history["first"] = run_eval(start_step)
-    if args.eval_only:
+    if args.eval_only:  # every --eval_dataset benchmark with its k: one table (eval_table.md/.json)
+        history["first"] = eval_only_table(engine, tokenizer, benchmarks, grader, eval_params, eval_ks, dist_info,
+                                           logger, run_dir, start_step, str(run.checkpoint or args.model),
+                                           args.enable_thinking)
         logger.close()
         grader.close()
         return history
+    if eval_rows and start_step == 0:
+        history["first"] = run_eval(start_step)
 
     per_rank = args.num_problems // world
     print0(f"[paced] {run_name}: --mode {args.mode}, {args.num_steps} steps x {args.num_problems} problems x k "
@@ -378,7 +425,11 @@ def main(argv=None):
         indices = sampler.next(args.num_problems)[rank * per_rank:(rank + 1) * per_rank]
         problems = [train_rows[i] for i in indices]
         prompts = [build_prompt(tokenizer, p["problem"], enable_thinking=args.enable_thinking) for p in problems]
-        responses = engine.generate([q for q in prompts for _ in range(args.k)], params, desc="rollout")
+        rollout_prompts = [q for q in prompts for _ in range(args.k)]
+        if args.tis_cap > 0:  # the sampler's own log-probs, for the sampler/trainer correction
+            responses, sampler_logprobs = engine.generate(rollout_prompts, params, desc="rollout", logprobs=True)
+        else:
+            responses = engine.generate(rollout_prompts, params, desc="rollout")
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         rewards, grade_counts = grader.grade(texts, [p["answer"] for p in problems for _ in range(args.k)])
         pass_rates = torch.tensor([sum(rewards[i * args.k:(i + 1) * args.k]) / args.k for i in range(per_rank)],
@@ -402,13 +453,14 @@ def main(argv=None):
                                                               f"\\boxed{{{problems[i]['answer']}}}"),
                                         args.enable_thinking) for i in trained}
             items = [(i, prompts[i], contexts[i], responses[i * args.k + j]) for i in trained for j in range(args.k)]
+            item_rollouts = [i * args.k + j for i in trained for j in range(args.k)]  # the rollout of each item
         problem_tokens = {}
         for i, _, _, response in items:
             problem_tokens[i] = problem_tokens.get(i, 0) + len(response)
 
         # ---- 4. weighted mean over problems of the per-problem token-mean divergence
         model.train()
-        sums = dict.fromkeys(["loss", "d", "fkl", "rkl", "tokens"], 0.0)
+        sums = dict.fromkeys(["loss", "d", "fkl", "rkl", "tokens", "tis"], 0.0)
         shown, problem_d = [], {}  # problem_d: sum of D_t per problem (for L_i, logged)
         batches = micro_batches(range(len(items)), [len(items[j][1]) + len(items[j][3]) for j in range(len(items))],
                                 args.micro_batch_size)
@@ -422,9 +474,19 @@ def main(argv=None):
                 batch_items = [items[j] for j in batch]
             d, fkl, rkl, mask = score(model, teacher, [it[1] for it in batch_items], [it[2] for it in batch_items],
                                       [it[3] for it in batch_items], pad_id, kind, args.logprob_chunk_size)
+            loss_d = d
+            if args.tis_cap > 0:  # trainer log-probs of the sampled tokens (the weights that sampled them)
+                with torch.no_grad():
+                    train_logprobs, _, _ = response_logprobs(model, [it[1] for it in batch_items],
+                                                             [it[3] for it in batch_items], pad_id,
+                                                             args.logprob_chunk_size)
+                rows = [sampler_logprobs[item_rollouts[j]] for j in batch] if not dummy else [[]]
+                tis = tis_weights(train_logprobs, padded_rows(rows, mask), mask, args.tis_cap)
+                loss_d = d * tis
+                sums["tis"] += 0.0 if dummy else tis[mask].sum()
             coef = torch.tensor([0.0 if dummy else float(weights[it[0]]) / max(1, problem_tokens[it[0]])
                                  for it in batch_items], dtype=d.dtype, device=d.device)
-            loss = (d * coef[:, None]).sum() / args.num_problems
+            loss = (loss_d * coef[:, None]).sum() / args.num_problems
             (loss * world).backward()  # FSDP averages gradients over ranks; the loss wants their sum
             if dummy:
                 continue
@@ -470,6 +532,8 @@ def main(argv=None):
             # sum_i w_i L_i / sum_i w_i with the raw weights, all-reduced: what `loss` must equal
             "kl_weighted_mean": totals["weighted_kl"] / totals["raw_weight"] if totals["raw_weight"] > 0 else 0.0,
             "kl_fkl": totals["fkl"] / tokens,
+            "tis_weight_mean": (totals["tis"] / totals["tokens"] if args.tis_cap > 0 and totals["tokens"]
+                                else float("nan")),
             "kl_rkl": totals["rkl"] / tokens,
             "kl_active_rkl": float(kind == "rkl"),
             "kl_active_akl": float(kind == "akl"),
@@ -500,7 +564,7 @@ def main(argv=None):
     minutes = (time.time() - train_started) / 60
     summary = f"[paced] done: steps {start_step}->{args.num_steps} in {minutes:.1f} min; runs dir {run_dir}"
     if "first" in history and "last" in history:
-        key = f"eval/avg@{args.eval_k}"
+        key = f"eval/avg@{eval_k}"
         summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"
     print0(summary)
     logger.close()

@@ -47,6 +47,8 @@ Run:
     torchrun --nproc_per_node 2 trace.py --annotator oracle --num_steps 3  # two CPU ranks (gloo, FSDP2)
     python trace.py --model Qwen3-8B --annotator api --annotator_url https://host/v1 \\
         --annotator_model <name> --annotator_key_env MY_KEY ...           # README: the paper's settings
+On a GPU `--rollout auto` samples with vLLM (README, "vLLM rollouts"; the `self` annotator then
+generates through it too); `--tis_cap 2` adds the sampler/trainer correction.
 On the toy task every line is re-computable, so `parse_toy_steps` names the exact key step of a
 correct response and the first wrong line of an incorrect one (the `oracle` annotator).
 This file shares its name with the standard library's `trace` module: importing it has no side
@@ -72,11 +74,12 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, SamplingParams, TOY_CONTEXT_HEADER, UserError,
-                    above, all_gather_cat, all_reduce_sum, at_least, between, build_prompt, copy_weights, evaluate,
-                    init_distributed, load_checkpoint, load_model, load_run_problems, load_tokenizer, make_engine,
-                    micro_batches, option, output_head, parse_args, parse_toy_steps, prepare_run_dir, print0,
-                    response_hidden, response_token_spans, run_main, save_checkpoint, stop_token_ids,
-                    token_kl, token_logprob_entropy, validate_args, write_token_picture, writes_work)
+                    above, all_gather_cat, all_reduce_sum, at_least, between, build_prompt, copy_weights,
+                    eval_dataset_names, eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint,
+                    load_eval_benchmarks, load_model, load_run_problems, load_tokenizer, make_engine, micro_batches,
+                    option, output_head, parse_args, parse_eval_k, parse_toy_steps, prepare_run_dir, print0,
+                    resolve_model, response_hidden, response_token_spans, run_main, save_checkpoint, stop_token_ids,
+                    token_kl, token_logprob_entropy, validate_args, vllm_options, write_token_picture, writes_work)
 
 # Coarse type labels an annotator may give [ours: the paper names "a coarse type label"]; any other
 # text is kept, truncated to LABEL_CHARS.
@@ -95,7 +98,9 @@ ANNOTATOR_TASK = {True: "Name the key segments: the one or few steps the correct
 FEEDBACK = {True: "Your previous attempt was correct.", False: "Your previous attempt was incorrect."}
 TEACHER_CONTEXT = {"label": "{feedback}\nType: {label}.",
                    "label+solution": TOY_CONTEXT_HEADER + "{solution}\n\n{feedback}\nType: {label}."}
-ROUTE_CLASS = {"fkl": 1.0, "rkl": -1.0, "grpo": 0.0}  # colours of tokens.html
+# Evaluation protocol: the paper reports avg@k on four math benchmarks and GPQA-Diamond with k not
+# in the sources we could read; the benchmarks keep the table's k (common.DATASETS).
+EVAL_PROTOCOL: dict = {}
 
 RULES = {
     "num_generations": ((lambda g: g >= 2), ">= 2 (GRPO's baseline is the group mean of at least 2 rollouts)"),
@@ -121,7 +126,8 @@ class Args:
     model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | local dir")
     dataset: str = option("toy", "train problems: toy | hub id | .jsonl/.json/.parquet")
     dataset_split: str = option("train", "split of --dataset")
-    eval_dataset: str = option("toy", "eval problems (toy = its test split); empty string = no evaluation")
+    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,amc23,hmmt25,minerva,gpqa (a comma "
+                               "list with --eval_only) | short=file | file | hub id; empty = none")
     eval_split: str = option("test", "split of --eval_dataset")
     problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
     answer_key: str = option("answer", "column with the gold answer")
@@ -129,7 +135,7 @@ class Args:
                                            "label+solution)")
     num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
     seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
-    rollout: str = option("hf", "rollout engine: hf (vllm is planned)")
+    rollout: str = option("auto", "rollout engine: auto (vllm when installed and on CUDA, else hf) | vllm | hf")
     eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
     resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
     track: bool = option(False, "log to Weights & Biases")
@@ -183,6 +189,13 @@ class Args:
     top_k: int = option(0, "rollout top-k, 0 = off [ours]")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch (unset = template default)")
     gen_batch_size: int = option(256, "sequences per generate call, a memory bound of the hf engine [ours]")
+    vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
+                                                "cache), the rest is the trainer's [ours]")
+    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; 1 = one engine per rank")
+    vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to CPU, 2 discard "
+                              "(reloaded from the trainer before sampling)")
+    tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
+                                 "- log pi_sampler), cap); 0 = off [TRL, verl]")
     # optimisation
     lr: float = option(1e-4, "AdamW learning rate [ours: 1e-4 for the tiny toy model; paper setting via verl]")
     weight_decay: float = option(0.0, "AdamW weight decay [ours]")
@@ -193,10 +206,12 @@ class Args:
     num_minibatches: int = option(1, "optimizer steps per batch; 1 = on-policy, rho = 1 [ours]")
     micro_batch_size: int = option(64, "sequences per forward/backward (gradient accumulation)")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary log-prob/KL")
-    activation_checkpointing: bool = option(False, "recompute decoder layers in backward to save memory")
+    activation_checkpointing: Optional[bool] = option(None, "recompute decoder layers in backward to save memory "
+                                                            "(unset = on with CUDA, off on CPU)", alone=True)
     # evaluation, checkpoints
     eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
-    eval_k: int = option(4, "samples per eval problem: avg@k and pass@k")
+    eval_k: str = option("", "samples per eval problem (avg@k, pass@k): empty = each benchmark's default "
+                         "(toy 4) | one int | name=k pairs, e.g. aime24=32,math500=4")
     eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
     eval_temperature: float = option(0.7, "eval sampling temperature [ours; paper: 0.6, top-p 0.95, top-k 20]")
     eval_top_p: float = option(0.95, "eval nucleus sampling [paper]")
@@ -227,12 +242,32 @@ def kl_weight(step: int, lambda_0: float = 0.5, kl_hold: int = 10, kl_end: int =
     return lambda_0 * (kl_end - step) / (kl_end - kl_hold)
 
 
-def policy_loss(logprobs, old_logprobs, advantages, weights, num_tokens, clip_low=0.2, clip_high=0.28):
+def policy_loss(logprobs, old_logprobs, advantages, weights, num_tokens, clip_low=0.2, clip_high=0.28, tis=None):
     """Clipped surrogate times a per-token weight (1 on N, 1 - lambda_k/lambda_0 on S, 0 on padding),
-    summed and divided by the global valid-token count (sum over micro-batches and ranks = token-mean)."""
+    summed and divided by the global valid-token count (sum over micro-batches and ranks = token-mean).
+    `tis`: per-token truncated importance weights (`tis_weights`) multiplying each token's term."""
     ratio = torch.exp(logprobs - old_logprobs)
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
+    if tis is not None:
+        surrogate = surrogate * tis
     return -torch.where(weights > 0, weights * surrogate, torch.zeros_like(surrogate)).sum() / num_tokens
+
+
+def tis_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                cap: float) -> torch.Tensor:
+    """Truncated importance sampling between the sampler (vLLM: another kernel, bf16) and the trainer
+    [TRL `vllm_importance_sampling_correction`, mode token_truncate; verl rollout correction]:
+    w_t = min(exp(log pi_train(y_t) - log pi_sampler(y_t)), cap), no gradient; 1 where masked."""
+    w = torch.exp(train_logprobs.detach() - sampler_logprobs).clamp(max=cap)
+    return torch.where(mask, w, torch.ones_like(w))
+
+
+def padded_rows(rows: list, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row lists of floats -> a [B, R] tensor shaped like `mask` (0 where padded)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(mask.device)
 
 
 def bound_kl(d: torch.Tensor, kl_clip: float = 0.05, mode: str = "rescale") -> torch.Tensor:
@@ -489,6 +524,8 @@ def picture_row(tokenizer, problem: dict, response: list[int], reward: float, ro
 def main(argv=None):
     args = parse_args(Args, argv)
     validate_args(args, RULES)  # every option's range, before anything loads: one-line errors
+    eval_ks = parse_eval_k(args.eval_k, eval_dataset_names(args), EVAL_PROTOCOL)  # benchmark -> k
+    eval_k = next(iter(eval_ks.values()), 4)  # a training run evaluates on one dataset
     if args.kl_end < args.kl_hold:
         raise UserError(f"--kl_end {args.kl_end} is before --kl_hold {args.kl_hold}: use kl_end >= kl_hold.")
     if args.annotator == "oracle" and args.dataset != "toy":
@@ -515,11 +552,14 @@ def main(argv=None):
 
     # ---- data, model, optimizer, engine ----
     tokenizer = load_tokenizer(args.model)
-    train_rows, eval_rows = load_run_problems(args, tokenizer)
+    train_rows, eval_rows = load_run_problems(args, tokenizer) if not args.eval_only else ([], [])
+    benchmarks = load_eval_benchmarks(args, tokenizer) if args.eval_only else []  # (name, rows) each
     model = load_model(str(run.checkpoint or args.model), dist_info,
                        activation_checkpointing=args.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size)
+    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size, dist_info=dist_info,
+                         model_path=str(run.checkpoint or resolve_model(args.model)),
+                         vllm_options=vllm_options(args))
     grader = Grader(args.grader_timeout)
     sampler = ProblemSampler(len(train_rows), args.seed)
     start_step, refreshes = 0, 0
@@ -548,7 +588,7 @@ def main(argv=None):
     picture = []  # rows of tokens.html from the latest step (rank 0)
 
     def run_eval(step: int) -> dict:
-        metrics = evaluate(engine, tokenizer, eval_rows, grader, eval_params, args.eval_k, dist_info,
+        metrics = evaluate(engine, tokenizer, eval_rows, grader_for(eval_rows, grader), eval_params, eval_k, dist_info,
                            args.enable_thinking)
         logger.log(step, metrics, prefix="eval")
         draw_picture()
@@ -564,12 +604,15 @@ def main(argv=None):
                                      f"GRPO: the picture shows the last step with routing.")
 
     history = {}
-    if eval_rows and (args.eval_only or start_step == 0):
-        history["first"] = run_eval(start_step)
-    if args.eval_only:
+    if args.eval_only:  # every --eval_dataset benchmark with its k: one table (eval_table.md/.json)
+        history["first"] = eval_only_table(engine, tokenizer, benchmarks, grader, eval_params, eval_ks, dist_info,
+                                           logger, run_dir, start_step, str(run.checkpoint or args.model),
+                                           args.enable_thinking)
         logger.close()
         grader.close()
         return history
+    if eval_rows and start_step == 0:
+        history["first"] = run_eval(start_step)
 
     problems_per_rank = args.num_problems // world
     group = args.num_generations
@@ -593,7 +636,11 @@ def main(argv=None):
         problems = [train_rows[i] for i in indices]
         prompts = [build_prompt(tokenizer, p["problem"], enable_thinking=args.enable_thinking) for p in problems]
         student_prompts = [prompt for prompt in prompts for _ in range(group)]  # rollout i: problem i // G
-        responses = engine.generate(student_prompts, rollout_params, desc="rollout")
+        if args.tis_cap > 0:  # the sampler's own log-probs, for the sampler/trainer correction
+            responses, sampler_logprobs = engine.generate(student_prompts, rollout_params, desc="rollout",
+                                                          logprobs=True)
+        else:
+            responses = engine.generate(student_prompts, rollout_params, desc="rollout")
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         rollouts = range(len(responses))
 
@@ -671,7 +718,7 @@ def main(argv=None):
         # ---- 6. loss: GRPO on N, faded GRPO + lambda_k * bounded KL on S, global token-mean
         model.train()
         sums = dict.fromkeys(["loss", "kl_loss", "entropy", "clipped", "fkl_tokens", "rkl_tokens", "kl_raw",
-                              "kl_bounded", "kl_over_clip", "gap_key", "gap_error"], 0.0)
+                              "kl_bounded", "kl_over_clip", "gap_key", "gap_error", "tis"], 0.0)
         fade = 1.0 - lam / args.lambda_0 if args.lambda_0 > 0 else 1.0
         kl_rows = {}  # rollout -> per-token D_t before the bound (picture)
         per_minibatch = len(responses) // args.num_minibatches
@@ -705,8 +752,12 @@ def main(argv=None):
                     masks[name] = torch.nn.functional.pad(padded, (0, mask.shape[1] - padded.shape[1])) & mask
                 span = masks["fkl"] | masks["rkl"]
                 weights = torch.where(span, fade, 1.0) * mask
+                tis = (tis_weights(old_logprobs, padded_rows([sampler_logprobs[i] for i in batch], mask), mask,
+                                   args.tis_cap) if args.tis_cap > 0 else None)
                 loss = policy_loss(logprobs, old_logprobs, advantages, weights, minibatch_tokens,
-                                   args.clip_low, args.clip_high)
+                                   args.clip_low, args.clip_high, tis)
+                if tis is not None:
+                    sums["tis"] += tis[mask].sum()
                 kl_loss = torch.zeros((), device=mask.device)
                 if teacher_hidden is not None and rows:
                     sub = torch.tensor(rows, device=mask.device)
@@ -792,6 +843,7 @@ def main(argv=None):
             "teacher_refreshes": refreshes,
             "careful_frac": totals["careful"] / sequences_global,
             "clip_frac": totals["clipped"] / tokens,
+            "tis_weight_mean": totals["tis"] / tokens if args.tis_cap > 0 else float("nan"),
             "truncated_frac": totals["truncated"] / sequences_global,
             "zero_adv_groups": totals["zero_adv_groups"] / args.num_problems,
             "no_answer": totals["no_answer"],
@@ -812,7 +864,7 @@ def main(argv=None):
     minutes = (time.time() - train_started) / 60
     summary = f"[trace] done: steps {start_step}->{args.num_steps} in {minutes:.1f} min; runs dir {run_dir}"
     if "first" in history and "last" in history:
-        key = f"eval/avg@{args.eval_k}"
+        key = f"eval/avg@{eval_k}"
         summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"
     print0(summary)
     logger.close()

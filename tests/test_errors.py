@@ -17,6 +17,8 @@ import common
 from common import UserError
 from conftest import run_script, torchrun
 
+EVAL_K_RANGE = ">= 1 (one int, or name=k pairs like aime24=32,math500=4)"
+
 # (flag, bad value, the valid range the message must state)
 BAD_VALUES = [
     ("num_steps", "0", ">= 1"), ("seed", "-1", "in [0, 2147483647]"), ("num_problems", "0", ">= 1"),
@@ -28,10 +30,11 @@ BAD_VALUES = [
     ("clip_low", "1.5", "in [0, 1]"), ("clip_high", "-0.1", ">= 0"), ("num_minibatches", "0", ">= 1"),
     ("micro_batch_size", "0", ">= 1"), ("logprob_chunk_size", "0", ">= 1"), ("lambda_max", "-0.5", ">= 0"),
     ("gate_warmup", "-1", ">= 0"), ("tau_down", "0", "in (0, 1]"), ("tau_down", "1.2", "in (0, 1]"),
-    ("eval_every", "-1", ">= 0"), ("eval_k", "0", ">= 1"), ("eval_limit", "-1", ">= 0"),
+    ("eval_every", "-1", ">= 0"), ("eval_k", "0", EVAL_K_RANGE), ("eval_k", "aime24=x", EVAL_K_RANGE),
+    ("eval_limit", "-1", ">= 0"),
     ("eval_temperature", "-1", ">= 0"), ("eval_top_p", "0", "in (0, 1]"), ("eval_top_k", "-2", ">= 0"),
     ("save_every", "-1", ">= 0"), ("grader_timeout", "0", "> 0"), ("grader_timeout", "-3", "> 0"),
-    ("rollout", "vllm", "one of hf (vllm is planned, not implemented yet)"),
+    ("rollout", "sglang", "one of auto, vllm, hf"),
 ]
 
 
@@ -83,12 +86,12 @@ def test_track_without_wandb(no_loading):
 
 def test_user_error_is_one_line_without_traceback():
     result = run_script([sys.executable, "antisd.py", "--eval_k", "0"], check=False)
-    assert (result.returncode, result.stdout) == (2, "error: --eval_k 0: must be >= 1\n")
+    assert (result.returncode, result.stdout) == (2, f"error: --eval_k 0: must be {EVAL_K_RANGE}\n")
     for debug in [{"env": {"RLVR_DEBUG": "1"}}, {"args": ["--debug"]}]:
         result = run_script([sys.executable, "antisd.py", "--eval_k", "0", *debug.get("args", [])],
                             env=debug.get("env"), check=False)
         assert result.returncode == 1 and "Traceback (most recent call last)" in result.stdout
-        assert result.stdout.rstrip().endswith("common.UserError: --eval_k 0: must be >= 1")
+        assert result.stdout.rstrip().endswith(f"common.UserError: --eval_k 0: must be {EVAL_K_RANGE}")
 
 
 def test_a_bug_keeps_its_traceback():
@@ -99,7 +102,7 @@ def test_a_bug_keeps_its_traceback():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--eval_k", "0"], "--eval_k 0: must be >= 1"),  # before the process group starts
+    (["--eval_k", "0"], f"--eval_k 0: must be {EVAL_K_RANGE}"),  # before the process group starts
     (["--num_problems", "3"], "--num_problems 3 does not divide over 2 ranks"),  # after
 ])
 def test_torchrun_user_error_exits_on_both_ranks_promptly(tmp_path, flags, message):

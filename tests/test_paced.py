@@ -198,13 +198,13 @@ class Recorder:
             self.weights.append((p.clone(), w.clone()))
             return w
 
-        def recording_engine(kind, model, tokenizer, batch_size=64):
-            engine = make_engine(kind, model, tokenizer, batch_size)
+        def recording_engine(kind, model, tokenizer, batch_size=64, **options):
+            engine = make_engine(kind, model, tokenizer, batch_size, **options)
             generate = engine.generate
             frozen = not any(p.requires_grad for p in model.parameters())
 
-            def recording_generate(prompts, params, desc="generate"):
-                out = generate(prompts, params, desc)
+            def recording_generate(prompts, params, desc="generate", **kwargs):
+                out = generate(prompts, params, desc, **kwargs)
                 self.generated.append({"teacher": frozen, "prompts": prompts, "out": out})
                 return out
 

@@ -86,14 +86,21 @@ def break_checkpoint(path, how):
     elif how == "truncated weights":
         data = (path / "model.safetensors").read_bytes()
         (path / "model.safetensors").write_bytes(data[: len(data) - 100])
+    elif how == "no training state":
+        (path / "train_state" / ".metadata").unlink()
+    elif how == "truncated training shard":
+        data = (path / "train_state" / "__0_0.distcp").read_bytes()
+        (path / "train_state" / "__0_0.distcp").write_bytes(data[: len(data) - 100])
     elif how == "folder gone":  # `latest` still names it
         shutil.rmtree(path)
 
 
 REASONS = {"no trainer state": "trainer_state.pt is missing",
-           "truncated trainer state": "trainer_state.pt does not load (RuntimeError: PytorchStreamReader",
+           "truncated trainer state": "trainer_state.pt does not load (",
            "no weights": "the model weights (model.safetensors) are missing",
-           "truncated weights": "model.safetensors does not load (SafetensorError"}
+           "truncated weights": "model.safetensors does not load (SafetensorError",
+           "no training state": "the training state (train_state/.metadata) is missing",
+           "truncated training shard": "train_state/__0_0.distcp is truncated ("}
 
 
 @pytest.fixture(scope="module")
