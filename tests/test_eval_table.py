@@ -8,6 +8,7 @@ import antisd
 import common
 import iw_opd
 import paced
+import trace
 
 
 def test_parse_eval_k():
@@ -50,7 +51,7 @@ def benchmark_file(tmp_path, count=6):
     return path
 
 
-@pytest.mark.parametrize("script", [antisd, iw_opd, paced])
+@pytest.mark.parametrize("script", [antisd, iw_opd, paced, trace])
 def test_eval_only_writes_one_table(tmp_path, script):
     path = benchmark_file(tmp_path)
     history = script.main(["--eval_only", "--eval_dataset", f"toy,aime24={path}", "--eval_limit", "4",

@@ -9,6 +9,7 @@ import torch
 import antisd
 import iw_opd
 import paced
+import trace
 from conftest import run_script
 
 TRAIN = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
@@ -16,7 +17,7 @@ SAMPLER = torch.tensor([[-1.5, -1.0, -0.5, 0.0]])
 MASK = torch.tensor([[True, True, True, False]])
 
 
-@pytest.mark.parametrize("script", [antisd, iw_opd, paced])
+@pytest.mark.parametrize("script", [antisd, iw_opd, paced, trace])
 def test_tis_weights_exact(script):
     w = script.tis_weights(TRAIN, SAMPLER, MASK, cap=2.0)
     assert torch.allclose(w, torch.tensor([[math.exp(0.5), math.exp(-1.0), 1.0, 1.0]]))  # masked: 1
@@ -52,6 +53,7 @@ def test_policy_losses_with_and_without_tis():
     ["antisd.py", "--num_generations", "2"],
     ["iw_opd.py"],
     ["paced.py", "--mode", "self", "--k", "4", "--num_problems", "8"],
+    ["trace.py", "--num_generations", "2", "--route", "both", "--annotator", "oracle"],
 ])
 def test_scripts_run_with_tis(tmp_path, command):
     """One toy step with --tis_cap: the HF engine's sampler log-probs are the trainer's own, so w ~ 1."""
