@@ -19,8 +19,8 @@ Surface, in file order:
   responses     THINK_TAGS, answer_span, writes_work, response_token_spans, token_roles
   rollouts      SamplingParams, stop_token_ids, RolloutEngine, generation_batches, gathered_weights, HFEngine,
                 sample_token, make_engine, VLLMEngine, VLLM_RANGE, vllm_options, resolve_rollout
-  log-probs     micro_batches, response_hidden, output_head, response_logprobs, chunked_map, token_logprob_entropy,
-                token_kl
+  log-probs     micro_batches, padded_rows, response_hidden, output_head, response_logprobs, chunked_map,
+                token_logprob_entropy, token_kl
   evaluation    evaluate; several benchmarks, one table: parse_eval_k, eval_dataset_names,
                 load_eval_benchmarks, evaluate_benchmarks, flat_eval_metrics, eval_table_markdown,
                 write_eval_table, eval_only_table
@@ -1976,6 +1976,14 @@ def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int, max
             at = batches.index(largest)
             batches[at: at + 1] = [largest[: len(largest) // 2], largest[len(largest) // 2:]]
     return batches
+
+
+def padded_rows(rows: list, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row lists of floats -> a [B, R] tensor shaped like `mask` (0 where padded)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(mask.device)
 
 
 def response_hidden(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):

@@ -58,9 +58,9 @@ from torch.nn.utils.rnn import pad_sequence
 from common import (Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
                     at_least, build_prompt, check_same_tokenizer, eval_dataset_names, eval_only_table, evaluate,
                     grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model, load_run_problems,
-                    load_tokenizer, make_engine, micro_batches, option, parse_args, parse_eval_k, prepare_run_dir,
-                    print0, resolve_model, response_logprobs, response_token_spans, run_main, save_checkpoint,
-                    stop_token_ids, validate_args, vllm_options, write_token_picture, writes_work)
+                    load_tokenizer, make_engine, micro_batches, option, padded_rows, parse_args, parse_eval_k,
+                    prepare_run_dir, print0, resolve_model, response_logprobs, response_token_spans, run_main,
+                    save_checkpoint, stop_token_ids, validate_args, vllm_options, write_token_picture, writes_work)
 
 SLICE_SHARE = 0.3  # --token_slice first30 / last30 [paper: 30%]
 
@@ -209,14 +209,6 @@ def tis_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, ma
     log pi_train is the behaviour policy as the trainer computes it (the ratio's denominator)."""
     w = torch.exp(train_logprobs.detach() - sampler_logprobs).clamp(max=cap)
     return torch.where(mask, w, torch.ones_like(w))
-
-
-def padded_rows(rows: list, mask: torch.Tensor) -> torch.Tensor:
-    """Per-row lists of floats -> a [B, R] tensor shaped like `mask` (0 where padded)."""
-    out = torch.zeros(mask.shape, dtype=torch.float32)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out.to(mask.device)
 
 
 def picture_row(tokenizer, problem: dict, response: list[int], reward: float, a: torch.Tensor, w: torch.Tensor,

@@ -64,7 +64,7 @@ from common import (Grader, ProblemSampler, RunLogger, SamplingParams, TOY_CONTE
                     all_reduce_sum, at_least, build_prompt, check_same_tokenizer, chunked_map, eval_dataset_names,
                     eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
                     load_model, load_run_problems, load_tokenizer, make_engine, micro_batches, option, output_head,
-                    parse_args, parse_eval_k, prepare_run_dir, print0, resolve_model, response_hidden,
+                    padded_rows, parse_args, parse_eval_k, prepare_run_dir, print0, resolve_model, response_hidden,
                     response_logprobs, response_token_spans, run_main, save_checkpoint, validate_args, vllm_options,
                     write_token_picture, writes_work)
 
@@ -258,14 +258,6 @@ def tis_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, ma
     Here it weights each token's divergence D_t on the student's own rollouts (--mode self)."""
     w = torch.exp(train_logprobs.detach() - sampler_logprobs).clamp(max=cap)
     return torch.where(mask, w, torch.ones_like(w))
-
-
-def padded_rows(rows: list, mask: torch.Tensor) -> torch.Tensor:
-    """Per-row lists of floats -> a [B, R] tensor shaped like `mask` (0 where padded)."""
-    out = torch.zeros(mask.shape, dtype=torch.float32)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out.to(mask.device)
 
 
 def pass_rate_bin(p: float) -> int:

@@ -76,13 +76,13 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from common import (Grader, ProblemSampler, RunLogger, SamplingParams, TOY_CONTEXT_HEADER, UserError,
-                    above, all_gather_cat, all_reduce_sum, at_least, between, build_prompt, copy_weights,
-                    eval_dataset_names, eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint,
-                    load_eval_benchmarks, load_model, load_run_problems, load_tokenizer, make_engine, micro_batches,
-                    option, output_head, parse_args, parse_eval_k, parse_toy_steps, prepare_run_dir, print0,
-                    resolve_model, response_hidden, response_token_spans, run_main, save_checkpoint, stop_token_ids,
-                    token_kl, token_logprob_entropy, validate_args, vllm_options, write_token_picture, writes_work)
+from common import (Grader, ProblemSampler, RunLogger, SamplingParams, TOY_CONTEXT_HEADER, UserError, above,
+                    all_gather_cat, all_reduce_sum, at_least, between, build_prompt, copy_weights, eval_dataset_names,
+                    eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
+                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches, option, output_head,
+                    padded_rows, parse_args, parse_eval_k, parse_toy_steps, prepare_run_dir, print0, resolve_model,
+                    response_hidden, response_token_spans, run_main, save_checkpoint, stop_token_ids, token_kl,
+                    token_logprob_entropy, validate_args, vllm_options, write_token_picture, writes_work)
 
 # Coarse type labels an annotator may give [ours: the paper names "a coarse type label"]; any other
 # text is kept, truncated to LABEL_CHARS.
@@ -267,14 +267,6 @@ def tis_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, ma
     w_t = min(exp(log pi_train(y_t) - log pi_sampler(y_t)), cap), no gradient; 1 where masked."""
     w = torch.exp(train_logprobs.detach() - sampler_logprobs).clamp(max=cap)
     return torch.where(mask, w, torch.ones_like(w))
-
-
-def padded_rows(rows: list, mask: torch.Tensor) -> torch.Tensor:
-    """Per-row lists of floats -> a [B, R] tensor shaped like `mask` (0 where padded)."""
-    out = torch.zeros(mask.shape, dtype=torch.float32)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out.to(mask.device)
 
 
 def bound_kl(d: torch.Tensor, kl_clip: float = 0.05, mode: str = "rescale") -> torch.Tensor:
@@ -564,8 +556,8 @@ def main(argv=None):
     model = load_model(str(run.checkpoint or args.model), dist_info,
                        activation_checkpointing=args.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size, args.gen_batch_tokens, dist_info=dist_info,
-                         model_path=str(run.checkpoint or resolve_model(args.model)),
+    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size, args.gen_batch_tokens,
+                         dist_info=dist_info, model_path=str(run.checkpoint or resolve_model(args.model)),
                          vllm_options=vllm_options(args))
     grader = Grader(args.grader_timeout)
     sampler = ProblemSampler(len(train_rows), args.seed)
