@@ -37,7 +37,7 @@ by the policy and a strong API annotator. [2nd]: the loss above, lambda_0 = 0.5,
 rescale keeps the gradient where forward KL lifts under-allocated teacher tokens, a hard clamp would
 zero it; METHODS.md), the span-mean KL norm, segments = response lines. [ours]: segment splitting of
 long lines (--max_segment_chars), the truncation of the last span at the coverage cap, the JSON
-answer format, the label set, the prompt templates, annotating only the rollouts the route uses,
+answer format, the label set, the prompt templates, annotating by default only the rollouts the route uses (--annotate),
 the `random` control, the `oracle` on the toy, the teacher contexts' wording (`label+solution`
 adds the reference solution), and the toy defaults (lr 1e-4, 64 tokens, 60 steps).
 
@@ -156,6 +156,10 @@ class Args:
                                                                            "OpenAI-compatible endpoint [paper]; "
                                                                            "oracle: toy only [ours]; random: "
                                                                            "length-matched random spans [ours]")
+    annotate: Literal["routed", "all"] = option("routed", "rollouts sent to the annotator: routed = only the class "
+                                                          "the route trains (correct ones for fkl_key, incorrect "
+                                                          "for rkl_error) [ours: saves cost]; all = every rollout "
+                                                          "[paper] (the other class's spans enter the metrics only)")
     teacher_context: Literal["label", "label+solution"] = option("label", "teacher's private context: the type "
                                                                           "label [paper], or the reference solution "
                                                                           "and the label [ours]")
@@ -649,13 +653,13 @@ def main(argv=None):
         sequence_advantages = group_advantages(reward_groups, args.scale_rewards).flatten()
         shown_rows = dict.fromkeys(range(min(args.picture_rollouts, len(responses)) if rank == 0 else 0))
 
-        # ---- 3. annotation (only while lambda_k > 0, only the rollouts the route uses): segments ->
-        # annotator -> routed token mask under the coverage cap, and the type label
+        # ---- 3. annotation (only while lambda_k > 0; by default only the rollouts the route uses): segments
+        # -> annotator -> routed token mask under the coverage cap, and the type label
         route_masks = {"fkl": [None] * len(rollouts), "rkl": [None] * len(rollouts)}
         labels = [""] * len(rollouts)
         counts = dict.fromkeys(["annotated", "annotation_ok", "covered"], 0.0)
         if lam > 0:
-            wanted = [i for i in rollouts if (rewards[i] > 0) in routes]
+            wanted = [i for i in rollouts if args.annotate == "all" or (rewards[i] > 0) in routes]
             requests = {}
             for i in wanted:
                 text, spans = response_text(tokenizer, responses[i])
@@ -685,9 +689,9 @@ def main(argv=None):
                         round(args.random_coverage * len(responses[i])))
                     valid = [t for t, token in enumerate(responses[i]) if token not in stop_ids]
                     mask = random_mask(len(responses[i]), size, span_rng, valid)
-                if mask.any():
+                counts["covered"] += float(mask.sum()) / len(responses[i])
+                if mask.any() and request.correct in routes:  # --annotate all: the other class is not trained
                     route_masks[routes[request.correct]][i] = mask
-                    counts["covered"] += float(mask.sum()) / len(responses[i])
 
         # ---- 4. teacher refresh (frozen copy) and teacher prompts of the routed rollouts: the problem plus
         # the private context (type label [paper], + reference solution [ours]); never the span positions

@@ -348,11 +348,11 @@ class Recorder:
         monkeypatch.setattr(trace.RunLogger, "log", counting_log)
 
 
-@pytest.mark.parametrize("route", ["fkl_key", "rkl_error"])
-def test_routing_only_on_the_routes_spans(route, tmp_path, monkeypatch, toy_tokenizer):
+@pytest.mark.parametrize("route,annotate", [("fkl_key", "routed"), ("rkl_error", "routed"), ("fkl_key", "all")])
+def test_routing_only_on_the_routes_spans(route, annotate, tmp_path, monkeypatch, toy_tokenizer):
     seen = Recorder(monkeypatch)
     trace.main([*FAST, "--num_problems", "8", "--num_steps", "2", "--route", route, "--annotator", "oracle",
-                "--teacher_context", "label+solution", "--output_dir", str(tmp_path)])
+                "--teacher_context", "label+solution", "--annotate", annotate, "--output_dir", str(tmp_path)])
     feedback = trace.FEEDBACK[route == "fkl_key"]
     other = trace.FEEDBACK[route != "fkl_key"]
     direction = "forward" if route == "fkl_key" else "reverse"
@@ -379,6 +379,11 @@ def test_routing_only_on_the_routes_spans(route, tmp_path, monkeypatch, toy_toke
     totals = records(next(tmp_path.iterdir()))
     share = "share_fkl" if route == "fkl_key" else "share_rkl"
     assert sum(r[share] * r["response_len"] * 32 for r in totals) == pytest.approx(routed)
+    if annotate == "all":  # every rollout annotated, yet KL only on the route's class (checked above)
+        assert len(seen.annotations) == 64 and all(r["annotated"] == 32 for r in totals)
+    else:  # only the route's class
+        assert all(r["annotated"] == round(r["reward"] * 32 if route == "fkl_key" else 32 - r["reward"] * 32)
+                   for r in totals)
 
 
 def test_no_annotation_no_teacher_after_kl_end_and_copy_freed(tmp_path, monkeypatch):
