@@ -623,6 +623,10 @@ def main(argv=None):
            f"{world} rank(s), --route {args.route}, --annotator {args.annotator}, --teacher_context "
            f"{args.teacher_context}, lambda_0 {args.lambda_0} held to step {args.kl_hold}, 0 at {args.kl_end}, "
            f"device {dist_info.device}")
+    if args.dataset == "toy" and args.annotator == "self" and args.lambda_0 > 0:
+        print0("[trace] note: the tiny toy model cannot follow the annotation prompt, so with --annotator self "
+               "annotation_success stays 0 and the run is GRPO; to see TRACE's routing on the toy use "
+               "--annotator oracle --teacher_context label+solution (README, TRACE)")
     train_started = time.time()
     for step in range(start_step, args.num_steps):
         step_started = time.time()
