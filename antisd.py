@@ -61,13 +61,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from common import (Grader, ProblemSampler, RunLogger, SamplingParams, UserError, all_gather_cat, all_reduce_sum,
-                    answer_span, at_least, between, build_prompt, eval_dataset_names, eval_only_table, evaluate,
-                    grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model, load_run_problems,
-                    load_tokenizer, make_engine, micro_batches, option, padded_rows, parse_args, parse_eval_k,
-                    prepare_run_dir, print0, resolve_model, response_logprobs, response_token_spans, run_main,
-                    save_checkpoint, stop_token_ids, token_roles, validate_args, vllm_options, write_token_picture,
-                    writes_work)
+from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams, UserError, all_gather_cat,
+                    all_reduce_sum, answer_span, at_least, between, build_prompt, eval_dataset_names, eval_only_table,
+                    evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
+                    load_run_problems, load_tokenizer, make_engine, micro_batches, option, padded_rows, parse_args,
+                    parse_eval_k, prepare_run_dir, print0, resolve_model, response_logprobs, response_token_spans,
+                    run_main, save_checkpoint, stop_token_ids, token_roles, validate_args, vllm_options,
+                    write_token_picture, writes_work)
 
 # Privileged context c [paper: verified solution + correctness feedback; wording ours]. The toy
 # models are taught this exact form (common.TOY_CONTEXT_HEADER / TOY_FEEDBACK_LINES).
@@ -91,61 +91,30 @@ EVAL_PROTOCOL = {"aime24": 32, "aime25": 32, "hmmt25": 32, "minerva": 4}
 
 
 @dataclass
-class Args:
-    # shared by every script
+class Args(RunOptions):
+    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
     model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | local dir")
     dataset: str = option("toy", "train problems: toy | DAPO-Math-17k hub id | hub id | .jsonl/.json/.parquet")
-    dataset_split: str = option("train", "split of --dataset")
-    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,amc23,hmmt25,minerva,gpqa (a comma "
-                               "list with --eval_only) | short=file | file | hub id; empty = none")
-    eval_split: str = option("test", "split of --eval_dataset")
-    problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
-    answer_key: str = option("answer", "column with the gold answer")
     solution_key: str = option("solution", "column with a reference solution (optional)")
     num_steps: int = option(60, "optimizer steps [paper: 200; ours: 60 on the toy]")
-    seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
-    rollout: str = option("auto", "rollout engine: auto (vllm when installed and on CUDA, else hf) | vllm | hf")
-    eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
-    resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
-    track: bool = option(False, "log to Weights & Biases")
     run_name: str = option("", "run directory name under --output_dir; default antisd_<model>_s<seed>")
-    output_dir: str = option("runs", "where run directories go")
-    resume_or_start: bool = option(False, "like --resume, but start from step 0 when there is no valid checkpoint")
-    overwrite: bool = option(False, "move an existing run directory of --run_name aside and start a new run")
-    debug: bool = option(False, "print the traceback of input errors too (or set RLVR_DEBUG=1)")
     # rollouts
     num_problems: int = option(32, "problems per step, global [paper: 32]")
     num_generations: int = option(8, "rollouts per problem G [paper: 8]")
     max_new_tokens: int = option(64, "response token limit [paper: 32K; ours: 64 on the toy]")
-    max_prompt_tokens: int = option(0, "skip problems with longer prompts; 0 = model context - max_new_tokens")
     temperature: float = option(1.0, "rollout sampling temperature [ours]")
     top_p: float = option(1.0, "rollout nucleus sampling [ours]")
     top_k: int = option(0, "rollout top-k, 0 = off [ours]")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch (unset = template default)")
     gen_batch_size: int = option(256, "sequences per generation batch of the hf engine [ours: one batch for 32 x 8]")
-    gen_batch_tokens: int = option(262144, "KV-cache positions per generation batch of the hf engine, rows x (longest "
-                                   "prompt + max_new_tokens); 0 = no bound [ours: README, memory table]")
-    vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
-                                                "cache), the rest is the trainer's [ours]")
-    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; 1 = one engine per rank")
-    vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to CPU, 2 discard "
-                              "(reloaded from the trainer before sampling)")
-    tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
-                                 "- log pi_sampler), cap); 0 = off [TRL, verl]")
     # optimisation
     lr: float = option(1e-4, "AdamW learning rate [paper: 1e-6; ours: 1e-4 for the tiny toy model]")
-    weight_decay: float = option(0.0, "AdamW weight decay [ours]")
     max_grad_norm: float = option(1.0, "gradient-norm clip [paper setting via verl]")
     clip_low: float = option(0.2, "PPO ratio clip eps_low [paper setting via verl]")
     clip_high: float = option(0.28, "PPO ratio clip eps_high, DAPO clip-higher [paper setting via verl]")
     scale_rewards: bool = option(True, "divide group advantages by the group std (false = Dr.GRPO)")
     num_minibatches: int = option(1, "optimizer steps per batch; 1 = on-policy, rho = 1 [ours]")
-    micro_batch_size: int = option(64, "at most this many sequences per forward/backward (gradient accumulation)")
-    micro_batch_tokens: int = option(16384, "at most this many padded tokens (rows x longest) per forward/backward; "
-                                     "a longer sequence goes alone; 0 = no bound [ours: README, memory table]")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary log-prob/entropy")
-    activation_checkpointing: Optional[bool] = option(None, "recompute decoder layers in backward to save memory "
-                                                            "(unset = on with CUDA, off on CPU)", alone=True)
     # AntiSD
     lambda_max: float = option(0.5, "weight of the token term when the gate is open [paper]; 0 = GRPO")
     signal: Literal["antisd", "sd"] = option("antisd", "antisd: -phi(u) or -u; sd: +u, no gate [paper]")
@@ -154,16 +123,12 @@ class Args:
     gate_warmup: int = option(5, "steps with lambda = 0 that calibrate H_warm [paper]")
     tau_down: float = option(0.93, "gate closes below tau_down * H_warm [paper; ablations 0.90, 0.95]")
     # evaluation, checkpoints
-    eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
     eval_k: str = option("", "samples per eval problem (avg@k, pass@k): empty = each benchmark's default "
                          "(EVAL_PROTOCOL, toy 4) | one int | name=k pairs, e.g. aime24=32,math500=4")
-    eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
     eval_temperature: float = option(0.7, "eval sampling temperature [paper]")
     eval_top_p: float = option(0.95, "eval nucleus sampling [paper]")
     eval_top_k: int = option(0, "eval top-k, 0 = off [paper: not used]")
-    save_every: int = option(0, "checkpoint every N steps and at the end; 0 = never")
     picture_rollouts: int = option(16, "rollouts of the latest step drawn in tokens.html (at each eval and the end)")
-    grader_timeout: float = option(10.0, "hard wall-clock bound per graded answer, seconds")
 
 
 # ---------------------------------------------------------------------------------------------

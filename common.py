@@ -6,7 +6,7 @@ this file into another project and it runs.
 
 Surface, in file order:
   distributed   Dist, init_distributed, print0, all_reduce_sum, all_gather_cat, barrier
-  arguments     UserError, option, parse_args, ARG_RULES, at_least, above, between, one_of,
+  arguments     UserError, option, parse_args, RunOptions, ARG_RULES, at_least, above, between, one_of,
                 validate_args, run_main
   models        MODEL_ALIASES, resolve_model, check_same_tokenizer, hub_reachable, load_tokenizer,
                 max_prompt_length, load_model, LoadPlan, load_plan, copy_weights
@@ -66,7 +66,7 @@ import time
 import urllib.parse
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 # CUDA: let the caching allocator grow segments instead of fragmenting them (generation and training
 # alternate very different tensor shapes). Read at the first CUDA allocation, so set before torch
@@ -244,6 +244,53 @@ ARG_RULES = {
     "save_every": at_least(0),
     "grader_timeout": above(0),
 }
+
+
+@dataclass
+class RunOptions:
+    """The options every script shares with the same meaning and default: each script's `Args`
+    subclasses it and adds its method's options and the shared ones whose defaults or sources differ
+    per paper (model, dataset, steps, batch, sampling, learning rate). Ranges: `ARG_RULES`."""
+    # run: seed, mode, run directory
+    seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
+    eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
+    resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
+    track: bool = option(False, "log to Weights & Biases")
+    output_dir: str = option("runs", "where run directories go")
+    resume_or_start: bool = option(False, "like --resume, but start from step 0 when there is no valid checkpoint")
+    overwrite: bool = option(False, "move an existing run directory of --run_name aside and start a new run")
+    debug: bool = option(False, "print the traceback of input errors too (or set RLVR_DEBUG=1)")
+    # data
+    dataset_split: str = option("train", "split of --dataset")
+    problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
+    answer_key: str = option("answer", "column with the gold answer")
+    max_prompt_tokens: int = option(0, "skip problems with longer prompts; 0 = model context - max_new_tokens")
+    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,amc23,hmmt25,minerva,gpqa (a comma "
+                               "list with --eval_only) | short=file | file | hub id; empty = none")
+    eval_split: str = option("test", "split of --eval_dataset")
+    # rollout engine (README, "vLLM rollouts", "Memory per GPU")
+    rollout: str = option("auto", "rollout engine: auto (vllm when installed and on CUDA, else hf) | vllm | hf")
+    gen_batch_tokens: int = option(262144, "KV-cache positions per generation batch of the hf engine, rows x (longest "
+                                   "prompt + max_new_tokens); 0 = no bound [ours: README, memory table]")
+    vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
+                                                "cache), the rest is the trainer's [ours]")
+    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; 1 = one engine per rank")
+    vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to CPU, 2 discard "
+                              "(reloaded from the trainer before sampling)")
+    tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
+                                 "- log pi_sampler), cap); 0 = off [TRL, verl]")
+    # optimisation memory
+    weight_decay: float = option(0.0, "AdamW weight decay [ours]")
+    micro_batch_size: int = option(64, "at most this many sequences per forward/backward (gradient accumulation)")
+    micro_batch_tokens: int = option(16384, "at most this many padded tokens (rows x longest) per forward/backward; "
+                                     "a longer sequence goes alone; 0 = no bound [ours: README, memory table]")
+    activation_checkpointing: Optional[bool] = option(None, "recompute decoder layers in backward to save memory "
+                                                            "(unset = on with CUDA, off on CPU)", alone=True)
+    # evaluation, checkpoints, grading
+    eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
+    eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
+    save_every: int = option(0, "checkpoint every N steps and at the end; 0 = never")
+    grader_timeout: float = option(10.0, "hard wall-clock bound per graded answer, seconds")
 
 
 def validate_args(args, rules: dict | None = None) -> None:

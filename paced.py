@@ -60,13 +60,13 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from common import (Grader, ProblemSampler, RunLogger, SamplingParams, TOY_CONTEXT_HEADER, UserError, all_gather_cat,
-                    all_reduce_sum, at_least, build_prompt, check_same_tokenizer, chunked_map, eval_dataset_names,
-                    eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
-                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches, option, output_head,
-                    padded_rows, parse_args, parse_eval_k, prepare_run_dir, print0, resolve_model, response_hidden,
-                    response_logprobs, response_token_spans, run_main, save_checkpoint, validate_args, vllm_options,
-                    write_token_picture, writes_work)
+from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams, TOY_CONTEXT_HEADER, UserError,
+                    all_gather_cat, all_reduce_sum, at_least, build_prompt, check_same_tokenizer, chunked_map,
+                    eval_dataset_names, eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint,
+                    load_eval_benchmarks, load_model, load_run_problems, load_tokenizer, make_engine, micro_batches,
+                    option, output_head, padded_rows, parse_args, parse_eval_k, prepare_run_dir, print0, resolve_model,
+                    response_hidden, response_logprobs, response_token_spans, run_main, save_checkpoint, validate_args,
+                    vllm_options, write_token_picture, writes_work)
 
 AKL_HEAD_MASS = 0.5  # cumulative teacher probability of the AKL head [Wu et al. 2024]
 # pass-rate bins of the histogram and the SNR [ours]: p = 0, (0, .25], (.25, .5], (.5, .75], (.75, 1), p = 1
@@ -88,28 +88,13 @@ EVAL_PROTOCOL = {"math500": 8, "aime24": 8, "aime25": 8}
 
 
 @dataclass
-class Args:
-    # shared by every script
+class Args(RunOptions):
+    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
     model: str = option("toy", "student: toy | toy-large | alias (Qwen3-0.6B, ...) | hub id | local dir")
     dataset: str = option("toy", "train problems: toy | hub id | .jsonl/.json/.parquet")
-    dataset_split: str = option("train", "split of --dataset")
-    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,amc23,hmmt25,minerva,gpqa (a comma "
-                               "list with --eval_only) | short=file | file | hub id; empty = none")
-    eval_split: str = option("test", "split of --eval_dataset")
-    problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
-    answer_key: str = option("answer", "column with the gold answer")
     solution_key: str = option("solution", "column with the expert solution (the self-teacher's context)")
     num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
-    seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
-    rollout: str = option("auto", "rollout engine: auto (vllm when installed and on CUDA, else hf) | vllm | hf")
-    eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
-    resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
-    track: bool = option(False, "log to Weights & Biases")
     run_name: str = option("", "run directory name under --output_dir; default paced_<mode>_<model>_s<seed>")
-    output_dir: str = option("runs", "where run directories go")
-    resume_or_start: bool = option(False, "like --resume, but start from step 0 when there is no valid checkpoint")
-    overwrite: bool = option(False, "move an existing run directory of --run_name aside and start a new run")
-    debug: bool = option(False, "print the traceback of input errors too (or set RLVR_DEBUG=1)")
     # method
     mode: Literal["distill", "self"] = option("distill", "distill: frozen --teacher_model samples a reference, "
                                                          "teacher-forced KL on it; self: the student shown the "
@@ -126,42 +111,22 @@ class Args:
     # rollouts
     num_problems: int = option(16, "problems per step, global [ours: 16 on the toy]")
     max_new_tokens: int = option(64, "response token limit [ours: 64 on the toy]")
-    max_prompt_tokens: int = option(0, "skip problems with longer prompts; 0 = model context - max_new_tokens")
     temperature: float = option(1.0, "student and teacher sampling temperature [ours]")
     top_p: float = option(1.0, "nucleus sampling [ours]")
     top_k: int = option(0, "top-k, 0 = off")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch")
     gen_batch_size: int = option(256, "sequences per generation batch of the hf engine [ours]")
-    gen_batch_tokens: int = option(262144, "KV-cache positions per generation batch of the hf engine, rows x (longest "
-                                   "prompt + max_new_tokens); 0 = no bound [ours: README, memory table]")
-    vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
-                                                "cache), the rest is the trainer's [ours]")
-    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; 1 = one engine per rank")
-    vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to CPU, 2 discard "
-                              "(reloaded from the trainer before sampling)")
-    tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
-                                 "- log pi_sampler), cap); 0 = off [TRL, verl]")
     # optimisation
     lr: float = option(2e-4, "AdamW learning rate [ours: 2e-4 for the tiny toy model]")
-    weight_decay: float = option(0.0, "AdamW weight decay [ours]")
     max_grad_norm: float = option(1.0, "gradient-norm clip [ours]")
-    micro_batch_size: int = option(64, "at most this many sequences per forward/backward (gradient accumulation)")
-    micro_batch_tokens: int = option(16384, "at most this many padded tokens (rows x longest) per forward/backward; "
-                                     "a longer sequence goes alone; 0 = no bound [ours: README, memory table]")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary divergence")
-    activation_checkpointing: Optional[bool] = option(None, "recompute decoder layers in backward to save memory "
-                                                            "(unset = on with CUDA, off on CPU)", alone=True)
     # evaluation, checkpoints
-    eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
     eval_k: str = option("", "samples per eval problem (avg@k, pass@k): empty = each benchmark's default "
                          "(EVAL_PROTOCOL, toy 4) | one int | name=k pairs, e.g. aime24=32,math500=4")
-    eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
     eval_temperature: float = option(0.7, "eval sampling temperature [ours]")
     eval_top_p: float = option(0.95, "eval nucleus sampling [ours]")
     eval_top_k: int = option(0, "eval top-k, 0 = off")
-    save_every: int = option(0, "checkpoint every N steps and at the end; 0 = never")
     picture_rollouts: int = option(16, "trained sequences of the latest step drawn in tokens.html")
-    grader_timeout: float = option(10.0, "hard wall-clock bound per graded answer, seconds")
 
 
 # ---------------------------------------------------------------------------------------------

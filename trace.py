@@ -76,7 +76,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from common import (Grader, ProblemSampler, RunLogger, SamplingParams, TOY_CONTEXT_HEADER, UserError, above,
+from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams, TOY_CONTEXT_HEADER, UserError, above,
                     all_gather_cat, all_reduce_sum, at_least, between, build_prompt, copy_weights, eval_dataset_names,
                     eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
                     load_model, load_run_problems, load_tokenizer, make_engine, micro_batches, option, output_head,
@@ -124,29 +124,14 @@ RULES = {
 
 
 @dataclass
-class Args:
-    # shared by every script
+class Args(RunOptions):
+    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
     model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | local dir")
     dataset: str = option("toy", "train problems: toy | hub id | .jsonl/.json/.parquet")
-    dataset_split: str = option("train", "split of --dataset")
-    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,amc23,hmmt25,minerva,gpqa (a comma "
-                               "list with --eval_only) | short=file | file | hub id; empty = none")
-    eval_split: str = option("test", "split of --eval_dataset")
-    problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
-    answer_key: str = option("answer", "column with the gold answer")
     solution_key: str = option("solution", "column with a reference solution (optional; --teacher_context "
                                            "label+solution)")
     num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
-    seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
-    rollout: str = option("auto", "rollout engine: auto (vllm when installed and on CUDA, else hf) | vllm | hf")
-    eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
-    resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
-    track: bool = option(False, "log to Weights & Biases")
     run_name: str = option("", "run directory name under --output_dir; default trace_<route>_<model>_s<seed>")
-    output_dir: str = option("runs", "where run directories go")
-    resume_or_start: bool = option(False, "like --resume, but start from step 0 when there is no valid checkpoint")
-    overwrite: bool = option(False, "move an existing run directory of --run_name aside and start a new run")
-    debug: bool = option(False, "print the traceback of input errors too (or set RLVR_DEBUG=1)")
     # TRACE
     route: Literal["fkl_key", "rkl_error", "both"] = option("fkl_key", "fkl_key: forward KL on key spans of correct "
                                                                        "rollouts [paper, Qwen3-8B]; rkl_error: reverse "
@@ -190,46 +175,26 @@ class Args:
     num_problems: int = option(32, "problems per step, global [ours: 32 on the toy]")
     num_generations: int = option(8, "rollouts per problem G [ours: 8]")
     max_new_tokens: int = option(64, "response token limit [ours: 64 on the toy]")
-    max_prompt_tokens: int = option(0, "skip problems with longer prompts; 0 = model context - max_new_tokens")
     temperature: float = option(1.0, "rollout sampling temperature [ours]")
     top_p: float = option(1.0, "rollout nucleus sampling [ours]")
     top_k: int = option(0, "rollout top-k, 0 = off [ours]")
     enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch (unset = template default)")
     gen_batch_size: int = option(256, "sequences per generation batch of the hf engine [ours]")
-    gen_batch_tokens: int = option(262144, "KV-cache positions per generation batch of the hf engine, rows x (longest "
-                                   "prompt + max_new_tokens); 0 = no bound [ours: README, memory table]")
-    vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
-                                                "cache), the rest is the trainer's [ours]")
-    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; 1 = one engine per rank")
-    vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to CPU, 2 discard "
-                              "(reloaded from the trainer before sampling)")
-    tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
-                                 "- log pi_sampler), cap); 0 = off [TRL, verl]")
     # optimisation
     lr: float = option(1e-4, "AdamW learning rate [ours: 1e-4 for the tiny toy model; paper setting via verl]")
-    weight_decay: float = option(0.0, "AdamW weight decay [ours]")
     max_grad_norm: float = option(1.0, "gradient-norm clip [paper setting via verl]")
     clip_low: float = option(0.2, "PPO ratio clip eps_low [paper]")
     clip_high: float = option(0.28, "PPO ratio clip eps_high, DAPO clip-higher [paper]")
     scale_rewards: bool = option(True, "divide group advantages by the group std (false = Dr.GRPO)")
     num_minibatches: int = option(1, "optimizer steps per batch; 1 = on-policy, rho = 1 [ours]")
-    micro_batch_size: int = option(64, "at most this many sequences per forward/backward (gradient accumulation)")
-    micro_batch_tokens: int = option(16384, "at most this many padded tokens (rows x longest) per forward/backward; "
-                                     "a longer sequence goes alone; 0 = no bound [ours: README, memory table]")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary log-prob/KL")
-    activation_checkpointing: Optional[bool] = option(None, "recompute decoder layers in backward to save memory "
-                                                            "(unset = on with CUDA, off on CPU)", alone=True)
     # evaluation, checkpoints
-    eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
     eval_k: str = option("", "samples per eval problem (avg@k, pass@k): empty = each benchmark's default "
                          "(toy 4) | one int | name=k pairs, e.g. aime24=32,math500=4")
-    eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
     eval_temperature: float = option(0.7, "eval sampling temperature [ours; paper: 0.6, top-p 0.95, top-k 20]")
     eval_top_p: float = option(0.95, "eval nucleus sampling [paper]")
     eval_top_k: int = option(0, "eval top-k, 0 = off [paper: 20]")
-    save_every: int = option(0, "checkpoint every N steps and at the end; 0 = never")
     picture_rollouts: int = option(16, "rollouts of the latest step drawn in tokens.html (at each eval and the end)")
-    grader_timeout: float = option(10.0, "hard wall-clock bound per graded answer, seconds")
 
 
 # ---------------------------------------------------------------------------------------------
