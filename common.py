@@ -61,6 +61,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -1498,6 +1499,8 @@ _GRADER_WORKER = r"""
 import json, logging, sys
 from math_verify import parse, verify
 timeout = int(sys.argv[1])
+sys.stdout.write("ready\n")  # the parent waits for this: an import failure is an error, not zeros
+sys.stdout.flush()
 class TimeoutSeen(logging.Handler):
     # math-verify catches its own (signal based) time limit, logs "Timeout during ..." and returns
     # an empty parse / False: this handler notices it, so the answer is reported as a timeout ("T")
@@ -1535,27 +1538,62 @@ class Grader:
         self._worker: subprocess.Popen | None = None
         if not timeout > 0:  # 0 would score every answer as a timeout
             raise UserError(f"grader timeout {timeout}: must be > 0 seconds")
+        if importlib.util.find_spec("math_verify") is None:  # else every answer would score 0
+            raise UserError("the grader needs math-verify, which is not installed: "
+                            "pip install math-verify")
         self.timeout = timeout
 
     def _start(self) -> subprocess.Popen:
         inner = max(1, int(self.timeout))  # math-verify's own (signal based) limits, seconds
-        return subprocess.Popen([sys.executable, "-u", "-c", _GRADER_WORKER, str(inner)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        # stderr to a file, not a pipe: a pipe nobody reads would block a chatty worker
+        log = tempfile.TemporaryFile()
+        worker = subprocess.Popen([sys.executable, "-u", "-c", _GRADER_WORKER, str(inner)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                  text=True)
+        worker.stderr_log = log  # read by _await_ready when the worker fails to start
+        return worker
+
+    STARTUP_SECONDS = 60.0  # importing sympy takes a few seconds
+
+    def _await_ready(self) -> None:
+        """Wait for the new worker's "ready" line; a worker that dies or stays silent instead (say
+        math-verify or sympy fails to import) is a one-line UserError with its last stderr line."""
+        worker, received, deadline = self._worker, b"", time.monotonic() + self.STARTUP_SECONDS
+        stdout = worker.stdout.fileno()
+        while b"\n" not in received:  # nothing else comes before the first request
+            ready, _, _ = select.select([stdout], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(stdout, 64) if ready else b""
+            if not chunk:
+                break
+            received += chunk
+        if received == b"ready\n":
+            return
+        self.close()
+        reason = received.decode(errors="replace").strip()[:80] or "no line"
+        reason = f"{reason} within {self.STARTUP_SECONDS:g} s" if not ready else reason
+        log = getattr(worker, "stderr_log", None)
+        if log is not None:
+            log.seek(0)
+            lines = log.read().decode(errors="replace").strip().splitlines()
+            reason = lines[-1].strip() if lines else reason
+        python = Path(sys.executable).name
+        raise UserError(f"the grader's math-verify worker did not start ({reason}); check that "
+                        f"`{python} -c 'import math_verify'` works (pip install math-verify)")
 
     def _ask(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
         """Send (gold, pred) pairs to the worker; return its verdicts (None = math-verify's own time
         limit), in order, up to the first late one."""
-        grace = 0.0
         if self._worker is None or self._worker.poll() is not None:
-            self._worker, grace = self._start(), 60.0  # importing sympy takes a few seconds
+            self._worker = self._start()
+            self._await_ready()
         requests = "".join(json.dumps({"gold": gold, "pred": pred}) + "\n" for gold, pred in pairs).encode()
         # a thread writes, so that a batch larger than the pipe buffer cannot block us past the bound
         writer = threading.Thread(target=_write_all, args=(self._worker.stdin, requests), daemon=True)
         writer.start()
         stdout, received, verdicts = self._worker.stdout.fileno(), b"", []
         while len(verdicts) < len(pairs):
-            if b"\n" not in received:  # wait for the next answer, at most timeout (+ start-up) seconds
-                ready, _, _ = select.select([stdout], [], [], self.timeout + grace)
+            if b"\n" not in received:  # wait for the next answer, at most timeout seconds
+                ready, _, _ = select.select([stdout], [], [], self.timeout)
                 chunk = os.read(stdout, 65536) if ready else b""
                 if not chunk:  # hung (no answer in time) or died (end of file)
                     self.close()  # kill it; the next call starts a fresh one
@@ -1568,7 +1606,6 @@ class Grader:
                 break
             # "T": math-verify's own time limit, a timeout (None); the worker itself is fine
             verdicts.append(None if line.strip() == b"T" else line.strip() == b"1")
-            grace = 0.0
         writer.join()  # done: the worker read every request, or it was killed (the write fails at once)
         return verdicts
 
@@ -1754,6 +1791,7 @@ class HFEngine(RolloutEngine):
     per `generate` call (`gathered_weights`), not once per token, and each rank then samples on its
     own: no rank waits for another's longest rollout. The sampler never reads the model's
     `generation_config` (Qwen3 ships T 0.6 / top-p 0.95 / top-k 20 there): only `params` count.
+    The KV cache holds keys and values in the compute dtype (bf16 on CUDA, also on one GPU).
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 64, batch_tokens: int = 0):
@@ -1787,7 +1825,7 @@ class HFEngine(RolloutEngine):
             attention[i, width - len(prompt):] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(1) - 1).clamp(min=0)
-        cache = None  # the model makes its KV cache on the first call
+        cache = _kv_cache(self.model.config)
         responses, logprobs = [[] for _ in prompts], [[] for _ in prompts]
         rows = list(range(len(prompts)))  # the prompt of each batch row
         for step in range(params.max_new_tokens):
@@ -1815,6 +1853,26 @@ class HFEngine(RolloutEngine):
             attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
         return responses, logprobs
+
+
+@functools.cache
+def _kv_cache_class():
+    from transformers import DynamicCache
+
+    class ComputeDtypeCache(DynamicCache):
+        """Keys stored in the values' dtype, the dtype the projections compute in. Under one-GPU
+        autocast Qwen3's k_norm multiplies bf16 keys by its fp32 weight, so keys would be cached in
+        fp32 beside bf16 values (1.5x the cache); attention casts them to bf16 anyway."""
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(key_states.to(value_states.dtype), value_states, layer_idx,
+                                  *args, **kwargs)
+
+    return ComputeDtypeCache
+
+
+def _kv_cache(config):
+    return _kv_cache_class()(config=config)
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, return_logprobs: bool = False):

@@ -61,6 +61,32 @@ def test_one_process_with_the_cuda_plan_needs_no_process_group(monkeypatch):
     assert {p.dtype for p in frozen.parameters()} == {BF16} and not any(p.requires_grad for p in frozen.parameters())
 
 
+@pytest.mark.parametrize("plan_device", ["cuda", "cpu"])
+def test_generation_caches_keys_in_the_compute_dtype(monkeypatch, plan_device):
+    """One GPU (fp32 masters under bf16 autocast; autocast on CPU here): Qwen3's k_norm multiplies
+    the bf16 keys by its fp32 weight, and the cache used to keep them in fp32 beside bf16 values
+    (1.5x the README's KV bytes per position). The plain fp32 path stays fp32."""
+    from transformers import DynamicCache
+
+    seen, update = set(), DynamicCache.update
+
+    def record(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = update(self, key_states, value_states, layer_idx, *args, **kwargs)
+        seen.add((keys.dtype, values.dtype))
+        return keys, values
+
+    monkeypatch.setattr(DynamicCache, "update", record)
+    plan = common.load_plan
+    monkeypatch.setattr(common, "load_plan",
+                        lambda device, world, trainable: plan(plan_device, world, trainable))
+    model = common.load_model("toy", common.Dist(0, 1, 0, torch.device("cpu")))
+    engine = common.HFEngine(model, common.load_tokenizer("toy"))
+    greedy = common.SamplingParams(temperature=0, max_new_tokens=4)
+    responses = engine.generate([[5, 6, 7], [8, 9]], greedy)
+    assert [len(r) for r in responses] == [4, 4]
+    assert seen == ({(BF16, BF16)} if plan_device == "cuda" else {(FP32, FP32)})
+
+
 def test_torchrun_sharded_load_equals_from_pretrained(tmp_path):
     """Meta-device build + rank 0's weights broadcast into the shards: full weights, tied embeddings,
     rotary buffers and logits equal a plain from_pretrained model, trainable and frozen; copy_weights;

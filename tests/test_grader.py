@@ -130,3 +130,27 @@ def test_hung_answer_in_a_batch_costs_only_itself():
                                    ["2", "\\boxed{10^{10^{10^{10}}}}", "4", "5"])
     assert rewards == [1.0, 0.0, 0.0, 1.0] and counts == {"no_answer": 0, "timeout": 1}
     grader.close()
+
+
+def test_missing_math_verify_is_a_one_line_error_at_start_up(monkeypatch):
+    """Without math-verify every answer used to score 0 silently (the worker's stderr went
+    nowhere)."""
+    real = common.importlib.util.find_spec
+    monkeypatch.setattr(common.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "math_verify" else real(name, *args))
+    expected = r"^the grader needs math-verify, which is not installed: pip install math-verify$"
+    with pytest.raises(common.UserError, match=expected):
+        common.Grader()
+
+
+def test_a_worker_that_cannot_import_math_verify_is_an_error_not_zeros(tmp_path, monkeypatch):
+    """A broken install (here a planted math_verify module that raises on import) fails the first
+    grade with the worker's own last stderr line, instead of rewards of 0."""
+    (tmp_path / "math_verify.py").write_text("raise ImportError('planted: broken install')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    grader = common.Grader(timeout=5.0)
+    expected = (r"^the grader's math-verify worker did not start \(ImportError: planted: broken "
+                r"install\); check that `python[\d.]* -c 'import math_verify'` works")
+    with pytest.raises(common.UserError, match=expected):
+        grader.grade(["\\boxed{2}"], ["2"])
+    assert grader._worker is None  # killed, nothing left running
