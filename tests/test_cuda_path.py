@@ -2,6 +2,7 @@
 torchrun loads sharded weights that only rank 0 read, and the lm_head gradient adds up its chunks in
 fp32 under bf16 compute."""
 
+import json
 import sys
 
 import pytest
@@ -201,6 +202,37 @@ def test_one_process_checkpoint_round_trip(tmp_path, toy_tokenizer):
         assert torch.equal(got, want), name
     for want, got in zip(optimizer.state.values(), fresh_optimizer.state.values()):
         assert all(torch.equal(got[key], want[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_checkpoint_export_in_bf16_keeps_the_training_state_fp32(tmp_path, toy_tokenizer):
+    """The HF export is bf16 on CUDA (`export_dtype` None there; asked for explicitly here, on CPU):
+    weights and config say bf16 and equal the fp32 masters rounded once; the DCP training state
+    stays fp32 and a resume restores the masters exactly. On CPU the default export stays fp32."""
+    from safetensors import safe_open
+
+    dist_info = common.Dist(0, 1, 0, torch.device("cpu"))
+    model = common.load_model("toy", dist_info)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids).logits.logsumexp(-1).mean().backward()
+    optimizer.step()
+    path = common.save_checkpoint(tmp_path / "bf16", 1, model, toy_tokenizer, optimizer, {}, dist_info,
+                                  export_dtype=BF16)
+    default = common.save_checkpoint(tmp_path / "default", 1, model, toy_tokenizer, optimizer, {},
+                                     dist_info)
+    masters = dict(model.named_parameters())
+    for folder, dtype in ((path, BF16), (default, FP32)):
+        assert common.check_checkpoint(folder) is None
+        assert json.loads((folder / "config.json").read_text())["dtype"] == str(dtype)[6:]
+        with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+            assert set(weights.keys()) == set(masters)  # tied embeddings once, as before
+            for name in weights.keys():
+                assert torch.equal(weights.get_tensor(name), masters[name].detach().to(dtype)), name
+    fresh = common.load_model("toy", dist_info)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    common.load_checkpoint(path, fresh, fresh_optimizer, dist_info)
+    for (name, want), got in zip(model.named_parameters(), fresh.parameters()):
+        assert got.dtype == FP32 and torch.equal(got, want), name
 
 
 def test_dapo_rows_are_deduplicated_while_reading(tmp_path, capsys):
