@@ -5,6 +5,12 @@
     python tests/bench_gpu.py --shape tiny                          # CPU smoke run (what CI can do)
     python tests/bench_gpu.py --shape 1.7b --response_len 8192 --sequences 8 --micro_batch_tokens 16384
 
+The first GPU session runs `tests/gpu_smoke.py` instead (README, "Memory per GPU and the CUDA
+path"): it takes SHAPES, PEAK_TFLOPS, peak_tflops and count_params from here, loads through the real
+loading path, and checks what this benchmark only times. `--shape 8b` needs several GPUs here (fp32
+weights, gradients and AdamW state of 8.2 B parameters are 131 GB); gpu_smoke's 8b-slice measures
+8B-wide layers on one GPU.
+
 No download: the model is `Qwen3ForCausalLM(Qwen3Config(...))` with the published Qwen3 shapes
 (`SHAPES`), random weights, seed 0 on every rank. Everything runs through the project's own code,
 as the training scripts do: `common.load_plan` places it as `load_model` would (one process: plain
@@ -17,8 +23,9 @@ response `--response_len` random tokens):
   teacher pass      no-grad `response_logprobs` (the frozen-teacher / behaviour-policy pass)
   student fwd+bwd   `response_logprobs` with gradient, token-mean loss, backward
   optimizer step    AdamW step + zero_grad (sharded fp32 state)
-Peak memory is `torch.cuda.max_memory_allocated` of each piece (CPU: the process's peak RSS so far,
-printed as such). MFU of forward+backward = 6 x parameters x tokens / seconds / peak bf16 FLOP/s of
+Peak memory is `torch.cuda.max_memory_allocated` (and `max_memory_reserved`) of each piece (CPU:
+the process's peak RSS so far, printed as such).
+MFU of forward+backward = 6 x parameters x tokens / seconds / peak bf16 FLOP/s of
 the GPU (`PEAK_TFLOPS` by device name, or --peak_tflops); parameters exclude the input embedding
 (a lookup, no matmul) but include the output projection (also when tied); 6 N T ignores attention's
 T^2 term and activation checkpointing's recomputation (as MFU conventionally does), so it
@@ -106,6 +113,7 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
         self.peak_gib = (torch.cuda.max_memory_allocated() if self.cuda
                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+        self.reserved_gib = torch.cuda.max_memory_reserved() / 2**30 if self.cuda else None
         return False
 
 
@@ -125,6 +133,11 @@ def main():
 
     dist_info = common.init_distributed()
     device = dist_info.device
+    if args.shape == "8b" and dist_info.world_size == 1 and device.type == "cuda":
+        print("error: --shape 8b on one GPU needs 131 GB for fp32 weights, gradients and AdamW "
+              "state: use torchrun --nproc_per_node 8, or tests/gpu_smoke.py --only 8b-slice",
+              file=sys.stderr)
+        sys.exit(2)
     model = build_model(args.shape, dist_info, not args.no_activation_checkpointing)
     params = count_params(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -177,7 +190,7 @@ def main():
             student_pass()
         with Timer(device) as timer:
             fn()
-        rows.append((name, timer.seconds, count, timer.peak_gib))
+        rows.append((name, timer.seconds, count, timer.peak_gib, timer.reserved_gib))
 
     peak = peak_tflops(args.peak_tflops)
     fwd_bwd_seconds = rows[2][1]
@@ -189,10 +202,13 @@ def main():
                   f"{args.sequences} sequences x ({args.prompt_len} prompt + {args.response_len} response) tokens, "
                   f"{len(batches)} micro-batch(es) under --micro_batch_tokens {args.micro_batch_tokens}; "
                   f"generation {args.gen_new_tokens} new tokens per sequence")
-    common.print0(f"{'piece':<24} {'seconds':>9} {'tokens':>9} {'tokens/s':>10} {'peak GiB':>9}   ({memory})")
-    for name, seconds, count, gib in rows:
+    common.print0(f"{'piece':<24} {'seconds':>9} {'tokens':>9} {'tokens/s':>10} {'peak GiB':>9} "
+                  f"{'reserved':>9}   ({memory})")
+    for name, seconds, count, gib, reserved in rows:
         rate = f"{count / seconds:10.1f}" if count else f"{'-':>10}"
-        common.print0(f"{name:<24} {seconds:9.3f} {count if count else '-':>9} {rate} {gib:9.2f}")
+        reserved = f"{reserved:9.2f}" if reserved is not None else f"{'-':>9}"
+        common.print0(f"{name:<24} {seconds:9.3f} {count if count else '-':>9} {rate} {gib:9.2f} "
+                      f"{reserved}")
     common.print0(f"MFU of forward+backward: " + (f"{100 * mfu:.1f}% (6 N T / t / {peak:g} TFLOP/s)" if mfu is not None
                                                   else "n/a (no peak FLOP/s known for this device: pass --peak_tflops)"))
     if dist_info.world_size > 1:

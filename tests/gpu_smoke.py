@@ -173,10 +173,14 @@ def random_model(config, dtype, where):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def random_model_folder(shape: str, folder: Path) -> Path:
-    """An HF folder (bf16 safetensors, as hub models are) of a random Qwen3 of `shape`."""
+def random_model_folder(shape: str, workdir: str) -> Path:
+    """An HF folder (bf16 safetensors, as hub models are) of a random Qwen3 of `shape` (seed 0),
+    made once per work folder: later checks reuse it."""
     import torch
 
+    folder = Path(workdir) / f"random-qwen3-{shape}"
+    if (folder / "config.json").is_file():
+        return folder
     model = random_model(qwen3_config(shape), torch.bfloat16, device())
     model.save_pretrained(folder)
     del model
@@ -227,15 +231,20 @@ def no_stop_tokenizer():
     return SimpleNamespace(pad_token_id=0, eos_token_id=None)  # every row runs to the limit
 
 
-def train_pass(model, prompts, responses):
-    """Token-mean NLL of the responses, backward: the student's forward+backward."""
+def train_pass(model, prompts, responses) -> tuple[float, int | None]:
+    """Token-mean NLL of the responses, backward: the student's forward+backward. Returns the loss
+    and the bytes allocated between forward and backward (CUDA): what was resident plus what the
+    forward saved for the backward (checkpointed layer inputs, logits chunks, final hidden)."""
+    import torch
+
     import common
 
     model.train()
     logprobs, _, mask = common.response_logprobs(model, prompts, responses, 0)
     loss = -(logprobs * mask).sum() / mask.sum()
+    after_forward = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
     loss.backward()
-    return float(loss)
+    return float(loss), after_forward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,9 +381,9 @@ def check_fsdp(expect: Expect, args) -> None:
     dist_info = common.init_distributed()
     cuda = dist_info.device.type == "cuda"
     expect.figures.update(backend=dist.get_backend(), world_size=dist_info.world_size)
-    folder = Path(args.workdir) / "fsdp-model"
+    folder = Path(args.workdir) / f"random-qwen3-{shape_name('0.6b')}"
     if dist_info.is_main:
-        random_model_folder(shape_name("0.6b"), folder)
+        random_model_folder(shape_name("0.6b"), args.workdir)
     dist.barrier()
     plan = common.LoadPlan(shard=True, dtype=torch.float32, bf16_compute=cuda,
                            activation_checkpointing=cuda)
@@ -404,7 +413,7 @@ def check_fsdp(expect: Expect, args) -> None:
            "KV cache in the compute dtype")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss = train_pass(model, prompts, responses)
+    loss, _ = train_pass(model, prompts, responses)
     grads_finite = all(bool(torch.isfinite(p.grad.to_local()).all()) for p in model.parameters())
     before = model.model.norm.weight.full_tensor().clone()
     optimizer.step()
@@ -461,7 +470,7 @@ def check_logprob(expect: Expect, args) -> None:
     where = device()
     single = common.Dist(0, 1, 0, where)
     toy = common.build_toy_model("toy")
-    folder = random_model_folder(shape_name("1.7b"), Path(args.workdir) / "logprob-model")
+    folder = random_model_folder(shape_name("1.7b"), args.workdir)
     for label, path in (("toy", toy), ("random_" + shape_name("1.7b"), folder)):
         fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(where).eval()
         if label == "toy":
@@ -504,7 +513,7 @@ def check_1_7b(expect: Expect, args) -> None:
     where, shape = device(), shape_name("1.7b")
     cuda = where.type == "cuda"
     started = time.time()
-    folder = random_model_folder(shape, Path(args.workdir) / "qwen3-1.7b")
+    folder = random_model_folder(shape, args.workdir)
     # CUDA: fp32 masters, bf16 autocast, activation checkpointing (load_plan)
     model = common.load_model(str(folder), common.Dist(0, 1, 0, where))
     expect.figures.update(shape=shape, build_and_load_seconds=round(time.time() - started, 1),
@@ -516,14 +525,17 @@ def check_1_7b(expect: Expect, args) -> None:
     train_pass(model, [prompt], [response])  # warm-up, and the AdamW state a training step holds
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    resident = allocated_gib()
     reset_peak()
     started = time.time()
-    loss = train_pass(model, [prompt], [response])
+    loss, after_forward = train_pass(model, [prompt], [response])
     sync()
     seconds = time.time() - started
     tokens = prompt_len + response_len
+    saved = after_forward / GIB - resident if cuda else None
     expect.figures.update(tokens=tokens, fwd_bwd_seconds=round(seconds, 3), loss=loss,
-                          mfu_6NT=mfu(6 * params * tokens, seconds), **peaks())
+                          mfu_6NT=mfu(6 * params * tokens, seconds), resident_gib=resident,
+                          saved_for_backward_gib=saved and round(saved, 2), **peaks())
     started = time.time()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -627,21 +639,29 @@ def check_8b_slice(expect: Expect, args) -> None:
         resident = torch.cuda.memory_allocated() if cuda else 0
         reset_peak()
         started = time.time()
-        loss = train_pass(model, [prompt], [response])
+        loss, after_forward = train_pass(model, [prompt], [response])
         sync()
         seconds = time.time() - started
-        activations = (torch.cuda.max_memory_allocated() - resident) / GIB if cuda else None
-        measured[layers] = (params, seconds, activations)
+        grads = sum(p.grad.to_local().numel() * p.grad.element_size() for p in model.parameters())
+        # saved: what the forward keeps for the backward (checkpointed layer inputs, the root unit
+        # gathered); transient: the backward's peak beyond that and all fp32 gradients (a lower
+        # bound: at the peak some gradients may not exist yet)
+        saved = transient = None
+        if cuda:
+            saved = (after_forward - resident) / GIB
+            transient = max(0, torch.cuda.max_memory_allocated() - after_forward - grads) / GIB
+        measured[layers] = (params, seconds, saved, transient)
         expect.figures[f"layers_{layers}"] = {
             "params": params, "fwd_bwd_seconds": round(seconds, 3), "loss": loss,
-            "resident_gib": round(resident / GIB, 2),
-            "activation_peak_gib": activations and round(activations, 2), **peaks()}
+            "resident_gib": round(resident / GIB, 2), "grads_gib": round(grads / GIB, 2),
+            "saved_for_backward_gib": saved and round(saved, 3),
+            "backward_transient_gib": transient and round(transient, 2), **peaks()}
         expect(math.isfinite(loss), f"{layers} layers: finite loss")
         del model, optimizer
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    (p2, t2, a2), (p4, t4, a4) = measured[2], measured[4]
+    (p2, t2, saved2, _), (p4, t4, saved4, transient4) = measured[2], measured[4]
     per_layer_params, per_layer_seconds = (p4 - p2) / 2, (t4 - t2) / 2
     params_full = p2 + (full_layers - 2) * per_layer_params
     seconds_full = t2 + (full_layers - 2) * per_layer_seconds
@@ -649,13 +669,14 @@ def check_8b_slice(expect: Expect, args) -> None:
                           params_extrapolated=int(params_full),
                           fwd_bwd_seconds_extrapolated=round(seconds_full, 3),
                           mfu_6NT_extrapolated=mfu(6 * params_full * tokens, seconds_full))
-    if cuda:
-        per_layer = (a4 - a2) / 2
+    if cuda:  # the README's activation terms: saved by the forward + the backward's transient
+        per_layer = (saved4 - saved2) / 2
         expect.figures.update(
             activation_gib_per_layer=round(per_layer, 3),
             activation_bytes_per_token_layer=round(per_layer * GIB / tokens),
             readme_bytes_per_token_layer=README["8b_act_bytes_per_token_layer"],
-            activation_gib_extrapolated=round(a2 + (full_layers - 2) * per_layer, 2),
+            activation_gib_extrapolated=round(saved2 + (full_layers - 2) * per_layer
+                                              + transient4, 2),
             readme_activation_terms_gib=README["8b_activation_terms_gib"])
     dist.destroy_process_group()
 
@@ -843,6 +864,13 @@ def orchestrate(args) -> int:
     for entry in records:
         print(f"{entry['check']:<15} {entry['status']:<8} {entry['seconds']:>7}  {summary(entry)}")
     print(f"[gpu_smoke] {time.time() - started:.0f} s in all; {out}")
+    if args.logs:  # every check's output in one file (the last 300 lines of each)
+        with open(args.logs, "a") as stream:
+            for entry in records:
+                log = workdir / f"{entry['check']}.log"
+                lines = log.read_text(errors="replace").splitlines()[-300:] if log.is_file() else []
+                stream.write(f"===== {entry['check']} ({entry['status']})\n")
+                stream.write("".join(line + "\n" for line in lines))
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if all(r["status"] in ("pass", "skip") for r in records) else 1
@@ -859,6 +887,7 @@ def main() -> None:
     parser.add_argument("--timeout", default="", help="per-check limits, e.g. 1.7b=300,fsdp=60")
     parser.add_argument("--workdir", default=None, help="where the work folder goes (default: tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, models)")
+    parser.add_argument("--logs", help="append every check's output to this file")
     parser.add_argument("--check", help=argparse.SUPPRESS)  # a child process: run this one check
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()

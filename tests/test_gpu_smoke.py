@@ -50,13 +50,16 @@ def test_every_check_runs_on_cpu(tmp_path):
 def test_a_check_past_its_time_is_killed_and_the_rest_still_run(tmp_path):
     out = tmp_path / "smoke.jsonl"
     out.write_text('{"check": "earlier run"}\n')  # appended to, never overwritten
-    result = run_script([*SMOKE, "--out", str(out), "--only", "logprob,env", "--timeout", "logprob=1"],
-                        timeout=120, check=False)
+    logs = tmp_path / "smoke.log"
+    result = run_script([*SMOKE, "--out", str(out), "--only", "logprob,env", "--timeout", "logprob=1",
+                         "--logs", str(logs)], timeout=120, check=False)
     assert result.returncode == 1
     found = records(out)
     assert list(found) == ["earlier run", "logprob", "env"]
     assert found["logprob"]["status"] == "timeout" and found["logprob"]["reason"] == "killed after 1 s"
     assert found["env"]["status"] == "pass"
+    text = logs.read_text()
+    assert text.startswith("===== logprob (timeout)\n") and "\n===== env (pass)\n" in text
 
 
 def test_unknown_check_is_one_line():
