@@ -38,7 +38,8 @@ mask, so a student and a teacher that see different prompts line up token for to
 Precision and placement (`load_plan`): trainable weights are fp32 masters with fp32 optimizer state;
 on CUDA compute runs in bf16 (FSDP2 mixed precision under torchrun, autocast on one process, which
 needs no process group). Under torchrun models are FSDP2-sharded (`fully_shard`) and only rank 0
-reads the weights. Checkpoints hold the training state as per-rank DCP shards plus an HF export.
+reads the weights. Checkpoints hold the training state as per-rank DCP shards (fp32) plus an HF
+export (bf16 on CUDA).
 Importing this module sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user set an
 allocator config. Memory budgets: generation batches are bounded in sequences and KV-cache positions
 (`generation_batches`), training micro-batches in sequences and padded tokens (`micro_batches`).
@@ -1531,7 +1532,8 @@ class Grader:
     wall-clock bound (`timeout` seconds after the previous one): a worker that does not answer in
     time is killed, that answer gets reward 0 and is counted as a timeout, and the rest of the
     batch goes to a fresh worker, so no input can stall a run. An answer that hits math-verify's
-    own time limit inside the worker (it answers "T") is counted as a timeout too.
+    own time limit inside the worker (it answers "T") is counted as a timeout too. Without
+    math-verify, or with a worker that cannot start, it raises UserError instead of scoring 0.
     """
 
     def __init__(self, timeout: float = 10.0):

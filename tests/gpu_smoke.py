@@ -82,7 +82,7 @@ CPU_SKIPS = {f"script-{name}": "CPU: antisd stands for the four (each script's r
              for name in ("trace", "paced", "iw_opd")}
 # the README's derived figures each check measures (section "Memory per GPU and the CUDA path")
 README = {
-    "1.7b_training_gib": 45.0,          # one 80 GB GPU, 33,280-token sequence, training total
+    "1.7b_training_gib": 44.0,          # one 80 GB GPU, 33,280-token sequence, training total
     "1.7b_kv_bytes_per_position": 112 * 1024,
     "1.7b_decode_ms_per_step": 25.0,    # floor 5-6 ms + assumed 20 ms launch overhead
     "8b_act_bytes_per_token_layer": 8 * 1024,  # checkpointed layer input, bf16
