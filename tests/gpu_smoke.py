@@ -60,7 +60,10 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 PREPARED = ROOT / ".smoke"  # written by --prepare, carried to the GPU machine; ignored by git
-WHEELS = ["math-verify", "latex2sympy2_extended", "antlr4-python3-runtime"]  # sympy is there
+# math-verify and what it needs beyond the GPU machine's packages (sympy is there): the versions
+# installed here, else these (math-verify 0.9.0 pins latex2sympy2_extended 1.11.0)
+WHEELS = {"math-verify": "0.9.0", "latex2sympy2_extended": "1.11.0",
+          "antlr4-python3-runtime": "4.13.2"}
 GIB = 2**30
 
 # name -> (timeout on CUDA, timeout on CPU, launcher); run in this order, the scripts side by side
@@ -306,7 +309,7 @@ SCRIPT_FLAGS = {"antisd": ["--num_generations", "4"],
                 "iw_opd": ["--num_rollouts", "4"]}
 SCRIPT_COMMON = ["--num_problems", "4", "--max_new_tokens", "24", "--eval_dataset", "",
                  "--rollout", "hf", "--num_steps", "3", "--save_every", "2", "--seed", "0"]
-TIMING_KEYS = ("seconds", "per_second", "time")
+TIMING_KEYS = ("_seconds", "_per_second")  # wall-clock figures, which a resume does not repeat
 
 
 def check_script(expect: Expect, args, script: str) -> None:
@@ -357,7 +360,7 @@ def check_script(expect: Expect, args, script: str) -> None:
     expect(len(step3) == 1, "one step-3 record after the resume")
     if step3:
         want, got = steps[-1], step3[0]
-        keys = [k for k in want if not any(t in k for t in TIMING_KEYS)]
+        keys = [k for k in want if not k.endswith(TIMING_KEYS)]
         both_nan = {k for k in keys if isinstance(want[k], float) and math.isnan(want[k])
                     and isinstance(got.get(k), float) and math.isnan(got[k])}
         diffs = {k: abs(want[k] - got.get(k, math.inf)) for k in keys if k not in both_nan}
@@ -700,7 +703,8 @@ def run_check(args) -> None:
     except Exception as error:  # any failure is this check's result; the traceback goes to the log
         traceback.print_exc()
         line = (str(error).strip().splitlines() or [""])[0][:300]
-        result = {"status": "fail", "reason": f"{type(error).__name__}: {line}"}
+        result = {"status": "fail",
+                  "reason": "; ".join([*expect.failed, f"{type(error).__name__}: {line}"])}
     result["figures"] = expect.figures
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.result).write_text(json.dumps(result, default=str))
@@ -726,7 +730,14 @@ def prepare() -> None:
             shutil.copytree(built, toy / built.name)
     wheels = PREPARED / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
-    pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
+
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return WHEELS[name]
+
+    pins = [f"{name}=={version(name)}" for name in WHEELS]
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                     "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
                     "--platform", "manylinux2014_x86_64", "--platform", "any", "-d", str(wheels),
