@@ -265,7 +265,7 @@ class RunOptions:
     problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
     answer_key: str = option("answer", "column with the gold answer")
     max_prompt_tokens: int = option(0, "skip problems with longer prompts; 0 = model context - max_new_tokens")
-    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,amc23,hmmt25,minerva,gpqa (a comma "
+    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,aime26,amc23,hmmt25,minerva,gpqa (a comma "
                                "list with --eval_only) | short=file | file | hub id; empty = none")
     eval_split: str = option("test", "split of --eval_dataset")
     # rollout engine (README, "vLLM rollouts", "Memory per GPU")
@@ -1148,13 +1148,15 @@ DATASETS = {
     "aime24": dict(hub="HuggingFaceH4/aime_2024", split="train", kind="math", problem="problem", answer="answer",
                    solution="solution", k=32),
     "aime25": dict(hub="MathArena/aime_2025", split="train", kind="math", problem="problem", answer="answer", k=32),
+    "aime26": dict(hub="MathArena/aime_2026", split="train", kind="math", problem="problem",
+                   answer="answer", k=32),
     "amc23": dict(hub="math-ai/amc23", split="test", kind="math", problem="question", answer="answer", k=32),
     "hmmt25": dict(hub="MathArena/hmmt_feb_2025", split="train", kind="math", problem="problem", answer="answer",
                    k=32),
     "minerva": dict(hub="math-ai/minervamath", split="test", kind="math", problem="question", answer="answer", k=4),
     "gpqa": dict(hub="Idavidrein/gpqa", config="gpqa_diamond", split="train", kind="choice", k=4),
 }
-BENCHMARK_NAMES = ("math500", "aime24", "aime25", "amc23", "hmmt25", "minerva", "gpqa")
+BENCHMARK_NAMES = ("math500", "aime24", "aime25", "aime26", "amc23", "hmmt25", "minerva", "gpqa")
 TOY_EVAL_K = 4
 CHOICE_LETTERS = "ABCD"
 CHOICE_SEED = 0  # GPQA options are shuffled per question with this seed: the same order in every run

@@ -35,7 +35,7 @@ the same model with the label as a private prefix and never the span positions, 
 by the policy and a strong API annotator. [2nd]: the loss above, lambda_0 = 0.5, the schedule
 10 -> 40, teacher refresh every 10 steps, a "pointwise KL clip 0.05" (its form is unknown; the
 rescale keeps the gradient where forward KL lifts under-allocated teacher tokens, a hard clamp would
-zero it; METHODS.md), the span-mean KL norm, segments = response lines. [ours]: segment splitting of
+zero it; README, TRACE), the span-mean KL norm, segments = response lines. [ours]: segment splitting of
 long lines (--max_segment_chars), the truncation of the last span at the coverage cap, the JSON
 answer format, the label set, the prompt templates, annotating by default only the rollouts the route uses (--annotate),
 the `random` control, the `oracle` on the toy, the teacher contexts' wording (`label+solution`
@@ -48,8 +48,15 @@ Run:
     python trace.py --annotator self                                       # the policy annotates itself
     python trace.py --lambda_0 0                                           # GRPO baseline
     torchrun --nproc_per_node 2 trace.py --annotator oracle --num_steps 3  # two CPU ranks (gloo, FSDP2)
-    python trace.py --model Qwen3-8B --annotator api --annotator_url https://host/v1 \\
-        --annotator_model <name> --annotator_key_env MY_KEY ...           # README: the paper's settings
+Paper (Qwen3-8B, forward KL on key spans, an API annotator, one 8-GPU node; eval at T 0.6, top-p
+0.95, top-k 20 [paper]; steps, batch and lengths [ours]; for Qwen3-1.7B: --route rkl_error):
+    torchrun --nproc_per_node 8 trace.py --model Qwen3-8B --route fkl_key --annotator api \\
+        --annotator_url https://host/v1 --annotator_model <name> --annotator_key_env MY_KEY \\
+        --dataset openthoughts-math --eval_dataset math500 --num_steps 400 --num_problems 32 \\
+        --num_generations 8 --lr 1e-6 --max_new_tokens 16384 --micro_batch_size 2 \\
+        --eval_temperature 0.6 --eval_top_p 0.95 --eval_top_k 20 --eval_every 20 --save_every 20
+    python trace.py --eval_only --model runs/<run>/checkpoints/step_000400 \\
+        --eval_dataset math500,aime24,aime25,amc23,gpqa --eval_temperature 0.6 --eval_top_k 20
 On a GPU `--rollout auto` samples with vLLM (README, "vLLM rollouts"; the `self` annotator then
 generates through it too); `--tis_cap 2` adds the sampler/trainer correction.
 On the toy task every line is re-computable, so `parse_toy_steps` names the exact key step of a

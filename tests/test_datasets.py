@@ -34,6 +34,9 @@ def test_table_maps_short_names_and_hub_ids():
      {"problem": "Find N.", "answer": "204", "solution": "... 204"}),
     # MathArena AIME 2025 / HMMT Feb 2025: problem_idx, problem, answer (int in some MathArena sets)
     ("aime25", {"problem_idx": 1, "problem": "Find b.", "answer": 70}, {"problem": "Find b.", "answer": "70", "solution": ""}),
+    # MathArena AIME 2026 (its card): problem_idx int64, answer int64, problem string
+    ("aime26", {"problem_idx": 15, "answer": 277, "problem": "Find m+n."},
+     {"problem": "Find m+n.", "answer": "277", "solution": ""}),
     ("hmmt25", {"problem_idx": 3, "problem": "Compute x.", "answer": "\\frac{1}{2}", "problem_type": ["Algebra"]},
      {"problem": "Compute x.", "answer": "\\frac{1}{2}", "solution": ""}),
     # AMC 2023 / Minerva (math-ai): question, answer (a float for AMC in some mirrors)

@@ -409,6 +409,35 @@ def test_grpo_and_live_teacher_load_no_copy(tmp_path, monkeypatch):
     assert seen.teacher and seen.frozen is None
 
 
+def test_grpo_term_on_routed_tokens_fades_with_lambda(tmp_path, monkeypatch):
+    """L = sum_N l_t + (1 - lambda_k/lambda_0) sum_S l_t + ...: with kl_hold 0 and kl_end 4, step 1 has
+    lambda_k = 0.375 = 0.75 lambda_0, so each routed token's GRPO weight is exactly 0.25 and every
+    other valid token's is 1; at step 0 (lambda_k = lambda_0) routed tokens get no GRPO term at all."""
+    seen = Recorder(monkeypatch)
+    weights_seen, loss = [], trace.policy_loss
+
+    def recording_loss(logprobs, old_logprobs, advantages, weights, *args, **kwargs):
+        weights_seen.append((seen.step, weights.detach().clone()))
+        return loss(logprobs, old_logprobs, advantages, weights, *args, **kwargs)
+
+    monkeypatch.setattr(trace, "policy_loss", recording_loss)
+    trace.main([*FAST, "--num_steps", "2", "--route", "both", "--annotator", "oracle", "--kl_hold", "0",
+                "--kl_end", "4", "--output_dir", str(tmp_path)])
+    logged = records(next(tmp_path.iterdir()))
+    assert [r["lambda_k"] for r in logged] == [0.5, 0.375]
+    for step, fade in ((0, 0.0), (1, 0.25)):
+        weights = torch.cat([w.flatten() for s, w in weights_seen if s == step])
+        tokens = round(logged[step]["response_len"] * 16)
+        routed = round((logged[step]["share_fkl"] + logged[step]["share_rkl"]) * tokens)
+        assert routed > 0
+        assert int((weights == 1).sum()) == tokens - routed  # N: full GRPO weight
+        if fade:
+            assert int((weights == fade).sum()) == routed  # S: faded, not 1 and not 0
+            assert set(weights.unique().tolist()) <= {0.0, fade, 1.0}
+        else:
+            assert int((weights > 0).sum()) == tokens - routed
+
+
 @pytest.mark.parametrize("norm", ["token", "span"])
 def test_loss_does_not_depend_on_the_micro_batch_split(norm, tmp_path):
     logged = []
