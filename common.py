@@ -290,7 +290,8 @@ class RunOptions:
     eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
     eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
     save_every: int = option(0, "checkpoint every N steps and at the end; 0 = never")
-    grader_timeout: float = option(10.0, "hard wall-clock bound per graded answer, seconds")
+    grader_timeout: float = option(10.0, "bound per graded answer, in CPU seconds of the grader "
+                                         "(a wall-clock backstop at 5x)")
 
 
 def validate_args(args, rules: dict | None = None) -> None:
@@ -1495,56 +1496,78 @@ def token_roles(text: str, spans: Sequence[tuple[int, int]]) -> list[str]:
 
 
 _GRADER_WORKER = r"""
-import json, logging, sys
+import json, logging, signal, sys
 from math_verify import parse, verify
-timeout = int(sys.argv[1])
-class TimeoutSeen(logging.Handler):
-    # math-verify catches its own (signal based) time limit, logs "Timeout during ..." and returns
-    # an empty parse / False: this handler notices it, so the answer is reported as a timeout ("T")
-    hit = False
-    def emit(self, record):
-        TimeoutSeen.hit = TimeoutSeen.hit or record.getMessage().startswith("Timeout during")
-logging.getLogger("math_verify").addHandler(TimeoutSeen(logging.WARNING))
+timeout = float(sys.argv[1])  # CPU seconds per answer
+class CpuLimit(BaseException):  # not an Exception: math-verify's `except Exception` must not swallow it
+    pass
+def over_limit(signum, frame):
+    raise CpuLimit()
+signal.signal(signal.SIGPROF, over_limit)
+logging.getLogger("math_verify").addHandler(logging.NullHandler())
 logging.getLogger("math_verify").propagate = False
 for line in sys.stdin:
     request = json.loads(line)
-    TimeoutSeen.hit = False
+    verdict = "0"
     try:
-        gold = parse(request["gold"], parsing_timeout=timeout)
-        pred = parse(request["pred"], parsing_timeout=timeout)
-        ok = bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=timeout)
-    except Exception:
-        ok = False
-    sys.stdout.write("1\n" if ok else "T\n" if TimeoutSeen.hit else "0\n")
+        # ITIMER_PROF counts this process's CPU time, so a busy machine does not shorten the bound
+        # (math-verify's own limits, wall-clock SIGALRM, are off); it re-fires until disarmed
+        signal.setitimer(signal.ITIMER_PROF, timeout, 0.05)
+        try:
+            gold = parse(request["gold"], parsing_timeout=None)
+            pred = parse(request["pred"], parsing_timeout=None)
+            verdict = "1" if gold and pred and verify(gold, pred, timeout_seconds=None) else "0"
+        except Exception:
+            pass
+        finally:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+    except CpuLimit:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        verdict = "T"
+    sys.stdout.write(verdict + "\n")
     sys.stdout.flush()
 """
+GRADER_WALL_FACTOR = 5  # the wall-clock backstop is this many times the CPU bound
+GRADER_CPU_MARGIN = 0.5  # CPU seconds the worker may run past its own limit before it is killed
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` (Linux /proc), or None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class Grader:
     """Rewards in {0, 1} with math-verify (gold first), the answer taken from the last `\\boxed{}`.
 
     math-verify runs in a worker subprocess that answers one line per request line. A batch is sent
-    in one go and identical (gold, answer) pairs are graded once. Every answer has a hard
-    wall-clock bound (`timeout` seconds after the previous one): a worker that does not answer in
-    time is killed, that answer gets reward 0 and is counted as a timeout, and the rest of the
-    batch goes to a fresh worker, so no input can stall a run. An answer that hits math-verify's
-    own time limit inside the worker (it answers "T") is counted as a timeout too.
+    in one go and identical (gold, answer) pairs are graded once. Every answer is bounded by the
+    worker's CPU time, not the clock, so rollout workers keeping the CPUs busy cannot turn correct
+    answers into timeouts: the worker stops an answer after `timeout` CPU seconds (it answers "T");
+    a worker stuck where its own limit cannot fire (inside C code) is killed at `timeout` + 0.5 CPU
+    seconds (read from /proc), and one that does not answer within the wall-clock backstop
+    (`wall_timeout`, default 5 x `timeout`, after the previous answer) is killed too. Either way that
+    answer gets reward 0 and is counted as a timeout, and the rest of the batch goes to a fresh
+    worker, so no input can stall a run.
     """
 
-    def __init__(self, timeout: float = 10.0):
+    def __init__(self, timeout: float = 10.0, wall_timeout: float | None = None):
         self._worker: subprocess.Popen | None = None
         if not timeout > 0:  # 0 would score every answer as a timeout
             raise UserError(f"grader timeout {timeout}: must be > 0 seconds")
         self.timeout = timeout
+        self.wall_timeout = wall_timeout or GRADER_WALL_FACTOR * timeout
 
     def _start(self) -> subprocess.Popen:
-        inner = max(1, int(self.timeout))  # math-verify's own (signal based) limits, seconds
-        return subprocess.Popen([sys.executable, "-u", "-c", _GRADER_WORKER, str(inner)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return subprocess.Popen([sys.executable, "-u", "-c", _GRADER_WORKER, str(self.timeout)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
     def _ask(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
-        """Send (gold, pred) pairs to the worker; return its verdicts (None = math-verify's own time
-        limit), in order, up to the first late one."""
+        """Send (gold, pred) pairs to the worker; return its verdicts (None = over the CPU bound), in
+        order, up to the first answer it was killed on."""
         grace = 0.0
         if self._worker is None or self._worker.poll() is not None:
             self._worker, grace = self._start(), 60.0  # importing sympy takes a few seconds
@@ -1552,13 +1575,21 @@ class Grader:
         # a thread writes, so that a batch larger than the pipe buffer cannot block us past the bound
         writer = threading.Thread(target=_write_all, args=(self._worker.stdin, requests), daemon=True)
         writer.start()
-        stdout, received, verdicts = self._worker.stdout.fileno(), b"", []
+        stdout, received, verdicts, pid = self._worker.stdout.fileno(), b"", [], self._worker.pid
+        since, cpu_since = time.monotonic(), _cpu_seconds(pid)  # both clocks at the current answer's start
         while len(verdicts) < len(pairs):
-            if b"\n" not in received:  # wait for the next answer, at most timeout (+ start-up) seconds
-                ready, _, _ = select.select([stdout], [], [], self.timeout + grace)
-                chunk = os.read(stdout, 65536) if ready else b""
-                if not chunk:  # hung (no answer in time) or died (end of file)
-                    self.close()  # kill it; the next call starts a fresh one
+            if b"\n" not in received:  # wait for the next answer, watching the worker's CPU time
+                if not select.select([stdout], [], [], 0.2)[0]:
+                    cpu = _cpu_seconds(pid)
+                    over_cpu = not grace and cpu is not None and cpu_since is not None and \
+                        cpu - cpu_since > self.timeout + GRADER_CPU_MARGIN
+                    if over_cpu or time.monotonic() - since > self.wall_timeout + grace:
+                        self.close()  # kill it; the next call starts a fresh one
+                        break
+                    continue
+                chunk = os.read(stdout, 65536)
+                if not chunk:  # died (end of file)
+                    self.close()
                     break
                 received += chunk
                 continue
@@ -1566,9 +1597,9 @@ class Grader:
             if line.strip() not in (b"0", b"1", b"T"):
                 self.close()
                 break
-            # "T": math-verify's own time limit, a timeout (None); the worker itself is fine
+            # "T": the worker's own CPU limit, a timeout (None); the worker itself is fine
             verdicts.append(None if line.strip() == b"T" else line.strip() == b"1")
-            grace = 0.0
+            grace, since, cpu_since = 0.0, time.monotonic(), _cpu_seconds(pid)
         writer.join()  # done: the worker read every request, or it was killed (the write fails at once)
         return verdicts
 
