@@ -995,7 +995,7 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         raise UserError(f"Dataset {name!r} ({split}) is empty.")
     first = next((row for row in raw if isinstance(row, dict)), None)
     if first is None:
-        raise UserError(f"Dataset {name!r} ({split}): all {len(raw)} rows are malformed (not JSON objects).")
+        raise UserError(f"Dataset {name!r} ({split}): {_not_rows(raw)}")
     columns = list(first.keys())
     dapo = _is_dapo(name, columns)
     if dapo:  # DAPO-Math-17k: problem inside the chat prompt, answer under reward_model
@@ -1086,6 +1086,8 @@ def _read_rows(name: str, split: str):
             with _hub_offline():
                 return datasets.load_dataset(name, split=split)
         return datasets.load_dataset(name, split=split)
+    except UserError:
+        raise
     except Exception as error:  # unreadable file, unknown hub name, no network, bad split
         reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         if path.exists():
@@ -1116,10 +1118,27 @@ class _hub_offline:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = self.saved
 
 
+ROW_SHAPE = ('one JSON object per problem, e.g. {"problem": "What is 2+3?", "answer": "5"} (.jsonl: one '
+             'object per line; .json: a list of objects)')
+
+
+def _not_rows(raw: Sequence) -> str:
+    """Why rows that are none of them objects are not a dataset, and the shape that is expected."""
+    kinds = sorted({"invalid JSON" if row is None else type(row).__name__ for row in raw})
+    return f"none of its {len(raw)} rows is a JSON object ({', '.join(kinds)}); expected {ROW_SHAPE}."
+
+
 def _read_json_rows(path: Path) -> list:
     text = path.read_text()
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         return json.loads(text)
+    try:
+        whole = json.loads(text) if text.lstrip().startswith("{") else None
+    except json.JSONDecodeError:
+        whole = None  # JSON lines: read line by line below
+    if isinstance(whole, dict) and whole and all(isinstance(v, list) for v in whole.values()):
+        raise UserError(f"Dataset file {str(path)!r} is column-oriented JSON (a list per column: "
+                        f"{list(whole)[:5]}); expected {ROW_SHAPE}.")
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -1248,6 +1267,13 @@ def adapt_choice_rows(raw: Sequence, spec: dict | None = None, seed: int = CHOIC
     return rows
 
 
+# per kind, the columns a named dataset's rows must have (each: a tuple of accepted names)
+_REQUIRED_COLUMNS = {
+    "math": lambda spec: [tuple(dict.fromkeys(n for n in (spec.get("problem"), *_PROBLEM_COLUMNS) if n)),
+                          tuple(dict.fromkeys(n for n in (spec.get("answer"), *_ANSWER_COLUMNS) if n))],
+    "openthoughts": lambda spec: [("problem",), ("ground_truth_solution",), ("domain",)],
+    "choice": lambda spec: [("Question",), ("Correct Answer",), *[(f"Incorrect Answer {i}",) for i in (1, 2, 3)]],
+}
 _ADAPTERS = {"math": adapt_math_rows, "openthoughts": adapt_openthoughts_rows, "choice": adapt_choice_rows}
 
 
@@ -1266,6 +1292,14 @@ def load_named_dataset(name: str, tokenizer=None, max_prompt_tokens: int | None 
                                                                            spec["split"])
     if not raw:
         raise UserError(f"Dataset {name!r} is empty.")
+    if not any(isinstance(row, dict) for row in raw):
+        raise UserError(f"Dataset {name!r}: {_not_rows(raw)}")
+    columns = list(next(row for row in raw if isinstance(row, dict)))
+    for names in _REQUIRED_COLUMNS[spec["kind"]](spec):
+        if not any(row.get(n) is not None for row in raw if isinstance(row, dict) for n in names):
+            others = f" (or {', '.join(map(repr, names[1:]))})" if names[1:] else ""
+            raise UserError(f"Dataset {name!r} has no column {names[0]!r}{others}, which {spec['hub']} rows "
+                            f"have; its columns are {columns}. Give the file that dataset's columns.")
     adapted = _ADAPTERS[spec["kind"]](raw, spec)
     rows, no_answer, malformed, too_long = [], 0, 0, 0
     for row in adapted:
