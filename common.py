@@ -2247,7 +2247,16 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader,
     """avg@k (mean accuracy over k samples) and pass@k (any of k correct), sharded over ranks.
 
     All of this rank's k x problems prompts go to one `engine.generate` call, which batches them
-    under the engine's own budget (`--gen_batch_size`, `--gen_batch_tokens`), as rollouts are."""
+    under the engine's own budget (`--gen_batch_size`, `--gen_batch_tokens`), as rollouts are.
+    Sampling leaves the training's torch random streams where they were, so a run evaluated at a
+    step (a clean stop evaluates at its last) trains on exactly as one that was not."""
+    cuda = [torch.cuda.current_device()] if dist_info.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        return _evaluate(engine, tokenizer, rows, grader, params, k, dist_info, enable_thinking)
+
+
+def _evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader, params: SamplingParams, k: int,
+              dist_info: Dist, enable_thinking: bool | None = None) -> dict:
     per_rank = math.ceil(len(rows) / dist_info.world_size)
     mine = list(range(dist_info.rank, len(rows), dist_info.world_size))
     padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))  # equal work on every rank
@@ -2815,7 +2824,7 @@ TRAIN_STATE = "train_state"  # the DCP folder of a checkpoint: weights + optimiz
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, state: dict, dist_info: Dist,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, frozen: dict | None = None) -> Path:
     """Write `checkpoints/step_NNNNNN/` atomically (temp dir, then rename) and point `latest` at it.
 
     Contents: `train_state/`, the training state for resume written with torch.distributed.checkpoint
@@ -2827,6 +2836,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
     system. Rotation keeps this checkpoint and the `keep - 1` newest before it (by step number;
     keep <= 0 keeps all); it never deletes this one, the one `latest` names, or those of later steps
     (a resumed run replaces those when it writes the same step).
+    `frozen`: name -> another model (loaded like `model`, e.g. a frozen teacher copy) whose weights
+    go into `train_state/` too, each rank its own shards; `load_checkpoint` restores them.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
@@ -2839,7 +2850,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
     barrier()
     _reshard(model)
     model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors under FSDP2)
-    _run_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state}, staging / TRAIN_STATE)
+    extra = {}
+    for name, other in (frozen or {}).items():
+        _reshard(other)
+        extra[name] = get_model_state_dict(other)
+    _run_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state, **extra}, staging / TRAIN_STATE)
     export = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -2884,19 +2899,30 @@ def _run_dcp(function, state_dict: dict, folder: Path) -> None:
         function(state_dict, checkpoint_id=str(folder), no_dist=not _distributed())
 
 
-def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist) -> dict:
+def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist, frozen: dict | None = None) -> dict:
     """Restore weights, optimizer and RNG state from a checkpoint: every rank reads its own shards of
-    `train_state/` (DCP reshards when the number of ranks changed). Returns the trainer state
-    (`step`, `state`). Collective: every rank calls it."""
+    `train_state/` (DCP reshards when the number of ranks changed). `frozen`: name -> model, restored
+    when the checkpoint holds it (`save_checkpoint(frozen=...)`). Returns the trainer state (`step`,
+    `state`) and `frozen`, the names restored. Collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
 
     path = Path(path)
     # the state dicts to load into: this rank's shards (an optimizer without state gets it made at lr 0)
     _reshard(model)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    _run_dcp(dcp.load, {"model": model_state, "optimizer": optimizer_state}, path / TRAIN_STATE)
+    saved_keys = FileSystemReader(str(path / TRAIN_STATE)).read_metadata().state_dict_metadata.keys()
+    extra = {}
+    for name, other in (frozen or {}).items():
+        if any(key.startswith(name + ".") for key in saved_keys):
+            _reshard(other)
+            extra[name] = get_model_state_dict(other)
+    _run_dcp(dcp.load, {"model": model_state, "optimizer": optimizer_state, **extra}, path / TRAIN_STATE)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+    for name, state in extra.items():
+        set_model_state_dict(frozen[name], state)
     saved = torch.load(path / "trainer_state.pt", weights_only=False)
     rngs = saved["rng"]
     if len(rngs) != dist_info.world_size:
@@ -2908,4 +2934,4 @@ def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist) -> dict
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return {"step": saved["step"], "state": saved["state"]}
+    return {"step": saved["step"], "state": saved["state"], "frozen": sorted(extra)}
