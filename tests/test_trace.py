@@ -220,15 +220,15 @@ class OpenAIServer:
                 mode = self.path.split("/")[1]
                 server_self.seen.append((mode, self.headers.get("Authorization"), body))
                 tries = sum(1 for m, _, _ in server_self.seen if m == mode)
-                if mode == "error500" or (mode == "flaky" and tries == 1):
-                    self.send_response(500)
+                if mode in ("error500", "unauthorized") or (mode == "flaky" and tries == 1):
+                    self.send_response(500 if mode != "unauthorized" else 401)
                     self.end_headers()
                     return
-                if mode == "slow":
-                    time.sleep(1.5)
+                if mode in ("slow", "hang"):
+                    time.sleep(1.5 if mode == "slow" else 3.0)  # "hang": far past the client's timeout
                 content = {"badanswer": "segment 2 is wrong"}.get(mode, '{"spans": [2], "label": "Arithmetic"}')
-                reply = b"{not json" if mode == "malformed" else json.dumps(
-                    {"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                reply = b"{not json" if mode == "malformed" else b'{"data": [1, 2]}' if mode == "shape" else \
+                    json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
                 try:
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
@@ -301,6 +301,70 @@ def test_api_annotator_in_training_never_logs_the_key(server, tmp_path, monkeypa
     with pytest.raises(UserError, match="TRACE_MISSING_KEY"):
         trace.main([*FAST, "--annotator", "api", "--annotator_url", server.url, "--annotator_model", "m",
                     "--annotator_key_env", "TRACE_MISSING_KEY", "--output_dir", str(tmp_path)])
+
+
+def closed_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # nothing listens there once the probe is closed
+
+
+@pytest.mark.parametrize("mode, error", [
+    ("refused", "ConnectionRefusedError: [Errno 111] Connection refused"),
+    ("hang", "no answer within --annotator_timeout 0.5 s"),
+    ("unauthorized", "HTTP 401 Unauthorized"),
+    ("malformed", "the reply is not an OpenAI chat completion (JSONDecodeError: "),
+    ("shape", "the reply is not an OpenAI chat completion (KeyError: 'choices')"),
+    ("badanswer", "an answer is not the JSON object asked for: 'segment 2 is wrong'"),
+])
+def test_failing_annotator_stops_the_run_instead_of_training_grpo(mode, error, server, tmp_path, capsys):
+    """Every annotation fails: each step says so on stdout and logs annotation_failed; the third such
+    step stops the run before its update, naming the annotator, the endpoint and the last error. A
+    hanging endpoint costs one request's two attempts per step (concurrency 1 here), not all of them."""
+    url = f"http://127.0.0.1:{closed_port()}/v1" if mode == "refused" else f"{server.url}/{mode}/v1"
+    flags = [*FAST, "--num_problems", "2", "--num_generations", "2", "--max_new_tokens", "16", "--route", "both",
+             "--annotate", "all", "--annotator", "api", "--annotator_url", url, "--annotator_model", "judge",
+             "--annotator_timeout", "0.5", "--annotator_concurrency", "1", "--num_steps", "5",
+             "--output_dir", str(tmp_path)]
+    with pytest.raises(UserError) as stopped:
+        trace.main(flags)
+    endpoint = url + "/chat/completions"
+    message = str(stopped.value)
+    assert message.startswith(f"no annotation succeeded in 3 consecutive steps (--annotator api at {endpoint}, "
+                              f"model judge; last error: {error}"), message
+    assert message.endswith("stopped before the update of step 3, as TRACE would train plain GRPO. Fix the "
+                            "annotator (then --resume from the last checkpoint), or pass --annotator_patience 0 "
+                            "to train on regardless.")
+    out = capsys.readouterr().out
+    for step in (1, 2, 3):
+        assert f"[trace] step {step}: 4 of 4 annotations failed (--annotator api at {endpoint}, model judge; " \
+               f"last error: {error}" in out
+    logged = records(next(tmp_path.iterdir()))
+    assert [(r["step"], r["annotated"], r["annotation_failed"], r["annotation_success"]) for r in logged] == \
+        [(1, 4, 4, 0), (2, 4, 4, 0)]
+    if mode == "hang":
+        assert sum(1 for m, _, _ in server.seen if m == "hang") == 3 * 2  # per step: 1 request x 2 attempts
+
+
+def test_annotator_patience_zero_trains_on_and_counts(server, tmp_path, capsys):
+    trace.main([*FAST, "--num_problems", "2", "--num_generations", "2", "--max_new_tokens", "16", "--route", "both",
+                "--annotate", "all", "--annotator", "api", "--annotator_url", f"{server.url}/unauthorized/v1",
+                "--annotator_model", "judge", "--annotator_patience", "0", "--num_steps", "4",
+                "--output_dir", str(tmp_path)])
+    logged = records(next(tmp_path.iterdir()))
+    assert [r["annotation_failed"] for r in logged] == [4, 4, 4, 4] and all(r["share_grpo"] == 1 for r in logged)
+    assert capsys.readouterr().out.count("annotations failed (--annotator api at ") == 4
+
+
+def test_self_annotator_that_never_parses_stops_the_run(tmp_path):
+    """The toy model cannot write the JSON answer: with --annotator_patience 1 the first step stops."""
+    with pytest.raises(UserError, match=r"^no annotation succeeded in 1 consecutive steps \(--annotator self; "
+                                        r"last error: an answer is not the JSON object asked for: '"):
+        trace.main([*FAST, "--num_problems", "2", "--num_generations", "2", "--max_new_tokens", "16", "--route",
+                    "both", "--annotate", "all", "--annotator", "self", "--annotator_max_tokens", "8",
+                    "--annotator_patience", "1", "--output_dir", str(tmp_path)])
 
 
 # ---- the training loop ----------------------------------------------------------------------------------
@@ -472,7 +536,8 @@ def test_bad_options_are_clear_errors(flags, message, tmp_path):
 
 def test_end_to_end_oracle_random_self(tmp_path):
     runs = {}
-    for annotator, extra in [("oracle", []), ("random", []), ("self", ["--route", "both"])]:
+    self_flags = ["--route", "both", "--annotator_patience", "0"]  # the toy cannot annotate: train on
+    for annotator, extra in [("oracle", []), ("random", []), ("self", self_flags)]:
         out = tmp_path / annotator
         run_script([sys.executable, "trace.py", *FAST, "--num_steps", "3", "--annotator", annotator, *extra,
                     "--output_dir", str(out)])
