@@ -1118,14 +1118,15 @@ class _hub_offline:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = self.saved
 
 
-ROW_SHAPE = ('one JSON object per problem, e.g. {"problem": "What is 2+3?", "answer": "5"} (.jsonl: one '
-             'object per line; .json: a list of objects)')
+ROW_SHAPE = ('one JSON object per problem, e.g. {"problem": "What is 2+3?", "answer": "5"} '
+             '(.jsonl: one object per line; .json: a list of objects)')
 
 
 def _not_rows(raw: Sequence) -> str:
     """Why rows that are none of them objects are not a dataset, and the shape that is expected."""
     kinds = sorted({"invalid JSON" if row is None else type(row).__name__ for row in raw})
-    return f"none of its {len(raw)} rows is a JSON object ({', '.join(kinds)}); expected {ROW_SHAPE}."
+    return (f"none of its {len(raw)} rows is a JSON object ({', '.join(kinds)}); "
+            f"expected {ROW_SHAPE}.")
 
 
 def _read_json_rows(path: Path) -> list:
@@ -1269,10 +1270,12 @@ def adapt_choice_rows(raw: Sequence, spec: dict | None = None, seed: int = CHOIC
 
 # per kind, the columns a named dataset's rows must have (each: a tuple of accepted names)
 _REQUIRED_COLUMNS = {
-    "math": lambda spec: [tuple(dict.fromkeys(n for n in (spec.get("problem"), *_PROBLEM_COLUMNS) if n)),
-                          tuple(dict.fromkeys(n for n in (spec.get("answer"), *_ANSWER_COLUMNS) if n))],
+    "math": lambda spec: [
+        tuple(dict.fromkeys(n for n in (spec.get("problem"), *_PROBLEM_COLUMNS) if n)),
+        tuple(dict.fromkeys(n for n in (spec.get("answer"), *_ANSWER_COLUMNS) if n))],
     "openthoughts": lambda spec: [("problem",), ("ground_truth_solution",), ("domain",)],
-    "choice": lambda spec: [("Question",), ("Correct Answer",), *[(f"Incorrect Answer {i}",) for i in (1, 2, 3)]],
+    "choice": lambda spec: [("Question",), ("Correct Answer",),
+                            *[(f"Incorrect Answer {i}",) for i in (1, 2, 3)]],
 }
 _ADAPTERS = {"math": adapt_math_rows, "openthoughts": adapt_openthoughts_rows, "choice": adapt_choice_rows}
 
@@ -1298,8 +1301,9 @@ def load_named_dataset(name: str, tokenizer=None, max_prompt_tokens: int | None 
     for names in _REQUIRED_COLUMNS[spec["kind"]](spec):
         if not any(row.get(n) is not None for row in raw if isinstance(row, dict) for n in names):
             others = f" (or {', '.join(map(repr, names[1:]))})" if names[1:] else ""
-            raise UserError(f"Dataset {name!r} has no column {names[0]!r}{others}, which {spec['hub']} rows "
-                            f"have; its columns are {columns}. Give the file that dataset's columns.")
+            raise UserError(f"Dataset {name!r} has no column {names[0]!r}{others}, which "
+                            f"{spec['hub']} rows have; its columns are {columns}. Give the file "
+                            "that dataset's columns.")
     adapted = _ADAPTERS[spec["kind"]](raw, spec)
     rows, no_answer, malformed, too_long = [], 0, 0, 0
     for row in adapted:
@@ -1533,7 +1537,7 @@ _GRADER_WORKER = r"""
 import json, logging, signal, sys
 from math_verify import parse, verify
 timeout = float(sys.argv[1])  # CPU seconds per answer
-class CpuLimit(BaseException):  # not an Exception: math-verify's `except Exception` must not swallow it
+class CpuLimit(BaseException):  # math-verify's `except Exception` must not catch it
     pass
 def over_limit(signum, frame):
     raise CpuLimit()
@@ -1566,7 +1570,7 @@ GRADER_CPU_MARGIN = 0.5  # CPU seconds the worker may run past its own limit bef
 
 
 def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process `pid` (Linux /proc), or None where that cannot be read."""
+    """User + system CPU seconds of process `pid` (Linux /proc), or None where it cannot be read."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -1583,9 +1587,9 @@ class Grader:
     answers into timeouts: the worker stops an answer after `timeout` CPU seconds (it answers "T");
     a worker stuck where its own limit cannot fire (inside C code) is killed at `timeout` + 0.5 CPU
     seconds (read from /proc), and one that does not answer within the wall-clock backstop
-    (`wall_timeout`, default 5 x `timeout`, after the previous answer) is killed too. Either way that
-    answer gets reward 0 and is counted as a timeout, and the rest of the batch goes to a fresh
-    worker, so no input can stall a run.
+    (`wall_timeout`, default 5 x `timeout`, after the previous answer) is killed too. Either way
+    that answer gets reward 0 and is counted as a timeout, and the rest of the batch goes to a
+    fresh worker, so no input can stall a run.
     """
 
     def __init__(self, timeout: float = 10.0, wall_timeout: float | None = None):
@@ -1597,11 +1601,12 @@ class Grader:
 
     def _start(self) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-u", "-c", _GRADER_WORKER, str(self.timeout)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
 
     def _ask(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
-        """Send (gold, pred) pairs to the worker; return its verdicts (None = over the CPU bound), in
-        order, up to the first answer it was killed on."""
+        """Send (gold, pred) pairs to the worker; return its verdicts (None = over the CPU bound),
+        in order, up to the first answer it was killed on."""
         grace = 0.0
         if self._worker is None or self._worker.poll() is not None:
             self._worker, grace = self._start(), 60.0  # importing sympy takes a few seconds
@@ -1610,7 +1615,7 @@ class Grader:
         writer = threading.Thread(target=_write_all, args=(self._worker.stdin, requests), daemon=True)
         writer.start()
         stdout, received, verdicts, pid = self._worker.stdout.fileno(), b"", [], self._worker.pid
-        since, cpu_since = time.monotonic(), _cpu_seconds(pid)  # both clocks at the current answer's start
+        since, cpu_since = time.monotonic(), _cpu_seconds(pid)  # both clocks at this answer's start
         while len(verdicts) < len(pairs):
             if b"\n" not in received:  # wait for the next answer, watching the worker's CPU time
                 if not select.select([stdout], [], [], 0.2)[0]:
@@ -2255,8 +2260,9 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader,
         return _evaluate(engine, tokenizer, rows, grader, params, k, dist_info, enable_thinking)
 
 
-def _evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader, params: SamplingParams, k: int,
-              dist_info: Dist, enable_thinking: bool | None = None) -> dict:
+def _evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader,
+              params: SamplingParams, k: int, dist_info: Dist,
+              enable_thinking: bool | None = None) -> dict:
     per_rank = math.ceil(len(rows) / dist_info.world_size)
     mine = list(range(dist_info.rank, len(rows), dist_info.world_size))
     padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))  # equal work on every rank
@@ -2854,7 +2860,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
     for name, other in (frozen or {}).items():
         _reshard(other)
         extra[name] = get_model_state_dict(other)
-    _run_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state, **extra}, staging / TRAIN_STATE)
+    _run_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state, **extra},
+             staging / TRAIN_STATE)
     export = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -2899,27 +2906,29 @@ def _run_dcp(function, state_dict: dict, folder: Path) -> None:
         function(state_dict, checkpoint_id=str(folder), no_dist=not _distributed())
 
 
-def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist, frozen: dict | None = None) -> dict:
+def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist,
+                    frozen: dict | None = None) -> dict:
     """Restore weights, optimizer and RNG state from a checkpoint: every rank reads its own shards of
-    `train_state/` (DCP reshards when the number of ranks changed). `frozen`: name -> model, restored
-    when the checkpoint holds it (`save_checkpoint(frozen=...)`). Returns the trainer state (`step`,
-    `state`) and `frozen`, the names restored. Collective: every rank calls it."""
+    `train_state/` (DCP reshards when the number of ranks changed). `frozen`: name -> model,
+    restored when the checkpoint holds it (`save_checkpoint(frozen=...)`). Returns the trainer
+    state (`step`, `state`) and `frozen`, the names restored. Collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                         set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
 
     path = Path(path)
     # the state dicts to load into: this rank's shards (an optimizer without state gets it made at lr 0)
     _reshard(model)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    saved_keys = FileSystemReader(str(path / TRAIN_STATE)).read_metadata().state_dict_metadata.keys()
+    saved_keys = FileSystemReader(str(path / TRAIN_STATE)).read_metadata().state_dict_metadata
     extra = {}
     for name, other in (frozen or {}).items():
         if any(key.startswith(name + ".") for key in saved_keys):
             _reshard(other)
             extra[name] = get_model_state_dict(other)
-    _run_dcp(dcp.load, {"model": model_state, "optimizer": optimizer_state, **extra}, path / TRAIN_STATE)
+    _run_dcp(dcp.load, {"model": model_state, "optimizer": optimizer_state, **extra},
+             path / TRAIN_STATE)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
     for name, state in extra.items():
         set_model_state_dict(frozen[name], state)

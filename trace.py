@@ -170,9 +170,10 @@ class Args(RunOptions):
     annotator_model: str = option("", "api: the model name sent to the endpoint")
     annotator_key_env: str = option("", "api: name of the environment variable holding the API key (never logged)")
     annotator_timeout: float = option(10.0, "api: seconds per request attempt")
-    annotator_retries: int = option(1, "api: retries after a failed attempt (HTTP 429/5xx, network, timeout)")
-    annotator_patience: int = option(3, "stop the run when no annotation succeeds in this many consecutive "
-                                        "steps; 0 = train on (those steps are GRPO)")
+    annotator_retries: int = option(1, "api: retries after a failed attempt (HTTP 429/5xx, "
+                                       "network, timeout)")
+    annotator_patience: int = option(3, "stop the run when no annotation succeeds in this many "
+                                        "consecutive steps; 0 = train on (those steps are GRPO)")
     annotator_concurrency: int = option(8, "api: requests in flight at once")
     # rollouts
     num_problems: int = option(32, "problems per step, global [ours: 32 on the toy]")
@@ -416,8 +417,9 @@ def chat_prompt(tokenizer, content: str, enable_thinking: Optional[bool]) -> lis
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def self_annotate(engine, tokenizer, requests: list[Request], max_tokens: int, thinking: bool) -> tuple[list, str]:
-    """The policy annotates, greedy, through the rollout engine: (annotations, the last failure or "").
+def self_annotate(engine, tokenizer, requests: list[Request], max_tokens: int,
+                  thinking: bool) -> tuple[list, str]:
+    """The policy annotates, greedy, through the rollout engine: (annotations, last failure or "").
     Every rank calls the engine with the same number of prompts (FSDP: equal forwards), padding with
     copies of a prompt whose answers are dropped."""
     prompts = [chat_prompt(tokenizer, annotator_prompt(r), thinking) for r in requests]
@@ -430,18 +432,20 @@ def self_annotate(engine, tokenizer, requests: list[Request], max_tokens: int, t
     texts = tokenizer.batch_decode(answers[:len(prompts)], skip_special_tokens=True)
     parsed = [parse_annotation(text, len(r.segments)) for text, r in zip(texts, requests)]
     failed = [text for text, answer in zip(texts, parsed) if answer is None]
-    return parsed, f"an answer is not the JSON object asked for: {failed[-1][:80]!r}" if failed else ""
+    error = f"an answer is not the JSON object asked for: {failed[-1][:80]!r}" if failed else ""
+    return parsed, error
 
 
 class ApiAnnotator:
     """POST to an OpenAI-compatible /chat/completions with bounded concurrency, a timeout per attempt and
     retries with exponential backoff on HTTP 429/5xx, network errors and timeouts. A failed request or an
-    unparsable answer gives None, and `last_error` says why. Once a request has timed out on every attempt,
-    the call's remaining requests are not sent (a hanging endpoint costs one request's attempts per call).
+    unparsable answer gives None, and `last_error` says why. Once a request has timed out on every
+    attempt, the call sends no more (a hanging endpoint costs one request's attempts per call).
     The key is read from the environment and only sent in the header."""
 
-    def __init__(self, url: str, model: str, key_env: str = "", timeout: float = 10.0, retries: int = 1,
-                 concurrency: int = 8, max_tokens: int = 64, backoff: float = 1.0):
+    def __init__(self, url: str, model: str, key_env: str = "", timeout: float = 10.0,
+                 retries: int = 1, concurrency: int = 8, max_tokens: int = 64,
+                 backoff: float = 1.0):
         self.url = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.retries, self.backoff = model, timeout, retries, backoff
         self.concurrency, self.max_tokens = concurrency, max_tokens
@@ -469,11 +473,11 @@ class ApiAnnotator:
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
                 reason = getattr(error, "reason", error)
                 timed_out = isinstance(reason, TimeoutError)
-                self.last_error = f"no answer within --annotator_timeout {self.timeout:g} s" if timed_out else \
-                    f"{type(reason).__name__}: {reason}"
+                self.last_error = (f"no answer within --annotator_timeout {self.timeout:g} s"
+                                   if timed_out else f"{type(reason).__name__}: {reason}")
             except (ValueError, KeyError, IndexError, TypeError) as error:
-                self.last_error = f"the reply is not an OpenAI chat completion ({type(error).__name__}: " \
-                                  f"{str(error)[:80]})"
+                self.last_error = (f"the reply is not an OpenAI chat completion "
+                                   f"({type(error).__name__}: {str(error)[:80]})")
                 return None
             if attempt < self.retries:
                 time.sleep(self.backoff * 2 ** attempt)
@@ -556,8 +560,9 @@ def main(argv=None):
                          vllm_options=vllm_options(args))
     grader = Grader(args.grader_timeout)
     sampler = ProblemSampler(len(train_rows), args.seed)
-    # ---- the teacher: a frozen copy sharded like the student (refreshed every teacher_sync_every steps
-    # while the KL term is on), or the live weights (teacher_sync_every 1); none when lambda is never on.
+    # ---- the teacher: a frozen copy sharded like the student (refreshed every teacher_sync_every
+    # steps while the KL term is on), or the live weights (teacher_sync_every 1); none when lambda
+    # is never on.
     start_step = run.resume_step if run.checkpoint is not None else 0
     kl_steps = args.lambda_0 > 0 and start_step < args.kl_end and not args.eval_only
     teacher = None
@@ -566,7 +571,8 @@ def main(argv=None):
     refreshes, failed_steps, teacher_stale = 0, 0, False
     if run.checkpoint is not None:
         # a checkpoint between two refreshes holds the teacher copy (save_checkpoint's `frozen`):
-        # re-copying it from the resumed weights would be another teacher than the uninterrupted run's
+        # re-copying it from the resumed weights would give another teacher than the uninterrupted
+        # run's
         restored = load_checkpoint(run.checkpoint, model, optimizer, dist_info,
                                    frozen={"teacher": teacher} if teacher is not None else None)
         start_step = restored["step"]
@@ -575,9 +581,9 @@ def main(argv=None):
         failed_steps = restored["state"].get("annotation_failed_steps", 0)
         teacher_stale = teacher is not None and "teacher" not in restored["frozen"]
         if teacher_stale and start_step % args.teacher_sync_every:
-            print0(f"[resume] {run.checkpoint.name} holds no teacher copy (written by an older version): the "
-                   f"teacher is re-copied from the resumed weights, so this run will not match an "
-                   f"uninterrupted one exactly")
+            print0(f"[resume] {run.checkpoint.name} holds no teacher copy (written by an "
+                   "older version): the teacher is re-copied from the resumed weights, so this "
+                   "run will not match an uninterrupted one exactly")
         print0(f"[resume] continuing {run_dir} from step {start_step}")
     logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step)
     rollout_params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
@@ -627,10 +633,10 @@ def main(argv=None):
            f"{args.teacher_context}, lambda_0 {args.lambda_0} held to step {args.kl_hold}, 0 at {args.kl_end}, "
            f"device {dist_info.device}")
     if args.dataset == "toy" and args.annotator == "self" and args.lambda_0 > 0:
-        print0("[trace] note: the tiny toy model cannot follow the annotation prompt, so with --annotator self "
-               "no annotation succeeds and the run stops after --annotator_patience steps (0: train on as GRPO); "
-               "to see TRACE's routing on the toy use --annotator oracle --teacher_context label+solution "
-               "(README, TRACE)")
+        print0("[trace] note: the tiny toy model cannot follow the annotation prompt, so "
+               "with --annotator self no annotation succeeds and the run stops after "
+               "--annotator_patience steps (0: train on as GRPO); to see TRACE's routing on the "
+               "toy use --annotator oracle --teacher_context label+solution (README, TRACE)")
     train_started = time.time()
     for step in range(start_step, args.num_steps):
         step_started = time.time()
@@ -704,23 +710,26 @@ def main(argv=None):
                     route_masks[routes[request.correct]][i] = mask
             # failed annotations leave their rollouts to GRPO: say so each step, and stop when none
             # succeeds for --annotator_patience steps (every rank decides alike: global counts)
-            asked, succeeded = all_reduce_sum(torch.tensor([counts["annotated"], counts["annotation_ok"]])).tolist()
+            asked, succeeded = all_reduce_sum(
+                torch.tensor([counts["annotated"], counts["annotation_ok"]])).tolist()
             if asked:
                 failed_steps = failed_steps + 1 if succeeded == 0 else 0
+            said = f"--annotator {annotator_name}; last error: {last_error or 'unknown'}"
             if succeeded < asked:
-                print0(f"[trace] step {step + 1}: {asked - succeeded:g} of {asked:g} annotations failed "
-                       f"(--annotator {annotator_name}; last error: {last_error or 'unknown'})")
+                print0(f"[trace] step {step + 1}: {asked - succeeded:g} of {asked:g} annotations "
+                       f"failed ({said})")
             if args.annotator_patience and failed_steps >= args.annotator_patience:
-                raise UserError(f"no annotation succeeded in {failed_steps} consecutive steps (--annotator "
-                                f"{annotator_name}; last error: {last_error or 'unknown'}); stopped before the "
-                                f"update of step {step + 1}, as TRACE would train plain GRPO. Fix the annotator "
-                                f"(then --resume from the last checkpoint), or pass --annotator_patience 0 to "
-                                f"train on regardless.")
+                raise UserError(f"no annotation succeeded in {failed_steps} consecutive steps "
+                                f"({said}); stopped before the update of step {step + 1}, as "
+                                "TRACE would train plain GRPO. Fix the annotator (then --resume "
+                                "from the last checkpoint), or pass --annotator_patience 0 to "
+                                "train on regardless.")
 
         # ---- 4. teacher refresh (frozen copy) and teacher prompts of the routed rollouts: the problem plus
         # the private context (type label [paper], + reference solution [ours]); never the span positions
         routed = [i for i in rollouts if route_masks["fkl"][i] is not None or route_masks["rkl"][i] is not None]
-        if lam > 0 and teacher is not None and (step % args.teacher_sync_every == 0 or teacher_stale):
+        refresh = step % args.teacher_sync_every == 0 or teacher_stale
+        if lam > 0 and teacher is not None and refresh:
             teacher_stale = False
             copy_weights(teacher, model)
             refreshes += 1

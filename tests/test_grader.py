@@ -49,7 +49,8 @@ def test_wrong_and_missing_answers(grader):
 
 def test_pathological_input_returns_within_the_bound():
     """A huge tower of powers burns CPU; a worker whose own limit is 5 CPU seconds is killed at the
-    bound (1 s of its CPU time + 0.5 here), the answer gets reward 0 and is counted, and grading goes on."""
+    bound (1 s of its CPU time + 0.5 here), the answer gets reward 0 and is counted, and grading
+    goes on."""
     grader = common.Grader(timeout=1.0)
     grader.grade(["\\boxed{1}"], ["1"])  # start the worker outside the timed region
     grader._start = lambda inner=grader._start: _slow_worker(inner)  # the worker's own limit: 5 s
@@ -74,8 +75,8 @@ def _slow_worker(original_start):
 
 
 def test_math_verify_own_time_limit_counts_as_a_timeout():
-    """The worker stops an answer at its own CPU limit (1 s here, well inside the parent's bounds) and
-    reports it, so it is counted like a killed worker's timeout, and the worker lives on."""
+    """The worker stops an answer at its own CPU limit (1 s here, well inside the parent's bounds)
+    and reports it, so it is counted like a killed worker's timeout, and the worker lives on."""
     grader = common.Grader(timeout=60.0)
     grader._start = lambda: subprocess.Popen([sys.executable, "-u", "-c", common._GRADER_WORKER, "1"],
                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -135,7 +136,7 @@ def test_hung_answer_in_a_batch_costs_only_itself():
 def test_the_bound_is_cpu_time_so_a_loaded_machine_grades_right():
     """Known-correct answers on a deliberately loaded machine: busy processes on every core and the
     worker paused for 2 s (a machine so busy it got no CPU) while it grades; 3 s of wall clock
-    pass, far over a 0.5 s bound, yet only its CPU time counts. The backstop is 5 x the bound here."""
+    pass, far over a 0.5 s bound, yet only its CPU time counts."""
     import os
     import signal
     import threading
@@ -144,14 +145,15 @@ def test_the_bound_is_cpu_time_so_a_loaded_machine_grades_right():
     assert grader.wall_timeout == 2.5
     grader.wall_timeout = 30.0  # this test's pause must not reach the wall-clock backstop
     assert grader.grade(["\\boxed{1}"], ["1"])[0] == [1.0]  # the worker is up (sympy imported)
-    busy = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\n"
-                              "while time.time() < end: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
+    spin = "import time\nend = time.time() + 3\nwhile time.time() < end: pass"  # stops by itself
+    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2 * os.cpu_count())]
     pid = grader._worker.pid
     os.kill(pid, signal.SIGSTOP)
     threading.Timer(2.0, os.kill, (pid, signal.SIGCONT)).start()
     try:
         started = time.time()
-        rewards, counts = grader.grade(["\\boxed{{{{613}}}}", "so \\boxed{(x+8)^2}"], ["613", "x^2+16x+64"])
+        rewards, counts = grader.grade(["\\boxed{{{{613}}}}", "so \\boxed{(x+8)^2}"],
+                                       ["613", "x^2+16x+64"])
         elapsed = time.time() - started
     finally:
         os.kill(pid, signal.SIGCONT)
