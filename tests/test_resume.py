@@ -129,20 +129,30 @@ def test_resume_is_exact_on_one_rank(script, tmp_path):
 def test_resume_is_exact_on_two_ranks(script, tmp_path):
     """torchrun, 2 ranks, 3 steps, killed inside the write of checkpoint 3 after step 3's metrics
     and weights export: that run is the uninterrupted reference. Resumed from step 2, step 3 is
-    trained again and must be the same."""
-    flags = [*FLAGS[script], "--save_every", "1", "--output_dir", str(tmp_path), "--run_name", "r"]
-    run = tmp_path / "r"
-    killed_in_save(torchrun(2), tmp_path, script, [*flags, "--num_steps", "3"], 3)
+    trained again; and a run stopped cleanly after step 2, then resumed to step 3. Both must equal
+    the reference. Evaluation at the start and the end of each run."""
+    flags = [*FLAGS[script], *EVAL, "--save_every", "1", "--output_dir", str(tmp_path)]
+    run = tmp_path / "killed"
+    killed_in_save(torchrun(2), tmp_path, script,
+                   [*flags, "--num_steps", "3", "--run_name", "killed"], 3)
     reference = records(run)
-    assert [r["step"] for r in reference] == [1, 2, 3]
+    assert [r["step"] for r in reference] == [0, 1, 2, 3, 3]  # evaluations at steps 0 and 3
     staged = tmp_path / "step3.safetensors"
     shutil.copy(run / "checkpoints" / "step_000003.tmp" / "model.safetensors", staged)
-    resumed = run_script(torchrun(2) + [f"{script}.py", *flags, "--num_steps", "3", "--resume"],
-                         timeout=900)
+    resumed = run_script(torchrun(2) + [f"{script}.py", *flags, "--num_steps", "3", "--run_name",
+                                        "killed", "--resume"], timeout=900)
     assert f"[resume] resuming from {run / 'checkpoints' / 'step_000002'} (step 2)" \
         in resumed.stdout
     assert_same_records(reference, records(run))
     assert_same_weights(staged, weights(run, 3))
+    for steps, extra in (("2", []), ("3", ["--resume"])):
+        run_script(torchrun(2) + [f"{script}.py", *flags, "--num_steps", steps, "--run_name",
+                                  "stopped", *extra], timeout=900)
+    stopped = [r for r in records(tmp_path / "stopped")  # less its end-of-run eval at step 2
+               if not (r["step"] == 2 and "reward" not in r)]
+    assert_same_records(reference, stopped)
+    assert_same_weights(staged, weights(tmp_path / "stopped", 3))
     if script == "trace":
-        assert [r["teacher_refreshes"] for r in reference] == [1, 1, 1]
-        assert reference[2]["kl_loss"] > 0
+        training = [r for r in reference if "reward" in r]
+        assert [r["teacher_refreshes"] for r in training] == [1, 1, 1]
+        assert training[2]["kl_loss"] > 0
