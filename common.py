@@ -1534,8 +1534,9 @@ def token_roles(text: str, spans: Sequence[tuple[int, int]]) -> list[str]:
 
 
 _GRADER_WORKER = r"""
-import json, logging, signal, sys
+import json, logging, sys
 from math_verify import parse, verify
+import signal
 timeout = float(sys.argv[1])  # CPU seconds per answer
 class CpuLimit(BaseException):  # math-verify's `except Exception` must not catch it
     pass

@@ -467,7 +467,7 @@ class ApiAnnotator:
                 with urllib.request.urlopen(request, timeout=self.timeout) as reply:
                     return json.loads(reply.read().decode())["choices"][0]["message"]["content"]
             except urllib.error.HTTPError as error:
-                self.last_error = f"HTTP {error.code} {error.reason}"
+                self.last_error, timed_out = f"HTTP {error.code} {error.reason}", False
                 if error.code != 429 and error.code < 500:
                     return None  # the request itself is wrong: retrying cannot help
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
@@ -581,9 +581,9 @@ def main(argv=None):
         failed_steps = restored["state"].get("annotation_failed_steps", 0)
         teacher_stale = teacher is not None and "teacher" not in restored["frozen"]
         if teacher_stale and start_step % args.teacher_sync_every:
-            print0(f"[resume] {run.checkpoint.name} holds no teacher copy (written by an "
-                   "older version): the teacher is re-copied from the resumed weights, so this "
-                   "run will not match an uninterrupted one exactly")
+            print0(f"[resume] {run.checkpoint.name} holds no teacher copy (an older version "
+                   "wrote it, or --teacher_sync_every changed): the teacher is re-copied from the "
+                   "resumed weights, so this run will not match an uninterrupted one exactly")
         print0(f"[resume] continuing {run_dir} from step {start_step}")
     logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step)
     rollout_params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
