@@ -343,19 +343,6 @@ def test_torchrun_two_ranks(tmp_path):
     assert common.check_checkpoint(tmp_path / "d" / "checkpoints" / "step_000002") is None
 
 
-def test_resume_logs_what_an_uninterrupted_run_logs(tmp_path):
-    timing = {"step_seconds", "tokens_per_second", "time"}
-
-    def steps(name):
-        return [{k: v for k, v in r.items() if k not in timing} for r in records(tmp_path / name) if "reward" in r]
-
-    base = FAST + ["--output_dir", str(tmp_path), "--save_every", "1"]
-    iw_opd.main(base + ["--num_steps", "2", "--run_name", "whole"])
-    iw_opd.main(base + ["--num_steps", "1", "--run_name", "cut"])
-    iw_opd.main(base + ["--num_steps", "2", "--run_name", "cut", "--resume"])
-    assert steps("cut") == steps("whole")
-
-
 def test_gradient_equals_trl_iw_opd():
     """Cross-check with TRL's independent port (trl/experimental/iw_opd, `_compute_iw_opd_loss`, a plain
     -log pi * w a, the same gradient as our clipped loss at ratio 1). Skipped without TRL installed."""
