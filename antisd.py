@@ -37,8 +37,14 @@ Run:
     python antisd.py --signal sd                            # default self-distillation (+u_t, no gate)
     python antisd.py --divergence rkl                       # reverse-KL ascent ablation (-u_t)
     python antisd.py --gate none                            # no entropy gate
-    python antisd.py --eval_only --model <ckpt or hub id> --eval_dataset aime24,aime25,hmmt25,minerva
+    python antisd.py --eval_only --model <ckpt or hub id> --eval_dataset aime24,aime25,aime26,hmmt25,minerva
                                                             # one table, avg@32 / avg@4 [paper protocol]
+Paper (Qwen3-8B, one 8-GPU node; then the paper's table, avg@32 / avg@4 at T 0.7, top-p 0.95):
+    torchrun --nproc_per_node 8 antisd.py --model Qwen3-8B --dataset dapo --eval_dataset math500 \\
+        --num_steps 200 --num_problems 32 --num_generations 8 --lr 1e-6 --max_new_tokens 32768 \\
+        --activation_checkpointing --eval_every 20 --eval_k 4 --save_every 20
+    python antisd.py --eval_only --resume --run_name <run> --model Qwen3-8B --max_new_tokens 32768 \\
+        --eval_dataset aime24,aime25,aime26,hmmt25,minerva
 On a GPU `--rollout auto` samples with vLLM (README, "vLLM rollouts"); `--tis_cap 2` adds the
 sampler/trainer correction.
 On the toy task (README, "The toy testbed") the premise is built in: the plain prompt mostly takes the
@@ -85,9 +91,9 @@ RULES = {
 }
 
 
-# Evaluation protocol [paper]: avg@32 on AIME24/25 and HMMT25, avg@4 on Minerva (common.DATASETS has
+# Evaluation protocol [paper]: avg@32 on AIME24/25/26 and HMMT25, avg@4 on Minerva (common.DATASETS has
 # these as defaults); the other benchmarks keep the table's k.
-EVAL_PROTOCOL = {"aime24": 32, "aime25": 32, "hmmt25": 32, "minerva": 4}
+EVAL_PROTOCOL = {"aime24": 32, "aime25": 32, "aime26": 32, "hmmt25": 32, "minerva": 4}
 
 
 @dataclass

@@ -267,7 +267,7 @@ class RunOptions:
     problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
     answer_key: str = option("answer", "column with the gold answer")
     max_prompt_tokens: int = option(0, "skip problems with longer prompts; 0 = model context - max_new_tokens")
-    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,amc23,hmmt25,minerva,gpqa (a comma "
+    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,aime26,amc23,hmmt25,minerva,gpqa (a comma "
                                "list with --eval_only) | short=file | file | hub id; empty = none")
     eval_split: str = option("test", "split of --eval_dataset")
     # rollout engine (README, "vLLM rollouts", "Memory per GPU")
@@ -292,7 +292,8 @@ class RunOptions:
     eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
     eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
     save_every: int = option(0, "checkpoint every N steps and at the end; 0 = never")
-    grader_timeout: float = option(10.0, "hard wall-clock bound per graded answer, seconds")
+    grader_timeout: float = option(10.0, "bound per graded answer, in CPU seconds of the grader "
+                                         "(a wall-clock backstop at 5x)")
 
 
 def validate_args(args, rules: dict | None = None) -> None:
@@ -996,7 +997,7 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         raise UserError(f"Dataset {name!r} ({split}) is empty.")
     first = next((row for row in raw if isinstance(row, dict)), None)
     if first is None:
-        raise UserError(f"Dataset {name!r} ({split}): all {len(raw)} rows are malformed (not JSON objects).")
+        raise UserError(f"Dataset {name!r} ({split}): {_not_rows(raw)}")
     columns = list(first.keys())
     dapo = _is_dapo(name, columns)
     if dapo:  # DAPO-Math-17k: problem inside the chat prompt, answer under reward_model
@@ -1087,6 +1088,8 @@ def _read_rows(name: str, split: str):
             with _hub_offline():
                 return datasets.load_dataset(name, split=split)
         return datasets.load_dataset(name, split=split)
+    except UserError:
+        raise
     except Exception as error:  # unreadable file, unknown hub name, no network, bad split
         reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         if path.exists():
@@ -1117,10 +1120,28 @@ class _hub_offline:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = self.saved
 
 
+ROW_SHAPE = ('one JSON object per problem, e.g. {"problem": "What is 2+3?", "answer": "5"} '
+             '(.jsonl: one object per line; .json: a list of objects)')
+
+
+def _not_rows(raw: Sequence) -> str:
+    """Why rows that are none of them objects are not a dataset, and the shape that is expected."""
+    kinds = sorted({"invalid JSON" if row is None else type(row).__name__ for row in raw})
+    return (f"none of its {len(raw)} rows is a JSON object ({', '.join(kinds)}); "
+            f"expected {ROW_SHAPE}.")
+
+
 def _read_json_rows(path: Path) -> list:
     text = path.read_text()
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         return json.loads(text)
+    try:
+        whole = json.loads(text) if text.lstrip().startswith("{") else None
+    except json.JSONDecodeError:
+        whole = None  # JSON lines: read line by line below
+    if isinstance(whole, dict) and whole and all(isinstance(v, list) for v in whole.values()):
+        raise UserError(f"Dataset file {str(path)!r} is column-oriented JSON (a list per column: "
+                        f"{list(whole)[:5]}); expected {ROW_SHAPE}.")
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -1150,13 +1171,15 @@ DATASETS = {
     "aime24": dict(hub="HuggingFaceH4/aime_2024", split="train", kind="math", problem="problem", answer="answer",
                    solution="solution", k=32),
     "aime25": dict(hub="MathArena/aime_2025", split="train", kind="math", problem="problem", answer="answer", k=32),
+    "aime26": dict(hub="MathArena/aime_2026", split="train", kind="math", problem="problem",
+                   answer="answer", k=32),
     "amc23": dict(hub="math-ai/amc23", split="test", kind="math", problem="question", answer="answer", k=32),
     "hmmt25": dict(hub="MathArena/hmmt_feb_2025", split="train", kind="math", problem="problem", answer="answer",
                    k=32),
     "minerva": dict(hub="math-ai/minervamath", split="test", kind="math", problem="question", answer="answer", k=4),
     "gpqa": dict(hub="Idavidrein/gpqa", config="gpqa_diamond", split="train", kind="choice", k=4),
 }
-BENCHMARK_NAMES = ("math500", "aime24", "aime25", "amc23", "hmmt25", "minerva", "gpqa")
+BENCHMARK_NAMES = ("math500", "aime24", "aime25", "aime26", "amc23", "hmmt25", "minerva", "gpqa")
 TOY_EVAL_K = 4
 CHOICE_LETTERS = "ABCD"
 CHOICE_SEED = 0  # GPQA options are shuffled per question with this seed: the same order in every run
@@ -1249,6 +1272,15 @@ def adapt_choice_rows(raw: Sequence, spec: dict | None = None, seed: int = CHOIC
     return rows
 
 
+# per kind, the columns a named dataset's rows must have (each: a tuple of accepted names)
+_REQUIRED_COLUMNS = {
+    "math": lambda spec: [
+        tuple(dict.fromkeys(n for n in (spec.get("problem"), *_PROBLEM_COLUMNS) if n)),
+        tuple(dict.fromkeys(n for n in (spec.get("answer"), *_ANSWER_COLUMNS) if n))],
+    "openthoughts": lambda spec: [("problem",), ("ground_truth_solution",), ("domain",)],
+    "choice": lambda spec: [("Question",), ("Correct Answer",),
+                            *[(f"Incorrect Answer {i}",) for i in (1, 2, 3)]],
+}
 _ADAPTERS = {"math": adapt_math_rows, "openthoughts": adapt_openthoughts_rows, "choice": adapt_choice_rows}
 
 
@@ -1267,6 +1299,15 @@ def load_named_dataset(name: str, tokenizer=None, max_prompt_tokens: int | None 
                                                                            spec["split"])
     if not raw:
         raise UserError(f"Dataset {name!r} is empty.")
+    if not any(isinstance(row, dict) for row in raw):
+        raise UserError(f"Dataset {name!r}: {_not_rows(raw)}")
+    columns = list(next(row for row in raw if isinstance(row, dict)))
+    for names in _REQUIRED_COLUMNS[spec["kind"]](spec):
+        if not any(row.get(n) is not None for row in raw if isinstance(row, dict) for n in names):
+            others = f" (or {', '.join(map(repr, names[1:]))})" if names[1:] else ""
+            raise UserError(f"Dataset {name!r} has no column {names[0]!r}{others}, which "
+                            f"{spec['hub']} rows have; its columns are {columns}. Give the file "
+                            "that dataset's columns.")
     adapted = _ADAPTERS[spec["kind"]](raw, spec)
     rows, no_answer, malformed, too_long = [], 0, 0, 0
     for row in adapted:
@@ -1499,44 +1540,67 @@ def token_roles(text: str, spans: Sequence[tuple[int, int]]) -> list[str]:
 _GRADER_WORKER = r"""
 import json, logging, sys
 from math_verify import parse, verify
-timeout = int(sys.argv[1])
+import signal
+timeout = float(sys.argv[1])  # CPU seconds per answer
 sys.stdout.write("ready\n")  # the parent waits for this: an import failure is an error, not zeros
 sys.stdout.flush()
-class TimeoutSeen(logging.Handler):
-    # math-verify catches its own (signal based) time limit, logs "Timeout during ..." and returns
-    # an empty parse / False: this handler notices it, so the answer is reported as a timeout ("T")
-    hit = False
-    def emit(self, record):
-        TimeoutSeen.hit = TimeoutSeen.hit or record.getMessage().startswith("Timeout during")
-logging.getLogger("math_verify").addHandler(TimeoutSeen(logging.WARNING))
+class CpuLimit(BaseException):  # math-verify's `except Exception` must not catch it
+    pass
+def over_limit(signum, frame):
+    raise CpuLimit()
+signal.signal(signal.SIGPROF, over_limit)
+logging.getLogger("math_verify").addHandler(logging.NullHandler())
 logging.getLogger("math_verify").propagate = False
 for line in sys.stdin:
     request = json.loads(line)
-    TimeoutSeen.hit = False
+    verdict = "0"
     try:
-        gold = parse(request["gold"], parsing_timeout=timeout)
-        pred = parse(request["pred"], parsing_timeout=timeout)
-        ok = bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=timeout)
-    except Exception:
-        ok = False
-    sys.stdout.write("1\n" if ok else "T\n" if TimeoutSeen.hit else "0\n")
+        # ITIMER_PROF counts this process's CPU time, so a busy machine does not shorten the bound
+        # (math-verify's own limits, wall-clock SIGALRM, are off); it re-fires until disarmed
+        signal.setitimer(signal.ITIMER_PROF, timeout, 0.05)
+        try:
+            gold = parse(request["gold"], parsing_timeout=None)
+            pred = parse(request["pred"], parsing_timeout=None)
+            verdict = "1" if gold and pred and verify(gold, pred, timeout_seconds=None) else "0"
+        except Exception:
+            pass
+        finally:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+    except CpuLimit:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        verdict = "T"
+    sys.stdout.write(verdict + "\n")
     sys.stdout.flush()
 """
+GRADER_WALL_FACTOR = 5  # the wall-clock backstop is this many times the CPU bound
+GRADER_CPU_MARGIN = 0.5  # CPU seconds the worker may run past its own limit before it is killed
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` (Linux /proc), or None where it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class Grader:
     """Rewards in {0, 1} with math-verify (gold first), the answer taken from the last `\\boxed{}`.
 
     math-verify runs in a worker subprocess that answers one line per request line. A batch is sent
-    in one go and identical (gold, answer) pairs are graded once. Every answer has a hard
-    wall-clock bound (`timeout` seconds after the previous one): a worker that does not answer in
-    time is killed, that answer gets reward 0 and is counted as a timeout, and the rest of the
-    batch goes to a fresh worker, so no input can stall a run. An answer that hits math-verify's
-    own time limit inside the worker (it answers "T") is counted as a timeout too. Without
-    math-verify, or with a worker that cannot start, it raises UserError instead of scoring 0.
+    in one go and identical (gold, answer) pairs are graded once. Every answer is bounded by the
+    worker's CPU time, not the clock, so rollout workers keeping the CPUs busy cannot turn correct
+    answers into timeouts: the worker stops an answer after `timeout` CPU seconds (it answers "T");
+    a worker stuck where its own limit cannot fire (inside C code) is killed at `timeout` + 0.5 CPU
+    seconds (read from /proc), and one that does not answer within the wall-clock backstop
+    (`wall_timeout`, default 5 x `timeout`, after the previous answer) is killed too. Either way
+    that answer gets reward 0 and is counted as a timeout, and the rest of the batch goes to a
+    fresh worker, so no input can stall a run. Without math-verify, or with a worker that cannot
+    start, it raises UserError instead of scoring 0.
     """
 
-    def __init__(self, timeout: float = 10.0):
+    def __init__(self, timeout: float = 10.0, wall_timeout: float | None = None):
         self._worker: subprocess.Popen | None = None
         if not timeout > 0:  # 0 would score every answer as a timeout
             raise UserError(f"grader timeout {timeout}: must be > 0 seconds")
@@ -1544,12 +1608,12 @@ class Grader:
             raise UserError("the grader needs math-verify, which is not installed: "
                             "pip install math-verify")
         self.timeout = timeout
+        self.wall_timeout = wall_timeout or GRADER_WALL_FACTOR * timeout
 
     def _start(self) -> subprocess.Popen:
-        inner = max(1, int(self.timeout))  # math-verify's own (signal based) limits, seconds
         # stderr to a file, not a pipe: a pipe nobody reads would block a chatty worker
         log = tempfile.TemporaryFile()
-        worker = subprocess.Popen([sys.executable, "-u", "-c", _GRADER_WORKER, str(inner)],
+        worker = subprocess.Popen([sys.executable, "-u", "-c", _GRADER_WORKER, str(self.timeout)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                   text=True)
         worker.stderr_log = log  # read by _await_ready when the worker fails to start
@@ -1583,8 +1647,8 @@ class Grader:
                         f"`{python} -c 'import math_verify'` works (pip install math-verify)")
 
     def _ask(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
-        """Send (gold, pred) pairs to the worker; return its verdicts (None = math-verify's own time
-        limit), in order, up to the first late one."""
+        """Send (gold, pred) pairs to the worker; return its verdicts (None = over the CPU bound),
+        in order, up to the first answer it was killed on."""
         if self._worker is None or self._worker.poll() is not None:
             self._worker = self._start()
             self._await_ready()
@@ -1592,13 +1656,21 @@ class Grader:
         # a thread writes, so that a batch larger than the pipe buffer cannot block us past the bound
         writer = threading.Thread(target=_write_all, args=(self._worker.stdin, requests), daemon=True)
         writer.start()
-        stdout, received, verdicts = self._worker.stdout.fileno(), b"", []
+        stdout, received, verdicts, pid = self._worker.stdout.fileno(), b"", [], self._worker.pid
+        since, cpu_since = time.monotonic(), _cpu_seconds(pid)  # both clocks at this answer's start
         while len(verdicts) < len(pairs):
-            if b"\n" not in received:  # wait for the next answer, at most timeout seconds
-                ready, _, _ = select.select([stdout], [], [], self.timeout)
-                chunk = os.read(stdout, 65536) if ready else b""
-                if not chunk:  # hung (no answer in time) or died (end of file)
-                    self.close()  # kill it; the next call starts a fresh one
+            if b"\n" not in received:  # wait for the next answer, watching the worker's CPU time
+                if not select.select([stdout], [], [], 0.2)[0]:
+                    cpu = _cpu_seconds(pid)
+                    over_cpu = cpu is not None and cpu_since is not None and \
+                        cpu - cpu_since > self.timeout + GRADER_CPU_MARGIN
+                    if over_cpu or time.monotonic() - since > self.wall_timeout:
+                        self.close()  # kill it; the next call starts a fresh one
+                        break
+                    continue
+                chunk = os.read(stdout, 65536)
+                if not chunk:  # died (end of file)
+                    self.close()
                     break
                 received += chunk
                 continue
@@ -1606,8 +1678,9 @@ class Grader:
             if line.strip() not in (b"0", b"1", b"T"):
                 self.close()
                 break
-            # "T": math-verify's own time limit, a timeout (None); the worker itself is fine
+            # "T": the worker's own CPU limit, a timeout (None); the worker itself is fine
             verdicts.append(None if line.strip() == b"T" else line.strip() == b"1")
+            since, cpu_since = time.monotonic(), _cpu_seconds(pid)
         writer.join()  # done: the worker read every request, or it was killed (the write fails at once)
         return verdicts
 
@@ -2242,7 +2315,17 @@ def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader,
     """avg@k (mean accuracy over k samples) and pass@k (any of k correct), sharded over ranks.
 
     All of this rank's k x problems prompts go to one `engine.generate` call, which batches them
-    under the engine's own budget (`--gen_batch_size`, `--gen_batch_tokens`), as rollouts are."""
+    under the engine's own budget (`--gen_batch_size`, `--gen_batch_tokens`), as rollouts are.
+    Sampling leaves the training's torch random streams where they were, so a run evaluated at a
+    step (a clean stop evaluates at its last) trains on exactly as one that was not."""
+    cuda = [torch.cuda.current_device()] if dist_info.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        return _evaluate(engine, tokenizer, rows, grader, params, k, dist_info, enable_thinking)
+
+
+def _evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader,
+              params: SamplingParams, k: int, dist_info: Dist,
+              enable_thinking: bool | None = None) -> dict:
     per_rank = math.ceil(len(rows) / dist_info.world_size)
     mine = list(range(dist_info.rank, len(rows), dist_info.world_size))
     padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))  # equal work on every rank
@@ -2830,7 +2913,8 @@ def _full_weights(model, dtype: torch.dtype | None, keep: bool) -> dict:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, state: dict, dist_info: Dist,
-                    keep: int = 2, export_dtype: torch.dtype | None = None) -> Path:
+                    keep: int = 2, frozen: dict | None = None,
+                    export_dtype: torch.dtype | None = None) -> Path:
     """Write `checkpoints/step_NNNNNN/` atomically (temp dir, then rename) and point `latest` at it.
 
     Contents: `train_state/`, the training state for resume written with torch.distributed.checkpoint
@@ -2840,13 +2924,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
     vLLM (the full weights gathered one tensor at a time into rank 0's CPU memory) in
     `export_dtype`, None: bf16 on CUDA (what vLLM and the hub use: half of fp32's 32.8 GB for 8B),
     the training dtype elsewhere (fp32 on CPU, exact). The training state stays fp32 either way.
-    Collective: every rank calls it. Under torchrun on several nodes the run directory must be a shared file
-    system. Rotation keeps this checkpoint and the `keep - 1` newest before it (by step number;
-    keep <= 0 keeps all); it never deletes this one, the one `latest` names, or those of later steps
-    (a resumed run replaces those when it writes the same step).
+    Collective: every rank calls it. Under torchrun on several nodes the run directory must be a
+    shared file system. Rotation keeps this checkpoint and the `keep - 1` newest before it (by
+    step number; keep <= 0 keeps all); it never deletes this one, the one `latest` names, or those
+    of later steps (a resumed run replaces those when it writes the same step).
+    `frozen`: name -> another model (loaded like `model`, e.g. a frozen teacher copy) whose weights
+    go into `train_state/` too, each rank its own shards; `load_checkpoint` restores them.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if export_dtype is None and dist_info.device.type == "cuda":
         export_dtype = torch.bfloat16
@@ -2858,7 +2944,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
     barrier()
     _reshard(model)
     model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors under FSDP2)
-    _run_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state}, staging / TRAIN_STATE)
+    extra = {}
+    for name, other in (frozen or {}).items():
+        _reshard(other)
+        extra[name] = get_model_state_dict(other)
+    _run_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state, **extra},
+             staging / TRAIN_STATE)
     export = _full_weights(model, export_dtype, keep=dist_info.is_main)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -2906,19 +2997,32 @@ def _run_dcp(function, state_dict: dict, folder: Path) -> None:
         function(state_dict, checkpoint_id=str(folder), no_dist=not _distributed())
 
 
-def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist) -> dict:
+def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist,
+                    frozen: dict | None = None) -> dict:
     """Restore weights, optimizer and RNG state from a checkpoint: every rank reads its own shards of
-    `train_state/` (DCP reshards when the number of ranks changed). Returns the trainer state
-    (`step`, `state`). Collective: every rank calls it."""
+    `train_state/` (DCP reshards when the number of ranks changed). `frozen`: name -> model,
+    restored when the checkpoint holds it (`save_checkpoint(frozen=...)`). Returns the trainer
+    state (`step`, `state`) and `frozen`, the names restored. Collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
 
     path = Path(path)
     # the state dicts to load into: this rank's shards (an optimizer without state gets it made at lr 0)
     _reshard(model)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    _run_dcp(dcp.load, {"model": model_state, "optimizer": optimizer_state}, path / TRAIN_STATE)
+    saved_keys = FileSystemReader(str(path / TRAIN_STATE)).read_metadata().state_dict_metadata
+    extra = {}
+    for name, other in (frozen or {}).items():
+        if any(key.startswith(name + ".") for key in saved_keys):
+            _reshard(other)
+            extra[name] = get_model_state_dict(other)
+    _run_dcp(dcp.load, {"model": model_state, "optimizer": optimizer_state, **extra},
+             path / TRAIN_STATE)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+    for name, state in extra.items():
+        set_model_state_dict(frozen[name], state)
     saved = torch.load(path / "trainer_state.pt", weights_only=False)
     rngs = saved["rng"]
     if len(rngs) != dist_info.world_size:
@@ -2930,4 +3034,4 @@ def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist) -> dict
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return {"step": saved["step"], "state": saved["state"]}
+    return {"step": saved["step"], "state": saved["state"], "frozen": sorted(extra)}

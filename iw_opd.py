@@ -39,6 +39,12 @@ Run:
     python iw_opd.py --eval_only --model <ckpt> --eval_dataset aime24,aime25   # one benchmark table
     python iw_opd.py --iw none --token_slice first30          # OPD on the first 30% of tokens only
     torchrun --nproc_per_node 2 iw_opd.py --num_steps 3       # two CPU ranks (gloo, FSDP2)
+Paper (Qwen3-0.6B from Qwen3-4B-Instruct-2507, one 8-GPU node; one rollout per prompt, lr 1e-5,
+T 1.0, clip 0.2, thinking off (the default) [code]; data, steps, batch, lengths [ours]):
+    torchrun --nproc_per_node 8 iw_opd.py --model Qwen3-0.6B --teacher_model Qwen3-4B-Instruct-2507 \\
+        --dataset dapo --eval_dataset math500 --num_steps 200 --num_problems 256 --num_rollouts 1 \\
+        --lr 1e-5 --max_new_tokens 8192 --micro_batch_size 8 --activation_checkpointing \\
+        --eval_every 20 --save_every 20
 On the toy task (README, "The toy testbed") the premise is built in: `toy-large` prefers the careful
 strategy, decided at the third response token, so teacher and student disagree most early on
 (logged every step as gap_first_third / gap_last_third).
@@ -63,7 +69,7 @@ from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParam
                     run_main, save_checkpoint, stop_token_ids, validate_args, vllm_options, write_token_picture,
                     writes_work)
 
-SLICE_SHARE = 0.3  # --token_slice first30 / last30 [paper: 30%]
+SLICE_SHARE = (3, 10)  # --token_slice first30 / last30 keep ceil(3n/10) of n tokens [paper: 30%]
 
 # Valid ranges of IW-OPD's own options; the shared options' ranges are common.ARG_RULES.
 RULES = {
@@ -100,7 +106,7 @@ class Args(RunOptions):
     temperature: float = option(1.0, "rollout sampling temperature [code]")
     top_p: float = option(1.0, "rollout nucleus sampling [code]")
     top_k: int = option(0, "rollout top-k, 0 = off [code]")
-    enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch [paper: off, pass false]")
+    enable_thinking: Optional[bool] = option(False, "Qwen3 chat template thinking switch [code: off]")
     gen_batch_size: int = option(256, "sequences per generation batch of the hf engine [ours]")
     # optimisation
     lr: float = option(1e-4, "AdamW learning rate [code: 1e-5; ours: 1e-4 for the tiny toy model]")
@@ -124,7 +130,7 @@ class Args(RunOptions):
 
 
 def sampled_token_advantage(teacher_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """a_t = log pi_T(y_t) - log pi_old(y_t) on the sampled token (METHODS.md, IW-OPD); 0 on padding."""
+    """a_t = log pi_T(y_t) - log pi_old(y_t) on the sampled token [code]; 0 on padding."""
     return torch.where(mask, teacher_logp - old_logp, 0.0).detach()
 
 
@@ -141,14 +147,17 @@ def importance_weights(a: torch.Tensor, mask: torch.Tensor, gamma: float = 0.5, 
     return torch.where(mask, 1 + gamma * (1 - share).clamp(0, 1), 0.0)
 
 
-def slice_mask(mask: torch.Tensor, which: str = "all", share: float = SLICE_SHARE) -> torch.Tensor:
-    """The tokens that enter the loss: all valid ones, or the first / last `share` of each response's
-    valid tokens. A response of L tokens keeps k = ceil(share * L) of them (at least one token of any
-    non-empty response; 30% of 10 tokens is 3, of 11 tokens 4)."""
+def slice_mask(mask: torch.Tensor, which: str = "all",
+               share: tuple[int, int] = SLICE_SHARE) -> torch.Tensor:
+    """The tokens that enter the loss: all valid ones, or the first / last `share` = (num, den) of each
+    response's valid tokens. A response of n tokens keeps k = ceil(num * n / den) of them, in integer
+    arithmetic (a float 0.3 * 50 rounds up to 16; at least one token of any non-empty response; 30%
+    of 10 tokens is 3, of 11 tokens 4)."""
     if which == "all":
         return mask
-    lengths = mask.sum(dim=1, keepdim=True)
-    keep = torch.ceil(lengths * share - 1e-9)  # the epsilon keeps 0.3 * 10 = 3.0000000000000004 at 3
+    num, den = share
+    lengths = mask.sum(dim=1, keepdim=True)  # int64
+    keep = (num * lengths + den - 1) // den
     position = torch.arange(mask.shape[1], device=mask.device)[None, :]
     selected = position < keep if which == "first30" else position >= lengths - keep
     return mask & selected

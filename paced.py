@@ -21,22 +21,24 @@ Equations (per problem x_i of the global batch, sg = stop-gradient):
              (distill: the teacher's reference; self: all K of the student's own rollouts)
     L      = (1/N) sum_i w~_i L_i = sum_i w_i L_i / sum_i w_i      (N = problems in the global batch)
 AKL (Wu et al. 2024, the paper's baseline): sort the teacher's vocabulary by p_T, descending; the head
-is the shortest prefix whose cumulative probability reaches 0.5 (the token that crosses 0.5 belongs to
-the head; the tail is the rest); g_head = sum_head |p_T - p_S|, g_tail = sum_tail |p_T - p_S|;
-c_head = g_head / (g_head + g_tail), c_tail = 1 - c_head, both without gradient [ours: sg, and
-c_head = 0.5 when g_head + g_tail = 0, where both KLs are 0 anyway].
+is the tokens whose running probability sum (their own included) stays at or below 0.5, and the
+top-1 token always; the token whose sum first exceeds 0.5 starts the tail [code: the authors'
+AKL.py]; g_head = sum_head |p_T - p_S|, g_tail = sum_tail |p_T - p_S|; c_head = g_head / (g_head +
+g_tail), c_tail = 1 - c_head, both without gradient [ours: sg, and c_head = 0.5 when g_head +
+g_tail = 0, where both KLs are 0 anyway].
 
-Where the numbers come from: [paper] the PACED paper (digest in ../shared); [ours] our choice where it
-is silent. [paper]: w(p) = p^alpha (1-p)^beta with alpha = beta = 1; p from K student rollouts; the two
-settings; forward KL for distillation, the two-stage fkl -> rkl schedule, the AKL and unweighted
-baselines; the SNR diagnostic (norm of the mean per-problem gradient over the RMS deviation, per
-pass-rate bin). [ours]: K = 8, dividing the weights by their batch mean, the hard-filter weight 1,
---switch_step 30, the AKL head inclusion rule, the bins of the histogram and the SNR, all the toy
-defaults (16 problems x 8 rollouts, lr 2e-4, 60 steps, 64 tokens). `--weighting none` keeps p in
-{0,1} (METHODS.md: "unweighted baseline"; every problem weight 1). --temperature shapes sampling only
-(student rollouts, teacher references): the divergences compare the two models' own full distributions
-at T = 1, the teacher's distribution being the distillation target, and no sampled-token log-prob
-enters the loss [ours; TRL's GKD divides both models' logits by its temperature instead].
+Where the numbers come from: [paper] the PACED paper; [code] the authors' AKL.py; [ours] our
+choice where they are silent. [paper]: w(p) = p^alpha (1-p)^beta with alpha = beta = 1; p from K
+student rollouts; the two settings; forward KL for distillation, the two-stage fkl -> rkl schedule,
+the AKL and unweighted baselines; the SNR diagnostic (norm of the mean per-problem gradient over
+the RMS deviation, per pass-rate bin). [ours]: K = 8, dividing the weights by their batch mean, the
+hard-filter weight 1, --switch_step 30, the bins of the histogram and the SNR, all the toy defaults
+(16 problems x 8 rollouts, lr 2e-4, 60 steps, 64 tokens). `--weighting none` keeps p in {0,1} (the
+paper's "unweighted baseline": every problem weight 1). --temperature shapes sampling only
+(student rollouts, teacher references): the divergences compare the two models' own full
+distributions at T = 1, the teacher's distribution being the distillation target, and no
+sampled-token log-prob enters the loss [ours; TRL's GKD divides both models' logits by its
+temperature instead].
 
 Run:
     python paced.py                                        # distill toy <- toy-large, PACED weights, CPU
@@ -48,6 +50,13 @@ Run:
     python paced.py --kl fkl_then_rkl --switch_step 30     # two-stage schedule
     python paced.py --log_snr 10                           # SNR per pass-rate bin every 10 steps (1 rank)
     torchrun --nproc_per_node 2 paced.py --num_steps 3     # two CPU ranks (gloo, FSDP2)
+Paper (distillation, Qwen3-1.7B from Qwen3-8B, one 8-GPU node; teacher, data, steps, lr [ours]; then
+the paper's avg@8 on MATH-500, AIME 2024 and AIME 2025 [paper]):
+    torchrun --nproc_per_node 8 paced.py --mode distill --model Qwen/Qwen3-1.7B \\
+        --teacher_model Qwen/Qwen3-8B --dataset dapo --eval_dataset math500 --k 8 --num_steps 200 \\
+        --num_problems 64 --lr 1e-6 --max_new_tokens 8192 --temperature 0.7 --top_p 0.95 \\
+        --micro_batch_size 4 --activation_checkpointing --eval_every 20 --save_every 20
+    python paced.py --eval_only --resume --run_name <run> --eval_dataset math500,aime24,aime25
 """
 
 import math
@@ -168,12 +177,13 @@ def active_divergence(kl: str, step: int, switch_step: int) -> str:
 
 
 def akl_head_mask(teacher_probs: torch.Tensor, head_mass: float = AKL_HEAD_MASS) -> torch.Tensor:
-    """[N, V] bool: the teacher's most likely tokens whose cumulative probability (descending order)
-    reaches `head_mass`; a token is in the head when the mass of the tokens ranked before it is below
-    `head_mass` (so the token that crosses it is in the head, and the top token always is)."""
+    """[N, V] bool: the AKL head, the teacher's most likely tokens (descending order) whose running
+    probability sum, the token's own included, stays at or below `head_mass`; the token whose sum
+    first exceeds it is in the tail, except the top-1 token, which is always head (the authors'
+    `AKL.py`: tail = `cum_sum > mu`, `tail[..., 0] = False`)."""
     sorted_probs, order = teacher_probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(-1) - sorted_probs
-    head_sorted = before < head_mass
+    head_sorted = sorted_probs.cumsum(-1) <= head_mass
+    head_sorted[..., 0] = True
     return torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
 
 

@@ -35,7 +35,7 @@ the same model with the label as a private prefix and never the span positions, 
 by the policy and a strong API annotator. [2nd]: the loss above, lambda_0 = 0.5, the schedule
 10 -> 40, teacher refresh every 10 steps, a "pointwise KL clip 0.05" (its form is unknown; the
 rescale keeps the gradient where forward KL lifts under-allocated teacher tokens, a hard clamp would
-zero it; METHODS.md), the span-mean KL norm, segments = response lines. [ours]: segment splitting of
+zero it; README, TRACE), the span-mean KL norm, segments = response lines. [ours]: segment splitting of
 long lines (--max_segment_chars), the truncation of the last span at the coverage cap, the JSON
 answer format, the label set, the prompt templates, annotating by default only the rollouts the route uses (--annotate),
 the `random` control, the `oracle` on the toy, the teacher contexts' wording (`label+solution`
@@ -48,8 +48,15 @@ Run:
     python trace.py --annotator self                                       # the policy annotates itself
     python trace.py --lambda_0 0                                           # GRPO baseline
     torchrun --nproc_per_node 2 trace.py --annotator oracle --num_steps 3  # two CPU ranks (gloo, FSDP2)
-    python trace.py --model Qwen3-8B --annotator api --annotator_url https://host/v1 \\
-        --annotator_model <name> --annotator_key_env MY_KEY ...           # README: the paper's settings
+Paper (Qwen3-8B, forward KL on key spans, an API annotator, one 8-GPU node; eval at T 0.6, top-p
+0.95, top-k 20 [paper]; steps, batch and lengths [ours]; for Qwen3-1.7B: --route rkl_error):
+    torchrun --nproc_per_node 8 trace.py --model Qwen3-8B --route fkl_key --annotator api \\
+        --annotator_url https://host/v1 --annotator_model <name> --annotator_key_env MY_KEY \\
+        --dataset openthoughts-math --eval_dataset math500 --num_steps 400 --num_problems 32 \\
+        --num_generations 8 --lr 1e-6 --max_new_tokens 16384 --micro_batch_size 2 \\
+        --eval_temperature 0.6 --eval_top_p 0.95 --eval_top_k 20 --eval_every 20 --save_every 20
+    python trace.py --eval_only --model runs/<run>/checkpoints/step_000400 \\
+        --eval_dataset math500,aime24,aime25,amc23,gpqa --eval_temperature 0.6 --eval_top_k 20
 On a GPU `--rollout auto` samples with vLLM (README, "vLLM rollouts"; the `self` annotator then
 generates through it too); `--tis_cap 2` adds the sampler/trainer correction.
 On the toy task every line is re-computable, so `parse_toy_steps` names the exact key step of a
@@ -118,6 +125,7 @@ RULES = {
     "annotator_max_tokens": at_least(1),
     "annotator_timeout": above(0),
     "annotator_retries": at_least(0),
+    "annotator_patience": at_least(0),
     "annotator_concurrency": at_least(1),
     "picture_rollouts": at_least(0),
 }
@@ -168,8 +176,11 @@ class Args(RunOptions):
                                     "/chat/completions endpoint")
     annotator_model: str = option("", "api: the model name sent to the endpoint")
     annotator_key_env: str = option("", "api: name of the environment variable holding the API key (never logged)")
-    annotator_timeout: float = option(60.0, "api: seconds per request attempt")
-    annotator_retries: int = option(2, "api: retries after a failed attempt (HTTP 429/5xx, network, timeout)")
+    annotator_timeout: float = option(10.0, "api: seconds per request attempt")
+    annotator_retries: int = option(1, "api: retries after a failed attempt (HTTP 429/5xx, "
+                                       "network, timeout)")
+    annotator_patience: int = option(3, "stop the run when no annotation succeeds in this many "
+                                        "consecutive steps; 0 = train on (those steps are GRPO)")
     annotator_concurrency: int = option(8, "api: requests in flight at once")
     # rollouts
     num_problems: int = option(32, "problems per step, global [ours: 32 on the toy]")
@@ -413,59 +424,85 @@ def chat_prompt(tokenizer, content: str, enable_thinking: Optional[bool]) -> lis
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def self_annotate(engine, tokenizer, requests: list[Request], max_tokens: int, thinking: bool) -> list:
-    """The policy annotates, greedy, through the rollout engine. Every rank calls the engine with the
-    same number of prompts (FSDP: equal forwards), padding with copies of a prompt whose answers are dropped."""
+def self_annotate(engine, tokenizer, requests: list[Request], max_tokens: int,
+                  thinking: bool) -> tuple[list, str]:
+    """The policy annotates, greedy, through the rollout engine: (annotations, last failure or "").
+    Every rank calls the engine with the same number of prompts (FSDP: equal forwards), padding with
+    copies of a prompt whose answers are dropped."""
     prompts = [chat_prompt(tokenizer, annotator_prompt(r), thinking) for r in requests]
     count = int(all_gather_cat(torch.tensor([len(prompts)])).max())
     if count == 0:
-        return []
+        return [], ""
     filler = prompts[:1] or [chat_prompt(tokenizer, "{}", thinking)]
     answers = engine.generate(prompts + filler * (count - len(prompts)), SamplingParams(0.0, 1.0, 0, max_tokens),
                               desc="annotate")
     texts = tokenizer.batch_decode(answers[:len(prompts)], skip_special_tokens=True)
-    return [parse_annotation(text, len(r.segments)) for text, r in zip(texts, requests)]
+    parsed = [parse_annotation(text, len(r.segments)) for text, r in zip(texts, requests)]
+    failed = [text for text, answer in zip(texts, parsed) if answer is None]
+    error = f"an answer is not the JSON object asked for: {failed[-1][:80]!r}" if failed else ""
+    return parsed, error
 
 
 class ApiAnnotator:
     """POST to an OpenAI-compatible /chat/completions with bounded concurrency, a timeout per attempt and
     retries with exponential backoff on HTTP 429/5xx, network errors and timeouts. A failed request or an
-    unparsable answer gives None. The key is read from the environment and only sent in the header."""
+    unparsable answer gives None, and `last_error` says why. Once a request has timed out on every
+    attempt, the call sends no more (a hanging endpoint costs one request's attempts per call).
+    The key is read from the environment and only sent in the header."""
 
-    def __init__(self, url: str, model: str, key_env: str = "", timeout: float = 60.0, retries: int = 2,
-                 concurrency: int = 8, max_tokens: int = 64, backoff: float = 1.0):
+    def __init__(self, url: str, model: str, key_env: str = "", timeout: float = 10.0,
+                 retries: int = 1, concurrency: int = 8, max_tokens: int = 64,
+                 backoff: float = 1.0):
         self.url = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.retries, self.backoff = model, timeout, retries, backoff
         self.concurrency, self.max_tokens = concurrency, max_tokens
         self.key = os.environ.get(key_env, "") if key_env else ""
         self.failures = 0  # requests that never got an answer (HTTP error, timeout, malformed body)
+        self.last_error, self.hanging = "", ""
 
     def _ask(self, prompt: str) -> Optional[str]:
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
                            "temperature": 0.0, "max_tokens": self.max_tokens}).encode()
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
+        timed_out = False
         for attempt in range(self.retries + 1):
+            if self.hanging:
+                self.last_error = self.hanging
+                return None
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=self.timeout) as reply:
                     return json.loads(reply.read().decode())["choices"][0]["message"]["content"]
             except urllib.error.HTTPError as error:
+                self.last_error, timed_out = f"HTTP {error.code} {error.reason}", False
                 if error.code != 429 and error.code < 500:
                     return None  # the request itself is wrong: retrying cannot help
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError):
-                pass
-            except (ValueError, KeyError, IndexError, TypeError):
-                return None  # a reply that is not the OpenAI format
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
+                reason = getattr(error, "reason", error)
+                timed_out = isinstance(reason, TimeoutError)
+                self.last_error = (f"no answer within --annotator_timeout {self.timeout:g} s"
+                                   if timed_out else f"{type(reason).__name__}: {reason}")
+            except (ValueError, KeyError, IndexError, TypeError) as error:
+                self.last_error = (f"the reply is not an OpenAI chat completion "
+                                   f"({type(error).__name__}: {str(error)[:80]})")
+                return None
             if attempt < self.retries:
                 time.sleep(self.backoff * 2 ** attempt)
+        if timed_out:  # every attempt timed out: the rest of this call would only wait as long
+            self.hanging = f"{self.last_error}, {self.retries + 1} attempts"
         return None
 
     def __call__(self, requests: list[Request]) -> list:
+        self.hanging = ""
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             answers = list(pool.map(lambda r: self._ask(annotator_prompt(r)), requests))
         self.failures += sum(a is None for a in answers)
-        return [parse_annotation(a, len(r.segments)) if isinstance(a, str) else None
-                for a, r in zip(answers, requests)]
+        parsed = [parse_annotation(a, len(r.segments)) if isinstance(a, str) else None
+                  for a, r in zip(answers, requests)]
+        unparsable = [a for a, p in zip(answers, parsed) if isinstance(a, str) and p is None]
+        if unparsable:
+            self.last_error = f"an answer is not the JSON object asked for: {unparsable[-1][:80]!r}"
+        return parsed
 
 
 def teacher_context(mode: str, label: str, correct: bool, problem: dict) -> str:
@@ -530,27 +567,41 @@ def main(argv=None):
                          vllm_options=vllm_options(args))
     grader = Grader(args.grader_timeout)
     sampler = ProblemSampler(len(train_rows), args.seed)
-    start_step, refreshes = 0, 0
+    # ---- the teacher: a frozen copy sharded like the student (refreshed every teacher_sync_every
+    # steps while the KL term is on), or the live weights (teacher_sync_every 1); none when lambda
+    # is never on.
+    start_step = run.resume_step if run.checkpoint is not None else 0
+    kl_steps = args.lambda_0 > 0 and start_step < args.kl_end and not args.eval_only
+    teacher = None
+    if kl_steps and args.teacher_sync_every > 1:
+        teacher = load_model(args.model, dist_info, trainable=False)
+    refreshes, failed_steps, teacher_stale = 0, 0, False
     if run.checkpoint is not None:
-        restored = load_checkpoint(run.checkpoint, model, optimizer, dist_info)
+        # a checkpoint between two refreshes holds the teacher copy (save_checkpoint's `frozen`):
+        # re-copying it from the resumed weights would give another teacher than the uninterrupted
+        # run's
+        restored = load_checkpoint(run.checkpoint, model, optimizer, dist_info,
+                                   frozen={"teacher": teacher} if teacher is not None else None)
         start_step = restored["step"]
         sampler.load_state_dict(restored["state"]["sampler"])
         refreshes = restored["state"].get("teacher_refreshes", 0)
+        failed_steps = restored["state"].get("annotation_failed_steps", 0)
+        teacher_stale = teacher is not None and "teacher" not in restored["frozen"]
+        if teacher_stale and start_step % args.teacher_sync_every:
+            print0(f"[resume] {run.checkpoint.name} holds no teacher copy (an older version "
+                   "wrote it, or --teacher_sync_every changed): the teacher is re-copied from the "
+                   "resumed weights, so this run will not match an uninterrupted one exactly")
         print0(f"[resume] continuing {run_dir} from step {start_step}")
     logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step)
     rollout_params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
     eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k, args.max_new_tokens)
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)
 
-    # ---- the teacher: a frozen copy sharded like the student (refreshed every teacher_sync_every steps
-    # while the KL term is on), or the live weights (teacher_sync_every 1); none when lambda is never on.
-    kl_steps = args.lambda_0 > 0 and start_step < args.kl_end and not args.eval_only
-    teacher = None
-    if kl_steps and args.teacher_sync_every > 1:
-        teacher = load_model(args.model, dist_info, trainable=False)
     api = ApiAnnotator(args.annotator_url, args.annotator_model, args.annotator_key_env, args.annotator_timeout,
                        args.annotator_retries, args.annotator_concurrency, args.annotator_max_tokens) \
         if args.annotator == "api" else None
+    annotator_name = f"api at {api.url}, model {args.annotator_model}" if api else args.annotator
+    last_error = ""  # the annotator's latest failure, for the step lines and the stop
     routes = {"fkl_key": {True: "fkl"}, "rkl_error": {False: "rkl"}, "both": {True: "fkl", False: "rkl"}}[args.route]
 
     picture = []  # rows of tokens.html from the latest step (rank 0)
@@ -589,9 +640,10 @@ def main(argv=None):
            f"{args.teacher_context}, lambda_0 {args.lambda_0} held to step {args.kl_hold}, 0 at {args.kl_end}, "
            f"device {dist_info.device}")
     if args.dataset == "toy" and args.annotator == "self" and args.lambda_0 > 0:
-        print0("[trace] note: the tiny toy model cannot follow the annotation prompt, so with --annotator self "
-               "annotation_success stays 0 and the run is GRPO; to see TRACE's routing on the toy use "
-               "--annotator oracle --teacher_context label+solution (README, TRACE)")
+        print0("[trace] note: the tiny toy model cannot follow the annotation prompt, so "
+               "with --annotator self no annotation succeeds and the run stops after "
+               "--annotator_patience steps (0: train on as GRPO); to see TRACE's routing on the "
+               "toy use --annotator oracle --teacher_context label+solution (README, TRACE)")
     train_started = time.time()
     for step in range(start_step, args.num_steps):
         step_started = time.time()
@@ -637,10 +689,12 @@ def main(argv=None):
             if args.annotator in ("oracle", "random") and args.dataset == "toy":
                 answers = [oracle_annotation(requests[i][0]) for i in wanted]
             elif args.annotator == "self":
-                answers = self_annotate(engine, tokenizer, [requests[i][0] for i in wanted],
-                                        args.annotator_max_tokens, args.annotator_thinking)
+                answers, error = self_annotate(engine, tokenizer, [requests[i][0] for i in wanted],
+                                               args.annotator_max_tokens, args.annotator_thinking)
+                last_error = error or last_error
             elif args.annotator == "api":
                 answers = api([requests[i][0] for i in wanted])
+                last_error = api.last_error or last_error
             else:  # random off the toy: no oracle to match, a documented share of |y|
                 answers = [([], "key step" if requests[i][0].correct else "error") for i in wanted]
             span_rng = random.Random(f"{args.seed}/{step}/{rank}")  # a function of the step: resume-exact
@@ -661,11 +715,29 @@ def main(argv=None):
                 counts["covered"] += float(mask.sum()) / len(responses[i])
                 if mask.any() and request.correct in routes:  # --annotate all: the other class is not trained
                     route_masks[routes[request.correct]][i] = mask
+            # failed annotations leave their rollouts to GRPO: say so each step, and stop when none
+            # succeeds for --annotator_patience steps (every rank decides alike: global counts)
+            asked, succeeded = all_reduce_sum(
+                torch.tensor([counts["annotated"], counts["annotation_ok"]])).tolist()
+            if asked:
+                failed_steps = failed_steps + 1 if succeeded == 0 else 0
+            said = f"--annotator {annotator_name}; last error: {last_error or 'unknown'}"
+            if succeeded < asked:
+                print0(f"[trace] step {step + 1}: {asked - succeeded:g} of {asked:g} annotations "
+                       f"failed ({said})")
+            if args.annotator_patience and failed_steps >= args.annotator_patience:
+                raise UserError(f"no annotation succeeded in {failed_steps} consecutive steps "
+                                f"({said}); stopped before the update of step {step + 1}, as "
+                                "TRACE would train plain GRPO. Fix the annotator (then --resume "
+                                "from the last checkpoint), or pass --annotator_patience 0 to "
+                                "train on regardless.")
 
         # ---- 4. teacher refresh (frozen copy) and teacher prompts of the routed rollouts: the problem plus
         # the private context (type label [paper], + reference solution [ours]); never the span positions
         routed = [i for i in rollouts if route_masks["fkl"][i] is not None or route_masks["rkl"][i] is not None]
-        if lam > 0 and teacher is not None and (step % args.teacher_sync_every == 0 or step == start_step):
+        refresh = step % args.teacher_sync_every == 0 or teacher_stale
+        if lam > 0 and teacher is not None and refresh:
+            teacher_stale = False
             copy_weights(teacher, model)
             refreshes += 1
         teacher_prompts = {i: build_prompt(tokenizer, problems[i // group]["problem"],
@@ -806,6 +878,7 @@ def main(argv=None):
             "lambda_k": lam,
             "annotated": totals["annotated"],
             "annotation_success": totals["annotation_ok"] / totals["annotated"] if totals["annotated"] else nan,
+            "annotation_failed": totals["annotated"] - totals["annotation_ok"],
             "coverage": totals["covered"] / totals["annotated"] if totals["annotated"] else nan,
             "share_fkl": totals["fkl_tokens"] / tokens,
             "share_rkl": totals["rkl_tokens"] / tokens,
@@ -831,8 +904,13 @@ def main(argv=None):
         if eval_rows and (last_step or (args.eval_every and (step + 1) % args.eval_every == 0)):
             history["last"] = run_eval(step + 1)
         if args.save_every and ((step + 1) % args.save_every == 0 or last_step):
+            # the teacher copy goes along when the next step uses it without refreshing it first
+            keep_teacher = teacher is not None and (step + 1) % args.teacher_sync_every and \
+                kl_weight(step + 1, args.lambda_0, args.kl_hold, args.kl_end) > 0
             save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer,
-                            {"sampler": sampler.state_dict(), "teacher_refreshes": refreshes}, dist_info)
+                            {"sampler": sampler.state_dict(), "teacher_refreshes": refreshes,
+                             "annotation_failed_steps": failed_steps}, dist_info,
+                            frozen={"teacher": teacher} if keep_teacher else None)
 
     # ---- summary ---------------------------------------------------------------------------------
     draw_picture()

@@ -36,7 +36,7 @@ def main():
     parser.add_argument("--num_problems", type=int, default=16)
     args = parser.parse_args()
     common = ["--num_steps", str(args.num_steps), "--num_problems", str(args.num_problems), "--eval_dataset", "",
-              "--seed", "0"]
+              "--seed", "0", "--annotator_patience", "0"]  # the toy's self annotator never parses
     configs = {"GRPO": ["--lambda_0", "0"],
                "TRACE": ["--annotator", args.annotator, "--kl_hold", str(args.kl_hold), "--kl_end", str(args.kl_end)]}
     steps = {name: [] for name in configs}  # per run: list of (wall seconds, CPU seconds, tokens) per step

@@ -38,7 +38,9 @@ METHODS = {
     "GRPO": ["--lambda_0", "0"],
     "fkl_key+oracle": ["--route", "fkl_key", "--annotator", "oracle", *CONTEXT],
     "rkl_error+oracle": ["--route", "rkl_error", "--annotator", "oracle", *CONTEXT],
-    "fkl_key+self": ["--route", "fkl_key", "--annotator", "self", *CONTEXT],
+    # the toy cannot annotate: without --annotator_patience 0 the run would stop at step 3
+    "fkl_key+self": ["--route", "fkl_key", "--annotator", "self", "--annotator_patience", "0",
+                     *CONTEXT],
     "fkl_key+random": ["--route", "fkl_key", "--annotator", "random", *CONTEXT],
 }
 

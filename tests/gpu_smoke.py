@@ -300,11 +300,9 @@ def check_env(expect: Expect, args) -> None:
 
 
 SCRIPT_FLAGS = {"antisd": ["--num_generations", "4"],
-                # a resume between two refreshes of TRACE's frozen teacher copy is not exact (the
-                # copy is not checkpointed: it is refreshed from the resumed weights), so step 2
-                # is a refresh step here
-                "trace": ["--num_generations", "4", "--annotator", "oracle",
-                          "--teacher_sync_every", "2"],
+                # resumed between two refreshes of the frozen teacher copy (every 10 steps): the
+                # copy comes from the checkpoint
+                "trace": ["--num_generations", "4", "--annotator", "oracle"],
                 "paced": ["--k", "4"],
                 "iw_opd": ["--num_rollouts", "4"]}
 SCRIPT_COMMON = ["--num_problems", "4", "--max_new_tokens", "24", "--eval_dataset", "",

@@ -197,11 +197,26 @@ def test_one_process_checkpoint_round_trip(tmp_path, toy_tokenizer):
     assert common.check_checkpoint(path) is None and not dist.is_initialized()
     fresh = common.load_model("toy", dist_info)  # the base weights: the checkpoint must replace them
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    assert common.load_checkpoint(path, fresh, fresh_optimizer, dist_info) == {"step": 1, "state": {"k": 1}}
+    assert common.load_checkpoint(path, fresh, fresh_optimizer, dist_info) == \
+        {"step": 1, "state": {"k": 1}, "frozen": []}
     for (name, want), got in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(got, want), name
     for want, got in zip(optimizer.state.values(), fresh_optimizer.state.values()):
         assert all(torch.equal(got[key], want[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
+    # a frozen model (a teacher copy: the weights before the update) goes along on request
+    teacher = common.load_model("toy", dist_info, trainable=False)
+    path = common.save_checkpoint(tmp_path, 2, model, toy_tokenizer, optimizer, {}, dist_info,
+                                  frozen={"teacher": teacher})
+    assert common.check_checkpoint(path) is None
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.add_(1.0)  # not the saved copy any more
+    restored = common.load_checkpoint(path, fresh, fresh_optimizer, dist_info,
+                                      frozen={"teacher": teacher})
+    assert restored["frozen"] == ["teacher"]
+    base = common.load_model("toy", dist_info)
+    for (name, want), got in zip(base.named_parameters(), teacher.parameters()):
+        assert torch.equal(got, want) and not got.requires_grad, name
 
 
 def test_checkpoint_export_in_bf16_keeps_the_training_state_fp32(tmp_path, toy_tokenizer):

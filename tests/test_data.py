@@ -145,8 +145,23 @@ def test_clear_errors(tmp_path):
     with pytest.raises(common.UserError, match=r"^Dataset '.*empty.jsonl' \(train\) is empty\.$"):
         common.load_problems(str(tmp_path / "empty.jsonl"))
     write_jsonl(tmp_path / "garbage.jsonl", ["{not json", "[1, 2]", "7"])
-    with pytest.raises(common.UserError, match=r"all 3 rows are malformed \(not JSON objects\)"):
+    shape = ('expected one JSON object per problem, e.g. {"problem": "What is 2+3?", '
+             '"answer": "5"} (.jsonl: one object per line; .json: a list of objects).')
+    with pytest.raises(common.UserError) as error:
         common.load_problems(str(tmp_path / "garbage.jsonl"))
+    assert str(error.value) == (f"Dataset '{tmp_path / 'garbage.jsonl'}' (train): none of its 3 "
+                                f"rows is a JSON object (int, invalid JSON, list); {shape}")
+    (tmp_path / "list.json").write_text('["1+1", "2+2"]')
+    with pytest.raises(common.UserError, match=r"none of its 2 rows is a JSON object \(str\)"):
+        common.load_problems(str(tmp_path / "list.json"))
+    columns = {"problem": ["1+1", "2+2"], "answer": ["2", "4"]}
+    for name, text in [("columns.json", json.dumps(columns, indent=2)),
+                       ("columns.jsonl", json.dumps(columns))]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(common.UserError) as error:
+            common.load_problems(str(tmp_path / name))
+        assert str(error.value) == (f"Dataset file '{tmp_path / name}' is column-oriented JSON "
+                                    f"(a list per column: ['problem', 'answer']); {shape}")
     (tmp_path / "dir.jsonl").mkdir()
     with pytest.raises(common.UserError, match="is a directory"):
         common.load_problems(str(tmp_path / "dir.jsonl"))

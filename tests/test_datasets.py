@@ -34,6 +34,9 @@ def test_table_maps_short_names_and_hub_ids():
      {"problem": "Find N.", "answer": "204", "solution": "... 204"}),
     # MathArena AIME 2025 / HMMT Feb 2025: problem_idx, problem, answer (int in some MathArena sets)
     ("aime25", {"problem_idx": 1, "problem": "Find b.", "answer": 70}, {"problem": "Find b.", "answer": "70", "solution": ""}),
+    # MathArena AIME 2026 (its card): problem_idx int64, answer int64, problem string
+    ("aime26", {"problem_idx": 15, "answer": 277, "problem": "Find m+n."},
+     {"problem": "Find m+n.", "answer": "277", "solution": ""}),
     ("hmmt25", {"problem_idx": 3, "problem": "Compute x.", "answer": "\\frac{1}{2}", "problem_type": ["Algebra"]},
      {"problem": "Compute x.", "answer": "\\frac{1}{2}", "solution": ""}),
     # AMC 2023 / Minerva (math-ai): question, answer (a float for AMC in some mirrors)
@@ -107,8 +110,24 @@ def test_gpqa_options_shuffled_with_a_fixed_seed_and_graded_by_letter(tmp_path):
 
 
 def test_named_dataset_errors(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "x"}])
-    with pytest.raises(common.UserError, match="no usable rows.*Idavidrein/gpqa"):
+    gpqa = {"Question": "x", "Correct Answer": "1",
+            **{f"Incorrect Answer {i}": "2" for i in (1, 2, 3)}}
+    path = write_jsonl(tmp_path / "bad.jsonl", [{**gpqa, "Incorrect Answer 1": None, "text": "x"}])
+    with pytest.raises(common.UserError, match=r"no column 'Incorrect Answer 1', which Idavidrein"):
         common.load_problems(f"gpqa={path}")
+    path = write_jsonl(tmp_path / "empty_answers.jsonl", [{**gpqa, "Correct Answer": None}])
+    with pytest.raises(common.UserError, match="no column 'Correct Answer'"):
+        common.load_problems(f"gpqa={path}")
+    # MATH-500 rows without `answer`: refused, naming the column and the columns the file has
+    path = write_jsonl(tmp_path / "noanswer.jsonl", [{"problem": "1+1?", "solution": "\\boxed{2}"},
+                                                     {"problem": "3"}])
+    with pytest.raises(common.UserError) as error:
+        common.load_problems(f"math500={path}")
+    assert str(error.value) == (f"Dataset 'math500={path}' has no column 'answer' (or 'Answer'), "
+                                "which HuggingFaceH4/MATH-500 rows have; its columns are "
+                                "['problem', 'solution']. Give the file that dataset's columns.")
+    path = write_jsonl(tmp_path / "strings.jsonl", ["1+1", "2+2"])
+    with pytest.raises(common.UserError, match=r"none of its 2 rows is a JSON object \(str\)"):
+        common.load_problems(f"math500={path}")
     with pytest.raises(common.UserError, match="does not exist"):
         common.load_problems(f"math500={tmp_path / 'missing.jsonl'}")

@@ -48,18 +48,19 @@ def test_wrong_and_missing_answers(grader):
 
 
 def test_pathological_input_returns_within_the_bound():
-    """A huge tower of powers keeps math-verify busy past its own 5 s limit; the hard bound (1 s
-    here) kills the worker, the answer gets reward 0 and is counted, and grading goes on."""
+    """A huge tower of powers burns CPU; a worker whose own limit is 5 CPU seconds is killed at the
+    bound (1 s of its CPU time + 0.5 here), the answer gets reward 0 and is counted, and grading
+    goes on."""
     grader = common.Grader(timeout=1.0)
     grader.grade(["\\boxed{1}"], ["1"])  # start the worker outside the timed region
-    grader._start = lambda inner=grader._start: _slow_worker(inner)  # math-verify's own limit: 5 s
+    grader._start = lambda inner=grader._start: _slow_worker(inner)  # the worker's own limit: 5 s
     grader.close()
     grader.grade(["\\boxed{1}"], ["1"])
     started = time.time()
     rewards, counts = grader.grade(["\\boxed{9^{9^{9^{9}}}}"], ["\\boxed{10^{10^{10^{10}}}}"])
     elapsed = time.time() - started
     assert rewards == [0.0] and counts["timeout"] == 1
-    assert elapsed < 3.0, elapsed  # 1 s bound + killing the worker; math-verify alone takes > 5 s
+    assert elapsed < 4.0, elapsed  # 1.5 CPU seconds + killing the worker; its own limit is 5 s
     rewards, counts = grader.grade(["\\boxed{2}"], ["2"])  # a fresh worker keeps grading
     assert rewards == [1.0] and counts["timeout"] == 0
     grader.close()
@@ -74,8 +75,8 @@ def _slow_worker(original_start):
 
 
 def test_math_verify_own_time_limit_counts_as_a_timeout():
-    """math-verify catches its own 1 s limit (here well inside the 60 s hard bound) and returns
-    False; the worker reports it, so it is counted like a hard-bound timeout, and the worker lives on."""
+    """The worker stops an answer at its own CPU limit (1 s here, well inside the parent's bounds)
+    and reports it, so it is counted like a killed worker's timeout, and the worker lives on."""
     grader = common.Grader(timeout=60.0)
     grader._start = lambda: subprocess.Popen([sys.executable, "-u", "-c", common._GRADER_WORKER, "1"],
                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -124,7 +125,7 @@ def test_hung_answer_in_a_batch_costs_only_itself():
     and the answers after it are graded by a fresh worker."""
     grader = common.Grader(timeout=1.0)
     grader.grade(["\\boxed{1}"], ["1"])
-    grader._start = lambda inner=grader._start: _slow_worker(inner)  # math-verify's own limit: 5 s
+    grader._start = lambda inner=grader._start: _slow_worker(inner)  # the worker's own limit: 5 s
     grader.close()
     rewards, counts = grader.grade(["\\boxed{2}", "\\boxed{9^{9^{9^{9}}}}", "\\boxed{3}", "\\boxed{5}"],
                                    ["2", "\\boxed{10^{10^{10^{10}}}}", "4", "5"])
@@ -154,3 +155,54 @@ def test_a_worker_that_cannot_import_math_verify_is_an_error_not_zeros(tmp_path,
     with pytest.raises(common.UserError, match=expected):
         grader.grade(["\\boxed{2}"], ["2"])
     assert grader._worker is None  # killed, nothing left running
+
+
+def test_the_bound_is_cpu_time_so_a_loaded_machine_grades_right():
+    """Known-correct answers on a deliberately loaded machine: busy processes on every core and the
+    worker paused for 2 s (a machine so busy it got no CPU) while it grades; 3 s of wall clock
+    pass, far over a 0.5 s bound, yet only its CPU time counts."""
+    import os
+    import signal
+    import threading
+
+    grader = common.Grader(timeout=0.5)
+    assert grader.wall_timeout == 2.5
+    grader.wall_timeout = 30.0  # this test's pause must not reach the wall-clock backstop
+    assert grader.grade(["\\boxed{1}"], ["1"])[0] == [1.0]  # the worker is up (sympy imported)
+    spin = "import time\nend = time.time() + 3\nwhile time.time() < end: pass"  # stops by itself
+    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2 * os.cpu_count())]
+    pid = grader._worker.pid
+    os.kill(pid, signal.SIGSTOP)
+    threading.Timer(2.0, os.kill, (pid, signal.SIGCONT)).start()
+    try:
+        started = time.time()
+        rewards, counts = grader.grade(["\\boxed{{{{613}}}}", "so \\boxed{(x+8)^2}"],
+                                       ["613", "x^2+16x+64"])
+        elapsed = time.time() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        for process in busy:
+            process.kill()
+            process.wait()
+    assert rewards == [1.0, 1.0] and counts == {"no_answer": 0, "timeout": 0}
+    assert elapsed > 2.0  # the wall clock ran well past the bound
+    assert grader._worker is not None and grader._worker.pid == pid  # not killed either
+    grader.close()
+
+
+def test_wall_clock_backstop_kills_a_worker_that_never_answers():
+    """A worker that neither answers nor burns CPU (stopped here) is killed at the backstop, the
+    answer counted as a timeout, and the next batch gets a fresh worker."""
+    import os
+    import signal
+
+    grader = common.Grader(timeout=0.2)
+    assert grader.grade(["\\boxed{1}"], ["1"])[0] == [1.0]
+    worker = grader._worker
+    os.kill(worker.pid, signal.SIGSTOP)
+    started = time.time()
+    assert grader.grade(["\\boxed{2}"], ["2"]) == ([0.0], {"no_answer": 0, "timeout": 1})
+    assert 1.0 <= time.time() - started < 3.0  # 5 x 0.2 s
+    assert worker.poll() is not None and grader._worker is None
+    assert grader.grade(["\\boxed{2}"], ["2"]) == ([1.0], {"no_answer": 0, "timeout": 0})
+    grader.close()

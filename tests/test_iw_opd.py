@@ -4,9 +4,11 @@ and its gradient), the tokenizer check, option rules, and end-to-end toy runs (1
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import typing
+from fractions import Fraction
 
 import pytest
 import torch
@@ -108,6 +110,17 @@ def test_slice_masks_rounding():
     assert last[2].nonzero().flatten().tolist() == [2]
     assert not (first & ~mask).any() and not (last & ~mask).any()
     assert torch.equal(iw_opd.slice_mask(mask, "all"), mask)
+
+
+def test_slice_counts_are_exact_at_every_length_to_1000():
+    """k = ceil(3n/10) exactly: float32 arithmetic (int64 lengths * 0.3) keeps one token too many at
+    39 lengths below 1,000, the first ones 50, 90, 100, 170."""
+    lengths = torch.arange(0, 1001)
+    mask = torch.arange(1000)[None, :] < lengths[:, None]
+    wanted = [math.ceil(Fraction(3 * n, 10)) for n in range(1001)]
+    for which in ("first30", "last30"):
+        assert iw_opd.slice_mask(mask, which).sum(1).tolist() == wanted
+    assert [wanted[n] for n in (50, 90, 100, 170)] == [15, 27, 30, 51]
 
 
 # ---- the loss -------------------------------------------------------------------------------
@@ -217,6 +230,16 @@ def test_errors_about_the_teacher_name_its_flag(tmp_path):
         iw_opd.main(FAST + ["--teacher_model", str(tmp_path / "empty"), "--output_dir", str(tmp_path), "--run_name", "u"])
 
 
+def test_thinking_is_off_by_default_and_the_toy_prompt_is_unchanged(toy_tokenizer):
+    """The paper runs with thinking off [code], so that is the default; the toy's template has no
+    thinking switch, so the default changes no toy prompt (and no toy figure)."""
+    assert common.parse_args(iw_opd.Args, []).enable_thinking is False
+    assert common.parse_args(iw_opd.Args, ["--enable_thinking"]).enable_thinking is True
+    for problem in ("Start at 7, apply +3 *2 -4.", "Start at 1, apply -1."):
+        assert common.build_prompt(toy_tokenizer, problem, enable_thinking=False) == \
+            common.build_prompt(toy_tokenizer, problem)
+
+
 def test_every_numeric_option_has_a_rule():
     rules = {**common.ARG_RULES, **iw_opd.RULES}
     hints = typing.get_type_hints(iw_opd.Args)
@@ -318,19 +341,6 @@ def test_torchrun_two_ranks(tmp_path):
     for r in steps:
         assert r["loss"] == pytest.approx(-r["a_mean"], abs=1e-5) and r["w_max"] == 1.0
     assert common.check_checkpoint(tmp_path / "d" / "checkpoints" / "step_000002") is None
-
-
-def test_resume_logs_what_an_uninterrupted_run_logs(tmp_path):
-    timing = {"step_seconds", "tokens_per_second", "time"}
-
-    def steps(name):
-        return [{k: v for k, v in r.items() if k not in timing} for r in records(tmp_path / name) if "reward" in r]
-
-    base = FAST + ["--output_dir", str(tmp_path), "--save_every", "1"]
-    iw_opd.main(base + ["--num_steps", "2", "--run_name", "whole"])
-    iw_opd.main(base + ["--num_steps", "1", "--run_name", "cut"])
-    iw_opd.main(base + ["--num_steps", "2", "--run_name", "cut", "--resume"])
-    assert steps("cut") == steps("whole")
 
 
 def test_gradient_equals_trl_iw_opd():
