@@ -69,7 +69,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams, UserError, all_gather_cat,
                     all_reduce_sum, answer_span, at_least, between, build_prompt, eval_dataset_names, eval_only_table,
-                    evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
+                    evaluate, off_eval_schedule, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
                     load_run_problems, load_tokenizer, make_engine, micro_batches, option, padded_rows, parse_args,
                     parse_eval_k, prepare_run_dir, print0, resolve_model, response_logprobs, response_token_spans,
                     run_main, save_checkpoint, stop_token_ids, token_roles, validate_args, vllm_options,
@@ -303,7 +303,8 @@ def main(argv=None):
 
     def run_eval(step: int) -> dict:
         metrics = evaluate(engine, tokenizer, eval_rows, grader_for(eval_rows, grader), eval_params, eval_k, dist_info,
-                           args.enable_thinking)
+                           args.enable_thinking,
+                           own_rng=off_eval_schedule(step, args.eval_every))
         logger.log(step, metrics, prefix="eval")
         draw_picture()
         return metrics

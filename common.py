@@ -2251,16 +2251,25 @@ def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader, params: SamplingParams, k: int,
-             dist_info: Dist, enable_thinking: bool | None = None) -> dict:
+             dist_info: Dist, enable_thinking: bool | None = None, own_rng: bool = False) -> dict:
     """avg@k (mean accuracy over k samples) and pass@k (any of k correct), sharded over ranks.
 
     All of this rank's k x problems prompts go to one `engine.generate` call, which batches them
     under the engine's own budget (`--gen_batch_size`, `--gen_batch_tokens`), as rollouts are.
-    Sampling leaves the training's torch random streams where they were, so a run evaluated at a
-    step (a clean stop evaluates at its last) trains on exactly as one that was not."""
+    `own_rng`: sample under a forked torch RNG, leaving the training's streams where they were. The
+    scripts set it for an evaluation off the --eval_every schedule (`off_eval_schedule`: the end
+    of a run stopped early), which the uninterrupted run does not make, so stop + resume trains
+    exactly as one run; scheduled evaluations happen in every run alike and draw from its stream."""
+    if not own_rng:
+        return _evaluate(engine, tokenizer, rows, grader, params, k, dist_info, enable_thinking)
     cuda = [torch.cuda.current_device()] if dist_info.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         return _evaluate(engine, tokenizer, rows, grader, params, k, dist_info, enable_thinking)
+
+
+def off_eval_schedule(step: int, eval_every: int) -> bool:
+    """Whether an evaluation at `step` is one the schedule does not make (start, every N steps)."""
+    return not (step == 0 or (eval_every > 0 and step % eval_every == 0))
 
 
 def _evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader,

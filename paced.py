@@ -71,7 +71,7 @@ import torch
 
 from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams, TOY_CONTEXT_HEADER, UserError,
                     all_gather_cat, all_reduce_sum, at_least, build_prompt, check_same_tokenizer, chunked_map,
-                    eval_dataset_names, eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint,
+                    eval_dataset_names, eval_only_table, evaluate, off_eval_schedule, grader_for, init_distributed, load_checkpoint,
                     load_eval_benchmarks, load_model, load_run_problems, load_tokenizer, make_engine, micro_batches,
                     option, output_head, padded_rows, parse_args, parse_eval_k, prepare_run_dir, print0, resolve_model,
                     response_hidden, response_logprobs, response_token_spans, run_main, save_checkpoint, validate_args,
@@ -365,7 +365,8 @@ def main(argv=None):
 
     def run_eval(step: int) -> dict:
         metrics = evaluate(engine, tokenizer, eval_rows, grader_for(eval_rows, grader), eval_params, eval_k, dist_info,
-                           args.enable_thinking)
+                           args.enable_thinking,
+                           own_rng=off_eval_schedule(step, args.eval_every))
         logger.log(step, metrics, prefix="eval")
         draw_picture()
         return metrics

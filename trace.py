@@ -85,7 +85,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams, TOY_CONTEXT_HEADER, UserError, above,
                     all_gather_cat, all_reduce_sum, at_least, between, build_prompt, copy_weights, eval_dataset_names,
-                    eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
+                    eval_only_table, evaluate, off_eval_schedule, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
                     load_model, load_run_problems, load_tokenizer, make_engine, micro_batches, option, output_head,
                     padded_rows, parse_args, parse_eval_k, parse_toy_steps, prepare_run_dir, print0, resolve_model,
                     response_hidden, response_token_spans, run_main, save_checkpoint, stop_token_ids, token_kl,
@@ -608,7 +608,8 @@ def main(argv=None):
 
     def run_eval(step: int) -> dict:
         metrics = evaluate(engine, tokenizer, eval_rows, grader_for(eval_rows, grader), eval_params, eval_k, dist_info,
-                           args.enable_thinking)
+                           args.enable_thinking,
+                           own_rng=off_eval_schedule(step, args.eval_every))
         logger.log(step, metrics, prefix="eval")
         draw_picture()
         return metrics
