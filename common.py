@@ -50,7 +50,6 @@ Log-probs of sampled tokens take the sampling temperature (`response_logprobs(..
 from __future__ import annotations
 
 import difflib
-import errno
 import fcntl
 import functools
 import hashlib
