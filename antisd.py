@@ -69,11 +69,12 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams, UserError, all_gather_cat,
                     all_reduce_sum, answer_span, at_least, between, build_prompt, eval_dataset_names, eval_only_table,
-                    evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
+                    evaluate, off_eval_schedule, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
                     load_run_problems, load_tokenizer, make_engine, micro_batches, option, padded_rows, parse_args,
                     parse_eval_k, prepare_run_dir, print0, resolve_model, response_logprobs, response_token_spans,
                     run_main, save_checkpoint, stop_token_ids, token_roles, validate_args, vllm_options,
                     write_token_picture, writes_work)
+from common import GracefulStop
 
 # Privileged context c [paper: verified solution + correctness feedback; wording ours]. The toy
 # models are taught this exact form (common.TOY_CONTEXT_HEADER / TOY_FEEDBACK_LINES).
@@ -303,7 +304,8 @@ def main(argv=None):
 
     def run_eval(step: int) -> dict:
         metrics = evaluate(engine, tokenizer, eval_rows, grader_for(eval_rows, grader), eval_params, eval_k, dist_info,
-                           args.enable_thinking)
+                           args.enable_thinking,
+                           own_rng=off_eval_schedule(step, args.eval_every))
         logger.log(step, metrics, prefix="eval")
         draw_picture()
         return metrics
@@ -335,6 +337,7 @@ def main(argv=None):
     print0(f"[antisd] {run_name}: {args.num_steps} steps x {args.num_problems} problems x {group} rollouts "
            f"on {world} rank(s), device {dist_info.device}")
     train_started = time.time()
+    stop = GracefulStop()  # SIGINT/SIGTERM from here: end after the current step, checkpointed
     for step in range(start_step, args.num_steps):
         step_started = time.time()
 
@@ -487,11 +490,14 @@ def main(argv=None):
         }
         logger.log(step + 1, metrics)
         last_step = step + 1 == args.num_steps
+        stopping = stop.requested()  # on any rank: every rank checkpoints and ends after this step
         if eval_rows and (last_step or (args.eval_every and (step + 1) % args.eval_every == 0)):
             history["last"] = run_eval(step + 1)
-        if args.save_every and ((step + 1) % args.save_every == 0 or last_step):
+        if args.save_every and ((step + 1) % args.save_every == 0 or last_step or stopping):
             save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer,
                             {"sampler": sampler.state_dict(), "gate": asdict(gate)}, dist_info)
+        if stopping:
+            break
 
     # ---- summary ---------------------------------------------------------------------------------
     draw_picture()

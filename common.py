@@ -6,8 +6,8 @@ this file into another project and it runs.
 
 Surface, in file order:
   distributed   Dist, init_distributed, print0, all_reduce_sum, all_gather_cat, barrier
-  arguments     UserError, option, parse_args, RunOptions, ARG_RULES, at_least, above, between, one_of,
-                validate_args, run_main
+  arguments     UserError, option, parse_args, script_name, RunOptions, ARG_RULES, SAFE_ON_RESUME,
+                at_least, above, between, one_of, validate_args, run_main, GracefulStop
   models        MODEL_ALIASES, resolve_model, check_same_tokenizer, hub_reachable, load_tokenizer,
                 max_prompt_length, load_model, LoadPlan, load_plan, copy_weights
   toy testbed   make_toy_rows, toy_response, parse_toy_steps, build_toy_model
@@ -31,6 +31,8 @@ Surface, in file order:
 
 Errors. Problems with the user's input raise `UserError` (a ValueError); `run_main`, the entry point
 of every script, prints them as one line and exits 2. Anything else is a bug and keeps its traceback.
+A full disk is a UserError too (naming the file and the intact checkpoint); SIGINT/SIGTERM end a run
+with one line (`run_main`, `GracefulStop`). Under torchrun a rank dies with its launcher.
 
 Conventions. A "response batch" is B sequences `prompt_ids[i] + response_ids[i]`; per-token
 quantities are returned response-aligned as [B, R] tensors (R = longest response) with a boolean
@@ -48,17 +50,21 @@ Log-probs of sampled tokens take the sampling temperature (`response_logprobs(..
 
 from __future__ import annotations
 
+import difflib
 import fcntl
 import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import os
 import random
 import re
 import select
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -66,7 +72,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -105,6 +111,7 @@ def init_distributed() -> Dist:
     if cuda:  # fp32 matmuls (the fp32 output head) on tensor cores; bf16-born operands are exact in TF32
         torch.set_float32_matmul_precision("high")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        _die_with_launcher()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
         if cuda:
@@ -113,6 +120,23 @@ def init_distributed() -> Dist:
             dist.init_process_group("nccl" if cuda else "gloo")
         return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
     return Dist(0, 1, 0, torch.device("cuda", 0) if cuda else torch.device("cpu"))
+
+
+def _die_with_launcher() -> None:
+    """Under torchrun, end this rank (SIGKILL) when the launcher dies. torchrun starts every rank in
+    a session of its own, so a launcher killed with its process group would otherwise leave the
+    ranks training, and writing into the run directory, as orphans. Linux only (prctl)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    launcher = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        print(f"[dist] prctl(PR_SET_PDEATHSIG) failed (errno {ctypes.get_errno()}): this rank will "
+              "not end with its launcher", flush=True)
+    elif os.getppid() != launcher:  # the launcher died just before: nobody would send the signal
+        os._exit(1)
 
 
 def _distributed() -> bool:
@@ -181,14 +205,38 @@ def option(default, help: str, alone=None):
 
 
 def parse_args(args_class, argv: Sequence[str] | None = None):
-    """Parse the command line into the script's `Args` dataclass with transformers' HfArgumentParser
-    (unknown flags and unparsable values exit with argparse's one-line usage error)."""
+    """Parse the command line into the script's `Args` dataclass with transformers'
+    HfArgumentParser. An unknown flag (abbreviations included) is a UserError naming it and the
+    closest known flag; an unparsable value exits with argparse's one-line usage error."""
     from transformers import HfArgumentParser
 
     global _DEBUG
-    (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)
+    # no abbreviations: `--lambda 0.3` must not silently mean --lambda_max
+    parser = HfArgumentParser(args_class, allow_abbrev=False)
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     _DEBUG = bool(getattr(args, "debug", False))
+    if unknown:
+        raise UserError(_unknown_option(unknown, args_class))
     return args
+
+
+def _unknown_option(unknown: Sequence[str], args_class) -> str:
+    listing = f"`python {script_name(args_class)} --help` lists every option"
+    flag = next((word.split("=", 1)[0] for word in unknown if word.startswith("-")), None)
+    if flag is None:
+        return f"unexpected argument {unknown[0]!r}: options are --name value pairs; {listing}"
+    known = [f"--{f.name}" for f in fields(args_class)]
+    spelled = "--" + flag.lstrip("-").replace("-", "_")
+    close = difflib.get_close_matches(spelled, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown option {flag}{hint}; {listing}"
+
+
+def script_name(args) -> str:
+    """The file name of the script whose `Args` (class or instance) this is, e.g. `antisd.py`: the
+    script that makes a run, recorded in its config.json."""
+    args_class = args if isinstance(args, type) else type(args)
+    return Path(inspect.getfile(args_class)).name
 
 
 def at_least(low):
@@ -246,6 +294,23 @@ ARG_RULES = {
     "save_every": at_least(0),
     "grader_timeout": above(0),
 }
+
+
+# Options a --resume may change: how long the run goes, where it is, what it evaluates, logs and
+# saves, and how the same computation is batched and placed (memory, speed). Every other option
+# (model, data, seed, batch shape, sampling, optimiser, the method's own) is part of what made the
+# run, so a resume that changes one is refused (`prepare_run_dir`); a new option is one of those
+# unless listed here or in its script's `SAFE_ON_RESUME`. Allowed changes go to resumes.jsonl.
+SAFE_ON_RESUME = frozenset({
+    "num_steps", "run_name", "output_dir", "resume", "resume_or_start", "overwrite", "eval_only",
+    "debug", "track", "save_every", "picture_rollouts",
+    "eval_dataset", "eval_split", "eval_every", "eval_limit", "eval_k", "eval_temperature",
+    "eval_top_p", "eval_top_k",
+    "rollout", "gen_batch_size", "gen_batch_tokens", "micro_batch_size", "micro_batch_tokens",
+    "logprob_chunk_size", "activation_checkpointing", "vllm_gpu_memory_utilization",
+    "vllm_tensor_parallel_size", "vllm_sleep",
+    "grader_timeout",  # a resource bound
+})
 
 
 @dataclass
@@ -319,7 +384,15 @@ def run_main(main: Callable[[], object]) -> None:
     with its traceback. Any other exception is a bug and propagates with its traceback. Under
     torchrun a rank leaves with os._exit, so no collective or teardown can block it; when only some
     ranks fail, torchrun stops the others as soon as one exits non-zero.
+
+    SIGINT (Ctrl-C) and SIGTERM end the run with one line on stderr saying the step reached, the
+    last checkpoint and the command that continues it, and exit status 128 + the signal: inside the
+    step loop (see `GracefulStop`) after the current step and its checkpoint, elsewhere at once; a
+    second signal always exits at once.
     """
+    _STOP.update(signal=None, armed=False)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _on_stop_signal)
     try:
         main()
     except UserError as error:
@@ -334,6 +407,84 @@ def run_main(main: Callable[[], object]) -> None:
             sys.stdout.flush()
             os._exit(2)
         sys.exit(2)
+    except KeyboardInterrupt:  # a stop signal outside the step loop
+        _exit_stopped(_STOP["signal"] or signal.SIGINT, at_once=True)
+    if _STOP["signal"] is not None:  # the step loop ended early on a signal
+        _exit_stopped(_STOP["signal"], at_once=False)
+
+
+# The first SIGINT/SIGTERM, whether the step loop is running (then the run stops after the step),
+# and what a stop line reports: the run directory and the last step logged.
+_STOP: dict = {"signal": None, "armed": False, "run_dir": None, "step": None}
+
+
+class GracefulStop:
+    """Made just before the step loop: from then on a first SIGINT/SIGTERM lets the current step
+    finish, and `requested()` (after the step's metrics) tells every rank to write a checkpoint and
+    leave the loop; `run_main` then prints the stop line. Without `run_main` (a test calling `main`)
+    no handler is installed and it never stops."""
+
+    def __init__(self):
+        _STOP["armed"] = True
+
+    def requested(self) -> bool:
+        """Whether any rank got a stop signal; collective: every rank stops after the same step."""
+        return all_reduce_sum(int(_STOP["signal"] is not None)).item() > 0
+
+
+def _on_stop_signal(signum, frame) -> None:
+    first = _STOP["signal"] is None
+    if first:
+        _STOP["signal"] = signum
+    if first and _STOP["armed"]:
+        if os.environ.get("RANK", "0") == "0":  # os.write: a print here could re-enter a print
+            os.write(2, f"[run] {signal.Signals(signum).name}: stopping after this step and its "
+                        "checkpoint (send it again to stop at once)\n".encode())
+        return
+    if first:
+        raise KeyboardInterrupt  # not training yet (or any more): nothing to finish
+    _exit_stopped(signum, at_once=True)
+
+
+def _exit_stopped(signum: int, at_once: bool) -> None:
+    """Print the stop line (rank 0) and leave with status 128 + signum, at once (no teardown)."""
+    if os.environ.get("RANK", "0") == "0":
+        os.write(2, (_stop_line(signum, at_once) + "\n").encode())
+    sys.stdout.flush()
+    os._exit(128 + signum)
+
+
+def _stop_line(signum: int, at_once: bool) -> str:
+    name, run_dir, step = signal.Signals(signum).name, _STOP["run_dir"], _STOP["step"]
+    if run_dir is None:
+        return f"stopped by {name} before a run directory was chosen; nothing was written"
+    reached = "before its first step" if step is None else f"after step {step}"
+    if at_once and _STOP["armed"]:
+        reached += " (the step in progress was dropped)"
+    try:
+        checkpoint = latest_checkpoint(run_dir)
+    except OSError:
+        checkpoint = None
+    if checkpoint is None:
+        return (f"stopped by {name} {reached}: {run_dir} holds no checkpoint to continue from "
+                "(--save_every writes them); its metrics are kept")
+    return (f"stopped by {name} {reached}: last checkpoint {checkpoint}; to continue: "
+            f"{_resume_command()}")
+
+
+def _resume_command() -> str:
+    """This process's command with --resume (and without --overwrite)."""
+    words, argv = [], sys.argv[1:]
+    for before, word in zip([""] + argv, argv):
+        overwrite_value = before == "--overwrite" and word.lower() in ("true", "false")
+        if word.split("=")[0] != "--overwrite" and not overwrite_value:
+            words.append(word)
+    if not {"--resume", "--resume_or_start"} & {word.split("=")[0] for word in words}:
+        words.append("--resume")
+    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
+    launcher = ("python" if world == "1" else f"torchrun --nproc_per_node {local}" if world == local
+                else "torchrun <your options>")
+    return f"{launcher} {shlex.join([sys.argv[0], *words])}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1611,11 +1762,12 @@ class Grader:
         self.wall_timeout = wall_timeout or GRADER_WALL_FACTOR * timeout
 
     def _start(self) -> subprocess.Popen:
-        # stderr to a file, not a pipe: a pipe nobody reads would block a chatty worker
+        # stderr to a file, not a pipe: a pipe nobody reads would block a chatty worker; a session
+        # of its own: a Ctrl-C meant for the run (it finishes its step) must not kill it
         log = tempfile.TemporaryFile()
         worker = subprocess.Popen([sys.executable, "-u", "-c", _GRADER_WORKER, str(self.timeout)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                  text=True)
+                                  text=True, start_new_session=True)
         worker.stderr_log = log  # read by _await_ready when the worker fails to start
         return worker
 
@@ -2311,16 +2463,25 @@ def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader, params: SamplingParams, k: int,
-             dist_info: Dist, enable_thinking: bool | None = None) -> dict:
+             dist_info: Dist, enable_thinking: bool | None = None, own_rng: bool = False) -> dict:
     """avg@k (mean accuracy over k samples) and pass@k (any of k correct), sharded over ranks.
 
     All of this rank's k x problems prompts go to one `engine.generate` call, which batches them
     under the engine's own budget (`--gen_batch_size`, `--gen_batch_tokens`), as rollouts are.
-    Sampling leaves the training's torch random streams where they were, so a run evaluated at a
-    step (a clean stop evaluates at its last) trains on exactly as one that was not."""
+    `own_rng`: sample under a forked torch RNG, leaving the training's streams where they were. The
+    scripts set it for an evaluation off the --eval_every schedule (`off_eval_schedule`: the end
+    of a run stopped early), which the uninterrupted run does not make, so stop + resume trains
+    exactly as one run; scheduled evaluations happen in every run alike and draw from its stream."""
+    if not own_rng:
+        return _evaluate(engine, tokenizer, rows, grader, params, k, dist_info, enable_thinking)
     cuda = [torch.cuda.current_device()] if dist_info.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         return _evaluate(engine, tokenizer, rows, grader, params, k, dist_info, enable_thinking)
+
+
+def off_eval_schedule(step: int, eval_every: int) -> bool:
+    """Whether an evaluation at `step` is one the schedule does not make (start, every N steps)."""
+    return not (step == 0 or (eval_every > 0 and step % eval_every == 0))
 
 
 def _evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader,
@@ -2522,10 +2683,14 @@ class RunLogger:
     """Metrics to stdout (one line per step), `runs/<run_name>/metrics.jsonl`, TensorBoard when
     installed, and Weights & Biases with `track=True`. Only rank 0 writes.
 
-    `resume_step` (from `prepare_run_dir`): None for a new run; else records of metrics.jsonl with a
-    step after it (all of them for -1) are moved to a side file `metrics.superseded-<time>.jsonl`,
-    and a config.json with other arguments to `config.superseded-<time>.json`, at the first new
-    record and not before, so a resume that fails early changes nothing."""
+    config.json holds the arguments a run was started with and the script that started it
+    (`script`); a resume never rewrites it. `resume_step` (from `prepare_run_dir`): None for a new
+    run; else, at the first new record and not before (so a resume that fails early changes
+    nothing), records of metrics.jsonl with a step after it (all of them for -1) move to a side file
+    `metrics.superseded-<time>.jsonl`, and one line goes to resumes.jsonl: when, from which step,
+    the command, and the options that differ from config.json. A write that fails (a full disk) is a
+    UserError naming the file and the intact checkpoint. `close` ends the run: it also releases the
+    run directory's lock."""
 
     def __init__(self, run_dir: str | Path, config, dist_info: Dist, track: bool = False,
                  project: str = "rlvr-distill", resume_step: int | None = None):
@@ -2535,10 +2700,12 @@ class RunLogger:
         if not self.active:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        config = asdict(config) if is_dataclass(config) else dict(config)
-        self.config_text = json.dumps(config, indent=2, default=str)
+        if is_dataclass(config):
+            config = {"script": script_name(config), **_config_values(config)}
+        config = dict(config)
+        self.config = config
         if resume_step is None:
-            (self.run_dir / "config.json").write_text(self.config_text)
+            self._write(self.run_dir / "config.json", json.dumps(config, indent=2, default=str))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -2555,21 +2722,23 @@ class RunLogger:
                                     resume="allow" if resume_step is not None else None)
 
     def log(self, step: int, metrics: dict, prefix: str = "step") -> None:
+        if prefix == "step":
+            _STOP["step"] = step  # for the stop line of SIGINT/SIGTERM
         if not self.active:
             return
         if self.file is None:
             path = self.run_dir / "metrics.jsonl"
-            if self.resume_step is not None:
-                supersede_metrics(path, self.resume_step)
-                config = self.run_dir / "config.json"
-                if config.exists() and config.read_text() != self.config_text:
-                    os.replace(config, _unused_path(config.with_name(f"config.superseded-{_utc_stamp()}.json")))
-                config.write_text(self.config_text)
-            self.file = open(path, "a")  # append: never truncate (prepare_run_dir refused a used run dir)
+            try:
+                if self.resume_step is not None:
+                    supersede_metrics(path, self.resume_step)
+                    self._record_resume()
+                self.file = open(path, "ab", buffering=0)  # append, never truncate; nothing pending
+            except OSError as error:
+                raise _cannot_write(Path(error.filename or path), error.strerror or str(error),
+                                    self.run_dir) from error
         record = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
                                    for k, v in metrics.items()}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self._write(self.file, json.dumps(record) + "\n")
         numbers = {k: v for k, v in record.items() if isinstance(v, float) and k != "step"}
         if self.tensorboard is not None:
             for key, value in numbers.items():
@@ -2579,6 +2748,34 @@ class RunLogger:
         shown = " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "step")
         print(f"{prefix} {step} | {shown}", flush=True)
 
+    def _record_resume(self) -> None:
+        config = self.run_dir / "config.json"
+        if not config.exists():  # --resume_or_start in a directory that never got one
+            self._write(config, json.dumps(self.config, indent=2, default=str))
+            return
+        recorded = json.loads(config.read_text())
+        changed = {name: [recorded.get(name), value] for name, value in self.config.items()
+                   if recorded.get(name) != value}
+        entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                 "from_step": self.resume_step, "changed": changed,
+                 "command": shlex.join([Path(sys.executable).name, *sys.argv])}
+        with open(self.run_dir / "resumes.jsonl", "a") as history:
+            history.write(json.dumps(entry) + "\n")
+
+    def _write(self, target, text: str) -> None:
+        """Write `text` to an open binary file or a path; a failed write is a UserError that names
+        the file and the last checkpoint (intact: checkpoints are written aside and renamed)."""
+        path = Path(getattr(target, "name", target))
+        try:
+            if isinstance(target, Path):
+                target.write_text(text)
+                return
+            data = text.encode()
+            while data:
+                data = data[target.write(data):]
+        except OSError as error:
+            raise _cannot_write(path, error.strerror or str(error), self.run_dir) from error
+
     def close(self) -> None:
         if self.active:
             if self.file is not None:
@@ -2587,6 +2784,23 @@ class RunLogger:
                 self.tensorboard.close()
             if self.wandb is not None:
                 self.wandb.finish()
+        _release_run_lock()
+
+
+def _cannot_write(path: Path, reason: str, run_dir: Path) -> UserError:
+    """The one-line error of a write into the run directory that failed (a full disk, a quota)."""
+    try:
+        free = shutil.disk_usage(next(p for p in [path, *path.parents] if p.exists())).free
+        room = f"; {free / 1e6:.1f} MB free there"
+    except (OSError, StopIteration):
+        room = ""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        then = "there is no checkpoint to continue from yet; free some space and start again"
+    else:
+        then = (f"the last checkpoint {checkpoint} is intact; free some space, then continue with "
+                "--resume")
+    return UserError(f"cannot write {path} ({reason}{room}); nothing was deleted, {then}")
 
 
 def supersede_metrics(path: Path, resume_step: int) -> Path | None:
@@ -2701,8 +2915,9 @@ body {{ font-family: sans-serif; margin: 1.5em; }}
 # Run directories and checkpoints
 # ---------------------------------------------------------------------------------------------
 #
-# runs/<run_name>/  config.json, metrics.jsonl, metrics.superseded-<time>.jsonl (records a resume
-#                   replaced), tensorboard/, checkpoints/step_NNNNNN/ (+ `latest`, a pointer file).
+# runs/<run_name>/  config.json (what made the run), resumes.jsonl, .lock, metrics.jsonl,
+#                   metrics.superseded-<time>.jsonl (records a resume replaced), tensorboard/,
+#                   checkpoints/step_NNNNNN/ (+ `latest`, a pointer file).
 # A run directory is never reused silently and nothing in it is deleted except checkpoints older
 # than the newest `keep` by step number; `--overwrite` renames a whole run directory aside.
 
@@ -2714,22 +2929,30 @@ class RunDir:
     resume_step: int | None    # None: new run; else the RunLogger's resume_step (-1: restart in place)
 
 
-def prepare_run_dir(args, default_name: str, dist_info: Dist) -> RunDir:
+def prepare_run_dir(args, default_name: str, dist_info: Dist, safe_on_resume=()) -> RunDir:
     """Decide where the run writes and what it resumes, before any model is loaded.
 
     Reads `args.output_dir`, `run_name` (default `default_name`), `resume`, `resume_or_start` and
-    `overwrite`. Without --resume, a run directory that holds checkpoints or metrics is refused
-    (UserError) unless --overwrite, which renames it to `<run_name>.old-<time>`. With --resume, the
-    newest checkpoint that `check_checkpoint` accepts is used and newer broken ones are reported
-    (and left in place); with none valid it is refused, or with --resume_or_start the run restarts
-    from step 0 in the same directory. Rank 0 decides; every rank gets the same result or the same
-    UserError, so no rank is left waiting in a collective.
+    `overwrite`. One job per run directory: rank 0 holds `<run dir>/.lock` (flock) until the run
+    ends (`RunLogger.close` or process exit), so a second job there is refused naming the holder
+    (pid, host, command); a lock left by a dead process is free again. Without --resume, a run
+    directory that holds checkpoints or metrics is refused (UserError) unless --overwrite, which
+    renames it to `<run_name>.old-<time>`. A resume must come from the script that made the run
+    (config.json) with the same options, except `SAFE_ON_RESUME` and the script's `safe_on_resume`.
+    With --resume, the newest checkpoint that `check_checkpoint` accepts is used and newer broken
+    ones are reported (and left in place); with none valid it is refused, or with --resume_or_start
+    the run restarts from step 0 in the same directory. A refusal changes nothing in the directory.
+    Rank 0 decides; every rank gets the same result or the same UserError, so no rank is left
+    waiting in a collective.
     """
     outcome = None
     if dist_info.is_main:
+        _release_run_lock()  # this process's previous run (a test calling main twice) is over
         try:
-            outcome = _decide_run_dir(args, default_name)
+            outcome = _decide_run_dir(args, default_name, SAFE_ON_RESUME | set(safe_on_resume))
+            _record_lock_holder()
         except UserError as error:
+            _release_run_lock()
             outcome = str(error)
     if _distributed():
         box = [outcome]
@@ -2737,10 +2960,11 @@ def prepare_run_dir(args, default_name: str, dist_info: Dist) -> RunDir:
         outcome = box[0]
     if isinstance(outcome, str):
         raise UserError(outcome)
+    _STOP.update(run_dir=outcome.path, step=None)
     return outcome
 
 
-def _decide_run_dir(args, default_name: str) -> RunDir:
+def _decide_run_dir(args, default_name: str, safe_on_resume=SAFE_ON_RESUME) -> RunDir:
     name = args.run_name or default_name
     if name in ("", ".", "..") or "/" in name or "\\" in name:
         raise UserError(f"--run_name {name!r}: must be a plain directory name (no '/')")
@@ -2750,6 +2974,8 @@ def _decide_run_dir(args, default_name: str) -> RunDir:
     run_dir = output / name
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"the run directory {run_dir} is a file, not a directory: choose another --run_name")
+    if run_dir.is_dir():
+        _lock_run_dir(run_dir)  # first: nothing below may act on a directory another job writes
     resume = args.resume or args.resume_or_start
     if resume and args.overwrite:
         raise UserError("--overwrite starts a new run and --resume continues one: pass only one of them")
@@ -2764,8 +2990,10 @@ def _decide_run_dir(args, default_name: str) -> RunDir:
                 os.replace(run_dir, aside)
             except OSError as error:
                 raise UserError(f"--overwrite: cannot move {run_dir} aside to {aside} ({error.strerror or error})")
+            _release_run_lock()  # it moved aside with the old run
             print(f"[run] --overwrite: moved the previous {run_dir} to {aside} (nothing deleted)", flush=True)
         _make_writable(run_dir, args.output_dir)
+        _lock_run_dir(run_dir)
         return RunDir(run_dir, None, None)
     if not run_dir.is_dir():
         if not args.resume_or_start:
@@ -2773,7 +3001,10 @@ def _decide_run_dir(args, default_name: str) -> RunDir:
                             "(or check --run_name and --output_dir)")
         print(f"[resume] --resume_or_start: no run directory {run_dir} yet: starting a new run", flush=True)
         _make_writable(run_dir, args.output_dir)
+        _lock_run_dir(run_dir)
         return RunDir(run_dir, None, None)
+    if _run_dir_contents(run_dir):
+        _check_same_run(args, run_dir, safe_on_resume)
     skipped = []
     for step, path in list_checkpoints(run_dir):
         reason = check_checkpoint(path)
@@ -2793,6 +3024,117 @@ def _decide_run_dir(args, default_name: str) -> RunDir:
           "checkpoint folders stay until the new run writes the same steps", flush=True)
     _make_writable(run_dir, args.output_dir)
     return RunDir(run_dir, None, -1)
+
+
+def _check_same_run(args, run_dir: Path, safe_on_resume) -> None:
+    """Refuse to continue `run_dir` with another script, or with an option outside `safe_on_resume`
+    that differs from the run's config.json (an option it does not record counts at its default)."""
+    path = run_dir / "config.json"
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        reason = ("is missing" if isinstance(error, FileNotFoundError)
+                  else f"does not load ({error})")
+        raise UserError(f"--resume: {path} {reason}, so what made this run cannot be checked; "
+                        "nothing was changed. Restore it, or start a new run (a new --run_name)."
+                        ) from error
+    script, made_by = script_name(args), recorded.get("script", "an unrecorded script")
+    if made_by != script:
+        raise UserError(f"--resume: {run_dir} was made by {made_by}, not {script}; nothing was "
+                        f"changed. Continue it with {made_by} --resume, or start a new run (a new "
+                        "--run_name).")
+    given, defaults = _config_values(args), _config_values(type(args)())
+    ran = {name: recorded.get(name, defaults[name]) for name in given}
+    changed = [f"--{name} {_shown(value)} (the run has {_shown(ran[name])})"
+               for name, value in given.items()
+               if name not in safe_on_resume and ran[name] != value]
+    if changed:
+        raise UserError(f"--resume: {', '.join(changed)}: would change what {run_dir} trains "
+                        f"(made by {script}); nothing was changed. Resume with the run's values, "
+                        "or start a new run (a new --run_name). Options a resume may change: "
+                        "README, 'Runs and checkpoints'.")
+
+
+def _config_values(args) -> dict:
+    """The options as config.json holds them (JSON types)."""
+    return json.loads(json.dumps(asdict(args), default=str))
+
+
+def _shown(value) -> str:
+    return "unset" if value is None else repr(value) if value == "" else str(value)
+
+
+# ---- One job per run directory -----------------------------------------------------------------
+
+LOCK_FILE = ".lock"  # in the run directory; its text names the holder (JSON), the flock decides
+_run_lock: list = []  # [open lock file] while this process (rank 0) holds a run directory
+
+
+def _lock_run_dir(run_dir: Path) -> None:
+    """Take `<run_dir>/.lock` with flock, without waiting, or refuse naming the holder. The kernel
+    drops the lock when its process dies, however it dies: a lock file left by a dead process is
+    taken over. A file system without flock gets one warning line and no lock."""
+    path = run_dir / LOCK_FILE
+    if _run_lock and Path(_run_lock[0].name) == path:
+        return
+    _release_run_lock()
+    try:
+        handle = open(path, "a+")  # created when missing, never truncated here
+    except OSError as error:
+        raise UserError(f"cannot write the run directory {run_dir} ({error.strerror or error})") from error
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = _lock_holder(handle.read())
+        handle.close()
+        raise UserError(f"{run_dir} is in use by another job ({holder}); nothing was changed. "
+                        "Let it finish or stop it first (a lock left by a process that died is "
+                        "taken over).") from None
+    except OSError as error:
+        handle.close()
+        print(f"[run] cannot lock {path} ({error.strerror or error}): a second job on this run "
+              "directory would not be refused on this file system", flush=True)
+        return
+    _run_lock.append(handle)
+
+
+def _lock_holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        pid, host = int(holder["pid"]), holder["host"]
+    except (ValueError, KeyError, TypeError):
+        return "a job that is just starting"
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:  # the file still names the previous holder
+            return "a job that is just starting"
+        except PermissionError:
+            pass
+    launcher = f", launched by torchrun pid {holder['launcher']}" if holder.get("launcher") else ""
+    return f"pid {pid} on {host}{launcher}, since {holder.get('since')}: {holder.get('command')}"
+
+
+def _record_lock_holder() -> None:
+    """Write who holds the lock into it once the run directory is settled (a refused job writes
+    nothing)."""
+    if not _run_lock:
+        return
+    handle = _run_lock[0]
+    launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "launcher": launcher,
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                             "command": command[:300]}) + "\n")
+    handle.flush()
+
+
+def _release_run_lock() -> None:
+    while _run_lock:
+        _run_lock.pop().close()  # closing the file drops the flock; the file stays
 
 
 def _run_dir_contents(run_dir: Path) -> str:
@@ -2927,17 +3269,34 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
     Collective: every rank calls it. Under torchrun on several nodes the run directory must be a
     shared file system. Rotation keeps this checkpoint and the `keep - 1` newest before it (by
     step number; keep <= 0 keeps all); it never deletes this one, the one `latest` names, or those
-    of later steps (a resumed run replaces those when it writes the same step).
+    of later steps (a resumed run replaces those when it writes the same step). A write that fails
+    (a full disk) removes the staging folder and is a UserError naming the intact previous
+    checkpoint.
     `frozen`: name -> another model (loaded like `model`, e.g. a frozen teacher copy) whose weights
     go into `train_state/` too, each rank its own shards; `load_checkpoint` restores them.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
     if export_dtype is None and dist_info.device.type == "cuda":
         export_dtype = torch.bfloat16
     root = Path(run_dir) / "checkpoints"
     final, staging = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
+    try:
+        _write_checkpoint(root, final, staging, step, model, tokenizer, optimizer, state, dist_info,
+                          keep, frozen, export_dtype)
+    except Exception as error:
+        reason = _write_failure(error)
+        if reason is None:  # not a failed write: a bug, with its traceback
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # ignored by resume anyway; give its space back
+        raise _cannot_write(final, reason, Path(run_dir)) from error
+    return final
+
+
+def _write_checkpoint(root: Path, final: Path, staging: Path, step: int, model, tokenizer,
+                      optimizer, state: dict, dist_info: Dist, keep: int, frozen: dict | None,
+                      export_dtype: torch.dtype | None) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
     if dist_info.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -2974,12 +3333,34 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
         os.replace(pointer, root / "latest")
         if keep > 0:
             protected = {final.name, (root / "latest").read_text().strip()}
-            older = [path for number, path in list_checkpoints(run_dir) if number < step]
+            older = [path for number, path in list_checkpoints(root.parent) if number < step]
             for old in older[keep - 1:]:
                 if old.name not in protected:
                     shutil.rmtree(old, ignore_errors=True)
     barrier()
-    return final
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """Why a write failed, when `error` is or wraps an I/O error (an OSError; safetensors' "os error
+    N"; torch.save's stream writer, which reports a short write as "unexpected pos"; DCP's per-rank
+    failures); None for anything else."""
+    todo, seen = [error], set()
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        text = str(current)
+        if isinstance(current, OSError) and current.errno:
+            return current.strerror or text
+        if match := re.search(r"os error (\d+)", text):
+            return os.strerror(int(match[1]))
+        if "inline_container.cc" in text or "iostream error" in text:
+            return "a file of it could not be written"
+        failures = getattr(current, "failures", None)  # DCP's CheckpointException: rank -> error
+        todo += [current.__cause__, current.__context__]
+        todo += [item[0] if isinstance(item, tuple) else item for item in (failures or {}).values()]
+    return None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

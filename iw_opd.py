@@ -63,11 +63,12 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams, UserError, all_gather_cat,
                     all_reduce_sum, at_least, build_prompt, check_same_tokenizer, eval_dataset_names, eval_only_table,
-                    evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
+                    evaluate, off_eval_schedule, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
                     load_run_problems, load_tokenizer, make_engine, micro_batches, option, padded_rows, parse_args,
                     parse_eval_k, prepare_run_dir, print0, resolve_model, response_logprobs, response_token_spans,
                     run_main, save_checkpoint, stop_token_ids, validate_args, vllm_options, write_token_picture,
                     writes_work)
+from common import GracefulStop
 
 SLICE_SHARE = (3, 10)  # --token_slice first30 / last30 keep ceil(3n/10) of n tokens [paper: 30%]
 
@@ -254,7 +255,8 @@ def main(argv=None):
 
     def run_eval(step: int) -> dict:
         metrics = evaluate(engine, tokenizer, eval_rows, grader_for(eval_rows, grader), eval_params, eval_k, dist_info,
-                           args.enable_thinking)
+                           args.enable_thinking,
+                           own_rng=off_eval_schedule(step, args.eval_every))
         logger.log(step, metrics, prefix="eval")
         draw_picture()
         return metrics
@@ -284,6 +286,7 @@ def main(argv=None):
            f"{world} rank(s), --iw {args.iw}, --token_slice {args.token_slice}, teacher {args.teacher_model}, "
            f"device {dist_info.device}")
     train_started = time.time()
+    stop = GracefulStop()  # SIGINT/SIGTERM from here: end after the current step, checkpointed
     for step in range(start_step, args.num_steps):
         step_started = time.time()
 
@@ -410,11 +413,14 @@ def main(argv=None):
         }
         logger.log(step + 1, metrics)
         last_step = step + 1 == args.num_steps
+        stopping = stop.requested()  # on any rank: every rank checkpoints and ends after this step
         if eval_rows and (last_step or (args.eval_every and (step + 1) % args.eval_every == 0)):
             history["last"] = run_eval(step + 1)
-        if args.save_every and ((step + 1) % args.save_every == 0 or last_step):
+        if args.save_every and ((step + 1) % args.save_every == 0 or last_step or stopping):
             save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, {"sampler": sampler.state_dict()},
                             dist_info)
+        if stopping:
+            break
 
     # ---- summary ---------------------------------------------------------------------------------
     draw_picture()

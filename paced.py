@@ -71,11 +71,12 @@ import torch
 
 from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams, TOY_CONTEXT_HEADER, UserError,
                     all_gather_cat, all_reduce_sum, at_least, build_prompt, check_same_tokenizer, chunked_map,
-                    eval_dataset_names, eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint,
+                    eval_dataset_names, eval_only_table, evaluate, off_eval_schedule, grader_for, init_distributed, load_checkpoint,
                     load_eval_benchmarks, load_model, load_run_problems, load_tokenizer, make_engine, micro_batches,
                     option, output_head, padded_rows, parse_args, parse_eval_k, prepare_run_dir, print0, resolve_model,
                     response_hidden, response_logprobs, response_token_spans, run_main, save_checkpoint, validate_args,
                     vllm_options, write_token_picture, writes_work)
+from common import GracefulStop
 
 AKL_HEAD_MASS = 0.5  # cumulative teacher probability of the AKL head [Wu et al. 2024]
 # pass-rate bins of the histogram and the SNR [ours]: p = 0, (0, .25], (.25, .5], (.5, .75], (.75, 1), p = 1
@@ -365,7 +366,8 @@ def main(argv=None):
 
     def run_eval(step: int) -> dict:
         metrics = evaluate(engine, tokenizer, eval_rows, grader_for(eval_rows, grader), eval_params, eval_k, dist_info,
-                           args.enable_thinking)
+                           args.enable_thinking,
+                           own_rng=off_eval_schedule(step, args.eval_every))
         logger.log(step, metrics, prefix="eval")
         draw_picture()
         return metrics
@@ -392,6 +394,7 @@ def main(argv=None):
            f"{args.k} on {world} rank(s), --weighting {args.weighting} (alpha {args.alpha}, beta {args.beta}), "
            f"--kl {args.kl}, teacher {args.teacher_model if distill else 'the student + expert solution'}")
     train_started = time.time()
+    stop = GracefulStop()  # SIGINT/SIGTERM from here: end after the current step, checkpointed
     for step in range(start_step, args.num_steps):
         step_started = time.time()
         kind = active_divergence(args.kl, step, args.switch_step)
@@ -529,11 +532,14 @@ def main(argv=None):
                 draw_snr(snr_records, run_dir / "snr.png")
         logger.log(step + 1, metrics)
         last_step = step + 1 == args.num_steps
+        stopping = stop.requested()  # on any rank: every rank checkpoints and ends after this step
         if eval_rows and (last_step or (args.eval_every and (step + 1) % args.eval_every == 0)):
             history["last"] = run_eval(step + 1)
-        if args.save_every and ((step + 1) % args.save_every == 0 or last_step):
+        if args.save_every and ((step + 1) % args.save_every == 0 or last_step or stopping):
             save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, {"sampler": sampler.state_dict()},
                             dist_info)
+        if stopping:
+            break
 
     draw_picture()
     minutes = (time.time() - train_started) / 60

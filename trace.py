@@ -85,11 +85,12 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams, TOY_CONTEXT_HEADER, UserError, above,
                     all_gather_cat, all_reduce_sum, at_least, between, build_prompt, copy_weights, eval_dataset_names,
-                    eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
+                    eval_only_table, evaluate, off_eval_schedule, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
                     load_model, load_run_problems, load_tokenizer, make_engine, micro_batches, option, output_head,
                     padded_rows, parse_args, parse_eval_k, parse_toy_steps, prepare_run_dir, print0, resolve_model,
                     response_hidden, response_token_spans, run_main, save_checkpoint, stop_token_ids, token_kl,
                     token_logprob_entropy, validate_args, vllm_options, write_token_picture, writes_work)
+from common import GracefulStop
 
 # Coarse type labels an annotator may give [ours: the paper names "a coarse type label"]; any other
 # text is kept, truncated to LABEL_CHARS.
@@ -129,6 +130,11 @@ RULES = {
     "annotator_concurrency": at_least(1),
     "picture_rollouts": at_least(0),
 }
+
+# how and where the same annotator is asked, and how many failed steps stop the run: a --resume
+# may change these (common.SAFE_ON_RESUME), e.g. to continue a run stopped by a failing endpoint
+SAFE_ON_RESUME = {"annotator_url", "annotator_key_env", "annotator_timeout", "annotator_retries",
+                  "annotator_concurrency", "annotator_patience"}
 
 
 @dataclass
@@ -549,7 +555,8 @@ def main(argv=None):
     if sequences % args.num_minibatches:
         raise UserError(f"--num_minibatches {args.num_minibatches} must divide the {sequences} rollouts per rank.")
     # refuses to reuse a run directory; picks the newest valid checkpoint for --resume
-    run = prepare_run_dir(args, f"trace_{args.route}_{Path(args.model).name}_s{args.seed}", dist_info)
+    run = prepare_run_dir(args, f"trace_{args.route}_{Path(args.model).name}_s{args.seed}",
+                          dist_info, SAFE_ON_RESUME)
     run_dir, run_name = run.path, run.path.name
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -608,7 +615,8 @@ def main(argv=None):
 
     def run_eval(step: int) -> dict:
         metrics = evaluate(engine, tokenizer, eval_rows, grader_for(eval_rows, grader), eval_params, eval_k, dist_info,
-                           args.enable_thinking)
+                           args.enable_thinking,
+                           own_rng=off_eval_schedule(step, args.eval_every))
         logger.log(step, metrics, prefix="eval")
         draw_picture()
         return metrics
@@ -645,6 +653,7 @@ def main(argv=None):
                "--annotator_patience steps (0: train on as GRPO); to see TRACE's routing on the "
                "toy use --annotator oracle --teacher_context label+solution (README, TRACE)")
     train_started = time.time()
+    stop = GracefulStop()  # SIGINT/SIGTERM from here: end after the current step, checkpointed
     for step in range(start_step, args.num_steps):
         step_started = time.time()
         lam = kl_weight(step, args.lambda_0, args.kl_hold, args.kl_end)
@@ -901,9 +910,10 @@ def main(argv=None):
         }
         logger.log(step + 1, metrics)
         last_step = step + 1 == args.num_steps
+        stopping = stop.requested()  # on any rank: every rank checkpoints and ends after this step
         if eval_rows and (last_step or (args.eval_every and (step + 1) % args.eval_every == 0)):
             history["last"] = run_eval(step + 1)
-        if args.save_every and ((step + 1) % args.save_every == 0 or last_step):
+        if args.save_every and ((step + 1) % args.save_every == 0 or last_step or stopping):
             # the teacher copy goes along when the next step uses it without refreshing it first
             keep_teacher = teacher is not None and (step + 1) % args.teacher_sync_every and \
                 kl_weight(step + 1, args.lambda_0, args.kl_hold, args.kl_end) > 0
@@ -911,6 +921,8 @@ def main(argv=None):
                             {"sampler": sampler.state_dict(), "teacher_refreshes": refreshes,
                              "annotation_failed_steps": failed_steps}, dist_info,
                             frozen={"teacher": teacher} if keep_teacher else None)
+        if stopping:
+            break
 
     # ---- summary ---------------------------------------------------------------------------------
     draw_picture()

@@ -140,9 +140,13 @@ def test_resume_skips_a_broken_newest_checkpoint(three_checkpoints, tmp_path, ca
     assert records(side) == original[2:]  # the replaced record is kept, not dropped
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000004"]
     assert common.check_checkpoint(run / "checkpoints" / "step_000003") is None  # rewritten, valid
-    (old_config,) = run.glob("config.superseded-*.json")  # the first start's arguments are kept too
-    assert json.loads(old_config.read_text())["num_steps"] == 3
-    assert json.loads((run / "config.json").read_text())["num_steps"] == 4
+    # config.json keeps what made the run; the resume and the options it changed go to resumes.jsonl
+    assert json.loads((run / "config.json").read_text())["num_steps"] == 3
+    assert list(run.glob("config.superseded-*")) == []
+    (entry,) = records(run / "resumes.jsonl")
+    assert entry["from_step"] == 2 and entry["changed"] == {
+        "num_steps": [3, 4], "resume": [False, True],
+        "output_dir": [str(three_checkpoints.parent), str(tmp_path)]}
 
 
 def test_resume_with_every_checkpoint_broken_is_refused(three_checkpoints, tmp_path):
