@@ -5,10 +5,11 @@ CUDA claims in a few minutes of GPU time, so that it can run twice in a short GP
     python tests/gpu_smoke.py --out smoke.jsonl           # on the GPU machine, offline (~7 min)
     python tests/gpu_smoke.py --device cpu --out s.jsonl  # tiny shapes (CI: test_gpu_smoke.py)
 
-`--prepare` copies the toy models into `.smoke/toy` (built first if needed) and downloads the
-math-verify wheels for CPython 3.12 x86-64 into `.smoke/wheels`; `.smoke/` is ignored by git and
-travels with the repository to the GPU machine, where the run installs the wheels into its work
-folder when math-verify is missing and reads the toy models from there (RLVR_TOY_CACHE).
+`--prepare` copies the toy models into `tests/.smoke/toy` (built first if needed) and downloads
+the math-verify wheels for CPython 3.12 x86-64 into `tests/.smoke/wheels`; `tests/.smoke/` is
+ignored by git and travels with the repository to the GPU machine (the device tool's `carry`),
+where the run installs the wheels into its work folder when math-verify is missing and reads the
+toy models from there (RLVR_TOY_CACHE).
 
 Each check runs in its own process (torchrun --nproc_per_node 1 where it needs a process group)
 with its own timeout, under a global deadline (`--deadline`, default 420 s): a hang or an
@@ -59,7 +60,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-PREPARED = ROOT / ".smoke"  # written by --prepare, carried to the GPU machine; ignored by git
+PREPARED = ROOT / "tests" / ".smoke"  # --prepare writes it; carried to the GPU machine; git-ignored
 # math-verify and what it needs beyond the GPU machine's packages (sympy is there): the versions
 # installed here, else these (math-verify 0.9.0 pins latex2sympy2_extended 1.11.0)
 WHEELS = {"math-verify": "0.9.0", "latex2sympy2_extended": "1.11.0",
@@ -271,7 +272,7 @@ def check_env(expect: Expect, args) -> None:
     for name in ("math_verify", "datasets", "vllm"):
         figures[f"{name}_importable"] = importlib.util.find_spec(name) is not None
     expect(figures["math_verify_importable"],
-           "math-verify does not import (run --prepare, carry .smoke)")
+           "math-verify does not import (run --prepare, carry tests/.smoke)")
     if cuda:
         free, total = torch.cuda.mem_get_info()
         props = torch.cuda.get_device_properties(0)
@@ -714,7 +715,8 @@ def run_check(args) -> None:
 
 
 def prepare() -> None:
-    """Toy models into .smoke/toy, math-verify wheels (CPython 3.12, x86-64) into .smoke/wheels."""
+    """Toy models into tests/.smoke/toy, math-verify wheels (CPython 3.12, x86-64) into
+    tests/.smoke/wheels."""
     import importlib.metadata
 
     sys.path.insert(0, str(ROOT))
