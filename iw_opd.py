@@ -287,6 +287,7 @@ def main(argv=None):
            f"device {dist_info.device}")
     train_started = time.time()
     stop = GracefulStop()  # SIGINT/SIGTERM from here: end after the current step, checkpointed
+    end_step = args.num_steps  # the step reached: earlier after a SIGINT/SIGTERM stop
     for step in range(start_step, args.num_steps):
         step_started = time.time()
 
@@ -420,12 +421,14 @@ def main(argv=None):
             save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, {"sampler": sampler.state_dict()},
                             dist_info)
         if stopping:
+            end_step = step + 1
             break
 
     # ---- summary ---------------------------------------------------------------------------------
     draw_picture()
     minutes = (time.time() - train_started) / 60
-    summary = f"[iw_opd] done: steps {start_step}->{args.num_steps} in {minutes:.1f} min; runs dir {run_dir}"
+    ended = "done" if end_step == args.num_steps else "stopped"
+    summary = f"[iw_opd] {ended}: steps {start_step}->{end_step} in {minutes:.1f} min; runs dir {run_dir}"
     if "first" in history and "last" in history:
         key = f"eval/avg@{eval_k}"
         summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"

@@ -395,6 +395,7 @@ def main(argv=None):
            f"--kl {args.kl}, teacher {args.teacher_model if distill else 'the student + expert solution'}")
     train_started = time.time()
     stop = GracefulStop()  # SIGINT/SIGTERM from here: end after the current step, checkpointed
+    end_step = args.num_steps  # the step reached: earlier after a SIGINT/SIGTERM stop
     for step in range(start_step, args.num_steps):
         step_started = time.time()
         kind = active_divergence(args.kl, step, args.switch_step)
@@ -539,11 +540,13 @@ def main(argv=None):
             save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, {"sampler": sampler.state_dict()},
                             dist_info)
         if stopping:
+            end_step = step + 1
             break
 
     draw_picture()
     minutes = (time.time() - train_started) / 60
-    summary = f"[paced] done: steps {start_step}->{args.num_steps} in {minutes:.1f} min; runs dir {run_dir}"
+    ended = "done" if end_step == args.num_steps else "stopped"
+    summary = f"[paced] {ended}: steps {start_step}->{end_step} in {minutes:.1f} min; runs dir {run_dir}"
     if "first" in history and "last" in history:
         key = f"eval/avg@{eval_k}"
         summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"

@@ -654,6 +654,7 @@ def main(argv=None):
                "toy use --annotator oracle --teacher_context label+solution (README, TRACE)")
     train_started = time.time()
     stop = GracefulStop()  # SIGINT/SIGTERM from here: end after the current step, checkpointed
+    end_step = args.num_steps  # the step reached: earlier after a SIGINT/SIGTERM stop
     for step in range(start_step, args.num_steps):
         step_started = time.time()
         lam = kl_weight(step, args.lambda_0, args.kl_hold, args.kl_end)
@@ -922,12 +923,14 @@ def main(argv=None):
                              "annotation_failed_steps": failed_steps}, dist_info,
                             frozen={"teacher": teacher} if keep_teacher else None)
         if stopping:
+            end_step = step + 1
             break
 
     # ---- summary ---------------------------------------------------------------------------------
     draw_picture()
     minutes = (time.time() - train_started) / 60
-    summary = f"[trace] done: steps {start_step}->{args.num_steps} in {minutes:.1f} min; runs dir {run_dir}"
+    ended = "done" if end_step == args.num_steps else "stopped"
+    summary = f"[trace] {ended}: steps {start_step}->{end_step} in {minutes:.1f} min; runs dir {run_dir}"
     if "first" in history and "last" in history:
         key = f"eval/avg@{eval_k}"
         summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"

@@ -187,6 +187,8 @@ def test_sigterm_ends_after_the_step_with_a_checkpoint_and_a_second_sigint_at_on
             assert checkpoint == run / "checkpoints" / f"step_{step:06d}" and notice in output
             assert output.endswith(f"stopped by SIGTERM after step {step}: last checkpoint "
                                    f"{checkpoint}; to continue: {resume}\n"), output[-2000:]
+            assert f"[antisd] stopped: steps 0->{step} in " in output  # the summary, not "done"
+            assert "[antisd] done:" not in output
         else:
             assert checkpoint is not None and output.endswith(
                 f"stopped by SIGINT after step {step} (the step in progress was dropped): last "
