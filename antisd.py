@@ -67,14 +67,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams, UserError, all_gather_cat,
-                    all_reduce_sum, answer_span, at_least, between, build_prompt, eval_dataset_names, eval_only_table,
-                    evaluate, off_eval_schedule, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
-                    load_run_problems, load_tokenizer, make_engine, micro_batches, option, padded_rows, parse_args,
-                    parse_eval_k, prepare_run_dir, print0, resolve_model, response_logprobs, response_token_spans,
-                    run_main, save_checkpoint, stop_token_ids, token_roles, validate_args, vllm_options,
-                    write_token_picture, writes_work)
-from common import GracefulStop
+from common import (GracefulStop, Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams,
+                    UserError, all_gather_cat, all_reduce_sum, answer_span, at_least, between,
+                    build_prompt, eval_dataset_names, eval_only_table, evaluate, grader_for,
+                    init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
+                    load_run_problems, load_tokenizer, make_engine, micro_batches,
+                    off_eval_schedule, option, padded_rows, parse_args, parse_eval_k,
+                    prepare_run_dir, print0, resolve_model, response_logprobs, response_token_spans,
+                    run_main, save_checkpoint, stop_token_ids, token_roles, validate_args,
+                    vllm_options, write_token_picture, writes_work)
 
 # Privileged context c [paper: verified solution + correctness feedback; wording ours]. The toy
 # models are taught this exact form (common.TOY_CONTEXT_HEADER / TOY_FEEDBACK_LINES).

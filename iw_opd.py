@@ -61,14 +61,15 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams, UserError, all_gather_cat,
-                    all_reduce_sum, at_least, build_prompt, check_same_tokenizer, eval_dataset_names, eval_only_table,
-                    evaluate, off_eval_schedule, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
-                    load_run_problems, load_tokenizer, make_engine, micro_batches, option, padded_rows, parse_args,
-                    parse_eval_k, prepare_run_dir, print0, resolve_model, response_logprobs, response_token_spans,
-                    run_main, save_checkpoint, stop_token_ids, validate_args, vllm_options, write_token_picture,
-                    writes_work)
-from common import GracefulStop
+from common import (GracefulStop, Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams,
+                    UserError, all_gather_cat, all_reduce_sum, at_least, build_prompt,
+                    check_same_tokenizer, eval_dataset_names, eval_only_table, evaluate, grader_for,
+                    init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
+                    load_run_problems, load_tokenizer, make_engine, micro_batches,
+                    off_eval_schedule, option, padded_rows, parse_args, parse_eval_k,
+                    prepare_run_dir, print0, resolve_model, response_logprobs, response_token_spans,
+                    run_main, save_checkpoint, stop_token_ids, validate_args, vllm_options,
+                    write_token_picture, writes_work)
 
 SLICE_SHARE = (3, 10)  # --token_slice first30 / last30 keep ceil(3n/10) of n tokens [paper: 30%]
 

@@ -69,14 +69,15 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams, TOY_CONTEXT_HEADER, UserError,
-                    all_gather_cat, all_reduce_sum, at_least, build_prompt, check_same_tokenizer, chunked_map,
-                    eval_dataset_names, eval_only_table, evaluate, off_eval_schedule, grader_for, init_distributed, load_checkpoint,
-                    load_eval_benchmarks, load_model, load_run_problems, load_tokenizer, make_engine, micro_batches,
-                    option, output_head, padded_rows, parse_args, parse_eval_k, prepare_run_dir, print0, resolve_model,
-                    response_hidden, response_logprobs, response_token_spans, run_main, save_checkpoint, validate_args,
-                    vllm_options, write_token_picture, writes_work)
-from common import GracefulStop
+from common import (GracefulStop, Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams,
+                    TOY_CONTEXT_HEADER, UserError, all_gather_cat, all_reduce_sum, at_least,
+                    build_prompt, check_same_tokenizer, chunked_map, eval_dataset_names,
+                    eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint,
+                    load_eval_benchmarks, load_model, load_run_problems, load_tokenizer,
+                    make_engine, micro_batches, off_eval_schedule, option, output_head, padded_rows,
+                    parse_args, parse_eval_k, prepare_run_dir, print0, resolve_model,
+                    response_hidden, response_logprobs, response_token_spans, run_main,
+                    save_checkpoint, validate_args, vllm_options, write_token_picture, writes_work)
 
 AKL_HEAD_MASS = 0.5  # cumulative teacher probability of the AKL head [Wu et al. 2024]
 # pass-rate bins of the histogram and the SNR [ours]: p = 0, (0, .25], (.25, .5], (.5, .75], (.75, 1), p = 1

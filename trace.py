@@ -83,14 +83,16 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from common import (Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams, TOY_CONTEXT_HEADER, UserError, above,
-                    all_gather_cat, all_reduce_sum, at_least, between, build_prompt, copy_weights, eval_dataset_names,
-                    eval_only_table, evaluate, off_eval_schedule, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
-                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches, option, output_head,
-                    padded_rows, parse_args, parse_eval_k, parse_toy_steps, prepare_run_dir, print0, resolve_model,
-                    response_hidden, response_token_spans, run_main, save_checkpoint, stop_token_ids, token_kl,
-                    token_logprob_entropy, validate_args, vllm_options, write_token_picture, writes_work)
-from common import GracefulStop
+from common import (GracefulStop, Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams,
+                    TOY_CONTEXT_HEADER, UserError, above, all_gather_cat, all_reduce_sum, at_least,
+                    between, build_prompt, copy_weights, eval_dataset_names, eval_only_table,
+                    evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
+                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches,
+                    off_eval_schedule, option, output_head, padded_rows, parse_args, parse_eval_k,
+                    parse_toy_steps, prepare_run_dir, print0, resolve_model, response_hidden,
+                    response_token_spans, run_main, save_checkpoint, stop_token_ids, token_kl,
+                    token_logprob_entropy, validate_args, vllm_options, write_token_picture,
+                    writes_work)
 
 # Coarse type labels an annotator may give [ours: the paper names "a coarse type label"]; any other
 # text is kept, truncated to LABEL_CHARS.

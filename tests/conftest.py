@@ -49,3 +49,26 @@ def run_script(args, timeout=600, env=None, check=True):
 
 def torchrun(nproc=2):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
+# `python <this program> <module> <flags>`: runs `<module>.main(flags)`; rank 0 writes half of the
+# trainer state of step $KILL_AT_STEP, then SIGKILLs itself inside that checkpoint write
+KILL_DURING_SAVE = r"""
+import importlib, os, signal, sys
+import torch
+sys.path.insert(0, os.getcwd())  # the repository (the command runs there)
+kill_at, original = int(os.environ["KILL_AT_STEP"]), torch.save
+
+def save_then_die(obj, path, *args, **kwargs):
+    # rank 0 writes half of the trainer state of step `kill_at` (its weights export is complete),
+    # then dies as if the machine went away
+    if isinstance(obj, dict) and obj.get("step") == kill_at:
+        original(obj, path, *args, **kwargs)
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(obj, path, *args, **kwargs)
+
+torch.save = save_then_die
+importlib.import_module(sys.argv[1]).main(sys.argv[2:])
+"""

@@ -185,14 +185,21 @@ def test_torchrun_resume_is_exact_with_sharded_checkpoints(tmp_path):
     assert all(torch.equal(p, weights[1][name]) for name, p in exported.state_dict().items() if name in weights[1])
 
 
-def test_one_process_checkpoint_round_trip(tmp_path, toy_tokenizer):
-    """Without a process group DCP writes and reads alone: weights and AdamW state come back exactly."""
+def one_step_toy():
+    """One process, the toy model after one AdamW step (so weights and optimizer state are not the
+    base model's): (dist_info, model, optimizer)."""
     dist_info = common.Dist(0, 1, 0, torch.device("cpu"))
     model = common.load_model("toy", dist_info)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids).logits.logsumexp(-1).mean().backward()
     optimizer.step()
+    return dist_info, model, optimizer
+
+
+def test_one_process_checkpoint_round_trip(tmp_path, toy_tokenizer):
+    """Without a process group DCP writes and reads alone: weights and AdamW state come back exactly."""
+    dist_info, model, optimizer = one_step_toy()
     path = common.save_checkpoint(tmp_path, 1, model, toy_tokenizer, optimizer, {"k": 1}, dist_info)
     assert common.check_checkpoint(path) is None and not dist.is_initialized()
     fresh = common.load_model("toy", dist_info)  # the base weights: the checkpoint must replace them
@@ -225,12 +232,7 @@ def test_checkpoint_export_in_bf16_keeps_the_training_state_fp32(tmp_path, toy_t
     stays fp32 and a resume restores the masters exactly. On CPU the default export stays fp32."""
     from safetensors import safe_open
 
-    dist_info = common.Dist(0, 1, 0, torch.device("cpu"))
-    model = common.load_model("toy", dist_info)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
-    model(input_ids=ids).logits.logsumexp(-1).mean().backward()
-    optimizer.step()
+    dist_info, model, optimizer = one_step_toy()
     path = common.save_checkpoint(tmp_path / "bf16", 1, model, toy_tokenizer, optimizer, {}, dist_info,
                                   export_dtype=BF16)
     default = common.save_checkpoint(tmp_path / "default", 1, model, toy_tokenizer, optimizer, {},

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_script, torchrun
+from conftest import KILL_DURING_SAVE, ROOT, run_script, torchrun
 
 TIMING = {"step_seconds", "tokens_per_second", "time"}
 TINY = ["--num_problems", "4", "--max_new_tokens", "24", "--eval_dataset", ""]
@@ -31,25 +31,6 @@ FLAGS = {
 # uninterrupted run does not, and the evaluation must not move the training's random streams
 EVAL = ["--eval_dataset", "toy", "--eval_limit", "2", "--eval_k", "1", "--eval_every", "0"]
 
-KILL_DURING_SAVE = r"""
-import importlib, os, signal, sys
-import torch
-sys.path.insert(0, os.getcwd())  # the repository (the command runs there)
-kill_at, original = int(os.environ["KILL_AT_STEP"]), torch.save
-
-def save_then_die(obj, path, *args, **kwargs):
-    # rank 0 writes half of the trainer state of step `kill_at` (its weights export is complete),
-    # then dies as if the machine went away
-    if isinstance(obj, dict) and obj.get("step") == kill_at:
-        original(obj, path, *args, **kwargs)
-        data = open(path, "rb").read()
-        open(path, "wb").write(data[: len(data) // 2])
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(obj, path, *args, **kwargs)
-
-torch.save = save_then_die
-importlib.import_module(sys.argv[1]).main(sys.argv[2:])
-"""
 
 
 def records(run_dir):

@@ -14,7 +14,7 @@ import torch
 import antisd
 import common
 from common import UserError
-from conftest import ROOT, run_script
+from conftest import KILL_DURING_SAVE, ROOT, run_script
 
 FAST = ["--num_problems", "4", "--num_generations", "4", "--eval_dataset", "", "--max_new_tokens", "24"]
 TIMING = {"step_seconds", "tokens_per_second"}
@@ -186,32 +186,11 @@ def test_rotation_orders_by_step_number_and_keeps_the_new_checkpoint(tmp_path, t
     assert [s for s, _ in common.list_checkpoints(tmp_path)] == [1000001]
 
 
-KILL_DURING_SAVE = r"""
-import os, signal, sys
-import torch
-sys.path.insert(0, os.getcwd())
-import antisd
-
-kill_at = int(os.environ["KILL_AT_STEP"])
-original = torch.save
-
-def save_then_die(obj, path, *args, **kwargs):
-    # write half of the trainer state of step `kill_at`, then die as if the machine went away
-    if isinstance(obj, dict) and obj.get("step") == kill_at:
-        original(obj, path, *args, **kwargs)
-        data = open(path, "rb").read()
-        open(path, "wb").write(data[: len(data) // 2])
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(obj, path, *args, **kwargs)
-
-torch.save = save_then_die
-antisd.main(sys.argv[1:])
-"""
 
 
 def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
     args = FAST + ["--num_steps", "6", "--save_every", "2", "--output_dir", str(tmp_path), "--run_name", "k"]
-    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=ROOT, env={
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, "antisd", *args], cwd=ROOT, env={
         **__import__("os").environ, "KILL_AT_STEP": "4"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, timeout=600)
     assert killed.returncode == -9, killed.stdout[-2000:]
