@@ -802,7 +802,7 @@ def copy_weights(dst_model, src_model) -> None:
 #   - every line is re-computable, so an oracle names the key step of a correct response and the
 #     first wrong line of an incorrect one, check lines included (`parse_toy_steps`, TRACE).
 
-TOY_VERSION = "v2"
+TOY_VERSION = "v3"  # v3: head_dim 32 (vLLM's CPU attention kernels accept 32, 64, 80, ..., not 16)
 TOY_SPLIT_SEEDS = {"train": 1, "test": 2}  # disjoint generator streams for the two splits
 TOY_SPLIT_SIZES = {"train": 4096, "test": 256}
 TOY_MAX_OPS, TOY_MAX_VALUE = 6, 30  # levels 1..6 = number of operations; every value stays in 0..30
@@ -827,9 +827,9 @@ TOY_PHRASES = ["<think>", "</think>", "user", "assistant", "Start at ", ", apply
 # solution (their target is careful with probability `context_careful`, never with checks);
 # `check` / `fix` = share of careful targets with a verified step / a wrong step caught and redone.
 TOY_SPECS = {
-    "toy": dict(layers=3, hidden=64, heads=4, intermediate=192, steps=1000, batch_size=64, lr=5e-3,
+    "toy": dict(layers=3, hidden=64, heads=2, intermediate=192, steps=1000, batch_size=64, lr=5e-3,
                 careful=0.3, work_frac=0.25, context_frac=0.25, context_careful=0.1, check=0.3, fix=0.15),
-    "toy-large": dict(layers=4, hidden=96, heads=4, intermediate=288, steps=800, batch_size=64, lr=5e-3,
+    "toy-large": dict(layers=4, hidden=96, heads=3, intermediate=288, steps=800, batch_size=64, lr=5e-3,
                       careful=0.8, work_frac=0.25, context_frac=0.25, context_careful=0.1, check=0.3, fix=0.15),
 }
 _TOY_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
