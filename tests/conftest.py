@@ -11,6 +11,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def require(module: str):
+    """`module` imported, or: skipped on a user's machine, a failure in CI (`CI` set), where every
+    optional component (vLLM's CPU build, TRL) is installed by .ci/run and must run."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        if os.environ.get("CI", "") not in ("", "0", "false"):
+            pytest.fail(f"CI must run this test but {module} does not import: {error}")
+        pytest.skip(f"{module} not installed")
+
+
 @pytest.fixture(scope="session")
 def toy_tokenizer():
     import common

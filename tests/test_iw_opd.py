@@ -16,7 +16,7 @@ import torch
 import common
 import iw_opd
 from common import UserError
-from conftest import run_script, torchrun
+from conftest import require, run_script, torchrun
 
 FAST = ["--num_steps", "3", "--num_problems", "4", "--eval_dataset", "", "--max_new_tokens", "24"]
 
@@ -349,7 +349,7 @@ def test_gradient_equals_trl_iw_opd():
     import collections
     import types
 
-    trainer = pytest.importorskip("trl.experimental.iw_opd.iw_opd_trainer")
+    trainer = require("trl.experimental.iw_opd.iw_opd_trainer")
     torch.manual_seed(3)
     logits = torch.randn(3, 6, 11, requires_grad=True)
     tokens = torch.randint(0, 11, (3, 6))
