@@ -12,9 +12,13 @@ import pytest
 from conftest import require, run_script, torchrun
 
 # the toy's own eval set is off: these runs compare training through two engines
-FLAGS = ["--num_steps", "3", "--num_problems", "16", "--num_generations", "4", "--eval_dataset", "",
-         "--tis_cap", "2"]
-SCRIPTS = ["antisd.py", "trace.py", "paced.py", "iw_opd.py"]
+FLAGS = ["--num_steps", "3", "--num_problems", "16", "--eval_dataset", "", "--tis_cap", "2"]
+# TRACE: the oracle annotator (the tiny toy cannot follow the self-annotation prompt); PACED:
+# --mode self, which trains on its own rollouts (--tis_cap needs them)
+SCRIPTS = {"antisd.py": ["--num_generations", "4"],
+           "trace.py": ["--num_generations", "4", "--annotator", "oracle", "--teacher_context",
+                        "label+solution"],
+           "paced.py": ["--k", "4", "--mode", "self"], "iw_opd.py": ["--num_rollouts", "4"]}
 FP32_TOLERANCE = 1e-4  # fp32 engine vs fp32 trainer: same weights, different kernels
 
 
@@ -63,8 +67,8 @@ def test_script_trains_through_vllm_like_through_hf(vllm, script, tmp_path):
     over the 3 x 64 rollouts within 0.2 of the hf run's (about 4 standard errors of the difference)."""
     runs = {}
     for engine in ("vllm", "hf"):
-        run_script([sys.executable, script, *FLAGS, "--rollout", engine, "--output_dir", str(tmp_path),
-                    "--run_name", engine])
+        run_script([sys.executable, script, *FLAGS, *SCRIPTS[script], "--rollout", engine,
+                    "--output_dir", str(tmp_path), "--run_name", engine])
         runs[engine] = steps(tmp_path / engine)
     assert [r["step"] for r in runs["vllm"]] == [1, 2, 3]
     for record in runs["vllm"]:
@@ -75,7 +79,8 @@ def test_script_trains_through_vllm_like_through_hf(vllm, script, tmp_path):
 
 
 def test_two_ranks_train_through_vllm(vllm, tmp_path):
-    result = run_script(torchrun(2) + ["antisd.py", *FLAGS, "--num_steps", "2", "--rollout", "vllm",
+    result = run_script(torchrun(2) + ["antisd.py", *FLAGS, *SCRIPTS["antisd.py"], "--num_steps", "2",
+                                       "--rollout", "vllm",
                                        "--output_dir", str(tmp_path), "--run_name", "two"])
     logged = steps(tmp_path / "two")
     assert [r["step"] for r in logged] == [1, 2], result.stdout[-2000:]
