@@ -17,11 +17,12 @@ from conftest import require, run_script, torchrun
 FLAGS = ["--num_steps", "3", "--num_problems", "16", "--eval_dataset", "", "--tis_cap", "2",
          "--lr", "3e-3"]
 # TRACE: the oracle annotator (the tiny toy cannot follow the self-annotation prompt); PACED:
-# --mode self, which trains on its own rollouts (--tis_cap needs them)
+# --mode self, which trains on its own rollouts (--tis_cap needs them), at lr 1e-3 (3e-3 can leave
+# no problem with 0 < p < 1 by step 3; 1e-3 still shows a stale engine: 0.94 at step 2)
 SCRIPTS = {"antisd.py": ["--num_generations", "4"],
            "trace.py": ["--num_generations", "4", "--annotator", "oracle", "--teacher_context",
                         "label+solution"],
-           "paced.py": ["--k", "4", "--mode", "self"], "iw_opd.py": ["--num_rollouts", "4"]}
+           "paced.py": ["--k", "4", "--mode", "self", "--lr", "1e-3"], "iw_opd.py": ["--num_rollouts", "4"]}
 FP32_TOLERANCE = 1e-4  # fp32 engine vs fp32 trainer: same weights, different kernels
 
 
