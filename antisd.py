@@ -100,6 +100,13 @@ EVAL_PROTOCOL = {"aime24": 32, "aime25": 32, "aime26": 32, "hmmt25": 32, "minerv
 
 @dataclass
 class Args(RunOptions):
+    # AntiSD
+    lambda_max: float = option(0.5, "weight of the token term when the gate is open [paper]; 0 = GRPO")
+    signal: Literal["antisd", "sd"] = option("antisd", "antisd: -phi(u) or -u; sd: +u, no gate [paper]")
+    divergence: Literal["jsd", "rkl"] = option("jsd", "antisd shape: jsd = -phi(u) [paper], rkl = -u ablation [paper]")
+    gate: Literal["entropy", "none"] = option("entropy", "entropy gate with hysteresis [paper], or none")
+    gate_warmup: int = option(5, "steps with lambda = 0 that calibrate H_warm [paper]")
+    tau_down: float = option(0.93, "gate closes below tau_down * H_warm [paper; ablations 0.90, 0.95]")
     # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
     model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | local dir")
     dataset: str = option("toy", "train problems: toy | DAPO-Math-17k hub id | hub id | .jsonl/.json/.parquet")
@@ -123,13 +130,6 @@ class Args(RunOptions):
     scale_rewards: bool = option(True, "divide group advantages by the group std (false = Dr.GRPO)")
     num_minibatches: int = option(1, "optimizer steps per batch; 1 = on-policy, rho = 1 [ours]")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary log-prob/entropy")
-    # AntiSD
-    lambda_max: float = option(0.5, "weight of the token term when the gate is open [paper]; 0 = GRPO")
-    signal: Literal["antisd", "sd"] = option("antisd", "antisd: -phi(u) or -u; sd: +u, no gate [paper]")
-    divergence: Literal["jsd", "rkl"] = option("jsd", "antisd shape: jsd = -phi(u) [paper], rkl = -u ablation [paper]")
-    gate: Literal["entropy", "none"] = option("entropy", "entropy gate with hysteresis [paper], or none")
-    gate_warmup: int = option(5, "steps with lambda = 0 that calibrate H_warm [paper]")
-    tau_down: float = option(0.93, "gate closes below tau_down * H_warm [paper; ablations 0.90, 0.95]")
     # evaluation, checkpoints
     eval_k: str = option("", "samples per eval problem (avg@k, pass@k): empty = each benchmark's default "
                          "(EVAL_PROTOCOL, toy 4) | one int | name=k pairs, e.g. aime24=32,math500=4")

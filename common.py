@@ -50,6 +50,8 @@ Log-probs of sampled tokens take the sampling temperature (`response_logprobs(..
 
 from __future__ import annotations
 
+import argparse
+import ast
 import difflib
 import fcntl
 import functools
@@ -207,17 +209,38 @@ def option(default, help: str, alone=None):
 def parse_args(args_class, argv: Sequence[str] | None = None):
     """Parse the command line into the script's `Args` dataclass with transformers'
     HfArgumentParser. An unknown flag (abbreviations included) is a UserError naming it and the
-    closest known flag; an unparsable value exits with argparse's one-line usage error."""
+    closest known flag; an unparsable value exits with argparse's one-line error (no usage line)."""
     from transformers import HfArgumentParser
 
     global _DEBUG
-    # no abbreviations: `--lambda 0.3` must not silently mean --lambda_max
-    parser = HfArgumentParser(args_class, allow_abbrev=False)
+    # no abbreviations: `--lambda 0.3` must not silently mean --lambda_max; no usage line (it would
+    # list every option before the description): --help starts with what the script does
+    parser = HfArgumentParser(args_class, allow_abbrev=False, usage=argparse.SUPPRESS,
+                              description=_script_summary(args_class))
+    _method_options_first(parser, args_class)
     args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     _DEBUG = bool(getattr(args, "debug", False))
     if unknown:
         raise UserError(_unknown_option(unknown, args_class))
     return args
+
+
+def _script_summary(args_class) -> str:
+    """The first paragraph of the docstring of the script that defines `args_class`."""
+    source = Path(inspect.getfile(args_class)).read_text()
+    return (ast.get_docstring(ast.parse(source)) or "").split("\n\n")[0]
+
+
+def _method_options_first(parser, args_class) -> None:
+    """--help lists the options the script's `Args` declares (its method's) first, then the shared
+    ones of `common.RunOptions`, each under its own heading."""
+    own = set(inspect.get_annotations(args_class))
+    method = parser.add_argument_group(f"{script_name(args_class)} options")
+    shared = parser.add_argument_group("shared options (common.RunOptions)")
+    listed = parser._optionals._group_actions  # argparse's default group, where HfArgumentParser adds
+    for action in list(listed):
+        listed.remove(action)
+        (method if action.dest in own else shared)._group_actions.append(action)
 
 
 def _unknown_option(unknown: Sequence[str], args_class) -> str:

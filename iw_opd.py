@@ -87,12 +87,6 @@ EVAL_PROTOCOL: dict = {}
 
 @dataclass
 class Args(RunOptions):
-    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
-    model: str = option("toy", "student: toy | toy-large | alias (Qwen3-0.6B, ...) | hub id | local dir")
-    dataset: str = option("toy", "train problems: toy | DAPO-Math-17k hub id | hub id | .jsonl/.json/.parquet")
-    solution_key: str = option("solution", "column with a reference solution (optional; unused by OPD)")
-    num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
-    run_name: str = option("", "run directory name under --output_dir; default iw_opd_<model>_s<seed>")
     # teacher and method
     teacher_model: str = option("toy-large", "frozen teacher, same tokenizer as --model [paper: Qwen3-4B-Instruct-2507 "
                                              "for Qwen3-0.6B]")
@@ -101,6 +95,12 @@ class Args(RunOptions):
     gamma: float = option(0.5, "weight of the first token is 1 + gamma [code: w_max 1.5]")
     token_slice: Literal["all", "first30", "last30"] = option("all", "train on all tokens, or only the first / last "
                                                                      "30 percent of each response [paper Fig. 1a]")
+    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
+    model: str = option("toy", "student: toy | toy-large | alias (Qwen3-0.6B, ...) | hub id | local dir")
+    dataset: str = option("toy", "train problems: toy | DAPO-Math-17k hub id | hub id | .jsonl/.json/.parquet")
+    solution_key: str = option("solution", "column with a reference solution (optional; unused by OPD)")
+    num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
+    run_name: str = option("", "run directory name under --output_dir; default iw_opd_<model>_s<seed>")
     # rollouts
     num_problems: int = option(64, "prompts per step, global [ours: 64 on the toy]")
     num_rollouts: int = option(1, "rollouts per prompt [paper: 1]")

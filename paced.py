@@ -100,12 +100,6 @@ EVAL_PROTOCOL = {"math500": 8, "aime24": 8, "aime25": 8}
 
 @dataclass
 class Args(RunOptions):
-    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
-    model: str = option("toy", "student: toy | toy-large | alias (Qwen3-0.6B, ...) | hub id | local dir")
-    dataset: str = option("toy", "train problems: toy | hub id | .jsonl/.json/.parquet")
-    solution_key: str = option("solution", "column with the expert solution (the self-teacher's context)")
-    num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
-    run_name: str = option("", "run directory name under --output_dir; default paced_<mode>_<model>_s<seed>")
     # method
     mode: Literal["distill", "self"] = option("distill", "distill: frozen --teacher_model samples a reference, "
                                                          "teacher-forced KL on it; self: the student shown the "
@@ -119,6 +113,12 @@ class Args(RunOptions):
     kl: Literal["fkl", "rkl", "fkl_then_rkl", "akl"] = option("fkl", "divergence [paper]")
     switch_step: int = option(30, "fkl_then_rkl: the first N steps use fkl, the rest rkl [ours: 30]")
     log_snr: int = option(0, "every N steps log the cross-problem gradient SNR per pass-rate bin (1 rank); 0 = off")
+    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
+    model: str = option("toy", "student: toy | toy-large | alias (Qwen3-0.6B, ...) | hub id | local dir")
+    dataset: str = option("toy", "train problems: toy | hub id | .jsonl/.json/.parquet")
+    solution_key: str = option("solution", "column with the expert solution (the self-teacher's context)")
+    num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
+    run_name: str = option("", "run directory name under --output_dir; default paced_<mode>_<model>_s<seed>")
     # rollouts
     num_problems: int = option(16, "problems per step, global [ours: 16 on the toy]")
     max_new_tokens: int = option(64, "response token limit [ours: 64 on the toy]")

@@ -141,13 +141,6 @@ SAFE_ON_RESUME = {"annotator_url", "annotator_key_env", "annotator_timeout", "an
 
 @dataclass
 class Args(RunOptions):
-    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
-    model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | local dir")
-    dataset: str = option("toy", "train problems: toy | hub id | .jsonl/.json/.parquet")
-    solution_key: str = option("solution", "column with a reference solution (optional; --teacher_context "
-                                           "label+solution)")
-    num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
-    run_name: str = option("", "run directory name under --output_dir; default trace_<route>_<model>_s<seed>")
     # TRACE
     route: Literal["fkl_key", "rkl_error", "both"] = option("fkl_key", "fkl_key: forward KL on key spans of correct "
                                                                        "rollouts [paper, Qwen3-8B]; rkl_error: reverse "
@@ -190,6 +183,13 @@ class Args(RunOptions):
     annotator_patience: int = option(3, "stop the run when no annotation succeeds in this many "
                                         "consecutive steps; 0 = train on (those steps are GRPO)")
     annotator_concurrency: int = option(8, "api: requests in flight at once")
+    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
+    model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | local dir")
+    dataset: str = option("toy", "train problems: toy | hub id | .jsonl/.json/.parquet")
+    solution_key: str = option("solution", "column with a reference solution (optional; --teacher_context "
+                                           "label+solution)")
+    num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
+    run_name: str = option("", "run directory name under --output_dir; default trace_<route>_<model>_s<seed>")
     # rollouts
     num_problems: int = option(32, "problems per step, global [ours: 32 on the toy]")
     num_generations: int = option(8, "rollouts per problem G [ours: 8]")
