@@ -1012,18 +1012,74 @@ def build_toy_model(name: str = "toy") -> Path:
     A tiny Qwen3ForCausalLM with a character-level tokenizer, trained by a short deterministic SFT
     on toy problems (see the comment above `TOY_VERSION` for what the recipe builds in).
     """
-    if name not in TOY_SPECS:
-        raise ValueError(f"Unknown toy model {name!r}; choose from {list(TOY_SPECS)}.")
-    recipe = hashlib.sha1(json.dumps([TOY_VERSION, TOY_SPECS[name]], sort_keys=True).encode()).hexdigest()[:8]
-    target = _toy_cache_root() / f"{name}-{recipe}"
+    target = _toy_target(name)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per machine; others wait and reuse
+    # one builder per machine; others wait and reuse. The lock file names the builder and its latest
+    # progress line (JSON), which a waiter prints; "a+": opening it must not erase that
+    with open(target.parent / f".{name}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _wait_for_toy_builder(lock, name)
         if not (target / "config.json").exists():
-            _train_toy_model(name, target)
+            since = time.strftime("%H:%M:%S")
+            _note_toy_build(lock, since, "starting")
+            _train_toy_model(name, target, lambda line: _note_toy_build(lock, since, line))
     return target
+
+
+def _toy_target(name: str) -> Path:
+    """The cache folder of toy model `name`, named after its recipe (TOY_VERSION and spec)."""
+    if name not in TOY_SPECS:
+        raise ValueError(f"Unknown toy model {name!r}; choose from {list(TOY_SPECS)}.")
+    recipe = json.dumps([TOY_VERSION, TOY_SPECS[name]], sort_keys=True).encode()
+    return _toy_cache_root() / f"{name}-{hashlib.sha1(recipe).hexdigest()[:8]}"
+
+
+TOY_WAIT_REPORT_SECONDS = 30.0  # a process waiting for another's toy build prints this often
+
+
+def _note_toy_build(lock, since: str, line: str) -> None:
+    """Record in the held lock file who builds (pid, host, start, command) and its latest line."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": since,
+                           "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+                           "latest": line}))
+    lock.flush()
+
+
+def _wait_for_toy_builder(lock, name: str) -> None:
+    """Wait for the process building toy model `name`, saying whom (one line) and then, every
+    TOY_WAIT_REPORT_SECONDS, the builder's latest progress line; returns holding the lock."""
+    started = last = time.time()
+    print(f"[toy] waiting for another process to build {name!r}: {_toy_builder(lock)}", flush=True)
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(min(1.0, TOY_WAIT_REPORT_SECONDS))
+        if time.time() - last >= TOY_WAIT_REPORT_SECONDS:
+            last = time.time()
+            latest = _toy_builder(lock, "latest") or "it reports no progress"
+            print(f"[toy] still waiting for {name!r} ({last - started:.0f}s): the builder is at "
+                  f"{latest}", flush=True)
+
+
+def _toy_builder(lock, key: str | None = None) -> str:
+    """Who holds a toy build lock, from its lock file (or one of its fields, `key`)."""
+    lock.seek(0)
+    try:
+        holder = json.loads(lock.read())
+    except ValueError:
+        return "" if key else f"{lock.name} is locked (its holder names no process)"
+    if key:
+        return str(holder.get(key, ""))
+    return (f"pid {holder['pid']} on {holder['host']}, since {holder['started']}: "
+            f"{holder['command']}")
 
 
 def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind: str):
@@ -1048,7 +1104,7 @@ def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind:
     return build_prompt(tokenizer, row["problem"], context), response, labels
 
 
-def _train_toy_model(name: str, target: Path) -> None:
+def _train_toy_model(name: str, target: Path, note: Callable[[str], None]) -> None:
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     spec = TOY_SPECS[name]
@@ -1093,7 +1149,9 @@ def _train_toy_model(name: str, target: Path) -> None:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
-            print(f"[toy] {name} step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
+            line = f"[toy] {name} step {step + 1}/{steps} loss {loss.item():.3f}"
+            print(line, flush=True)
+            note(f"{name} step {step + 1}/{steps} ({time.time() - started:.0f}s in)")
     torch.set_rng_state(cpu_rng_state)
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
