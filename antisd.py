@@ -69,8 +69,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import (GracefulStop, Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams,
                     UserError, all_gather_cat, all_reduce_sum, answer_span, at_least, between,
-                    build_prompt, eval_dataset_names, eval_only_table, evaluate, grader_for,
-                    init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
+                    build_prompt, eval_command, eval_dataset_names, eval_only_table, evaluate,
+                    grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
                     load_run_problems, load_tokenizer, make_engine, micro_batches,
                     off_eval_schedule, option, padded_rows, parse_args, parse_eval_k,
                     prepare_run_dir, print0, resolve_model, response_logprobs, response_token_spans,
@@ -112,7 +112,8 @@ class Args(RunOptions):
     dataset: str = option("toy", "train problems: toy | DAPO-Math-17k hub id | hub id | .jsonl/.json/.parquet")
     solution_key: str = option("solution", "column with a reference solution (optional)")
     num_steps: int = option(60, "optimizer steps [paper: 200; ours: 60 on the toy]")
-    run_name: str = option("", "run directory name under --output_dir; default antisd_<model>_s<seed>")
+    run_name: str = option("", "run directory under --output_dir; default "
+                           "antisd_<model>_s<seed>_<start time>")
     # rollouts
     num_problems: int = option(32, "problems per step, global [paper: 32]")
     num_generations: int = option(8, "rollouts per problem G [paper: 8]")
@@ -495,7 +496,8 @@ def main(argv=None):
         stopping = stop.requested()  # on any rank: every rank checkpoints and ends after this step
         if eval_rows and (last_step or (args.eval_every and (step + 1) % args.eval_every == 0)):
             history["last"] = run_eval(step + 1)
-        if args.save_every and ((step + 1) % args.save_every == 0 or last_step or stopping):
+        # the final weights always: the last step, or the step a SIGINT/SIGTERM stop ends on
+        if last_step or stopping or (args.save_every and (step + 1) % args.save_every == 0):
             save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer,
                             {"sampler": sampler.state_dict(), "gate": asdict(gate)}, dist_info)
         if stopping:
@@ -511,6 +513,7 @@ def main(argv=None):
         key = f"eval/avg@{eval_k}"
         summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"
     print0(summary)
+    print0(f"[antisd] evaluate its final weights: {eval_command(args, run_dir)}")
     logger.close()
     grader.close()
     return history

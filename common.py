@@ -379,7 +379,8 @@ class RunOptions:
     # evaluation, checkpoints, grading
     eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
     eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
-    save_every: int = option(0, "checkpoint every N steps and at the end; 0 = never")
+    save_every: int = option(0, "also checkpoint every N steps; the end of a run (its last step, "
+                                 "or a SIGINT/SIGTERM stop) always saves its final weights")
     grader_timeout: float = option(10.0, "bound per graded answer, in CPU seconds of the grader "
                                          "(a wall-clock backstop at 5x)")
 
@@ -490,9 +491,17 @@ def _stop_line(signum: int, at_once: bool) -> str:
         checkpoint = None
     if checkpoint is None:
         return (f"stopped by {name} {reached}: {run_dir} holds no checkpoint to continue from "
-                "(--save_every writes them); its metrics are kept")
+                "(a run saves at its end and every --save_every steps); its metrics are kept")
     return (f"stopped by {name} {reached}: last checkpoint {checkpoint}; to continue: "
             f"{_resume_command()}")
+
+
+def eval_command(args, run_dir: Path) -> str:
+    """The command that evaluates a run's final weights (its newest checkpoint), for its summary."""
+    words = [script_name(args), "--eval_only", "--resume", "--run_name", run_dir.name]
+    if args.output_dir != "runs":
+        words += ["--output_dir", args.output_dir]
+    return f"python {shlex.join(words)}"
 
 
 def _resume_command() -> str:
@@ -3013,13 +3022,15 @@ class RunDir:
 def prepare_run_dir(args, default_name: str, dist_info: Dist, safe_on_resume=()) -> RunDir:
     """Decide where the run writes and what it resumes, before any model is loaded.
 
-    Reads `args.output_dir`, `run_name` (default `default_name`), `resume`, `resume_or_start` and
-    `overwrite`. One job per run directory: rank 0 holds `<run dir>/.lock` (flock) until the run
+    Reads `args.output_dir`, `run_name` (default `default_name` and the start time, a new directory
+    each run; a resume must name its run), `resume`, `resume_or_start` and `overwrite`.
+    One job per run directory: rank 0 holds `<run dir>/.lock` (flock) until the run
     ends (`RunLogger.close` or process exit), so a second job there is refused naming the holder
     (pid, host, command); a lock left by a dead process is free again. Without --resume, a run
     directory that holds checkpoints or metrics is refused (UserError) unless --overwrite, which
     renames it to `<run_name>.old-<time>`. A resume must come from the script that made the run
-    (config.json) with the same options, except `SAFE_ON_RESUME` and the script's `safe_on_resume`.
+    (config.json) with the same options, except `SAFE_ON_RESUME` and the script's `safe_on_resume`
+    (with --eval_only any option: it only evaluates the checkpoint).
     With --resume, the newest checkpoint that `check_checkpoint` accepts is used and newer broken
     ones are reported (and left in place); with none valid it is refused, or with --resume_or_start
     the run restarts from step 0 in the same directory. A refusal changes nothing in the directory.
@@ -3046,18 +3057,20 @@ def prepare_run_dir(args, default_name: str, dist_info: Dist, safe_on_resume=())
 
 
 def _decide_run_dir(args, default_name: str, safe_on_resume=SAFE_ON_RESUME) -> RunDir:
-    name = args.run_name or default_name
-    if name in ("", ".", "..") or "/" in name or "\\" in name:
-        raise UserError(f"--run_name {name!r}: must be a plain directory name (no '/')")
+    resume = args.resume or args.resume_or_start
     output = Path(args.output_dir).expanduser()
     if output.exists() and not output.is_dir():
         raise UserError(f"--output_dir {args.output_dir!r} is a file, not a directory")
+    if not args.run_name and resume:
+        raise UserError(_resume_needs_name(output, default_name))
+    name = args.run_name or _new_run_name(output, default_name)
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise UserError(f"--run_name {name!r}: must be a plain directory name (no '/')")
     run_dir = output / name
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"the run directory {run_dir} is a file, not a directory: choose another --run_name")
     if run_dir.is_dir():
         _lock_run_dir(run_dir)  # first: nothing below may act on a directory another job writes
-    resume = args.resume or args.resume_or_start
     if resume and args.overwrite:
         raise UserError("--overwrite starts a new run and --resume continues one: pass only one of them")
     if not resume:
@@ -3107,6 +3120,26 @@ def _decide_run_dir(args, default_name: str, safe_on_resume=SAFE_ON_RESUME) -> R
     return RunDir(run_dir, None, -1)
 
 
+def _new_run_name(output: Path, default_name: str) -> str:
+    """The default run name: `default_name` and the local start time (cleanRL's convention), e.g.
+    `antisd_toy_s0_20260102-153000`, with `-2`, `-3`, ... when a run started in the same second."""
+    name = stamped = f"{default_name}_{time.strftime('%Y%m%d-%H%M%S')}"
+    number = 1
+    while (output / name).exists():
+        number += 1
+        name = f"{stamped}-{number}"
+    return name
+
+
+def _resume_needs_name(output: Path, default_name: str) -> str:
+    """The error of a --resume without --run_name, naming the newest run it could mean."""
+    runs = sorted(output.glob(f"{default_name}_*"), key=lambda path: path.stat().st_mtime)
+    example = runs[-1].name if runs else f"{default_name}_<time>"
+    return ("--resume continues the run named by --run_name (a default name holds its start time, "
+            f"so each new run gets its own): pass --run_name {example}" +
+            (f" (the newest {default_name} run under {output})" if runs else ""))
+
+
 def _check_same_run(args, run_dir: Path, safe_on_resume) -> None:
     """Refuse to continue `run_dir` with another script, or with an option outside `safe_on_resume`
     that differs from the run's config.json (an option it does not record counts at its default)."""
@@ -3125,6 +3158,8 @@ def _check_same_run(args, run_dir: Path, safe_on_resume) -> None:
                         f"changed. Continue it with {made_by} --resume, or start a new run (a new "
                         "--run_name).")
     given, defaults = _config_values(args), _config_values(type(args)())
+    if args.eval_only:  # it only reads the checkpoint: any option may differ (see resumes.jsonl)
+        return
     ran = {name: recorded.get(name, defaults[name]) for name in given}
     changed = [f"--{name} {_shown(value)} (the run has {_shown(ran[name])})"
                for name, value in given.items()

@@ -85,14 +85,14 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import (GracefulStop, Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams,
                     TOY_CONTEXT_HEADER, UserError, above, all_gather_cat, all_reduce_sum, at_least,
-                    between, build_prompt, copy_weights, eval_dataset_names, eval_only_table,
-                    evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
-                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches,
-                    off_eval_schedule, option, output_head, padded_rows, parse_args, parse_eval_k,
-                    parse_toy_steps, prepare_run_dir, print0, resolve_model, response_hidden,
-                    response_token_spans, run_main, save_checkpoint, stop_token_ids, token_kl,
-                    token_logprob_entropy, validate_args, vllm_options, write_token_picture,
-                    writes_work)
+                    between, build_prompt, copy_weights, eval_command, eval_dataset_names,
+                    eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint,
+                    load_eval_benchmarks, load_model, load_run_problems, load_tokenizer,
+                    make_engine, micro_batches, off_eval_schedule, option, output_head, padded_rows,
+                    parse_args, parse_eval_k, parse_toy_steps, prepare_run_dir, print0,
+                    resolve_model, response_hidden, response_token_spans, run_main, save_checkpoint,
+                    stop_token_ids, token_kl, token_logprob_entropy, validate_args, vllm_options,
+                    write_token_picture, writes_work)
 
 # Coarse type labels an annotator may give [ours: the paper names "a coarse type label"]; any other
 # text is kept, truncated to LABEL_CHARS.
@@ -189,7 +189,8 @@ class Args(RunOptions):
     solution_key: str = option("solution", "column with a reference solution (optional; --teacher_context "
                                            "label+solution)")
     num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
-    run_name: str = option("", "run directory name under --output_dir; default trace_<route>_<model>_s<seed>")
+    run_name: str = option("", "run directory under --output_dir; default "
+                           "trace_<route>_<model>_s<seed>_<start time>")
     # rollouts
     num_problems: int = option(32, "problems per step, global [ours: 32 on the toy]")
     num_generations: int = option(8, "rollouts per problem G [ours: 8]")
@@ -916,7 +917,8 @@ def main(argv=None):
         stopping = stop.requested()  # on any rank: every rank checkpoints and ends after this step
         if eval_rows and (last_step or (args.eval_every and (step + 1) % args.eval_every == 0)):
             history["last"] = run_eval(step + 1)
-        if args.save_every and ((step + 1) % args.save_every == 0 or last_step or stopping):
+        # the final weights always: the last step, or the step a SIGINT/SIGTERM stop ends on
+        if last_step or stopping or (args.save_every and (step + 1) % args.save_every == 0):
             # the teacher copy goes along when the next step uses it without refreshing it first
             keep_teacher = teacher is not None and (step + 1) % args.teacher_sync_every and \
                 kl_weight(step + 1, args.lambda_0, args.kl_hold, args.kl_end) > 0
@@ -937,6 +939,7 @@ def main(argv=None):
         key = f"eval/avg@{eval_k}"
         summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"
     print0(summary)
+    print0(f"[trace] evaluate its final weights: {eval_command(args, run_dir)}")
     logger.close()
     grader.close()
     return history
