@@ -98,6 +98,9 @@ RULES = {
 EVAL_PROTOCOL = {"aime24": 32, "aime25": 32, "aime26": 32, "hmmt25": 32, "minerva": 4}
 
 
+# The step's stdout line (<= 120 columns): the gate's lambda, the premise; all: metrics.jsonl
+STEP_LINE = ("reward", "lambda", "u_work", "u_answer", "step_seconds")
+
 @dataclass
 class Args(RunOptions):
     # AntiSD
@@ -295,7 +298,8 @@ def main(argv=None):
         sampler.load_state_dict(restored["state"]["sampler"])
         gate = EntropyGate(**restored["state"]["gate"])
         print0(f"[resume] continuing {run_dir} from step {start_step}")
-    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step)
+    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step,
+                       step_line=STEP_LINE)
     rollout_params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
     eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k, args.max_new_tokens)
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)

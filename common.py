@@ -112,6 +112,11 @@ def init_distributed() -> Dist:
     cuda = torch.cuda.is_available()
     if cuda:  # fp32 matmuls (the fp32 output head) on tensor cores; bf16-born operands are exact in TF32
         torch.set_float32_matmul_precision("high")
+    elif "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
+        # torch's default, a thread per core, is no faster on the toy's small matrices and much
+        # slower on a busy machine (README, "Threads"); torchrun sets OMP_NUM_THREADS=1 itself
+        torch.set_num_threads(1)
+        print("[run] CPU: 1 torch thread (OMP_NUM_THREADS=N python ... uses N)", flush=True)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         _die_with_launcher()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -2770,8 +2775,9 @@ class Progress:
 
 
 class RunLogger:
-    """Metrics to stdout (one line per step), `runs/<run_name>/metrics.jsonl`, TensorBoard when
-    installed, and Weights & Biases with `track=True`. Only rank 0 writes.
+    """Metrics to stdout (one line per step: the `step_line` metrics, or all), `runs/<run_name>/
+    metrics.jsonl` (all), TensorBoard when installed, and Weights & Biases with `track=True`. Only
+    rank 0 writes.
 
     config.json holds the arguments a run was started with and the script that started it
     (`script`); a resume never rewrites it. `resume_step` (from `prepare_run_dir`): None for a new
@@ -2783,8 +2789,10 @@ class RunLogger:
     run directory's lock."""
 
     def __init__(self, run_dir: str | Path, config, dist_info: Dist, track: bool = False,
-                 project: str = "rlvr-distill", resume_step: int | None = None):
+                 project: str = "rlvr-distill", resume_step: int | None = None,
+                 step_line: Sequence[str] = ()):
         self.active = dist_info.is_main
+        self.step_line = step_line  # the metrics a step's stdout line shows (empty: all)
         self.run_dir, self.tensorboard, self.wandb, self.file = Path(run_dir), None, None, None
         self.resume_step = resume_step
         if not self.active:
@@ -2835,7 +2843,10 @@ class RunLogger:
                 self.tensorboard.add_scalar(key, value, step)
         if self.wandb is not None:
             self.wandb.log(numbers, step=step)
-        shown = " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "step")
+        keys = [k for k in record if k != "step"]
+        if prefix == "step" and self.step_line:
+            keys = self.step_line
+        shown = " | ".join(f"{k} {_fmt(record[k])}" for k in keys if k in record)
         print(f"{prefix} {step} | {shown}", flush=True)
 
     def _record_resume(self) -> None:
@@ -2932,9 +2943,8 @@ def _write_synced(path: Path, text: str) -> None:
 
 
 def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
-    return str(value)
+    """A metric on stdout: 3 significant digits, at most 9 characters (-1.23e-05)."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------

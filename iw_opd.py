@@ -85,6 +85,9 @@ RULES = {
 EVAL_PROTOCOL: dict = {}
 
 
+# The step's stdout line (<= 120 columns): the position weights; all: metrics.jsonl
+STEP_LINE = ("reward", "loss", "w_mean", "a_mean", "step_seconds")
+
 @dataclass
 class Args(RunOptions):
     # teacher and method
@@ -248,7 +251,8 @@ def main(argv=None):
         start_step = restored["step"]
         sampler.load_state_dict(restored["state"]["sampler"])
         print0(f"[resume] continuing {run_dir} from step {start_step}")
-    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step)
+    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step,
+                       step_line=STEP_LINE)
     rollout_params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
     eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k, args.max_new_tokens)
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)

@@ -99,6 +99,9 @@ RULES = {
 EVAL_PROTOCOL = {"math500": 8, "aime24": 8, "aime25": 8}
 
 
+# The step's stdout line (<= 120 columns): the pass-rate weights; all: metrics.jsonl
+STEP_LINE = ("reward", "loss", "weight_mean", "kl_trained", "step_seconds")
+
 @dataclass
 class Args(RunOptions):
     # method
@@ -361,7 +364,8 @@ def main(argv=None):
         start_step = restored["step"]
         sampler.load_state_dict(restored["state"]["sampler"])
         print0(f"[resume] continuing {run_dir} from step {start_step}")
-    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step)
+    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step,
+                       step_line=STEP_LINE)
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
     eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k, args.max_new_tokens)
     pad_id = tokenizer.pad_token_id

@@ -139,6 +139,9 @@ SAFE_ON_RESUME = {"annotator_url", "annotator_key_env", "annotator_timeout", "an
                   "annotator_concurrency", "annotator_patience"}
 
 
+# The step's stdout line (<= 120 columns): KL weight, routed spans; all: metrics.jsonl
+STEP_LINE = ("reward", "lambda_k", "kl_routed", "coverage", "step_seconds")
+
 @dataclass
 class Args(RunOptions):
     # TRACE
@@ -602,7 +605,8 @@ def main(argv=None):
                    "wrote it, or --teacher_sync_every changed): the teacher is re-copied from the "
                    "resumed weights, so this run will not match an uninterrupted one exactly")
         print0(f"[resume] continuing {run_dir} from step {start_step}")
-    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step)
+    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step,
+                       step_line=STEP_LINE)
     rollout_params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
     eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k, args.max_new_tokens)
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)
