@@ -4,6 +4,7 @@ rotation goes by step number, and a SIGKILL during a checkpoint write is survive
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -283,3 +284,18 @@ def test_torchrun_refusal_and_resume_on_two_ranks(tmp_path):
     resumed = run_script(torchrun(2) + args + ["--num_steps", "3", "--resume"])
     assert f"[resume] resuming from {tmp_path / 'd' / 'checkpoints' / 'step_000002'} (step 2)" in resumed.stdout
     assert [r["step"] for r in records(tmp_path / "d" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_cpu_runs_default_to_one_torch_thread_unless_omp_num_threads_is_set():
+    code = ("import torch; default = torch.get_num_threads(); import common; "
+            "common.init_distributed(); print(default, torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                            text=True)
+    default, chosen = result.stdout.splitlines()[-1].split()
+    notice = "[run] CPU: 1 torch thread (OMP_NUM_THREADS=N python ... uses N)"
+    assert chosen == "1" and (notice in result.stdout) == (int(default) > 1), result.stdout
+    env["OMP_NUM_THREADS"] = "2"  # the user's choice stays
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                            text=True)
+    assert result.stdout.split() == ["2", "2"] and result.stderr == ""
