@@ -113,7 +113,7 @@ def init_distributed() -> Dist:
     if cuda:  # fp32 matmuls (the fp32 output head) on tensor cores; bf16-born operands are exact in TF32
         torch.set_float32_matmul_precision("high")
     elif "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
-        # torch's default, a thread per core, is no faster on the toy's small matrices and much
+        # torch's default, a thread per core, gains little on the toy's small matrices and is much
         # slower on a busy machine (README, "Threads"); torchrun sets OMP_NUM_THREADS=1 itself
         torch.set_num_threads(1)
         print("[run] CPU: 1 torch thread (OMP_NUM_THREADS=N python ... uses N)", flush=True)
