@@ -69,8 +69,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import (GracefulStop, Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams,
                     UserError, all_gather_cat, all_reduce_sum, answer_span, at_least, between,
-                    build_prompt, eval_dataset_names, eval_only_table, evaluate, grader_for,
-                    init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
+                    build_prompt, eval_command, eval_dataset_names, eval_only_table, evaluate,
+                    grader_for, init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
                     load_run_problems, load_tokenizer, make_engine, micro_batches,
                     off_eval_schedule, option, padded_rows, parse_args, parse_eval_k,
                     prepare_run_dir, print0, resolve_model, response_logprobs, response_token_spans,
@@ -98,14 +98,25 @@ RULES = {
 EVAL_PROTOCOL = {"aime24": 32, "aime25": 32, "aime26": 32, "hmmt25": 32, "minerva": 4}
 
 
+# The step's stdout line (<= 120 columns): the gate's lambda, the premise; all: metrics.jsonl
+STEP_LINE = ("reward", "lambda", "u_work", "u_answer", "step_seconds")
+
 @dataclass
 class Args(RunOptions):
+    # AntiSD
+    lambda_max: float = option(0.5, "weight of the token term when the gate is open [paper]; 0 = GRPO")
+    signal: Literal["antisd", "sd"] = option("antisd", "antisd: -phi(u) or -u; sd: +u, no gate [paper]")
+    divergence: Literal["jsd", "rkl"] = option("jsd", "antisd shape: jsd = -phi(u) [paper], rkl = -u ablation [paper]")
+    gate: Literal["entropy", "none"] = option("entropy", "entropy gate with hysteresis [paper], or none")
+    gate_warmup: int = option(5, "steps with lambda = 0 that calibrate H_warm [paper]")
+    tau_down: float = option(0.93, "gate closes below tau_down * H_warm [paper; ablations 0.90, 0.95]")
     # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
     model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | local dir")
     dataset: str = option("toy", "train problems: toy | DAPO-Math-17k hub id | hub id | .jsonl/.json/.parquet")
     solution_key: str = option("solution", "column with a reference solution (optional)")
     num_steps: int = option(60, "optimizer steps [paper: 200; ours: 60 on the toy]")
-    run_name: str = option("", "run directory name under --output_dir; default antisd_<model>_s<seed>")
+    run_name: str = option("", "run directory under --output_dir; default "
+                           "antisd_<model>_s<seed>_<start time>")
     # rollouts
     num_problems: int = option(32, "problems per step, global [paper: 32]")
     num_generations: int = option(8, "rollouts per problem G [paper: 8]")
@@ -123,13 +134,6 @@ class Args(RunOptions):
     scale_rewards: bool = option(True, "divide group advantages by the group std (false = Dr.GRPO)")
     num_minibatches: int = option(1, "optimizer steps per batch; 1 = on-policy, rho = 1 [ours]")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary log-prob/entropy")
-    # AntiSD
-    lambda_max: float = option(0.5, "weight of the token term when the gate is open [paper]; 0 = GRPO")
-    signal: Literal["antisd", "sd"] = option("antisd", "antisd: -phi(u) or -u; sd: +u, no gate [paper]")
-    divergence: Literal["jsd", "rkl"] = option("jsd", "antisd shape: jsd = -phi(u) [paper], rkl = -u ablation [paper]")
-    gate: Literal["entropy", "none"] = option("entropy", "entropy gate with hysteresis [paper], or none")
-    gate_warmup: int = option(5, "steps with lambda = 0 that calibrate H_warm [paper]")
-    tau_down: float = option(0.93, "gate closes below tau_down * H_warm [paper; ablations 0.90, 0.95]")
     # evaluation, checkpoints
     eval_k: str = option("", "samples per eval problem (avg@k, pass@k): empty = each benchmark's default "
                          "(EVAL_PROTOCOL, toy 4) | one int | name=k pairs, e.g. aime24=32,math500=4")
@@ -294,7 +298,8 @@ def main(argv=None):
         sampler.load_state_dict(restored["state"]["sampler"])
         gate = EntropyGate(**restored["state"]["gate"])
         print0(f"[resume] continuing {run_dir} from step {start_step}")
-    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step)
+    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step,
+                       step_line=STEP_LINE)
     rollout_params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
     eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k, args.max_new_tokens)
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)
@@ -495,7 +500,8 @@ def main(argv=None):
         stopping = stop.requested()  # on any rank: every rank checkpoints and ends after this step
         if eval_rows and (last_step or (args.eval_every and (step + 1) % args.eval_every == 0)):
             history["last"] = run_eval(step + 1)
-        if args.save_every and ((step + 1) % args.save_every == 0 or last_step or stopping):
+        # the final weights always: the last step, or the step a SIGINT/SIGTERM stop ends on
+        if last_step or stopping or (args.save_every and (step + 1) % args.save_every == 0):
             save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer,
                             {"sampler": sampler.state_dict(), "gate": asdict(gate)}, dist_info)
         if stopping:
@@ -511,6 +517,7 @@ def main(argv=None):
         key = f"eval/avg@{eval_k}"
         summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"
     print0(summary)
+    print0(f"[antisd] evaluate its final weights: {eval_command(args, run_dir)}")
     logger.close()
     grader.close()
     return history

@@ -50,6 +50,8 @@ Log-probs of sampled tokens take the sampling temperature (`response_logprobs(..
 
 from __future__ import annotations
 
+import argparse
+import ast
 import datetime
 import difflib
 import fcntl
@@ -113,6 +115,11 @@ def init_distributed(timeout_s: float = 3600.0) -> Dist:
     cuda = torch.cuda.is_available()
     if cuda:  # fp32 matmuls (the fp32 output head) on tensor cores; bf16-born operands are exact in TF32
         torch.set_float32_matmul_precision("high")
+    elif "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
+        # torch's default, a thread per core, gains little on the toy's small matrices and is much
+        # slower on a busy machine (README, "Threads"); torchrun sets OMP_NUM_THREADS=1 itself
+        torch.set_num_threads(1)
+        print("[run] CPU: 1 torch thread (OMP_NUM_THREADS=N python ... uses N)", flush=True)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         _die_with_launcher()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -211,17 +218,38 @@ def option(default, help: str, alone=None):
 def parse_args(args_class, argv: Sequence[str] | None = None):
     """Parse the command line into the script's `Args` dataclass with transformers'
     HfArgumentParser. An unknown flag (abbreviations included) is a UserError naming it and the
-    closest known flag; an unparsable value exits with argparse's one-line usage error."""
+    closest known flag; an unparsable value exits with argparse's one-line error (no usage line)."""
     from transformers import HfArgumentParser
 
     global _DEBUG
-    # no abbreviations: `--lambda 0.3` must not silently mean --lambda_max
-    parser = HfArgumentParser(args_class, allow_abbrev=False)
+    # no abbreviations: `--lambda 0.3` must not silently mean --lambda_max; no usage line (it would
+    # list every option before the description): --help starts with what the script does
+    parser = HfArgumentParser(args_class, allow_abbrev=False, usage=argparse.SUPPRESS,
+                              description=_script_summary(args_class))
+    _method_options_first(parser, args_class)
     args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     _DEBUG = bool(getattr(args, "debug", False))
     if unknown:
         raise UserError(_unknown_option(unknown, args_class))
     return args
+
+
+def _script_summary(args_class) -> str:
+    """The first paragraph of the docstring of the script that defines `args_class`."""
+    source = Path(inspect.getfile(args_class)).read_text()
+    return (ast.get_docstring(ast.parse(source)) or "").split("\n\n")[0]
+
+
+def _method_options_first(parser, args_class) -> None:
+    """--help lists the options the script's `Args` declares (its method's) first, then the shared
+    ones of `common.RunOptions`, each under its own heading."""
+    own = set(inspect.get_annotations(args_class))
+    method = parser.add_argument_group(f"{script_name(args_class)} options")
+    shared = parser.add_argument_group("shared options (common.RunOptions)")
+    listed = parser._optionals._group_actions  # argparse's default group, where HfArgumentParser adds
+    for action in list(listed):
+        listed.remove(action)
+        (method if action.dest in own else shared)._group_actions.append(action)
 
 
 def _unknown_option(unknown: Sequence[str], args_class) -> str:
@@ -372,7 +400,8 @@ class RunOptions:
     # evaluation, checkpoints, grading
     eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
     eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
-    save_every: int = option(0, "checkpoint every N steps and at the end; 0 = never")
+    save_every: int = option(0, "also checkpoint every N steps; the end of a run (its last step, "
+                                 "or a SIGINT/SIGTERM stop) always saves its final weights")
     dist_timeout: float = option(3600.0, "seconds any collective may wait under torchrun (ranks wait "
                                  "for the slowest generation) [TRL: 1800]")
     grader_timeout: float = option(10.0, "bound per graded answer, in CPU seconds of the grader "
@@ -487,9 +516,17 @@ def _stop_line(signum: int, at_once: bool) -> str:
         checkpoint = None
     if checkpoint is None:
         return (f"stopped by {name} {reached}: {run_dir} holds no checkpoint to continue from "
-                "(--save_every writes them); its metrics are kept")
+                "(a run saves at its end and every --save_every steps); its metrics are kept")
     return (f"stopped by {name} {reached}: last checkpoint {checkpoint}; to continue: "
             f"{_resume_command()}")
+
+
+def eval_command(args, run_dir: Path) -> str:
+    """The command that evaluates a run's final weights (its newest checkpoint), for its summary."""
+    words = [script_name(args), "--eval_only", "--resume", "--run_name", run_dir.name]
+    if args.output_dir != "runs":
+        words += ["--output_dir", args.output_dir]
+    return f"python {shlex.join(words)}"
 
 
 def _resume_command() -> str:
@@ -1009,18 +1046,74 @@ def build_toy_model(name: str = "toy") -> Path:
     A tiny Qwen3ForCausalLM with a character-level tokenizer, trained by a short deterministic SFT
     on toy problems (see the comment above `TOY_VERSION` for what the recipe builds in).
     """
-    if name not in TOY_SPECS:
-        raise ValueError(f"Unknown toy model {name!r}; choose from {list(TOY_SPECS)}.")
-    recipe = hashlib.sha1(json.dumps([TOY_VERSION, TOY_SPECS[name]], sort_keys=True).encode()).hexdigest()[:8]
-    target = _toy_cache_root() / f"{name}-{recipe}"
+    target = _toy_target(name)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per machine; others wait and reuse
+    # one builder per machine; others wait and reuse. The lock file names the builder and its latest
+    # progress line (JSON), which a waiter prints; "a+": opening it must not erase that
+    with open(target.parent / f".{name}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _wait_for_toy_builder(lock, name)
         if not (target / "config.json").exists():
-            _train_toy_model(name, target)
+            since = time.strftime("%H:%M:%S")
+            _note_toy_build(lock, since, "starting")
+            _train_toy_model(name, target, lambda line: _note_toy_build(lock, since, line))
     return target
+
+
+def _toy_target(name: str) -> Path:
+    """The cache folder of toy model `name`, named after its recipe (TOY_VERSION and spec)."""
+    if name not in TOY_SPECS:
+        raise ValueError(f"Unknown toy model {name!r}; choose from {list(TOY_SPECS)}.")
+    recipe = json.dumps([TOY_VERSION, TOY_SPECS[name]], sort_keys=True).encode()
+    return _toy_cache_root() / f"{name}-{hashlib.sha1(recipe).hexdigest()[:8]}"
+
+
+TOY_WAIT_REPORT_SECONDS = 30.0  # a process waiting for another's toy build prints this often
+
+
+def _note_toy_build(lock, since: str, line: str) -> None:
+    """Record in the held lock file who builds (pid, host, start, command) and its latest line."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": since,
+                           "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+                           "latest": line}))
+    lock.flush()
+
+
+def _wait_for_toy_builder(lock, name: str) -> None:
+    """Wait for the process building toy model `name`, saying whom (one line) and then, every
+    TOY_WAIT_REPORT_SECONDS, the builder's latest progress line; returns holding the lock."""
+    started = last = time.time()
+    print(f"[toy] waiting for another process to build {name!r}: {_toy_builder(lock)}", flush=True)
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(min(1.0, TOY_WAIT_REPORT_SECONDS))
+        if time.time() - last >= TOY_WAIT_REPORT_SECONDS:
+            last = time.time()
+            latest = _toy_builder(lock, "latest") or "it reports no progress"
+            print(f"[toy] still waiting for {name!r} ({last - started:.0f}s): the builder is at "
+                  f"{latest}", flush=True)
+
+
+def _toy_builder(lock, key: str | None = None) -> str:
+    """Who holds a toy build lock, from its lock file (or one of its fields, `key`)."""
+    lock.seek(0)
+    try:
+        holder = json.loads(lock.read())
+    except ValueError:
+        return "" if key else f"{lock.name} is locked (its holder names no process)"
+    if key:
+        return str(holder.get(key, ""))
+    return (f"pid {holder['pid']} on {holder['host']}, since {holder['started']}: "
+            f"{holder['command']}")
 
 
 def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind: str):
@@ -1045,7 +1138,7 @@ def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind:
     return build_prompt(tokenizer, row["problem"], context), response, labels
 
 
-def _train_toy_model(name: str, target: Path) -> None:
+def _train_toy_model(name: str, target: Path, note: Callable[[str], None]) -> None:
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     spec = TOY_SPECS[name]
@@ -1090,7 +1183,9 @@ def _train_toy_model(name: str, target: Path) -> None:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
-            print(f"[toy] {name} step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
+            line = f"[toy] {name} step {step + 1}/{steps} loss {loss.item():.3f}"
+            print(line, flush=True)
+            note(f"{name} step {step + 1}/{steps} ({time.time() - started:.0f}s in)")
     torch.set_rng_state(cpu_rng_state)
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -2764,8 +2859,9 @@ class Progress:
 
 
 class RunLogger:
-    """Metrics to stdout (one line per step), `runs/<run_name>/metrics.jsonl`, TensorBoard when
-    installed, and Weights & Biases with `track=True`. Only rank 0 writes.
+    """Metrics to stdout (one line per step: the `step_line` metrics, or all), `runs/<run_name>/
+    metrics.jsonl` (all), TensorBoard when installed, and Weights & Biases with `track=True`. Only
+    rank 0 writes.
 
     config.json holds the arguments a run was started with and the script that started it
     (`script`); a resume never rewrites it. `resume_step` (from `prepare_run_dir`): None for a new
@@ -2777,8 +2873,10 @@ class RunLogger:
     run directory's lock."""
 
     def __init__(self, run_dir: str | Path, config, dist_info: Dist, track: bool = False,
-                 project: str = "rlvr-distill", resume_step: int | None = None):
+                 project: str = "rlvr-distill", resume_step: int | None = None,
+                 step_line: Sequence[str] = ()):
         self.active = dist_info.is_main
+        self.step_line = step_line  # the metrics a step's stdout line shows (empty: all)
         self.run_dir, self.tensorboard, self.wandb, self.file = Path(run_dir), None, None, None
         self.resume_step = resume_step
         if not self.active:
@@ -2829,7 +2927,10 @@ class RunLogger:
                 self.tensorboard.add_scalar(key, value, step)
         if self.wandb is not None:
             self.wandb.log(numbers, step=step)
-        shown = " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "step")
+        keys = [k for k in record if k != "step"]
+        if prefix == "step" and self.step_line:
+            keys = self.step_line
+        shown = " | ".join(f"{k} {_fmt(record[k])}" for k in keys if k in record)
         print(f"{prefix} {step} | {shown}", flush=True)
 
     def _record_resume(self) -> None:
@@ -2926,9 +3027,8 @@ def _write_synced(path: Path, text: str) -> None:
 
 
 def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
-    return str(value)
+    """A metric on stdout: 3 significant digits, at most 9 characters (-1.23e-05)."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3016,13 +3116,15 @@ class RunDir:
 def prepare_run_dir(args, default_name: str, dist_info: Dist, safe_on_resume=()) -> RunDir:
     """Decide where the run writes and what it resumes, before any model is loaded.
 
-    Reads `args.output_dir`, `run_name` (default `default_name`), `resume`, `resume_or_start` and
-    `overwrite`. One job per run directory: rank 0 holds `<run dir>/.lock` (flock) until the run
+    Reads `args.output_dir`, `run_name` (default `default_name` and the start time, a new directory
+    each run; a resume must name its run), `resume`, `resume_or_start` and `overwrite`.
+    One job per run directory: rank 0 holds `<run dir>/.lock` (flock) until the run
     ends (`RunLogger.close` or process exit), so a second job there is refused naming the holder
     (pid, host, command); a lock left by a dead process is free again. Without --resume, a run
     directory that holds checkpoints or metrics is refused (UserError) unless --overwrite, which
     renames it to `<run_name>.old-<time>`. A resume must come from the script that made the run
-    (config.json) with the same options, except `SAFE_ON_RESUME` and the script's `safe_on_resume`.
+    (config.json) with the same options, except `SAFE_ON_RESUME` and the script's `safe_on_resume`
+    (with --eval_only any option: it only evaluates the checkpoint).
     With --resume, the newest checkpoint that `check_checkpoint` accepts is used and newer broken
     ones are reported (and left in place); with none valid it is refused, or with --resume_or_start
     the run restarts from step 0 in the same directory. A refusal changes nothing in the directory.
@@ -3049,18 +3151,20 @@ def prepare_run_dir(args, default_name: str, dist_info: Dist, safe_on_resume=())
 
 
 def _decide_run_dir(args, default_name: str, safe_on_resume=SAFE_ON_RESUME) -> RunDir:
-    name = args.run_name or default_name
-    if name in ("", ".", "..") or "/" in name or "\\" in name:
-        raise UserError(f"--run_name {name!r}: must be a plain directory name (no '/')")
+    resume = args.resume or args.resume_or_start
     output = Path(args.output_dir).expanduser()
     if output.exists() and not output.is_dir():
         raise UserError(f"--output_dir {args.output_dir!r} is a file, not a directory")
+    if not args.run_name and resume:
+        raise UserError(_resume_needs_name(output, default_name))
+    name = args.run_name or _new_run_name(output, default_name)
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise UserError(f"--run_name {name!r}: must be a plain directory name (no '/')")
     run_dir = output / name
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"the run directory {run_dir} is a file, not a directory: choose another --run_name")
     if run_dir.is_dir():
         _lock_run_dir(run_dir)  # first: nothing below may act on a directory another job writes
-    resume = args.resume or args.resume_or_start
     if resume and args.overwrite:
         raise UserError("--overwrite starts a new run and --resume continues one: pass only one of them")
     if not resume:
@@ -3110,6 +3214,26 @@ def _decide_run_dir(args, default_name: str, safe_on_resume=SAFE_ON_RESUME) -> R
     return RunDir(run_dir, None, -1)
 
 
+def _new_run_name(output: Path, default_name: str) -> str:
+    """The default run name: `default_name` and the local start time (cleanRL's convention), e.g.
+    `antisd_toy_s0_20260102-153000`, with `-2`, `-3`, ... when a run started in the same second."""
+    name = stamped = f"{default_name}_{time.strftime('%Y%m%d-%H%M%S')}"
+    number = 1
+    while (output / name).exists():
+        number += 1
+        name = f"{stamped}-{number}"
+    return name
+
+
+def _resume_needs_name(output: Path, default_name: str) -> str:
+    """The error of a --resume without --run_name, naming the newest run it could mean."""
+    runs = sorted(output.glob(f"{default_name}_*"), key=lambda path: path.stat().st_mtime)
+    example = runs[-1].name if runs else f"{default_name}_<time>"
+    return ("--resume continues the run named by --run_name (a default name holds its start time, "
+            f"so each new run gets its own): pass --run_name {example}" +
+            (f" (the newest {default_name} run under {output})" if runs else ""))
+
+
 def _check_same_run(args, run_dir: Path, safe_on_resume) -> None:
     """Refuse to continue `run_dir` with another script, or with an option outside `safe_on_resume`
     that differs from the run's config.json (an option it does not record counts at its default)."""
@@ -3128,6 +3252,8 @@ def _check_same_run(args, run_dir: Path, safe_on_resume) -> None:
                         f"changed. Continue it with {made_by} --resume, or start a new run (a new "
                         "--run_name).")
     given, defaults = _config_values(args), _config_values(type(args)())
+    if args.eval_only:  # it only reads the checkpoint: any option may differ (see resumes.jsonl)
+        return
     ran = {name: recorded.get(name, defaults[name]) for name in given}
     changed = [f"--{name} {_shown(value)} (the run has {_shown(ran[name])})"
                for name, value in given.items()

@@ -63,9 +63,9 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import (GracefulStop, Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams,
                     UserError, all_gather_cat, all_reduce_sum, at_least, build_prompt,
-                    check_same_tokenizer, eval_dataset_names, eval_only_table, evaluate, grader_for,
-                    init_distributed, load_checkpoint, load_eval_benchmarks, load_model,
-                    load_run_problems, load_tokenizer, make_engine, micro_batches,
+                    check_same_tokenizer, eval_command, eval_dataset_names, eval_only_table,
+                    evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
+                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches,
                     off_eval_schedule, option, padded_rows, parse_args, parse_eval_k,
                     prepare_run_dir, print0, resolve_model, response_logprobs, response_token_spans,
                     run_main, save_checkpoint, stop_token_ids, validate_args, vllm_options,
@@ -85,14 +85,11 @@ RULES = {
 EVAL_PROTOCOL: dict = {}
 
 
+# The step's stdout line (<= 120 columns): the position weights; all: metrics.jsonl
+STEP_LINE = ("reward", "loss", "w_mean", "a_mean", "step_seconds")
+
 @dataclass
 class Args(RunOptions):
-    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
-    model: str = option("toy", "student: toy | toy-large | alias (Qwen3-0.6B, ...) | hub id | local dir")
-    dataset: str = option("toy", "train problems: toy | DAPO-Math-17k hub id | hub id | .jsonl/.json/.parquet")
-    solution_key: str = option("solution", "column with a reference solution (optional; unused by OPD)")
-    num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
-    run_name: str = option("", "run directory name under --output_dir; default iw_opd_<model>_s<seed>")
     # teacher and method
     teacher_model: str = option("toy-large", "frozen teacher, same tokenizer as --model [paper: Qwen3-4B-Instruct-2507 "
                                              "for Qwen3-0.6B]")
@@ -101,6 +98,13 @@ class Args(RunOptions):
     gamma: float = option(0.5, "weight of the first token is 1 + gamma [code: w_max 1.5]")
     token_slice: Literal["all", "first30", "last30"] = option("all", "train on all tokens, or only the first / last "
                                                                      "30 percent of each response [paper Fig. 1a]")
+    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
+    model: str = option("toy", "student: toy | toy-large | alias (Qwen3-0.6B, ...) | hub id | local dir")
+    dataset: str = option("toy", "train problems: toy | DAPO-Math-17k hub id | hub id | .jsonl/.json/.parquet")
+    solution_key: str = option("solution", "column with a reference solution (optional; unused by OPD)")
+    num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
+    run_name: str = option("", "run directory under --output_dir; default "
+                           "iw_opd_<model>_s<seed>_<start time>")
     # rollouts
     num_problems: int = option(64, "prompts per step, global [ours: 64 on the toy]")
     num_rollouts: int = option(1, "rollouts per prompt [paper: 1]")
@@ -247,7 +251,8 @@ def main(argv=None):
         start_step = restored["step"]
         sampler.load_state_dict(restored["state"]["sampler"])
         print0(f"[resume] continuing {run_dir} from step {start_step}")
-    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step)
+    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step,
+                       step_line=STEP_LINE)
     rollout_params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
     eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k, args.max_new_tokens)
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)
@@ -418,7 +423,8 @@ def main(argv=None):
         stopping = stop.requested()  # on any rank: every rank checkpoints and ends after this step
         if eval_rows and (last_step or (args.eval_every and (step + 1) % args.eval_every == 0)):
             history["last"] = run_eval(step + 1)
-        if args.save_every and ((step + 1) % args.save_every == 0 or last_step or stopping):
+        # the final weights always: the last step, or the step a SIGINT/SIGTERM stop ends on
+        if last_step or stopping or (args.save_every and (step + 1) % args.save_every == 0):
             save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, {"sampler": sampler.state_dict()},
                             dist_info)
         if stopping:
@@ -434,6 +440,7 @@ def main(argv=None):
         key = f"eval/avg@{eval_k}"
         summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"
     print0(summary)
+    print0(f"[iw_opd] evaluate its final weights: {eval_command(args, run_dir)}")
     logger.close()
     grader.close()
     return history

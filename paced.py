@@ -71,13 +71,14 @@ import torch
 
 from common import (GracefulStop, Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams,
                     TOY_CONTEXT_HEADER, UserError, all_gather_cat, all_reduce_sum, at_least,
-                    build_prompt, check_same_tokenizer, chunked_map, eval_dataset_names,
-                    eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint,
-                    load_eval_benchmarks, load_model, load_run_problems, load_tokenizer,
-                    make_engine, micro_batches, off_eval_schedule, option, output_head, padded_rows,
-                    parse_args, parse_eval_k, prepare_run_dir, print0, resolve_model,
-                    response_hidden, response_logprobs, response_token_spans, run_main,
-                    save_checkpoint, validate_args, vllm_options, write_token_picture, writes_work)
+                    build_prompt, check_same_tokenizer, chunked_map, eval_command,
+                    eval_dataset_names, eval_only_table, evaluate, grader_for, init_distributed,
+                    load_checkpoint, load_eval_benchmarks, load_model, load_run_problems,
+                    load_tokenizer, make_engine, micro_batches, off_eval_schedule, option,
+                    output_head, padded_rows, parse_args, parse_eval_k, prepare_run_dir, print0,
+                    resolve_model, response_hidden, response_logprobs, response_token_spans,
+                    run_main, save_checkpoint, validate_args, vllm_options, write_token_picture,
+                    writes_work)
 
 AKL_HEAD_MASS = 0.5  # cumulative teacher probability of the AKL head [Wu et al. 2024]
 # pass-rate bins of the histogram and the SNR [ours]: p = 0, (0, .25], (.25, .5], (.5, .75], (.75, 1), p = 1
@@ -98,14 +99,11 @@ RULES = {
 EVAL_PROTOCOL = {"math500": 8, "aime24": 8, "aime25": 8}
 
 
+# The step's stdout line (<= 120 columns): the pass-rate weights; all: metrics.jsonl
+STEP_LINE = ("reward", "loss", "weight_mean", "kl_trained", "step_seconds")
+
 @dataclass
 class Args(RunOptions):
-    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
-    model: str = option("toy", "student: toy | toy-large | alias (Qwen3-0.6B, ...) | hub id | local dir")
-    dataset: str = option("toy", "train problems: toy | hub id | .jsonl/.json/.parquet")
-    solution_key: str = option("solution", "column with the expert solution (the self-teacher's context)")
-    num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
-    run_name: str = option("", "run directory name under --output_dir; default paced_<mode>_<model>_s<seed>")
     # method
     mode: Literal["distill", "self"] = option("distill", "distill: frozen --teacher_model samples a reference, "
                                                          "teacher-forced KL on it; self: the student shown the "
@@ -119,6 +117,13 @@ class Args(RunOptions):
     kl: Literal["fkl", "rkl", "fkl_then_rkl", "akl"] = option("fkl", "divergence [paper]")
     switch_step: int = option(30, "fkl_then_rkl: the first N steps use fkl, the rest rkl [ours: 30]")
     log_snr: int = option(0, "every N steps log the cross-problem gradient SNR per pass-rate bin (1 rank); 0 = off")
+    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
+    model: str = option("toy", "student: toy | toy-large | alias (Qwen3-0.6B, ...) | hub id | local dir")
+    dataset: str = option("toy", "train problems: toy | hub id | .jsonl/.json/.parquet")
+    solution_key: str = option("solution", "column with the expert solution (the self-teacher's context)")
+    num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
+    run_name: str = option("", "run directory under --output_dir; default "
+                           "paced_<mode>_<model>_s<seed>_<start time>")
     # rollouts
     num_problems: int = option(16, "problems per step, global [ours: 16 on the toy]")
     max_new_tokens: int = option(64, "response token limit [ours: 64 on the toy]")
@@ -359,7 +364,8 @@ def main(argv=None):
         start_step = restored["step"]
         sampler.load_state_dict(restored["state"]["sampler"])
         print0(f"[resume] continuing {run_dir} from step {start_step}")
-    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step)
+    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step,
+                       step_line=STEP_LINE)
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
     eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k, args.max_new_tokens)
     pad_id = tokenizer.pad_token_id
@@ -537,7 +543,8 @@ def main(argv=None):
         stopping = stop.requested()  # on any rank: every rank checkpoints and ends after this step
         if eval_rows and (last_step or (args.eval_every and (step + 1) % args.eval_every == 0)):
             history["last"] = run_eval(step + 1)
-        if args.save_every and ((step + 1) % args.save_every == 0 or last_step or stopping):
+        # the final weights always: the last step, or the step a SIGINT/SIGTERM stop ends on
+        if last_step or stopping or (args.save_every and (step + 1) % args.save_every == 0):
             save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, {"sampler": sampler.state_dict()},
                             dist_info)
         if stopping:
@@ -552,6 +559,7 @@ def main(argv=None):
         key = f"eval/avg@{eval_k}"
         summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"
     print0(summary)
+    print0(f"[paced] evaluate its final weights: {eval_command(args, run_dir)}")
     logger.close()
     grader.close()
     return history

@@ -85,14 +85,14 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import (GracefulStop, Grader, ProblemSampler, RunLogger, RunOptions, SamplingParams,
                     TOY_CONTEXT_HEADER, UserError, above, all_gather_cat, all_reduce_sum, at_least,
-                    between, build_prompt, copy_weights, eval_dataset_names, eval_only_table,
-                    evaluate, grader_for, init_distributed, load_checkpoint, load_eval_benchmarks,
-                    load_model, load_run_problems, load_tokenizer, make_engine, micro_batches,
-                    off_eval_schedule, option, output_head, padded_rows, parse_args, parse_eval_k,
-                    parse_toy_steps, prepare_run_dir, print0, resolve_model, response_hidden,
-                    response_token_spans, run_main, save_checkpoint, stop_token_ids, token_kl,
-                    token_logprob_entropy, validate_args, vllm_options, write_token_picture,
-                    writes_work)
+                    between, build_prompt, copy_weights, eval_command, eval_dataset_names,
+                    eval_only_table, evaluate, grader_for, init_distributed, load_checkpoint,
+                    load_eval_benchmarks, load_model, load_run_problems, load_tokenizer,
+                    make_engine, micro_batches, off_eval_schedule, option, output_head, padded_rows,
+                    parse_args, parse_eval_k, parse_toy_steps, prepare_run_dir, print0,
+                    resolve_model, response_hidden, response_token_spans, run_main, save_checkpoint,
+                    stop_token_ids, token_kl, token_logprob_entropy, validate_args, vllm_options,
+                    write_token_picture, writes_work)
 
 # Coarse type labels an annotator may give [ours: the paper names "a coarse type label"]; any other
 # text is kept, truncated to LABEL_CHARS.
@@ -139,15 +139,11 @@ SAFE_ON_RESUME = {"annotator_url", "annotator_key_env", "annotator_timeout", "an
                   "annotator_concurrency", "annotator_patience"}
 
 
+# The step's stdout line (<= 120 columns): KL weight, routed spans; all: metrics.jsonl
+STEP_LINE = ("reward", "lambda_k", "kl_routed", "coverage", "step_seconds")
+
 @dataclass
 class Args(RunOptions):
-    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
-    model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | local dir")
-    dataset: str = option("toy", "train problems: toy | hub id | .jsonl/.json/.parquet")
-    solution_key: str = option("solution", "column with a reference solution (optional; --teacher_context "
-                                           "label+solution)")
-    num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
-    run_name: str = option("", "run directory name under --output_dir; default trace_<route>_<model>_s<seed>")
     # TRACE
     route: Literal["fkl_key", "rkl_error", "both"] = option("fkl_key", "fkl_key: forward KL on key spans of correct "
                                                                        "rollouts [paper, Qwen3-8B]; rkl_error: reverse "
@@ -190,6 +186,14 @@ class Args(RunOptions):
     annotator_patience: int = option(3, "stop the run when no annotation succeeds in this many "
                                         "consecutive steps; 0 = train on (those steps are GRPO)")
     annotator_concurrency: int = option(8, "api: requests in flight at once")
+    # shared by every script, with this paper's defaults and sources (the rest: common.RunOptions)
+    model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | local dir")
+    dataset: str = option("toy", "train problems: toy | hub id | .jsonl/.json/.parquet")
+    solution_key: str = option("solution", "column with a reference solution (optional; --teacher_context "
+                                           "label+solution)")
+    num_steps: int = option(60, "optimizer steps [ours: 60 on the toy]")
+    run_name: str = option("", "run directory under --output_dir; default "
+                           "trace_<route>_<model>_s<seed>_<start time>")
     # rollouts
     num_problems: int = option(32, "problems per step, global [ours: 32 on the toy]")
     num_generations: int = option(8, "rollouts per problem G [ours: 8]")
@@ -601,7 +605,8 @@ def main(argv=None):
                    "wrote it, or --teacher_sync_every changed): the teacher is re-copied from the "
                    "resumed weights, so this run will not match an uninterrupted one exactly")
         print0(f"[resume] continuing {run_dir} from step {start_step}")
-    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step)
+    logger = RunLogger(run_dir, args, dist_info, args.track, resume_step=run.resume_step,
+                       step_line=STEP_LINE)
     rollout_params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
     eval_params = SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k, args.max_new_tokens)
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(tokenizer, model)
@@ -916,7 +921,8 @@ def main(argv=None):
         stopping = stop.requested()  # on any rank: every rank checkpoints and ends after this step
         if eval_rows and (last_step or (args.eval_every and (step + 1) % args.eval_every == 0)):
             history["last"] = run_eval(step + 1)
-        if args.save_every and ((step + 1) % args.save_every == 0 or last_step or stopping):
+        # the final weights always: the last step, or the step a SIGINT/SIGTERM stop ends on
+        if last_step or stopping or (args.save_every and (step + 1) % args.save_every == 0):
             # the teacher copy goes along when the next step uses it without refreshing it first
             keep_teacher = teacher is not None and (step + 1) % args.teacher_sync_every and \
                 kl_weight(step + 1, args.lambda_0, args.kl_hold, args.kl_end) > 0
@@ -937,6 +943,7 @@ def main(argv=None):
         key = f"eval/avg@{eval_k}"
         summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"
     print0(summary)
+    print0(f"[trace] evaluate its final weights: {eval_command(args, run_dir)}")
     logger.close()
     grader.close()
     return history

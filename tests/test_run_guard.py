@@ -160,9 +160,9 @@ def test_sigterm_ends_after_the_step_with_a_checkpoint_and_a_second_sigint_at_on
     for name, signum, status in cases:
         run = tmp_path / name
         slow = ["--num_problems", "32", "--max_new_tokens", "48"] if name == "at_once" else []
-        every = "50" if name == "graceful" else "1"
-        args = FAST + slow + ["--num_steps", "200", "--save_every", every, "--output_dir",
-                              str(tmp_path), "--run_name", name]
+        every = [] if name == "graceful" else ["--save_every", "1"]  # graceful: the default, 0
+        args = FAST + slow + ["--num_steps", "200", *every, "--output_dir", str(tmp_path),
+                              "--run_name", name]
         process = start([sys.executable, "antisd.py", *args])
         notice = (f"[run] {signum.name}: stopping after this step and its checkpoint (send it "
                   "again to stop at once)\n")
@@ -183,7 +183,7 @@ def test_sigterm_ends_after_the_step_with_a_checkpoint_and_a_second_sigint_at_on
         assert step <= logged + 1  # it ended with the step in progress (maybe already logged)
         checkpoint = common.latest_checkpoint(run)
         resume = f"python {shlex.join(['antisd.py', *args, '--resume'])}"
-        if name == "graceful":  # the step in progress finished and was checkpointed (not due yet)
+        if name == "graceful":  # the step in progress finished and was checkpointed (none due)
             assert checkpoint == run / "checkpoints" / f"step_{step:06d}" and notice in output
             assert output.endswith(f"stopped by SIGTERM after step {step}: last checkpoint "
                                    f"{checkpoint}; to continue: {resume}\n"), output[-2000:]

@@ -4,6 +4,7 @@ rotation goes by step number, and a SIGKILL during a checkpoint write is survive
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -57,8 +58,40 @@ def test_rerun_without_resume_is_refused_and_changes_nothing(tmp_path):
         train(tmp_path, "--overwrite", "--resume")
 
 
+def test_a_run_saves_its_final_weights_and_eval_only_resume_evaluates_them(tmp_path):
+    train(tmp_path, "--lambda_max", "0")  # no --save_every
+    final = tmp_path / "r" / "checkpoints" / "step_000002"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["latest", "step_000002"]
+    assert common.check_checkpoint(final) is None
+    # no need to repeat the run's options (--lambda_max 0, FAST): it only evaluates
+    antisd.main(["--eval_only", "--resume", "--run_name", "r", "--output_dir", str(tmp_path),
+                 "--eval_limit", "2"])
+    table = json.loads((tmp_path / "r" / "eval_table.json").read_text())
+    assert (table["model"], table["step"]) == (str(final), 2)
+    assert [(r["step"], "eval/toy/avg@4" in r) for r in records(tmp_path / "r" / "metrics.jsonl")
+            ] == [(1, False), (2, False), (2, True)]
+
+
+def test_default_run_names_hold_the_start_time_and_resume_needs_a_run_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(common.time, "strftime", lambda fmt, *t: "20260102-153000")
+    for _ in range(2):  # two runs in the same second
+        antisd.main(FAST + ["--num_steps", "1", "--output_dir", str(tmp_path)])
+    antisd.main(FAST + ["--num_steps", "1", "--output_dir", str(tmp_path), "--lambda_max", "0"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "antisd_toy_s0_20260102-153000", "antisd_toy_s0_20260102-153000-2",
+        "antisd_toy_s0_20260102-153000-3"]
+    with pytest.raises(UserError) as error:
+        antisd.main(FAST + ["--resume", "--output_dir", str(tmp_path)])
+    newest = max(tmp_path.iterdir(), key=lambda path: path.stat().st_mtime).name
+    assert str(error.value) == (
+        "--resume continues the run named by --run_name (a default name holds its start time, so "
+        f"each new run gets its own): pass --run_name {newest} (the newest antisd_toy_s0 run under "
+        f"{tmp_path})")
+
+
 def test_resume_without_checkpoint_refuses_and_keeps_metrics_byte_identical(tmp_path):
-    train(tmp_path)  # no --save_every: metrics but no checkpoint
+    train(tmp_path)
+    shutil.rmtree(tmp_path / "r" / "checkpoints")  # metrics but no checkpoint (e.g. deleted)
     before = snapshot(tmp_path)
     metrics = (tmp_path / "r" / "metrics.jsonl").read_bytes()
     with pytest.raises(UserError, match=r"--resume: no valid checkpoint under .*checkpoints \(there are none\); "
@@ -251,3 +284,18 @@ def test_torchrun_refusal_and_resume_on_two_ranks(tmp_path):
     resumed = run_script(torchrun(2) + args + ["--num_steps", "3", "--resume"])
     assert f"[resume] resuming from {tmp_path / 'd' / 'checkpoints' / 'step_000002'} (step 2)" in resumed.stdout
     assert [r["step"] for r in records(tmp_path / "d" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_cpu_runs_default_to_one_torch_thread_unless_omp_num_threads_is_set():
+    code = ("import torch; default = torch.get_num_threads(); import common; "
+            "common.init_distributed(); print(default, torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                            text=True)
+    default, chosen = result.stdout.splitlines()[-1].split()
+    notice = "[run] CPU: 1 torch thread (OMP_NUM_THREADS=N python ... uses N)"
+    assert chosen == "1" and (notice in result.stdout) == (int(default) > 1), result.stdout
+    env["OMP_NUM_THREADS"] = "2"  # the user's choice stays
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                            text=True)
+    assert result.stdout.split() == ["2", "2"] and result.stderr == ""

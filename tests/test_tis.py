@@ -1,5 +1,6 @@
 """--tis_cap: truncated importance sampling between sampler and trainer, written in each script."""
 
+import json
 import math
 import sys
 
@@ -59,9 +60,9 @@ def test_scripts_run_with_tis(tmp_path, command):
     """One toy step with --tis_cap: the HF engine's sampler log-probs are the trainer's own, so w ~ 1."""
     result = run_script([sys.executable, command[0], "--num_steps", "1", "--num_problems", "2", *command[1:],
                          "--eval_dataset", "", "--max_new_tokens", "24", "--tis_cap", "2", "--output_dir", str(tmp_path)])
-    line = next(line for line in result.stdout.splitlines() if line.startswith("step 1 "))
-    value = float(line.split("tis_weight_mean ")[1].split(" ")[0])
-    assert value == pytest.approx(1.0, abs=1e-3)
+    (run,) = tmp_path.iterdir()
+    (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 1 and record["tis_weight_mean"] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_tis_refused_for_paced_distill(tmp_path):

@@ -159,3 +159,50 @@ def test_sample_token_follows_hf_warpers():
         frequencies = torch.stack([torch.bincount(tokens[:, row], minlength=40) for row in range(6)]).float() / draws
         assert (frequencies[probs == 0] == 0).all()
         assert (frequencies - probs).abs().max() < 0.03, (temperature, top_k, top_p)
+
+
+# A stand-in builder: holds the toy build lock, records itself as the real builder does, reports one
+# progress line, then "finishes" (writes the model's config.json) and exits.
+FAKE_BUILDER = r"""
+import fcntl, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import common
+lock_path, target = Path(sys.argv[2]), Path(sys.argv[3])
+with open(lock_path, "a+") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    common._note_toy_build(lock, "12:00:00", "starting")
+    print("holding", flush=True)
+    time.sleep(2)
+    common._note_toy_build(lock, "12:00:00", "toy step 101/1000 (40s in)")
+    time.sleep(3)
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+"""
+
+
+def test_a_process_waiting_for_the_toy_build_names_the_builder_and_its_progress(
+        tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ROOT
+
+    monkeypatch.setenv("RLVR_TOY_CACHE", str(tmp_path))
+    monkeypatch.setattr(common, "TOY_WAIT_REPORT_SECONDS", 1.0)
+    target = common._toy_target("toy")
+    builder = subprocess.Popen([sys.executable, "-c", FAKE_BUILDER, str(ROOT), str(tmp_path / ".toy.lock"),
+                                str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline() == "holding\n"
+        assert common.build_toy_model("toy") == target  # waited, then reused the other's build
+    finally:
+        builder.wait(timeout=60)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"[toy] waiting for another process to build 'toy': pid {builder.pid} on "
+                        f"{common.socket.gethostname()}, since 12:00:00: {Path(sys.executable).name} -c "
+                        f"{ROOT} {tmp_path / '.toy.lock'} {target}")  # python -c: argv has no code
+    progress = [line for line in lines[1:] if line.startswith("[toy] still waiting for 'toy' (")]
+    assert progress and progress[-1].endswith("s): the builder is at toy step 101/1000 (40s in)")
+    assert len(lines) == 1 + len(progress)
