@@ -291,10 +291,11 @@ def snr_floor(n: float) -> float:
     return 1 / math.sqrt(n - 1) if n >= 2 else math.nan
 
 
-def draw_snr(records: list[dict], png: Path) -> None:
+def draw_snr(records: list[dict], png: Path):
     """Top: the SNR per pass-rate bin (a thin line per logged step, their mean in black) against
     the pure-noise floor 1/sqrt(n-1) (dashed, the mean over the same steps); bottom: the number
-    of problems n per bin (mean over the logged steps), so sparse bins read as such."""
+    of problems n per bin (mean over the logged steps), so sparse bins read as such. Returns the
+    matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,6 +334,7 @@ def draw_snr(records: list[dict], png: Path) -> None:
     figure.tight_layout()
     figure.savefig(png, dpi=110)
     plt.close(figure)
+    return figure
 
 
 # ---------------------------------------------------------------------------------------------
