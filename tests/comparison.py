@@ -95,9 +95,10 @@ def reference_accuracy(script: str, model: str, seeds: list[int], output_dir: st
     return sum(values) / len(values)
 
 
-# The first method is the baseline: drawn last (on top), black and dashed, so no curve hides it;
-# every method has its own colour, line style and marker, so overlapping curves stay apart.
-STYLES = [dict(color="black", linestyle="--", marker="o", linewidth=2.2),
+# The first method is the baseline: on top, black and dashed with open markers, so no curve hides
+# it and it hides none; every method has its own colour, line style and marker.
+STYLES = [dict(color="black", linestyle="--", marker="o", linewidth=2, fillstyle="none",
+               markersize=7),
           dict(color="tab:red", linestyle="-", marker="s"),
           dict(color="tab:blue", linestyle="-.", marker="^"),
           dict(color="tab:green", linestyle=":", marker="D"),
@@ -123,7 +124,7 @@ def draw(results: dict[str, list[list[dict]]], png: Path, num_seeds: int,
             steps = curves[0][0]
             columns = list(zip(*[smooth(v, window) for _, v in curves]))
             axis.plot(steps, [sum(c) / len(c) for c in columns], label=method, zorder=z,
-                      markersize=4, markevery=max(1, len(steps) // 6), **style)
+                      markevery=max(1, len(steps) // 6), **{"markersize": 4, **style})
             axis.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns],
                               color=style["color"], alpha=0.1, zorder=1)
     for (label, value), colour in zip((references or {}).items(), ["tab:brown", "tab:olive"]):
