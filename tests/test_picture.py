@@ -169,6 +169,11 @@ def test_paced_marks_wrong_references(toy_tokenizer):
 # ---- the figures
 
 
+def dashes(line):
+    """A line's dash pattern (get_linestyle() reads "--" for every custom pattern)."""
+    return str(getattr(line, "_unscaled_dash_pattern", line.get_linestyle()))
+
+
 def test_comparison_figure_keeps_every_curve_and_the_reference_visible(tmp_path):
     """Identical curves (GRPO hidden under another before): the baseline is drawn on top and every
     method has its own colour, line style and marker; the reference is a labelled line."""
@@ -181,9 +186,11 @@ def test_comparison_figure_keeps_every_curve_and_the_reference_visible(tmp_path)
     for axis in (left, right):
         lines = {line.get_label(): line for line in axis.get_lines()}
         methods = [lines[m] for m in results]
-        looks = [(line.get_color(), str(line.get_linestyle()), line.get_marker())
-                 for line in methods]
-        assert len(set(looks)) == 5 and looks[0] == ("black", "--", "o")
+        # colour, line style (a custom dash pattern reads "--": compare the pattern), marker
+        looks = [(line.get_color(), dashes(line), line.get_marker()) for line in methods]
+        assert [len(set(look)) for look in zip(*looks)] == [5, 5, 5]
+        assert methods[0].get_color() == "black" and methods[0].get_linestyle() == "--"
+        assert methods[0].get_marker() == "o" and methods[0].get_fillstyle() == "none"
         assert methods[0].get_zorder() > max(line.get_zorder() for line in methods[1:])
     teacher = [line for line in left.get_lines() if line.get_label() == "teacher toy-large: 0.778"]
     assert len(teacher) == 1 and list(teacher[0].get_ydata()) == [0.778, 0.778]
