@@ -130,11 +130,16 @@ def draw(results: dict[str, list[list[dict]]], png: Path, num_seeds: int,
     for (label, value), colour in zip((references or {}).items(), ["tab:brown", "tab:olive"]):
         left.axhline(value, color=colour, linestyle=(0, (1, 1)), linewidth=1.5, zorder=2,
                      label=f"{label}: {value:.3f}")
+    if references:  # room above the highest reference line, so it does not sit on the frame
+        low, high = left.get_ylim()
+        left.set_ylim(low, max(high, max(references.values()) + 0.1 * (high - low)))
     left.set(title=f"eval avg@4 (mean, band = min-max over {num_seeds} seeds)", xlabel="step",
              ylabel="accuracy")
     right.set(title="careful-strategy share of rollouts (5-step mean)", xlabel="step", ylabel="share")
-    left.legend(fontsize=8)
-    figure.tight_layout()
+    # one legend below both panels: inside, it would cover curves
+    figure.legend(*left.get_legend_handles_labels(), loc="lower center", fontsize=8, frameon=False,
+                  ncol=len(results) + len(references or {}))
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(png, dpi=120)
     print(f"[compare] figure: {png}")

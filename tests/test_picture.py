@@ -194,7 +194,8 @@ def test_comparison_figure_keeps_every_curve_and_the_reference_visible(tmp_path)
         assert methods[0].get_zorder() > max(line.get_zorder() for line in methods[1:])
     teacher = [line for line in left.get_lines() if line.get_label() == "teacher toy-large: 0.778"]
     assert len(teacher) == 1 and list(teacher[0].get_ydata()) == [0.778, 0.778]
-    assert "teacher toy-large: 0.778" in [t.get_text() for t in left.get_legend().get_texts()]
+    (legend,) = figure.legends
+    assert [t.get_text() for t in legend.get_texts()] == [*results, "teacher toy-large: 0.778"]
 
 
 def test_comparison_reference_is_measured_once_and_read_back(tmp_path, monkeypatch):
