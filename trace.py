@@ -94,12 +94,12 @@ from common import (GracefulStop, Grader, ProblemSampler, RunLogger, RunOptions,
                     token_logprob_entropy, validate_args, vllm_options, write_token_picture,
                     writes_work)
 
-# Coarse type labels an annotator may give [ours: the paper names "a coarse type label"]; any other
-# text is kept, truncated to LABEL_CHARS.
 ROUTE_COLOURS = {  # tokens.html: routing classes are categories, drawn as such [ours]
     1.0: ("fkl: forward KL (key span of a correct rollout)", "#66c2a5"),
     -1.0: ("rkl: reverse KL (error span of an incorrect rollout)", "#fc8d62"),
     0.0: ("GRPO only (not routed)", "transparent")}
+# Coarse type labels an annotator may give [ours: the paper names "a coarse type label"]; any other
+# text is kept, truncated to LABEL_CHARS.
 LABELS = ("key step", "answer", "arithmetic", "logic", "setup", "check", "other")
 LABEL_CHARS = 40
 # What the annotator is asked [ours]. Segments are numbered from 1.
