@@ -96,6 +96,9 @@ RULES = {
 # Evaluation protocol [paper]: avg@32 on AIME24/25/26 and HMMT25, avg@4 on Minerva (common.DATASETS has
 # these as defaults); the other benchmarks keep the table's k.
 EVAL_PROTOCOL = {"aime24": 32, "aime25": 32, "aime26": 32, "hmmt25": 32, "minerva": 4}
+# tokens.html colour scales, fixed so pictures of different steps and runs compare [ours]
+U_SCALE = (-1.0, 1.0)  # u_t in nats: saturated at an e-fold probability ratio
+ADVANTAGE_SCALE = (-2.0, 2.0)  # GRPO's A_t in group standard deviations
 
 
 # The step's stdout line (<= 120 columns): the gate's lambda, the premise; all: metrics.jsonl
@@ -317,14 +320,20 @@ def main(argv=None):
         return metrics
 
     def draw_picture():
-        if picture and dist_info.is_main and use_teacher:
-            write_token_picture(run_dir / "tokens.html", picture, "u_t", title=f"{run_name}: u_t per token",
-                                note="u_t = log pi_T(y_t|x,c) - log pi_S(y_t|x): red = the teacher shown a verified "
-                                     "solution likes the token more (AntiSD penalises it), blue = less (bonus).")
-        elif picture and dist_info.is_main:  # GRPO: no teacher, so the advantage each token gets
-            write_token_picture(run_dir / "tokens.html", picture, "A_t", title=f"{run_name}: advantage per token",
-                                note="GRPO (--lambda_max 0, no teacher pass): every token of a rollout gets its "
-                                     "group advantage A_i; red = reinforced, blue = discouraged.")
+        if not (picture and dist_info.is_main):
+            return
+        if use_teacher:
+            note = ("u_t = log pi_T(y_t|x,c) - log pi_S(y_t|x) in nats: red = the teacher shown "
+                    "a verified solution likes the token more (AntiSD penalises it), blue = less "
+                    "(bonus).")
+            write_token_picture(run_dir / "tokens.html", picture, "u_t", U_SCALE,
+                                title=f"{run_name}: u_t per token", note=note)
+        else:  # GRPO: no teacher, so the advantage each token gets
+            note = ("GRPO (--lambda_max 0, no teacher pass): every token of a rollout gets its "
+                    "group advantage A_i (in group standard deviations); red = reinforced, blue = "
+                    "discouraged.")
+            write_token_picture(run_dir / "tokens.html", picture, "A_t", ADVANTAGE_SCALE,
+                                title=f"{run_name}: advantage per token", note=note)
 
     history = {}
     if args.eval_only:  # every --eval_dataset benchmark with its k: one table (eval_table.md/.json)

@@ -25,7 +25,7 @@ Surface, in file order:
                 load_eval_benchmarks, evaluate_benchmarks, flat_eval_metrics, eval_table_markdown,
                 write_eval_table, eval_only_table
   logging       Progress, RunLogger, supersede_metrics
-  token picture write_token_picture
+  token picture write_token_picture (fixed colour scales, categories, underline, marked rows)
   run dirs and  RunDir, prepare_run_dir, list_checkpoints, check_checkpoint, TRAIN_STATE, save_checkpoint,
   checkpoints   latest_checkpoint, load_checkpoint
 
@@ -3036,56 +3036,100 @@ def _fmt(value) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_token_picture(path: str | Path, rows: Sequence[dict], value_name: str, title: str = "",
-                        note: str = "") -> Path:
+def write_token_picture(path: str | Path, rows: Sequence[dict], value_name: str,
+                        scale: tuple[float, float] | dict[float, tuple[str, str]], title: str = "",
+                        note: str = "", underline: tuple[str, float, float] | None = None) -> Path:
     """Write an HTML page (no external files or scripts) with one row per rollout.
 
     Each row is a dict: `tokens` (strings, e.g. the pieces of `response_token_spans`), `values`
     (one float per token: the colour; NaN = uncoloured), optional `hover` (one string per token,
-    shown on mouse-over after the value) and `label` (text before the row: reward, problem, ...).
-    Colour: red for positive, blue for negative, white at 0, saturated at the 95th percentile of |value|.
+    shown on mouse-over after the value), `label` (text before the row: reward, problem, ...),
+    `mark` (a short warning drawn in red on the row, e.g. "wrong answer") and `underline` (one
+    float per token, with the `underline` argument).
+    `scale` is fixed by the caller per quantity, never taken from the data, so pictures from
+    different steps and runs compare: (low, high) with low < 0 < high colours blue (low) - white (0)
+    - red (high); with low = 0 (a one-sided quantity) white (0) - red (high); values beyond the ends
+    saturate. A dict {value: (name, css colour)} draws categories instead, with a swatch legend.
+    `underline` = (name, low, high): each token's `underline` value as a bar under it, white (low)
+    to black (high), saturated beyond.
     """
     import html
 
-    finite = sorted(abs(v) for row in rows for v in row["values"] if math.isfinite(v))
-    scale = (finite[int(0.95 * (len(finite) - 1))] if finite else 1.0) or 1.0  # robust: a few outliers saturate
+    categories = scale if isinstance(scale, dict) else None
+    low, high = (0.0, 1.0) if categories else scale
+    if not categories and not (low <= 0 < high):
+        raise ValueError(f"token picture scale {scale}: needs low <= 0 < high")
+
+    def strength(value: float) -> float:  # 0 (white) .. 1 (saturated); < 0 on a one-sided scale: 0
+        return min(1.0, value / high if value >= 0 else value / low if low < 0 else 0.0)
 
     def colour(value: float) -> str:
+        if categories:
+            return categories[value][1] if value in categories else "transparent"
         if not math.isfinite(value):
             return "transparent"
-        strength = min(1.0, abs(value) / scale)
-        fade = round(255 * (1 - strength))
-        return f"rgb(255,{fade},{fade})" if value > 0 else f"rgb({fade},{fade},255)"
+        fade = round(255 * (1 - strength(value)))
+        return f"rgb(255,{fade},{fade})" if value >= 0 else f"rgb({fade},{fade},255)"
 
-    def style(value: float) -> str:  # white text on strong colours, so every token stays readable
-        strong = math.isfinite(value) and abs(value) > 0.6 * scale
-        return f"background:{colour(value)}" + (";color:#fff" if strong else "")
+    def style(value: float, under: float) -> str:  # white text on strong colours: readable
+        strong = not categories and math.isfinite(value) and strength(value) > 0.6
+        css = f"background:{colour(value)}" + (";color:#fff" if strong else "")
+        if underline and math.isfinite(under):
+            name, u_low, u_high = underline
+            shade = round(255 * (1 - min(1.0, max(0.0, (under - u_low) / (u_high - u_low)))))
+            css += f";border-bottom:4px solid rgb({shade},{shade},{shade})"
+        return css
 
     body = []
     for row in rows:
         hover = row.get("hover") or [""] * len(row["tokens"])
+        under = row.get("underline") or [math.nan] * len(row["tokens"])
         cells = []
-        for token, value, extra in zip(row["tokens"], row["values"], hover):
+        for token, value, extra, u in zip(row["tokens"], row["values"], hover, under):
             shown = html.escape(token.replace("\n", "\u21b5")) + ("<br>" if "\n" in token else "")
-            tip = html.escape(f"{token!r}  {value_name}={value:.3f}" + (f"  {extra}" if extra else ""), quote=True)
-            cells.append(f'<span class="t" style="{style(value)}" title="{tip}">{shown}</span>')
-        body.append(f'<div class="row"><div class="label">{html.escape(row.get("label", ""))}</div>'
+            named = categories[value][0] if categories and value in categories else f"{value:.3f}"
+            tip = f"{token!r}  {value_name}={named}"
+            tip += f"  {underline[0]}={u:.3f}" if underline else ""
+            tip = html.escape(tip + (f"  {extra}" if extra else ""), quote=True)
+            cells.append(f'<span class="t" style="{style(value, u)}" title="{tip}">{shown}</span>')
+        mark = f'<div class="mark">{html.escape(row["mark"])}</div>' if row.get("mark") else ""
+        body.append(f'<div class="row{" marked" if mark else ""}"><div class="label">{mark}'
+                    f'{html.escape(row.get("label", ""))}</div>'
                     f'<div class="tokens">{"".join(cells)}</div></div>')
-    stops = ", ".join(colour(v) for v in (-scale, -scale / 2, 0.0, scale / 2, scale))
+    name = html.escape(value_name)
+    if categories:
+        swatches = "".join(f'<span class="swatch" style="background:{c}"></span>'
+                           f'<span>{html.escape(label)}</span>' for label, c in categories.values())
+        legends = [f"<span>{name} (categories):</span>{swatches}"]
+    else:
+        ends = [low, low / 2, 0, high / 2, high] if low < 0 else [0, high / 2, high]
+        stops = ", ".join(colour(v) for v in ends)
+        legends = [f'<span>{name} = {low:g}</span><div class="bar" style="background: '
+                   f'linear-gradient(to right, {stops})"></div><span>{high:g}</span><span>(fixed '
+                   f'scale, the same in every picture; white = 0; saturated beyond)</span>']
+    legends[0] += "<span>hover a token for its values</span>"
+    if underline:
+        u_name, u_low, u_high = underline
+        legends.append(f'<span>underline: {html.escape(u_name)} = {u_low:g}</span><div class="bar" '
+                       f'style="height:4px; background: linear-gradient(to right, #fff, #000)">'
+                       f'</div><span>{u_high:g}</span><span>(fixed scale; saturated beyond)</span>')
+    legend = "".join(f'<div class="legend">{line}</div>' for line in legends)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title or value_name)}</title><style>
 body {{ font-family: sans-serif; margin: 1.5em; }}
 .row {{ display: flex; gap: 1em; border-top: 1px solid #ddd; padding: 0.5em 0; }}
+.marked {{ border-left: 4px solid #c00; padding-left: 0.5em; }}
+.mark {{ color: #c00; font-weight: bold; }}
 .label {{ width: 16em; flex: none; font-size: 0.85em; color: #333; white-space: pre-wrap; }}
-.tokens {{ font-family: monospace; font-size: 1.05em; line-height: 1.6; }}
+.tokens {{ font-family: monospace; font-size: 1.05em; line-height: 1.8; }}
 .t {{ white-space: pre; border-radius: 2px; }}
-.bar {{ width: 20em; height: 1em; background: linear-gradient(to right, {stops}); border: 1px solid #999; }}
+.bar {{ width: 20em; height: 1em; border: 1px solid #999; }}
+.swatch {{ width: 1.5em; height: 1em; border: 1px solid #999; display: inline-block; }}
 .legend {{ display: flex; align-items: center; gap: 0.6em; margin: 0.8em 0; }}
 </style></head><body>
 <h2>{html.escape(title or value_name)}</h2>
 <p>{html.escape(note)}</p>
-<div class="legend"><span>{value_name} = {-scale:.3g}</span><div class="bar"></div><span>{scale:.3g}</span>
-<span>(white = 0; saturated beyond; hover a token for its values)</span></div>
+{legend}
 {"".join(body)}
 </body></html>
 """

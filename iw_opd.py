@@ -72,6 +72,9 @@ from common import (GracefulStop, Grader, ProblemSampler, RunLogger, RunOptions,
                     write_token_picture, writes_work)
 
 SLICE_SHARE = (3, 10)  # --token_slice first30 / last30 keep ceil(3n/10) of n tokens [paper: 30%]
+# tokens.html scales, fixed so pictures of different steps and runs compare [ours]
+A_SCALE = (-1.0, 1.0)  # a_t in nats (colour): saturated at an e-fold probability ratio
+W_SCALE = (1.0, 2.0)  # w_t (underline): 1 (white; plain OPD) to 2 (black; first token at gamma 1)
 
 # Valid ranges of IW-OPD's own options; the shared options' ranges are common.ARG_RULES.
 RULES = {
@@ -194,10 +197,10 @@ def tis_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, ma
 
 def picture_row(tokenizer, problem: dict, response: list[int], reward: float, a: torch.Tensor, w: torch.Tensor,
                 step: int) -> dict:
-    """One row of tokens.html: the response's tokens coloured by a_t, w_t on hover."""
+    """One row of tokens.html: the response's tokens coloured by a_t and underlined by w_t."""
     text, spans = response_token_spans(tokenizer, response)
-    return {"tokens": [text[s:e] for s, e in spans], "values": a.tolist(),
-            "hover": [f"w={v:.3f}" for v in w.tolist()],
+    return {"tokens": [text[s:e] for s, e in spans], "values": a.tolist(), "underline": w.tolist(),
+            "hover": [f"A_t=w_t*a_t={u * v:+.3f}" for u, v in zip(w.tolist(), a.tolist())],
             "label": f"step {step} | reward {reward:g}\n{problem['problem']}"}
 
 
@@ -269,10 +272,14 @@ def main(argv=None):
 
     def draw_picture():
         if picture and dist_info.is_main:
-            write_token_picture(run_dir / "tokens.html", picture, "a_t", title=f"{run_name}: a_t per token",
-                                note="a_t = log pi_T(y_t) - log pi_old(y_t): red = the teacher likes the sampled "
-                                     "token more than the student (pushed up), blue = less (pushed down); hover: "
-                                     f"the weight w_t (--iw {args.iw}, gamma {args.gamma}).")
+            note = ("colour: a_t = log pi_T(y_t) - log pi_old(y_t) in nats, red = the teacher "
+                    "likes the sampled token more than the student (pushed up), blue = less "
+                    "(pushed down); "
+                    f"underline: the weight w_t (--iw {args.iw}, gamma {args.gamma}; white = 1); "
+                    "hover: A_t = w_t a_t.")
+            write_token_picture(run_dir / "tokens.html", picture, "a_t", A_SCALE, note=note,
+                                title=f"{run_name}: a_t and w_t per token",
+                                underline=("w_t", *W_SCALE))
 
     history = {}
     if args.eval_only:  # every --eval_dataset benchmark with its k: one table (eval_table.md/.json)

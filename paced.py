@@ -83,7 +83,9 @@ from common import (GracefulStop, Grader, ProblemSampler, RunLogger, RunOptions,
 AKL_HEAD_MASS = 0.5  # cumulative teacher probability of the AKL head [Wu et al. 2024]
 # pass-rate bins of the histogram and the SNR [ours]: p = 0, (0, .25], (.25, .5], (.5, .75], (.75, 1), p = 1
 BINS = ["p0", "p0-25", "p25-50", "p50-75", "p75-100", "p1"]
-BIN_CENTRES = [0.0, 0.125, 0.375, 0.625, 0.875, 1.0]
+BIN_LABELS = ["p = 0", "(0, .25]", "(.25, .5]", "(.5, .75]", "(.75, 1)", "p = 1"]  # snr.png's axis
+D_SCALE = (0.0, 1.0)  # tokens.html: D_t >= 0 in nats, white at 0, saturated at 1; fixed [ours]
+ROWS = {"distill": "the teacher's reference", "self": "the student's rollout"}  # tokens.html rows
 
 RULES = {
     "k": at_least(1),
@@ -287,24 +289,57 @@ def score(model, teacher, student_prompts, teacher_prompts, responses, pad_id, k
     return (*shaped, mask)
 
 
-def draw_snr(records: list[dict], png: Path) -> None:
-    """SNR against the pass-rate bin centre, one line per logged step."""
+def snr_floor(n: float) -> float:
+    """1/sqrt(n-1): what `gradient_snr` gives for n independent zero-mean gradients of one variance
+    s^2 (||mean||^2 ~ s^2/n, mean squared deviation ~ s^2 (n-1)/n), the estimator's small-sample
+    floor; NaN for n < 2."""
+    return 1 / math.sqrt(n - 1) if n >= 2 else math.nan
+
+
+def draw_snr(records: list[dict], png: Path):
+    """Top: the SNR per pass-rate bin (a thin line per logged step, their mean in black) against
+    the pure-noise floor 1/sqrt(n-1) (dashed, the mean over the same steps); bottom: the number
+    of problems n per bin (mean over the logged steps), so sparse bins read as such. Returns the
+    matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
+    def mean(values):
+        values = [v for v in values if math.isfinite(v)]
+        return sum(values) / len(values) if values else math.nan
+
+    x = list(range(len(BINS)))
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 5.5), sharex=True,
+                                         gridspec_kw={"height_ratios": [3, 1.2]})
     for record in records:
-        xs = [c for c, name in zip(BIN_CENTRES, BINS) if math.isfinite(record.get(f"snr/{name}", math.nan))]
-        ys = [record[f"snr/{name}"] for name in BINS if math.isfinite(record.get(f"snr/{name}", math.nan))]
-        axis.plot(xs, ys, marker="o", label=f"step {record['step']}")
-    axis.set(xlabel="student pass rate p (bin centre)", ylabel="cross-problem gradient SNR",
-             title="gradient SNR per pass-rate bin")
-    axis.legend(fontsize=7)
+        snr = [record.get(f"snr/{name}", math.nan) for name in BINS]
+        top.plot(x, snr, marker="o", markersize=3, linewidth=0.8, alpha=0.45,
+                 label=f"step {record['step']}")
+    snr = [mean([r.get(f"snr/{name}", math.nan) for r in records]) for name in BINS]
+    # the floor of each step where that step has an SNR, so both means cover the same steps
+    floor = [mean([snr_floor(r.get(f"snr_n/{name}", 0)) for r in records
+                   if math.isfinite(r.get(f"snr/{name}", math.nan))]) for name in BINS]
+    counts = [mean([r.get(f"snr_n/{name}", math.nan) for r in records]) for name in BINS]
+    top.plot(x, snr, color="black", marker="o", linewidth=2, label="SNR, mean over steps", zorder=3)
+    top.plot(x, floor, color="tab:red", linestyle="--", marker="x", linewidth=2, zorder=4,
+             label="pure-noise floor 1/sqrt(n-1), mean")
+    top.set(ylabel="cross-problem gradient SNR", ylim=(0, None),
+            title="gradient SNR per pass-rate bin, against the pure-noise floor")
+    top.legend(fontsize=7, ncol=2)
+    bars = bottom.bar(x, [c if math.isfinite(c) else 0 for c in counts], color="tab:gray")
+    have = [sum(math.isfinite(r.get(f"snr/{name}", math.nan)) for r in records) for name in BINS]
+    labels = [f"{c:.1f}" + (f"\nSNR at {k}/{len(records)}" if k < len(records) else "")
+              if math.isfinite(c) else "-" for c, k in zip(counts, have)]
+    bottom.bar_label(bars, labels=labels, fontsize=7)
+    bottom.set(ylabel="problems n\n(mean)", xlabel="student pass rate p (bin)",
+               ylim=(0, max([c for c in counts if math.isfinite(c)], default=1) * 1.5))
+    bottom.set_xticks(x, BIN_LABELS)
     figure.tight_layout()
     figure.savefig(png, dpi=110)
     plt.close(figure)
+    return figure
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,9 +416,12 @@ def main(argv=None):
 
     def draw_picture():
         if picture and dist_info.is_main:
-            write_token_picture(run_dir / "tokens.html", picture, "D_t", title=f"{run_name}: divergence per token",
-                                note=f"D_t = the trained divergence (--kl {args.kl}) at each trained token; the row "
-                                     "label gives the problem's pass rate p and normalised weight w~; hover: fkl, rkl.")
+            note = (f"D_t = the trained divergence (--kl {args.kl}) at each trained token, in "
+                    f"nats (never negative); each row is {ROWS[args.mode]}, marked red if its "
+                    "answer is wrong; the row label gives the problem's pass rate p and normalised "
+                    "weight w~; hover: fkl, rkl.")
+            write_token_picture(run_dir / "tokens.html", picture, "D_t", D_SCALE,
+                                title=f"{run_name}: divergence per token", note=note)
 
     history = {}
     if args.eval_only:  # every --eval_dataset benchmark with its k: one table (eval_table.md/.json)
@@ -492,8 +530,8 @@ def main(argv=None):
         engine.update_weights(model)
 
         # ---- 5. metrics, SNR, token picture, evaluation, checkpoint
-        picture = [picture_row(tokenizer, problems[it[0]], it[3], float(pass_rates[it[0]]), float(weights[it[0]]),
-                               dv, fv, rv, step + 1) for it, dv, fv, rv in shown]
+        picture = picture_rows(tokenizer, grader, problems, shown, pass_rates, weights, step + 1,
+                               args.mode)
         all_rates = all_gather_cat(pass_rates).tolist()
         raw_all = problem_weights(torch.tensor(all_rates), args.weighting, args.alpha, args.beta)
         sums.update(reward=sum(rewards), sequences=len(rewards), careful=sum(writes_work(t) for t in texts),
@@ -532,10 +570,12 @@ def main(argv=None):
             "step_seconds": step_seconds,
         }
         if args.log_snr and (step + 1) % args.log_snr == 0:
-            snr = snr_by_bin(model, teacher, teacher_engine, tokenizer, problems, prompts, responses, pass_rates,
-                             args, kind, params)
-            metrics.update({f"snr/{name}": value for name, value in snr.items()})
-            snr_records.append({"step": step + 1, **{f"snr/{n}": v for n, v in snr.items()}})
+            snr, sizes = snr_by_bin(model, teacher, teacher_engine, tokenizer, problems, prompts,
+                                    responses, pass_rates, args, kind, params)
+            logged = {**{f"snr/{name}": v for name, v in snr.items()},
+                      **{f"snr_n/{name}": n for name, n in sizes.items()}}
+            metrics.update(logged)
+            snr_records.append({"step": step + 1, **logged})
             if dist_info.is_main:
                 draw_snr(snr_records, run_dir / "snr.png")
         logger.log(step + 1, metrics)
@@ -565,19 +605,32 @@ def main(argv=None):
     return history
 
 
-def picture_row(tokenizer, problem, response, p, w, d, fkl, rkl, step) -> dict:
-    """One row of tokens.html: the trained sequence coloured by D_t, with p and w~ on the row."""
+def picture_rows(tokenizer, grader, problems, shown, pass_rates, weights, step, mode) -> list[dict]:
+    """tokens.html rows for the `shown` sequences ((item, D_t, fkl, rkl) each), graded so that a
+    wrong answer is marked: in distill mode the teacher's references are not checked otherwise."""
+    texts = tokenizer.batch_decode([item[3] for item, *_ in shown], skip_special_tokens=True)
+    right = grader.grade(texts, [problems[item[0]]["answer"] for item, *_ in shown])[0]
+    return [picture_row(tokenizer, problems[item[0]], item[3], float(pass_rates[item[0]]),
+                        float(weights[item[0]]), d, fkl, rkl, step, ok > 0, mode)
+            for (item, d, fkl, rkl), ok in zip(shown, right)]
+
+
+def picture_row(tokenizer, problem, response, p, w, d, fkl, rkl, step, correct, mode) -> dict:
+    """One row of tokens.html: the trained sequence coloured by D_t, with p and w~ on the row and
+    a mark when its answer is wrong (in distill mode a wrong reference still trains)."""
     text, spans = response_token_spans(tokenizer, response)
     return {"tokens": [text[s:e] for s, e in spans], "values": d.tolist(),
             "hover": [f"fkl={f:.3f} rkl={r:.3f}" for f, r in zip(fkl.tolist(), rkl.tolist())],
-            "label": f"step {step} | p {p:.3f} | w~ {w:.3f}\n{problem['problem']}"}
+            "label": f"step {step} | p {p:.3f} | w~ {w:.3f}\n{problem['problem']}",
+            "mark": "" if correct else f"wrong answer ({ROWS[mode]})"}
 
 
 def snr_by_bin(model, teacher, teacher_engine, tokenizer, problems, prompts, responses, pass_rates, args, kind,
-               params) -> dict:
+               params) -> tuple[dict, dict]:
     """Per pass-rate bin: gradient_snr of the flattened per-problem gradients of the unweighted
     per-problem loss L_i, for every problem of this step (also p in {0, 1}; in distill mode the teacher
-    samples their references here, a diagnostic cost), with the weights after this step's update."""
+    samples their references here, a diagnostic cost), with the weights after this step's update;
+    and the number of problems n in each bin (a bin's SNR is read against `snr_floor(n)`)."""
     params_list = [p for p in model.parameters() if p.requires_grad]
     if args.mode == "distill":
         references = teacher_engine.generate(prompts, params, desc="snr teacher")
@@ -599,7 +652,9 @@ def snr_by_bin(model, teacher, teacher_engine, tokenizer, problems, prompts, res
         flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
                           for g, p in zip(grads, params_list)])
         by_bin[BINS[pass_rate_bin(float(pass_rates[i]))]].append(flat)
-    return {name: gradient_snr(torch.stack(g)) if len(g) >= 2 else math.nan for name, g in by_bin.items()}
+    snr = {name: gradient_snr(torch.stack(g)) if len(g) >= 2 else math.nan
+           for name, g in by_bin.items()}
+    return snr, {name: len(g) for name, g in by_bin.items()}
 
 
 if __name__ == "__main__":

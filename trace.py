@@ -94,6 +94,10 @@ from common import (GracefulStop, Grader, ProblemSampler, RunLogger, RunOptions,
                     stop_token_ids, token_kl, token_logprob_entropy, validate_args, vllm_options,
                     write_token_picture, writes_work)
 
+ROUTE_COLOURS = {  # tokens.html: routing classes are categories, drawn as such [ours]
+    1.0: ("fkl: forward KL (key span of a correct rollout)", "#66c2a5"),
+    -1.0: ("rkl: reverse KL (error span of an incorrect rollout)", "#fc8d62"),
+    0.0: ("GRPO only (not routed)", "transparent")}
 # Coarse type labels an annotator may give [ours: the paper names "a coarse type label"]; any other
 # text is kept, truncated to LABEL_CHARS.
 LABELS = ("key step", "answer", "arithmetic", "logic", "setup", "check", "other")
@@ -525,11 +529,10 @@ def teacher_context(mode: str, label: str, correct: bool, problem: dict) -> str:
 
 def picture_row(tokenizer, problem: dict, response: list[int], reward: float, route: torch.Tensor,
                 kl: torch.Tensor, label: str, step: int) -> dict:
-    """One row of tokens.html: tokens coloured by routing class (red FKL, blue RKL, white GRPO), D_t on hover."""
+    """One row of tokens.html: tokens coloured by routing class (ROUTE_COLOURS), D_t on hover."""
     text, spans = response_token_spans(tokenizer, response)
-    names = {1.0: "fkl", -1.0: "rkl", 0.0: "grpo"}
     return {"tokens": [text[a:b] for a, b in spans], "values": route.tolist(),
-            "hover": [f"{names[r]}" + (f" D={d:.4f}" if r else "") for r, d in zip(route.tolist(), kl.tolist())],
+            "hover": [f"D={d:.4f}" if r else "" for r, d in zip(route.tolist(), kl.tolist())],
             "label": f"step {step} | reward {reward:g} | {label}\n{problem['problem']}"}
 
 
@@ -630,12 +633,12 @@ def main(argv=None):
 
     def draw_picture():
         if picture and dist_info.is_main:
-            write_token_picture(run_dir / "tokens.html", picture, "route", title=f"{run_name}: routing per token",
-                                note=f"red = forward KL (key span of a correct rollout), blue = reverse KL (error "
-                                     f"span of an incorrect rollout), white = GRPO only; hover: the token's "
-                                     f"full-vocabulary KL D_t before the --kl_clip bound (--route {args.route}, "
-                                     f"--annotator {args.annotator}). From step {args.kl_end} on every token is "
-                                     f"GRPO: the picture shows the last step with routing.")
+            note = (f"Colour: each token's routing class (--route {args.route}, --annotator "
+                    f"{args.annotator}); hover: the full-vocabulary KL D_t before the --kl_clip "
+                    f"bound. From step {args.kl_end} on every token is GRPO: the picture shows the "
+                    "last step with routing.")
+            write_token_picture(run_dir / "tokens.html", picture, "route", ROUTE_COLOURS,
+                                title=f"{run_name}: routing per token", note=note)
 
     history = {}
     if args.eval_only:  # every --eval_dataset benchmark with its k: one table (eval_table.md/.json)

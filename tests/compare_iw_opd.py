@@ -11,16 +11,21 @@ finished one only redraws. Prints a table (initial, final and best eval avg@4, m
 seeds; steps until a run first reaches OPD's mean final accuracy; the student-teacher gap |a_t| on
 the first and last third of the rollouts over the last 5 steps; the final careful-strategy share)
 and writes one PNG of the eval curves and the careful-strategy share over steps.
+The teacher's accuracy, a reference line in the PNG, is measured the same way: one
+`--eval_only --model toy-large` per seed under `--output_dir` (no training; cached likewise).
 """
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comparison import EVAL_KEY, curve, draw, last, parse_args, run, spread, steps_to_reach  # noqa: E402
+from comparison import (EVAL_KEY, curve, draw, last, parse_args,  # noqa: E402
+                        reference_accuracy, run, spread, steps_to_reach)
 
 METHODS = {"OPD": ["--iw", "none"], "IW-OPD": [], "OPD first30": ["--iw", "none", "--token_slice", "first30"],
            "OPD last30": ["--iw", "none", "--token_slice", "last30"]}
+
+TEACHER = "toy-large"  # the scripts' default --teacher_model, drawn as a reference line
 
 
 def main():
@@ -46,7 +51,10 @@ def main():
         print(" ".join(f"{c:{w}}" for c, w in zip(cells, widths)))
     print(f"(OPD's mean final accuracy, the target of 'steps to OPD final': {target:.3f}; steps are eval points, "
           "every 10; gaps and careful share: mean of the last 5 steps)")
-    draw(results, args.png, len(args.seeds))
+    teacher = reference_accuracy("iw_opd.py", TEACHER, args.seeds, args.output_dir, args.quiet)
+    print(f"(the teacher {TEACHER}, evaluated alike (--eval_only, same seeds): {teacher:.3f})")
+    draw(results, args.png, len(args.seeds),
+         {f"teacher {TEACHER} (--eval_only, mean of {len(args.seeds)} seeds)": teacher})
 
 
 if __name__ == "__main__":

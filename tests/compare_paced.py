@@ -10,16 +10,21 @@ metrics already hold its final evaluation is not run again, so a finished compar
 Prints a table (initial, final and best eval avg@4, mean and range over seeds; steps until a run first
 reaches the unweighted baseline's mean final accuracy; problems trained per step and the careful
 share over the last 5 steps) and writes one PNG of the eval curves and the careful-strategy share.
+The teacher's accuracy, a reference line in the PNG, is measured the same way: one
+`--eval_only --model toy-large` per seed under `--output_dir` (no training; cached likewise).
 """
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comparison import EVAL_KEY, curve, draw, last, parse_args, run, spread, steps_to_reach  # noqa: E402
+from comparison import (EVAL_KEY, curve, draw, last, parse_args,  # noqa: E402
+                        reference_accuracy, run, spread, steps_to_reach)
 
 METHODS = {"unweighted": ["--weighting", "none"], "PACED": [], "hard filter": ["--weighting", "hard"],
            "AKL": ["--weighting", "none", "--kl", "akl"]}
+
+TEACHER = "toy-large"  # the scripts' default --teacher_model, drawn as a reference line
 
 
 def main():
@@ -44,7 +49,10 @@ def main():
         print(" ".join(f"{c:{w}}" for c, w in zip(cells, widths)))
     print(f"(unweighted's mean final accuracy, the target: {target:.3f}; steps are eval points, every 10; "
           "problems trained (of 16) and careful share: mean of the last 5 steps)")
-    draw(results, args.png, len(args.seeds))
+    teacher = reference_accuracy("paced.py", TEACHER, args.seeds, args.output_dir, args.quiet)
+    print(f"(the teacher {TEACHER}, evaluated alike (--eval_only, same seeds): {teacher:.3f})")
+    draw(results, args.png, len(args.seeds),
+         {f"teacher {TEACHER} (--eval_only, mean of {len(args.seeds)} seeds)": teacher})
 
 
 if __name__ == "__main__":

@@ -74,26 +74,74 @@ def steps_to_reach(runs: list[list[dict]], target: float) -> str:
     return f"{sum(hit) / len(hit):.0f} ({len(hit)}/{len(runs)} reached)" if hit else f"never (0/{len(runs)})"
 
 
-def draw(results: dict[str, list[list[dict]]], png: Path, num_seeds: int) -> None:
-    """One PNG: eval avg@4 (mean, min-max band over seeds) and the careful share (5-step mean)."""
+def reference_accuracy(script: str, model: str, seeds: list[int], output_dir: str,
+                       quiet: bool = False) -> float:
+    """`model`'s eval avg@4 (mean over `seeds`) under the comparison's own evaluation: one
+    `script --eval_only --model <model>` per seed under `output_dir/reference_<model>_s<seed>`
+    (no training; a finished one is read back, not run again). The teacher's line in the figure."""
+    values = []
+    for seed in seeds:
+        run_dir = Path(output_dir) / f"reference_{model}_s{seed}"
+        measured = [r[EVAL_KEY] for r in read_metrics(run_dir) if EVAL_KEY in r]
+        if not measured:
+            command = [sys.executable, script, "--eval_only", "--model", model, "--seed", str(seed),
+                       "--output_dir", output_dir, "--run_name", run_dir.name,
+                       *(["--overwrite"] if run_dir.exists() else [])]
+            print(f"[compare] reference {model} seed {seed}: {' '.join(command[1:])}", flush=True)
+            subprocess.run(command, cwd=ROOT, check=True,
+                           stdout=subprocess.DEVNULL if quiet else None)
+            measured = [r[EVAL_KEY] for r in read_metrics(run_dir) if EVAL_KEY in r]
+        values.append(measured[-1])
+    return sum(values) / len(values)
+
+
+# The first method is the baseline: on top, black and dashed with open markers, so no curve hides
+# it and it hides none; every method has its own colour, line style and marker.
+STYLES = [dict(color="black", linestyle="--", marker="o", linewidth=2, fillstyle="none",
+               markersize=7),
+          dict(color="tab:red", linestyle="-", marker="s"),
+          dict(color="tab:blue", linestyle="-.", marker="^"),
+          dict(color="tab:green", linestyle=":", marker="D"),
+          dict(color="tab:orange", linestyle=(0, (5, 1, 1, 1)), marker="v"),
+          dict(color="tab:purple", linestyle=(0, (3, 1)), marker="P")]
+
+
+def draw(results: dict[str, list[list[dict]]], png: Path, num_seeds: int,
+         references: dict[str, float] | None = None):
+    """One PNG: eval avg@4 (mean, min-max band over seeds) and the careful share (5-step mean), the
+    first method (the baseline) on top; `references` ({label: accuracy}, e.g. the teacher's,
+    measured) as horizontal lines on the accuracy panel. Returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    colours = ["tab:gray", "tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"]
-    for (method, runs), colour in zip(results.items(), colours):
+    for rank, ((method, runs), style) in enumerate(zip(results.items(), STYLES)):
+        z = 10 if rank == 0 else 3 + rank * 0.1  # the baseline above every other curve
         for axis, key, window in [(left, EVAL_KEY, 1), (right, "careful_frac", 5)]:
             curves = [curve(r, key) for r in runs]
             steps = curves[0][0]
             columns = list(zip(*[smooth(v, window) for _, v in curves]))
-            axis.plot(steps, [sum(c) / len(c) for c in columns], color=colour, label=method)
-            axis.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=colour, alpha=0.15)
-    left.set(title=f"eval avg@4 (mean, band = min-max over {num_seeds} seeds)", xlabel="step", ylabel="accuracy")
+            axis.plot(steps, [sum(c) / len(c) for c in columns], label=method, zorder=z,
+                      markevery=max(1, len(steps) // 6), **{"markersize": 4, **style})
+            axis.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns],
+                              color=style["color"], alpha=0.1, zorder=1)
+    for (label, value), colour in zip((references or {}).items(), ["tab:brown", "tab:olive"]):
+        left.axhline(value, color=colour, linestyle=(0, (1, 1)), linewidth=1.5, zorder=2,
+                     label=f"{label}: {value:.3f}")
+    if references:  # room above the highest reference line, so it does not sit on the frame
+        low, high = left.get_ylim()
+        left.set_ylim(low, max(high, max(references.values()) + 0.1 * (high - low)))
+    left.set(title=f"eval avg@4 (mean, band = min-max over {num_seeds} seeds)", xlabel="step",
+             ylabel="accuracy")
     right.set(title="careful-strategy share of rollouts (5-step mean)", xlabel="step", ylabel="share")
-    left.legend()
-    figure.tight_layout()
+    # one legend below both panels: inside, it would cover curves
+    figure.legend(*left.get_legend_handles_labels(), loc="lower center", fontsize=8, frameon=False,
+                  ncol=len(results) + len(references or {}))
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(png, dpi=120)
     print(f"[compare] figure: {png}")
+    plt.close(figure)
+    return figure

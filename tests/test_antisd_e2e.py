@@ -308,3 +308,4 @@ def test_premise_metrics_and_token_picture(tmp_path):
     page = (tmp_path / "pic" / "tokens.html").read_text()
     assert page.count('class="row"') == 6 and page.count("step 1 | reward ") == 6
     assert "u_t=" in page and "bonus=" in page
+    assert "<span>u_t = -1</span>" in page and "fixed scale, the same in every picture" in page

@@ -276,7 +276,10 @@ def test_iw_opd_runs_on_the_toy(tmp_path):
         for key in ["gap_first_third", "gap_last_third", "reward", "loss", "grad_norm"]:
             assert r[key] == r[key]  # not NaN
     page = (tmp_path / "iw" / "tokens.html").read_text()
-    assert "a_t=" in page and "w=1.500" in page
+    assert "a_t=" in page and "w_t=1.500" in page  # every response's first token
+    assert "<span>a_t = -1</span>" in page and "underline: w_t = 1</span>" in page  # fixed scales
+    first = "border-bottom:4px solid rgb(128,128,128)"  # w_1 = 1.5 of every row, drawn half way
+    assert page.count(first) >= page.count('class="row')
 
 
 def test_opd_and_slices_run_on_the_toy(tmp_path):

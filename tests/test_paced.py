@@ -3,8 +3,10 @@ fkl -> rkl switch, the SNR), the tokenizer check, and end-to-end toy runs: which
 each divergence uses, no teacher work for zero-weight problems, the loss recomputed from the rows
 main() scored, 1 process and 2 CPU ranks under torchrun."""
 
+import html
 import json
 import math
+import re
 import shutil
 import sys
 
@@ -322,6 +324,24 @@ def test_both_modes_run_three_steps(tmp_path):
                 assert r[key] == r[key]
         page = (tmp_path / mode / "tokens.html").read_text()
         assert "D_t=" in page and "| p " in page and "w~ " in page
+        assert "<span>D_t = 0</span>" in page  # one-sided, fixed: white (0) to red (1 nat)
+        assert "linear-gradient(to right, rgb(255,255,255), rgb(255,128,128), rgb(255,0,0))" in page
+        wrong = [not right for right in graded_rows(page)]
+        assert page.count('class="row marked"') == sum(wrong) and len(wrong) > 0
+        assert page.count(html.escape(f"wrong answer ({paced.ROWS[mode]})")) == sum(wrong)
+
+
+def graded_rows(page):
+    """Whether each row of a toy token picture ends in the right answer, graded from the page."""
+    answers = {row["problem"]: row["answer"] for row in common.load_problems("toy", "train")}
+    verdicts = []
+    rows = re.findall(r'<div class="label">(?:<div class="mark">[^<]*</div>)?(.*?)</div>'
+                      r'<div class="tokens">(.*?)</div>', page, re.S)
+    for label, tokens in rows:
+        text = html.unescape(re.sub(r"<[^>]+>", "", tokens)).replace("\u21b5", "\n")
+        problem = html.unescape(label).split("\n", 1)[1]
+        verdicts.append(common.extract_boxed_answer(text) == answers[problem])
+    return verdicts
 
 
 def test_fkl_then_rkl_and_akl_and_snr_run(tmp_path):

@@ -462,7 +462,10 @@ def test_no_annotation_no_teacher_after_kl_end_and_copy_freed(tmp_path, monkeypa
     assert lams == [0.5, 0.5, 0.0, 0.0]
     assert [r["teacher_refreshes"] for r in records(next(tmp_path.iterdir()))] == [1, 1, 1, 1]
     page = (next(tmp_path.iterdir()) / "tokens.html").read_text()  # the last step with routing, not a GRPO one
-    assert "step 2 | reward" in page and "step 4 | reward" not in page and ("fkl D=" in page or "rkl D=" in page)
+    assert "step 2 | reward" in page and "step 4 | reward" not in page
+    assert "route=fkl: forward KL (key span of a correct rollout)  D=" in page or \
+        "route=rkl: reverse KL (error span of an incorrect rollout)  D=" in page
+    assert page.count('class="swatch"') == 3 and "linear-gradient" not in page  # categories
 
 
 def test_grpo_and_live_teacher_load_no_copy(tmp_path, monkeypatch):
