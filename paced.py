@@ -104,6 +104,7 @@ EVAL_PROTOCOL = {"math500": 8, "aime24": 8, "aime25": 8}
 # The step's stdout line (<= 120 columns): the pass-rate weights; all: metrics.jsonl
 STEP_LINE = ("reward", "loss", "weight_mean", "kl_trained", "step_seconds")
 
+
 @dataclass
 class Args(RunOptions):
     # method

@@ -146,6 +146,7 @@ SAFE_ON_RESUME = {"annotator_url", "annotator_key_env", "annotator_timeout", "an
 # The step's stdout line (<= 120 columns): KL weight, routed spans; all: metrics.jsonl
 STEP_LINE = ("reward", "lambda_k", "kl_routed", "coverage", "step_seconds")
 
+
 @dataclass
 class Args(RunOptions):
     # TRACE

