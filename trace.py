@@ -45,7 +45,7 @@ Run:
     python trace.py --annotator oracle --teacher_context label+solution   # toy, CPU (see README)
     python trace.py --annotator oracle --route rkl_error                   # reverse KL on error spans
     python trace.py --annotator random                                     # length-matched random spans
-    python trace.py --annotator self                                       # the policy annotates itself
+    python trace.py --annotator self --annotator_patience 0  # the policy annotates itself
     python trace.py --lambda_0 0                                           # GRPO baseline
     torchrun --nproc_per_node 2 trace.py --annotator oracle --num_steps 3  # two CPU ranks (gloo, FSDP2)
 Paper (Qwen3-8B, forward KL on key spans, an API annotator, one 8-GPU node; eval at T 0.6, top-p

@@ -18,7 +18,9 @@ SCRIPTS = ("antisd.py", "trace.py", "paced.py", "iw_opd.py")
 # blocks for GPUs, hub models, placeholders (<run>) or the test machinery
 NOT_TOY = re.compile(r"Qwen|<[\w -]+>|export |tests/")
 FEW = ["--num_steps", "2", "--num_problems", "4", "--max_new_tokens", "32", "--eval_limit", "2"]
-FEWER = {"antisd.py": ["--num_generations", "2"], "trace.py": ["--num_generations", "2"],
+# TRACE runs 4 steps: a failing annotator stops a run after --annotator_patience (3) steps
+FEWER = {"antisd.py": ["--num_generations", "2"],
+         "trace.py": ["--num_generations", "2", "--num_steps", "4"],
          "paced.py": ["--k", "2"], "iw_opd.py": []}
 # all that may reach stderr: transformers' progress bars (loading a model, writing a checkpoint)
 STDERR_OK = re.compile(r"(Loading weights|Writing model shards): +\d+%.*")
@@ -69,11 +71,12 @@ def test_readme_toy_commands_run_top_to_bottom(tmp_path):
             table = json.loads((run / "eval_table.json").read_text())
             assert (table["model"], table["step"]) == ("runs/first/checkpoints/step_000002", 2)
             continue
-        assert len(steps) == 2, shown
+        n = 4 if script == "trace.py" else 2
+        assert len(steps) == n, shown
         (summary,) = [line for line in result.stdout.splitlines()
-                      if line.startswith(f"[{script[:-3]}] done: steps 0->2 in ")]
+                      if line.startswith(f"[{script[:-3]}] done: steps 0->{n} in ")]
         run = tmp_path / re.search(r"; runs dir (\S+);", summary)[1]
-        assert common.check_checkpoint(run / "checkpoints" / "step_000002") is None, shown
+        assert common.check_checkpoint(run / "checkpoints" / f"step_{n:06d}") is None, shown
         run_dirs.append(run)
     assert len(set(run_dirs)) == len(run_dirs) == len(commands) - 1  # one new directory each
 
