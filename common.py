@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime
 import difflib
 import fcntl
@@ -325,7 +326,9 @@ ARG_RULES = {
     "micro_batch_tokens": at_least(0),
     "logprob_chunk_size": at_least(1),
     "eval_every": at_least(0),
-    "eval_k": (lambda value: _eval_k_valid(value), ">= 1 (one int, or name=k pairs like aime24=32,math500=4)"),
+    "eval_k": (lambda value: not str(value).strip() or (str(value).strip().isdigit()
+                                                     and int(value) >= 1),
+               "an int >= 1, or empty for each benchmark's default"),
     "eval_limit": at_least(0),
     "eval_temperature": at_least(0),
     "eval_top_p": between(0, 1, low_open=True),
@@ -355,11 +358,34 @@ SAFE_ON_RESUME = frozenset({
 
 @dataclass
 class RunOptions:
-    """The options every script shares with the same meaning and default: each script's `Args`
-    subclasses it and adds its method's options and the shared ones whose defaults or sources differ
-    per paper (model, dataset, steps, batch, sampling, learning rate). Ranges: `ARG_RULES`."""
-    # run: seed, mode, run directory
+    """The options every script shares, with the toy's defaults: each script's `Args` subclasses
+    it, adds its method's options and re-declares a shared one whose default differs for it. Each
+    script's docstring gives its paper's values. Ranges: `ARG_RULES`."""
+    # model, data, run
+    model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | local dir")
+    dataset: str = option("toy", "train problems: toy | dapo | hub id | .jsonl/.json/.parquet")
+    num_steps: int = option(60, "optimizer steps")
     seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
+    run_name: str = option("", "run directory under --output_dir; default "
+                           "<script>_<model>_s<seed>_<start time>")
+    # rollouts, optimisation
+    num_problems: int = option(32, "problems per step, global")
+    max_new_tokens: int = option(64, "response token limit")
+    temperature: float = option(1.0, "rollout sampling temperature")
+    top_p: float = option(1.0, "rollout nucleus sampling")
+    top_k: int = option(0, "rollout top-k, 0 = off")
+    enable_thinking: Optional[bool] = option(None, "Qwen3 chat template thinking switch (unset = "
+                                                   "the template's default)")
+    lr: float = option(1e-4, "AdamW learning rate")
+    max_grad_norm: float = option(1.0, "gradient-norm clip")
+    # evaluation
+    eval_k: str = option("", "samples per eval problem (avg@k, pass@k): one int, or empty for "
+                         "each benchmark's default")
+    eval_temperature: float = option(0.7, "eval sampling temperature")
+    eval_top_p: float = option(0.95, "eval nucleus sampling")
+    eval_top_k: int = option(0, "eval top-k, 0 = off")
+    picture_rollouts: int = option(16, "rollouts of the latest step drawn in tokens.html (at each "
+                                   "eval and the end)")
     eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
     resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
     track: bool = option(False, "log to Weights & Biases")
@@ -371,12 +397,14 @@ class RunOptions:
     dataset_split: str = option("train", "split of --dataset")
     problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
     answer_key: str = option("answer", "column with the gold answer")
+    solution_key: str = option("solution", "column with a reference solution (optional)")
     max_prompt_tokens: int = option(0, "skip problems with longer prompts; 0 = model context - max_new_tokens")
     eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,aime26,amc23,hmmt25,minerva,gpqa (a comma "
                                "list with --eval_only) | short=file | file | hub id; empty = none")
     eval_split: str = option("test", "split of --eval_dataset")
     # rollout engine (README, "vLLM rollouts", "Memory per GPU")
     rollout: str = option("auto", "rollout engine: auto (vllm when installed and on CUDA, else hf) | vllm | hf")
+    gen_batch_size: int = option(256, "sequences per generation batch of the hf engine")
     gen_batch_tokens: int = option(262144, "KV-cache positions per generation batch of the hf engine, rows x (longest "
                                    "prompt + max_new_tokens); 0 = no bound [ours: README, memory table]")
     vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
@@ -400,6 +428,8 @@ class RunOptions:
     micro_batch_size: int = option(64, "at most this many sequences per forward/backward (gradient accumulation)")
     micro_batch_tokens: int = option(16384, "at most this many padded tokens (rows x longest) per forward/backward; "
                                      "a longer sequence goes alone; 0 = no bound [ours: README, memory table]")
+    logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary "
+                                     "log-prob/entropy")
     activation_checkpointing: Optional[bool] = option(None, "recompute decoder layers in backward to save memory "
                                                             "(unset = on with CUDA, off on CPU)", alone=True)
     # evaluation, checkpoints, grading
@@ -597,51 +627,23 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer, student: str, tea
                             "tokenizer.")
 
 
-@functools.lru_cache(maxsize=None)
-def hub_reachable() -> bool:
-    """Whether the Hugging Face hub can be asked at all: False with HF_HUB_OFFLINE=1, or when its host
-    does not answer a TCP connect within 3 s. Then models and datasets come from the local cache
-    only (without this the hub libraries retry for about a minute before failing). Behind an HTTPS
-    proxy a direct probe proves nothing, so the libraries are left to try."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urllib.parse.urlparse(constants.ENDPOINT)
-    try:
-        port = url.port or (443 if url.scheme == "https" else 80)
-        socket.create_connection((url.hostname, port), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
-_OFFLINE_NOTE = " (the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache)"
-
-
 def _from_pretrained(loader, name: str, flag: str = "--model", **kwargs):
-    """`loader.from_pretrained(resolve_model(name))`, local cache only when the hub is unreachable. A
-    model that cannot be loaded is a UserError naming it: transformers reports a missing repo, no
-    network and missing files as OSError, a bad config as ValueError; safetensors its own error."""
+    """`loader.from_pretrained(resolve_model(name))`. A model that cannot be loaded is a UserError
+    naming it: transformers reports a missing repo, no network and missing files as OSError, a bad
+    config as ValueError; safetensors its own error. Offline: set HF_HUB_OFFLINE=1."""
     from safetensors import SafetensorError
 
     path = resolve_model(name, flag)
-    hub = not os.path.isdir(path)
-    if hub and not hub_reachable():
-        kwargs["local_files_only"] = True
     try:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        if not hub or not isinstance(error, OSError):
-            where = "the model folder " if not hub else ""
+        if os.path.isdir(path) or not isinstance(error, OSError):
+            where = "the model folder " if os.path.isdir(path) else ""
             raise UserError(f"{flag} {name!r}: cannot load {where}{path}: {reason}") from error
-        offline = "" if hub_reachable() else _OFFLINE_NOTE
-        raise UserError(f"{flag} {name!r}: cannot load {path!r} from the Hugging Face hub{offline}: {reason} "
-                        f"It needs network access or a local copy: `hf download {path}` on a connected machine, "
-                        f"then pass the folder as {flag} (or point HF_HOME at that cache).") from error
+        raise UserError(f"{flag} {name!r}: cannot load {path!r} from the Hugging Face hub: "
+                        f"{reason} It needs network access or a local copy: `hf download {path}` "
+                        f"on a connected machine, then pass the folder as {flag}.") from error
 
 
 def load_tokenizer(name: str, flag: str = "--model"):
@@ -767,8 +769,7 @@ def _load_sharded(name: str, dist_info: Dist, plan: LoadPlan, activation_checkpo
         model = AutoModelForCausalLM.from_config(config, dtype=plan.dtype)
     try:  # sampling defaults and stop ids (Qwen3 stops on two) live in generation_config.json
         source = config._name_or_path
-        model.generation_config = GenerationConfig.from_pretrained(
-            source, local_files_only=os.path.isdir(source) or not hub_reachable())
+        model.generation_config = GenerationConfig.from_pretrained(source)
     except OSError:
         pass
     if activation_checkpointing:
@@ -1648,13 +1649,13 @@ def grader_for(rows: Sequence[dict], grader: "Grader"):
     return ChoiceGrader() if rows and rows[0].get("choice") else grader
 
 
-def load_run_problems(args, tokenizer) -> tuple[list[dict], list[dict]]:
+def load_run_problems(args, tokenizer, prompt_limit: int | None) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows) for a script's shared data options: `--dataset`/`--eval_dataset`, their
     splits and `--*_key` columns, `--eval_limit`; prompts longer than the model's context minus
     `--max_new_tokens` (or `--max_prompt_tokens`) are skipped. No `--eval_dataset`: no eval rows."""
     keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key,
                 tokenizer=tokenizer,
-                max_prompt_tokens=max_prompt_length(args.model, args.max_new_tokens, args.max_prompt_tokens))
+                max_prompt_tokens=prompt_limit)
     train_rows = load_problems(args.dataset, args.dataset_split, **keys)
     eval_rows = load_problems(args.eval_dataset, args.eval_split, **keys, limit=args.eval_limit or None) \
         if args.eval_dataset else []
@@ -2394,18 +2395,17 @@ def full_weights(model):
         del full
 
 
-class _vllm_allocating:
+@contextlib.contextmanager
+def _vllm_allocating():
     """Expandable segments off while vLLM allocates GPU memory: its sleep-mode allocator rejected
     them (fixed upstream only in 2026-04). A no-op without CUDA."""
-
-    def __enter__(self):
-        self.cuda = torch.cuda.is_available()
-        if self.cuda:
-            torch.cuda.memory._set_allocator_settings("expandable_segments:False")
-
-    def __exit__(self, *exc):
-        configured = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-        if self.cuda and "expandable_segments:True" in configured:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+    try:
+        yield
+    finally:
+        if cuda and "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
             torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
@@ -2421,11 +2421,10 @@ def import_vllm():
     return vllm
 
 
-def vllm_options(args) -> dict:
+def vllm_options(args, prompt_limit: int | None) -> dict:
     """VLLMEngine's keyword arguments from a script's --vllm_* options and --seed. The context is
-    the longest prompt the run keeps plus --max_new_tokens, not the model's (40,960 for Qwen3):
-    vLLM reserves KV cache for at least one sequence of that length."""
-    prompt_limit = max_prompt_length(args.model, args.max_new_tokens, args.max_prompt_tokens)
+    the longest prompt the run keeps (`max_prompt_length`) plus --max_new_tokens, not the model's
+    (40,960 for Qwen3): vLLM reserves KV cache for at least one sequence of that length."""
     return dict(gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                 sleep_level=args.vllm_sleep, seed=args.seed, dtype=args.vllm_dtype,
                 max_model_len=prompt_limit + args.max_new_tokens if prompt_limit else None,
@@ -2643,25 +2642,321 @@ def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# A training run: setup, rollouts, log-probs of all rollouts, step metrics, the end of a step
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What `setup` makes for a script's `main()`. `state`: the method's own state restored from
+    the checkpoint ({} on a fresh run); `picture`: `write_token_picture`'s keyword arguments for
+    the latest step, drawn at each evaluation and at the end (rank 0)."""
+    args: RunOptions
+    dist: Dist
+    dir: Path
+    tokenizer: object
+    model: torch.nn.Module
+    teacher: Optional[torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    engine: "RolloutEngine"
+    grader: object
+    sampler: object
+    logger: "RunLogger"
+    train_rows: list
+    eval_rows: list
+    benchmarks: list
+    checkpoint: Optional[Path]
+    start_step: int
+    state: dict
+    teacher_restored: bool  # the checkpoint held the teacher copy (`setup`'s teacher_in_checkpoint)
+    eval_ks: dict
+    rollout_params: SamplingParams
+    eval_params: SamplingParams
+    stop_ids: list
+    history: dict = field(default_factory=dict)
+    picture: Optional[dict] = None
+    end_step: int = 0
+    started: float = 0.0
+    step_started: float = 0.0
+    stop: Optional[GracefulStop] = None
+
+    @property
+    def eval_k(self) -> int:  # a training run evaluates on one dataset
+        return next(iter(self.eval_ks.values()), TOY_EVAL_K)
+
+
+def setup(args, name: str, eval_protocol: dict, step_line: Sequence[str], group: int = 1,
+          teacher: str | None = None, teacher_in_checkpoint: bool = False,
+          safe_on_resume=()) -> Run:
+    """Everything before the step loop, in this order: validated shapes, process group, run
+    directory (`prepare_run_dir`), seeds, the model resolved once, tokenizer, data, policy,
+    `teacher` (a frozen model; its tokenizer must be the policy's), AdamW, rollout engine, grader,
+    problem sampler, the checkpoint's state (`teacher_in_checkpoint`: the teacher's weights too),
+    logger. `name` starts the default run name; `group` is the rollouts per problem."""
+    eval_ks = parse_eval_k(args.eval_k, eval_dataset_names(args), eval_protocol)
+    dist_info = init_distributed(args.dist_timeout)
+    world, rank = dist_info.world_size, dist_info.rank
+    if args.num_problems % world:
+        raise UserError(f"--num_problems {args.num_problems} does not divide over {world} ranks: "
+                        f"use a multiple of the world size (e.g. "
+                        f"{world * max(1, args.num_problems // world)}).")
+    sequences = args.num_problems // world * group
+    if sequences % getattr(args, "num_minibatches", 1):
+        raise UserError(f"--num_minibatches {args.num_minibatches} must divide the {sequences} "
+                        "rollouts per rank.")
+    run_dir = prepare_run_dir(args, f"{name}_{Path(args.model).name}_s{args.seed}", dist_info,
+                              safe_on_resume)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+
+    path = resolve_model(args.model)  # the toy is built here on first use
+    tokenizer = load_tokenizer(path)
+    separate_teacher = teacher is not None and teacher != args.model and not args.eval_only
+    if separate_teacher:  # before any weights load
+        check_same_tokenizer(tokenizer, load_tokenizer(teacher, "--teacher_model"), args.model,
+                             teacher)
+    prompt_limit = max_prompt_length(path, args.max_new_tokens, args.max_prompt_tokens)
+    train_rows, eval_rows = ([], []) if args.eval_only else \
+        load_run_problems(args, tokenizer, prompt_limit)
+    benchmarks = load_eval_benchmarks(args, tokenizer, prompt_limit) if args.eval_only else []
+    source = str(run_dir.checkpoint or path)
+    model = load_model(source, dist_info, activation_checkpointing=args.activation_checkpointing)
+    teacher_model = None
+    if teacher is not None and not args.eval_only:
+        teacher_model = load_model(teacher, dist_info, trainable=False,
+                                   flag="--teacher_model" if separate_teacher else "--model")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size,
+                         args.gen_batch_tokens, dist_info=dist_info, model_path=source,
+                         vllm_options=vllm_options(args, prompt_limit))
+    grader, sampler = Grader(args.grader_timeout), ProblemSampler(len(train_rows), args.seed)
+    start_step, state, teacher_restored = 0, {}, False
+    if run_dir.checkpoint is not None:
+        frozen = {"teacher": teacher_model} if teacher_in_checkpoint and teacher_model else None
+        restored = load_checkpoint(run_dir.checkpoint, model, optimizer, dist_info, frozen=frozen)
+        start_step, state = restored["step"], restored["state"]
+        sampler.load_state_dict(state["sampler"])
+        teacher_restored = "teacher" in restored["frozen"]
+        print0(f"[resume] continuing {run_dir.path} from step {start_step}")
+    logger = RunLogger(run_dir.path, args, dist_info, args.track, resume_step=run_dir.resume_step,
+                       step_line=step_line)
+    return Run(
+        args, dist_info, run_dir.path, tokenizer, model, teacher_model, optimizer, engine, grader,
+        sampler, logger, train_rows, eval_rows, benchmarks, run_dir.checkpoint, start_step, state,
+        teacher_restored, eval_ks,
+        SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens),
+        SamplingParams(args.eval_temperature, args.eval_top_p, args.eval_top_k,
+                       args.max_new_tokens),
+        stop_token_ids(tokenizer, model))
+
+
+def evaluate_run(run: Run, step: int) -> dict:
+    """Evaluate on --eval_dataset (avg@k, pass@k), log it and redraw the token picture."""
+    args = run.args
+    metrics = evaluate(run.engine, run.tokenizer, run.eval_rows,
+                       grader_for(run.eval_rows, run.grader), run.eval_params, run.eval_k,
+                       run.dist, args.enable_thinking,
+                       own_rng=off_eval_schedule(step, args.eval_every))
+    run.logger.log(step, metrics, prefix="eval")
+    draw_picture(run)
+    return metrics
+
+
+def train_steps(run: Run):
+    """The step loop's steps: evaluates before the first step of a fresh run, then arms the
+    SIGINT/SIGTERM stop (`GracefulStop`: the run ends after the current step, checkpointed)."""
+    if run.eval_rows and run.start_step == 0:
+        run.history["first"] = evaluate_run(run, 0)
+    run.started, run.stop, run.end_step = time.time(), GracefulStop(), run.args.num_steps
+    for step in range(run.start_step, run.args.num_steps):
+        run.step_started = time.time()
+        yield step
+
+
+@dataclass
+class Rollouts:
+    """One step's rollouts on this rank; rollout i answers problem i // group."""
+    problems: list[dict]
+    prompts: list[list[int]]  # per rollout, its problem's prompt ids
+    responses: list[list[int]]
+    texts: list[str]
+    rewards: list[float]
+    grade_counts: dict
+    sampler_logprobs: Optional[torch.Tensor]  # [N, R] (`pad_rows`) with --tis_cap > 0, else None
+
+
+def sample_rollouts(run: Run, group: int) -> Rollouts:
+    """This rank's slice of the step's --num_problems problems, `group` rollouts each, graded."""
+    args, rank = run.args, run.dist.rank
+    per_rank = args.num_problems // run.dist.world_size
+    indices = run.sampler.next(args.num_problems)[rank * per_rank:(rank + 1) * per_rank]
+    problems = [run.train_rows[i] for i in indices]
+    prompts = [build_prompt(run.tokenizer, p["problem"], enable_thinking=args.enable_thinking)
+               for p in problems for _ in range(group)]
+    sampler_logprobs = None
+    if args.tis_cap > 0:  # the sampler's own log-probs, for the sampler/trainer correction
+        responses, logprobs = run.engine.generate(prompts, run.rollout_params, desc="rollout",
+                                                  logprobs=True)
+        sampler_logprobs = pad_rows(logprobs, run.dist.device)
+    else:
+        responses = run.engine.generate(prompts, run.rollout_params, desc="rollout")
+    texts = run.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    rewards, counts = run.grader.grade(texts, [p["answer"] for p in problems for _ in range(group)])
+    return Rollouts(problems, prompts, responses, texts, rewards, counts, sampler_logprobs)
+
+
+def pad_rows(rows: Sequence[Sequence[float]], device) -> torch.Tensor:
+    """Per-row lists of floats -> [N, R] float32 (R the longest row, at least 1; 0 where padded)."""
+    out = torch.zeros(len(rows), max([1] + [len(row) for row in rows]))
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(device)
+
+
+@torch.no_grad()
+def rollout_logprobs(run: Run, model, prompts: list[list[int]], responses: list[list[int]],
+                     temperature: float | None = None):
+    """(log pi(y_t), entropy, mask) of `model` on every rollout, [N, R] each (R the longest
+    response), no gradient, in the training's micro-batches; `temperature` defaults to
+    --temperature. A micro-batch takes its rows as `values[batch, :width]`."""
+    args = run.args
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width = max([1] + [len(r) for r in responses])
+    logprobs = torch.zeros(len(responses), width, device=run.dist.device)
+    entropy, mask = torch.zeros_like(logprobs), torch.zeros_like(logprobs, dtype=torch.bool)
+    for batch in micro_batches(range(len(responses)), lengths, args.micro_batch_size,
+                               args.micro_batch_tokens, same_count=True):
+        values = response_logprobs(model, [prompts[i] for i in batch],
+                                   [responses[i] for i in batch], run.tokenizer.pad_token_id,
+                                   args.logprob_chunk_size, temperature=args.temperature
+                                   if temperature is None else temperature)
+        for out, value in zip((logprobs, entropy, mask), values):
+            out[batch, : value.shape[1]] = value
+    return logprobs, entropy, mask
+
+
+def tis_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                cap: float) -> torch.Tensor:
+    """Truncated importance sampling between the sampler (vLLM: another kernel, bf16) and the
+    trainer [TRL `vllm_importance_sampling_correction`, token_truncate; verl rollout correction]:
+    w_t = min(exp(log pi_train(y_t) - log pi_sampler(y_t)), cap), no gradient; 1 where masked.
+    log pi_train is the behaviour policy as the trainer computes it (the ratio's denominator)."""
+    w = torch.exp(train_logprobs.detach() - sampler_logprobs).clamp(max=cap)
+    return torch.where(mask, w, torch.ones_like(w))
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN when the denominator is 0 (a metric with nothing to average)."""
+    return numerator / denominator if denominator else float("nan")
+
+
+def step_metrics(run: Run, rollouts: Rollouts, sums: dict, grad_norm,
+                 num_minibatches: int = 1) -> tuple[dict, dict]:
+    """Sum the step's `sums` (tensors or numbers; "loss", "entropy", "clipped" and "tis" are the
+    shared ones) and the rollouts' counts over ranks in one collective. Returns (totals, the
+    metrics every script logs); the script adds its method's metrics from `totals`."""
+    responses = rollouts.responses
+    totals = all_reduce_sum({
+        **sums, "reward": sum(rollouts.rewards), "sequences": len(responses),
+        "tokens": sum(len(r) for r in responses),
+        "truncated": sum(1 for r in responses if not r or r[-1] not in run.stop_ids),
+        "no_answer": rollouts.grade_counts["no_answer"],
+        "grader_timeouts": rollouts.grade_counts["timeout"]})
+    tokens, sequences = totals["tokens"], totals["sequences"]
+    seconds = time.time() - run.step_started
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    metrics = {
+        "reward": totals["reward"] / sequences,
+        "response_len": tokens / sequences,
+        "loss": totals.get("loss", float("nan")) / num_minibatches,
+        "entropy": ratio(totals.get("entropy", float("nan")), tokens),
+        "grad_norm": float(grad_norm),
+        "clip_frac": ratio(totals.get("clipped", float("nan")), tokens),
+        "tis_weight_mean": ratio(totals["tis"], tokens) if run.args.tis_cap > 0 else float("nan"),
+        "truncated_frac": totals["truncated"] / sequences,
+        "no_answer": totals["no_answer"],
+        "grader_timeouts": totals["grader_timeouts"],
+        "step_seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+    }
+    return totals, metrics
+
+
+def end_step(run: Run, step: int, metrics: dict, state: dict | None = None,
+             frozen: dict | None = None) -> bool:
+    """Log the step's metrics, evaluate on schedule (and after the last step), checkpoint (the
+    last step, every --save_every, a stop) with the sampler's and the method's `state` and the
+    `frozen` models. Returns True when a SIGINT/SIGTERM asks the loop to end here."""
+    args, done = run.args, step + 1
+    run.logger.log(done, metrics)
+    last = done == args.num_steps
+    stopping = run.stop.requested()  # on any rank: every rank checkpoints and ends here
+    if run.eval_rows and (last or (args.eval_every and done % args.eval_every == 0)):
+        run.history["last"] = evaluate_run(run, done)
+    if last or stopping or (args.save_every and done % args.save_every == 0):
+        save_checkpoint(run.dir, done, run.model, run.tokenizer, run.optimizer,
+                        {"sampler": run.sampler.state_dict(), **(state or {})}, run.dist,
+                        frozen=frozen)
+    if stopping:
+        run.end_step = done
+    return stopping
+
+
+def draw_picture(run: Run) -> None:
+    if run.picture and run.dist.is_main:
+        write_token_picture(run.dir / "tokens.html", **run.picture)
+
+
+def finish(run: Run) -> dict:
+    """The run's summary line and the command that evaluates its final weights."""
+    draw_picture(run)
+    tag, history = Path(script_name(run.args)).stem, run.history
+    ended = "done" if run.end_step == run.args.num_steps else "stopped"
+    summary = (f"[{tag}] {ended}: steps {run.start_step}->{run.end_step} in "
+               f"{(time.time() - run.started) / 60:.1f} min; runs dir {run.dir}")
+    if "first" in history and "last" in history:
+        key = f"eval/avg@{run.eval_k}"
+        summary += f"; {key} {history['first'][key]:.3f} -> {history['last'][key]:.3f}"
+    print0(summary)
+    print0(f"[{tag}] evaluate its final weights: {eval_command(run.args, run.dir)}")
+    run.logger.close()
+    run.grader.close()
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader, params: SamplingParams, k: int,
-             dist_info: Dist, enable_thinking: bool | None = None, own_rng: bool = False) -> dict:
-    """avg@k (mean accuracy over k samples) and pass@k (any of k correct), sharded over ranks.
-
-    All of this rank's k x problems prompts go to one `engine.generate` call, which batches them
-    under the engine's own budget (`--gen_batch_size`, `--gen_batch_tokens`), as rollouts are.
-    `own_rng`: sample under a forked torch RNG, leaving the training's streams where they were. The
-    scripts set it for an evaluation off the --eval_every schedule (`off_eval_schedule`: the end
-    of a run stopped early), which the uninterrupted run does not make, so stop + resume trains
-    exactly as one run; scheduled evaluations happen in every run alike and draw from its stream."""
-    if not own_rng:
-        return _evaluate(engine, tokenizer, rows, grader, params, k, dist_info, enable_thinking)
+def evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader, params: SamplingParams,
+             k: int, dist_info: Dist, enable_thinking: bool | None = None,
+             own_rng: bool = False) -> dict:
+    """avg@k (mean accuracy over k samples) and pass@k (any of k correct), sharded over ranks; all
+    of this rank's prompts go to one `engine.generate` call. `own_rng`: sample under a forked
+    torch RNG, for an evaluation off the --eval_every schedule (`off_eval_schedule`: the end of a
+    run stopped early), so that stop + resume trains exactly as one run."""
     cuda = [torch.cuda.current_device()] if dist_info.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        return _evaluate(engine, tokenizer, rows, grader, params, k, dist_info, enable_thinking)
+    with torch.random.fork_rng(devices=cuda) if own_rng else contextlib.nullcontext():
+        per_rank = math.ceil(len(rows) / dist_info.world_size)
+        mine = list(range(dist_info.rank, len(rows), dist_info.world_size))
+        padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))  # equal work per rank
+        prompts = [build_prompt(tokenizer, rows[i]["problem"], enable_thinking=enable_thinking)
+                   for i in padded for _ in range(k)]
+        responses = engine.generate(prompts, params, desc="eval")
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    rewards, counts = grader.grade(texts, [rows[i]["answer"] for i in padded for _ in range(k)])
+    correct = torch.tensor(rewards).view(-1, k)[: len(mine)]
+    lengths = torch.tensor([len(r) for r in responses], dtype=torch.float64).view(-1, k)
+    totals = all_reduce_sum(torch.tensor([
+        correct.mean(1).sum(), correct.amax(1).sum(), float(len(mine)),
+        lengths[: len(mine)].sum(), float(counts["no_answer"]), float(counts["timeout"])],
+        dtype=torch.float64)).tolist()
+    problems = max(totals[2], 1.0)
+    return {f"eval/avg@{k}": totals[0] / problems, f"eval/pass@{k}": totals[1] / problems,
+            "eval/response_len": totals[3] / (problems * k), "eval/no_answer": totals[4],
+            "eval/grader_timeouts": totals[5]}
 
 
 def off_eval_schedule(step: int, eval_every: int) -> bool:
@@ -2669,76 +2964,17 @@ def off_eval_schedule(step: int, eval_every: int) -> bool:
     return not (step == 0 or (eval_every > 0 and step % eval_every == 0))
 
 
-def _evaluate(engine: RolloutEngine, tokenizer, rows: list[dict], grader: Grader,
-              params: SamplingParams, k: int, dist_info: Dist,
-              enable_thinking: bool | None = None) -> dict:
-    per_rank = math.ceil(len(rows) / dist_info.world_size)
-    mine = list(range(dist_info.rank, len(rows), dist_info.world_size))
-    padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))  # equal work on every rank
-    prompts = [build_prompt(tokenizer, rows[i]["problem"], enable_thinking=enable_thinking)
-               for i in padded for _ in range(k)]
-    responses = engine.generate(prompts, params, desc="eval")
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    rewards, counts = grader.grade(texts, [rows[i]["answer"] for i in padded for _ in range(k)])
-    correct = torch.tensor(rewards).view(-1, k)[: len(mine)]
-    lengths = torch.tensor([len(r) for r in responses], dtype=torch.float64).view(-1, k)[: len(mine)]
-    totals = all_reduce_sum(torch.tensor([
-        correct.mean(1).sum(), correct.amax(1).sum(),
-        float(len(mine)), lengths.sum(), float(counts["no_answer"]), float(counts["timeout"])], dtype=torch.float64))
-    problems = max(totals[2].item(), 1.0)
-    return {f"eval/avg@{k}": totals[0].item() / problems, f"eval/pass@{k}": totals[1].item() / problems,
-            "eval/response_len": totals[3].item() / (problems * k), "eval/no_answer": totals[4].item(),
-            "eval/grader_timeouts": totals[5].item()}
-
-
-# ---- Several benchmarks, one table (`--eval_only --eval_dataset math500,aime24,...`) -----------
-
-
-def _eval_k_valid(spec) -> bool:
-    try:
-        _parse_eval_k_spec(str(spec))
-        return True
-    except ValueError:
-        return False
-
-
-def _parse_eval_k_spec(spec: str) -> tuple[int | None, dict[str, int]]:
-    """'' -> (None, {}); '8' -> (8, {}); 'aime24=32,math500=4' -> (None, {...}); ValueError otherwise."""
-    spec = spec.strip()
-    if not spec:
-        return None, {}
-    if "=" not in spec:
-        value = int(spec)
-        if value < 1:
-            raise ValueError(spec)
-        return value, {}
-    pairs = {}
-    for part in spec.split(","):
-        name, _, value = part.partition("=")
-        if not name.strip() or int(value) < 1:
-            raise ValueError(spec)
-        pairs[name.strip()] = int(value)
-    return None, pairs
+# ---- Several benchmarks, one table (`--eval_only --eval_dataset math500,aime24,...`) ---------
 
 
 def parse_eval_k(spec: str, names: Sequence[str], protocol: dict | None = None) -> dict[str, int]:
-    """Samples per problem for each benchmark in `names`: `spec` is '' (defaults), one int (every
-    benchmark) or `name=k` pairs (those benchmarks; the rest keep their default). The default is the
-    script's paper `protocol` (short name -> k), else the `DATASETS` table, else 4 (toy, files)."""
-    try:
-        single, pairs = _parse_eval_k_spec(str(spec))
-    except ValueError:
-        raise UserError(f"--eval_k {spec!r}: must be an int >= 1 or name=k pairs like aime24=32,math500=4") from None
-    shorts = {dataset_short_name(name): name for name in names}
-    unknown = [name for name in pairs if name not in shorts and name not in names]
-    if unknown:
-        raise UserError(f"--eval_k names {unknown}, which --eval_dataset does not list ({', '.join(shorts)})")
-    ks = {}
-    for name in names:
-        short = dataset_short_name(name)
-        default = (protocol or {}).get(short) or DATASETS.get(short, {}).get("k") or TOY_EVAL_K
-        ks[name] = single or pairs.get(name) or pairs.get(short) or default
-    return ks
+    """Samples per problem for each benchmark in `names`: `spec` is one int for every benchmark,
+    or '' for each one's default: the script's paper `protocol` (short name -> k), else the
+    `DATASETS` table, else 4 (toy, files)."""
+    if str(spec).strip():
+        return {name: int(spec) for name in names}
+    return {name: (protocol or {}).get(dataset_short_name(name))
+            or DATASETS.get(dataset_short_name(name), {}).get("k") or TOY_EVAL_K for name in names}
 
 
 def eval_dataset_names(args) -> list[str]:
@@ -2753,29 +2989,13 @@ def eval_dataset_names(args) -> list[str]:
     return names
 
 
-def load_eval_benchmarks(args, tokenizer) -> list[tuple[str, list[dict]]]:
+def load_eval_benchmarks(args, tokenizer, prompt_limit: int | None) -> list[tuple[str, list]]:
     """(name, rows) per `--eval_dataset` entry (toy, a short name, `short=file`, a file or hub id read
     with `--eval_split` and the `--*_key` columns), `--eval_limit` rows each; prompts that do not fit
-    the context with `--max_new_tokens` are skipped."""
-    limit = max_prompt_length(args.model, args.max_new_tokens, args.max_prompt_tokens)
+    the context with `--max_new_tokens` (`prompt_limit`, `max_prompt_length`) are skipped."""
     keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key)
     return [(name, load_problems(name, args.eval_split, **keys, limit=args.eval_limit or None, tokenizer=tokenizer,
-                                 max_prompt_tokens=limit)) for name in eval_dataset_names(args)]
-
-
-def evaluate_benchmarks(engine: RolloutEngine, tokenizer, benchmarks: Sequence[tuple[str, list[dict]]], grader,
-                        params: SamplingParams, ks: dict[str, int], dist_info: Dist,
-                        enable_thinking: bool | None = None) -> dict[str, dict]:
-    """`evaluate` on each benchmark with its own k (multiple-choice rows graded by letter):
-    name -> {problems, k, avg@k, pass@k, response_len, no_answer, grader_timeouts}."""
-    results = {}
-    for name, rows in benchmarks:
-        k = ks[name]
-        metrics = evaluate(engine, tokenizer, rows, grader_for(rows, grader), params, k, dist_info, enable_thinking)
-        results[name] = {"problems": len(rows), "k": k, "avg@k": metrics[f"eval/avg@{k}"],
-                         "pass@k": metrics[f"eval/pass@{k}"], "response_len": metrics["eval/response_len"],
-                         "no_answer": metrics["eval/no_answer"], "grader_timeouts": metrics["eval/grader_timeouts"]}
-    return results
+                                 max_prompt_tokens=prompt_limit)) for name in eval_dataset_names(args)]
 
 
 def flat_eval_metrics(results: dict[str, dict]) -> dict:
@@ -2809,33 +3029,34 @@ def eval_table_markdown(results: dict[str, dict], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_eval_table(run_dir: str | Path, results: dict[str, dict], dist_info: Dist, title: str = "",
-                     meta: dict | None = None) -> Path | None:
-    """Print the table and write `eval_table.md` and `eval_table.json` in the run directory (rank 0;
-    an existing pair is kept and the new one gets a `+` name, never overwritten). Returns the .md path."""
-    if not dist_info.is_main:
-        return None
-    text = eval_table_markdown(results, title)
-    print(text, flush=True)
-    markdown = _unused_path(Path(run_dir) / "eval_table.md")
-    markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(text)
-    payload = {**(meta or {}), "benchmarks": {dataset_short_name(name): r for name, r in results.items()}}
-    _unused_path(markdown.with_suffix(".json")).write_text(json.dumps(payload, indent=2, default=str))
-    return markdown
-
-
-def eval_only_table(engine: RolloutEngine, tokenizer, benchmarks, grader, params: SamplingParams, ks: dict[str, int],
-                    dist_info: Dist, logger: "RunLogger", run_dir: str | Path, step: int, model: str,
-                    enable_thinking: bool | None = None) -> dict:
-    """The `--eval_only` branch of every script: `evaluate_benchmarks`, one logged record, the table
-    printed and written (`write_eval_table`). Returns the logged metrics (`flat_eval_metrics`)."""
-    results = evaluate_benchmarks(engine, tokenizer, benchmarks, grader, params, ks, dist_info, enable_thinking)
-    metrics = flat_eval_metrics(results)
-    logger.log(step, metrics, prefix="eval")
-    write_eval_table(run_dir, results, dist_info, title=f"{model} (step {step})",
-                     meta={"model": model, "step": step, "sampling": asdict(params)})
-    return metrics
+def eval_only(run) -> dict:
+    """--eval_only: each --eval_dataset benchmark with its k (multiple-choice rows graded by
+    letter), one logged record, the table printed and written to eval_table.md/.json (rank 0; an
+    existing pair is kept and the new one gets a `+` name)."""
+    args, results = run.args, {}
+    for name, rows in run.benchmarks:
+        k = run.eval_ks[name]
+        metrics = evaluate(run.engine, run.tokenizer, rows, grader_for(rows, run.grader),
+                           run.eval_params, k, run.dist, args.enable_thinking)
+        results[name] = {"problems": len(rows), "k": k, "avg@k": metrics[f"eval/avg@{k}"],
+                         "pass@k": metrics[f"eval/pass@{k}"],
+                         **{key: metrics[f"eval/{key}"]
+                            for key in ("response_len", "no_answer", "grader_timeouts")}}
+    run.history["first"] = flat_eval_metrics(results)
+    run.logger.log(run.start_step, run.history["first"], prefix="eval")
+    model = str(run.checkpoint or args.model)
+    if run.dist.is_main:
+        text = eval_table_markdown(results, f"{model} (step {run.start_step})")
+        print(text, flush=True)
+        markdown = _unused_path(run.dir / "eval_table.md")
+        markdown.write_text(text)
+        payload = {"model": model, "step": run.start_step, "sampling": asdict(run.eval_params),
+                   "benchmarks": {dataset_short_name(n): r for n, r in results.items()}}
+        _unused_path(markdown.with_suffix(".json")).write_text(
+            json.dumps(payload, indent=2, default=str))
+    run.logger.close()
+    run.grader.close()
+    return run.history
 
 
 # ---------------------------------------------------------------------------------------------
