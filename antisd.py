@@ -286,7 +286,8 @@ def main(argv=None):
                                              args.micro_batch_tokens, same_count=True):
                 logprobs, entropy, mask = common.response_logprobs(
                     model, [batch.prompts[i] for i in rows], [responses[i] for i in rows],
-                    run.tokenizer.pad_token_id, args.logprob_chunk_size, args.temperature)
+                    run.tokenizer.pad_token_id, args.logprob_chunk_size,
+                    temperature=args.temperature)
                 cols = slice(0, mask.shape[1])
                 # the behaviour policy (the weights that sampled) gives the ratio's denominator
                 old_logprobs = behaviour_logprobs[rows, cols] if args.num_minibatches > 1 \

@@ -115,7 +115,7 @@ def init_distributed(timeout_s: float = 3600.0) -> Dist:
     in one for the slowest, which at 32K-token responses can take longer than NCCL's default 10
     minutes."""
     cuda = torch.cuda.is_available()
-    if cuda:  # fp32 matmuls (the fp32 output head) on tensor cores; bf16-born operands are exact in TF32
+    if cuda:  # fp32 matmuls (the fp32 output head) on tensor cores; bf16-born operands: exact
         torch.set_float32_matmul_precision("high")
     elif "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
         # torch's default, a thread per core, gains little on the toy's small matrices and is much
@@ -166,12 +166,13 @@ def all_reduce_sum(value):
     """Sum over ranks. Takes a number, a tensor (returned as float64 on CPU) or a dict of numbers
     (returned as a dict of floats, reduced in one collective)."""
     if isinstance(value, dict):
-        totals = all_reduce_sum(torch.tensor([float(v) for v in value.values()], dtype=torch.float64))
+        totals = all_reduce_sum(torch.tensor([float(v) for v in value.values()],
+                                             dtype=torch.float64))
         return dict(zip(value.keys(), totals.tolist()))
     tensor = torch.as_tensor(value, dtype=torch.float64).detach().cpu().clone()
     if _distributed():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        tensor = tensor.to(device)
+        nccl = dist.get_backend() == "nccl"
+        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
         dist.all_reduce(tensor)
         tensor = tensor.cpu()
     return tensor
@@ -248,7 +249,7 @@ def _method_options_first(parser, args_class) -> None:
     own = set(inspect.get_annotations(args_class))
     method = parser.add_argument_group(f"{script_name(args_class)} options")
     shared = parser.add_argument_group("shared options (common.RunOptions)")
-    listed = parser._optionals._group_actions  # argparse's default group, where HfArgumentParser adds
+    listed = parser._optionals._group_actions  # argparse's default group: HfArgumentParser's
     for action in list(listed):
         listed.remove(action)
         (method if action.dest in own else shared)._group_actions.append(action)
@@ -294,47 +295,25 @@ def one_of(*choices, note: str = ""):
 # Valid ranges of the options shared by the method scripts: (predicate, description of the range).
 # `validate_args` checks the fields an Args class has; a script adds or overrides rules of its own.
 ARG_RULES = {
-    "num_steps": at_least(1),
+    **dict.fromkeys(["num_steps", "num_problems", "num_generations", "max_new_tokens",
+                     "gen_batch_size", "num_minibatches", "micro_batch_size",
+                     "logprob_chunk_size"], at_least(1)),
+    **dict.fromkeys(["vllm_max_num_seqs", "vllm_max_num_batched_tokens", "vllm_kv_cache_gib",
+                     "tis_cap", "max_prompt_tokens", "temperature", "top_k", "gen_batch_tokens",
+                     "weight_decay", "clip_high", "micro_batch_tokens", "eval_every",
+                     "eval_limit", "eval_temperature", "eval_top_k", "save_every"], at_least(0)),
+    **dict.fromkeys(["dist_timeout", "lr", "max_grad_norm", "grader_timeout"], above(0)),
+    **dict.fromkeys(["vllm_gpu_memory_utilization", "top_p", "eval_top_p"],
+                    between(0, 1, low_open=True)),
     "seed": between(0, 2**31 - 1),  # numpy seeds must be in [0, 2**32); rank r adds r
+    "clip_low": between(0, 1),
     "rollout": one_of("auto", "vllm", "hf"),
-    "vllm_gpu_memory_utilization": between(0, 1, low_open=True),
     "vllm_tensor_parallel_size": one_of(1, note=" (each rank runs its own engine; tensor "
                                         "parallelism inside an engine is not implemented)"),
     "vllm_sleep": one_of(0, 1, 2),
     "vllm_dtype": one_of("auto", "bfloat16", "float16", "float32"),
-    "vllm_max_num_seqs": at_least(0),
-    "vllm_max_num_batched_tokens": at_least(0),
-    "vllm_kv_cache_gib": at_least(0),
-    "dist_timeout": above(0),
-    "tis_cap": at_least(0),
-    "num_problems": at_least(1),
-    "num_generations": at_least(1),
-    "max_new_tokens": at_least(1),
-    "max_prompt_tokens": at_least(0),
-    "temperature": at_least(0),
-    "top_p": between(0, 1, low_open=True),
-    "top_k": at_least(0),
-    "gen_batch_size": at_least(1),
-    "gen_batch_tokens": at_least(0),
-    "lr": above(0),
-    "weight_decay": at_least(0),
-    "max_grad_norm": above(0),
-    "clip_low": between(0, 1),
-    "clip_high": at_least(0),
-    "num_minibatches": at_least(1),
-    "micro_batch_size": at_least(1),
-    "micro_batch_tokens": at_least(0),
-    "logprob_chunk_size": at_least(1),
-    "eval_every": at_least(0),
-    "eval_k": (lambda value: not str(value).strip() or (str(value).strip().isdigit()
-                                                     and int(value) >= 1),
+    "eval_k": (lambda value: not value.strip() or (value.strip().isdigit() and int(value) >= 1),
                "an int >= 1, or empty for each benchmark's default"),
-    "eval_limit": at_least(0),
-    "eval_temperature": at_least(0),
-    "eval_top_p": between(0, 1, low_open=True),
-    "eval_top_k": at_least(0),
-    "save_every": at_least(0),
-    "grader_timeout": above(0),
 }
 
 
@@ -362,7 +341,7 @@ class RunOptions:
     it, adds its method's options and re-declares a shared one whose default differs for it. Each
     script's docstring gives its paper's values. Ranges: `ARG_RULES`."""
     # model, data, run
-    model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | local dir")
+    model: str = option("toy", "policy: toy | toy-large | alias (Qwen3-8B, ...) | hub id | dir")
     dataset: str = option("toy", "train problems: toy | dapo | hub id | .jsonl/.json/.parquet")
     num_steps: int = option(60, "optimizer steps")
     seed: int = option(0, "random seed (rank r uses seed + r for sampling)")
@@ -387,32 +366,41 @@ class RunOptions:
     picture_rollouts: int = option(16, "rollouts of the latest step drawn in tokens.html (at each "
                                    "eval and the end)")
     eval_only: bool = option(False, "only evaluate --model (or the --resume checkpoint) and exit")
-    resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused if there is none)")
+    resume: bool = option(False, "continue --run_name from its newest valid checkpoint (refused "
+                                 "if there is none)")
     track: bool = option(False, "log to Weights & Biases")
     output_dir: str = option("runs", "where run directories go")
-    resume_or_start: bool = option(False, "like --resume, but start from step 0 when there is no valid checkpoint")
-    overwrite: bool = option(False, "move an existing run directory of --run_name aside and start a new run")
+    resume_or_start: bool = option(False, "like --resume, but start from step 0 when there is no "
+                                          "valid checkpoint")
+    overwrite: bool = option(False, "move an existing run directory of --run_name aside and start "
+                                    "a new run")
     debug: bool = option(False, "print the traceback of input errors too (or set RLVR_DEBUG=1)")
     # data
     dataset_split: str = option("train", "split of --dataset")
-    problem_key: str = option("problem", "column with the problem text (dotted path for nested fields)")
+    problem_key: str = option("problem", "column with the problem text (dotted path for nested "
+                                         "fields)")
     answer_key: str = option("answer", "column with the gold answer")
     solution_key: str = option("solution", "column with a reference solution (optional)")
-    max_prompt_tokens: int = option(0, "skip problems with longer prompts; 0 = model context - max_new_tokens")
-    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,aime26,amc23,hmmt25,minerva,gpqa (a comma "
-                               "list with --eval_only) | short=file | file | hub id; empty = none")
+    max_prompt_tokens: int = option(0, "skip problems with longer prompts; 0 = model context - "
+                                       "max_new_tokens")
+    eval_dataset: str = option("toy", "eval set: toy | math500,aime24,aime25,aime26,amc23,hmmt25,"
+                                      "minerva,gpqa (a comma list with --eval_only) | short=file | "
+                                      "file | hub id; empty = none")
     eval_split: str = option("test", "split of --eval_dataset")
-    # rollout engine (README, "vLLM rollouts", "Memory per GPU")
-    rollout: str = option("auto", "rollout engine: auto (vllm when installed and on CUDA, else hf) | vllm | hf")
+    # rollout engine (README, "vLLM rollouts"; tests/README.md, memory)
+    rollout: str = option("auto", "rollout engine: auto (vllm when installed and on CUDA, else hf) "
+                                  "| vllm | hf")
     gen_batch_size: int = option(256, "sequences per generation batch of the hf engine")
-    gen_batch_tokens: int = option(262144, "KV-cache positions per generation batch of the hf engine, rows x (longest "
-                                   "prompt + max_new_tokens); 0 = no bound [ours: README, memory table]")
-    vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the engine (weights + KV "
-                                                "cache), the rest is the trainer's [ours]")
+    gen_batch_tokens: int = option(262144, "KV-cache positions per generation batch of the hf "
+                                           "engine, rows x (longest prompt + max_new_tokens); 0 = "
+                                           "no bound [ours: memory table]")
+    vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm: GPU memory share of the "
+                                                     "engine (weights + KV cache) [ours]")
     vllm_tensor_parallel_size: int = option(1, "--rollout vllm: GPUs per engine; only 1 (an "
                                                 "engine per rank)")
-    vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to CPU, 2 discard "
-                              "(reloaded from the trainer before sampling); CUDA only")
+    vllm_sleep: int = option(0, "--rollout vllm: sleep between generations: 0 off, 1 weights to "
+                                "CPU, 2 discard (reloaded from the trainer before sampling); CUDA "
+                                "only")
     vllm_dtype: str = option("auto", "--rollout vllm: engine dtype; auto = bfloat16 on CUDA, "
                              "float32 on CPU")
     vllm_max_num_seqs: int = option(0, "--rollout vllm: sequences the engine runs at once; 0 = "
@@ -421,24 +409,29 @@ class RunOptions:
                                               "vLLM's default")
     vllm_kv_cache_gib: float = option(0.0, "--rollout vllm: KV cache in GiB; 0 = what "
                                       "--vllm_gpu_memory_utilization leaves on a GPU, 1 on a CPU")
-    tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = min(exp(log pi_train "
-                                 "- log pi_sampler), cap); 0 = off [TRL, verl]")
+    tis_cap: float = option(0.0, "truncated importance sampling, sampler vs trainer: w_t = "
+                                 "min(exp(log pi_train - log pi_sampler), cap); 0 = off [TRL, "
+                                 "verl]")
     # optimisation memory
     weight_decay: float = option(0.0, "AdamW weight decay [ours]")
-    micro_batch_size: int = option(64, "at most this many sequences per forward/backward (gradient accumulation)")
-    micro_batch_tokens: int = option(16384, "at most this many padded tokens (rows x longest) per forward/backward; "
-                                     "a longer sequence goes alone; 0 = no bound [ours: README, memory table]")
+    micro_batch_size: int = option(64, "at most this many sequences per forward/backward "
+                                       "(gradient accumulation)")
+    micro_batch_tokens: int = option(16384, "at most this many padded tokens (rows x longest) "
+                                            "per forward/backward; a longer sequence goes alone; "
+                                            "0 = no bound [ours: memory table]")
     logprob_chunk_size: int = option(512, "positions per chunk of the full-vocabulary "
                                      "log-prob/entropy")
-    activation_checkpointing: Optional[bool] = option(None, "recompute decoder layers in backward to save memory "
-                                                            "(unset = on with CUDA, off on CPU)", alone=True)
+    activation_checkpointing: Optional[bool] = option(
+        None, "recompute decoder layers in backward to save memory (unset = on with CUDA, off on "
+              "CPU)", alone=True)
     # evaluation, checkpoints, grading
-    eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = start/end only")
+    eval_every: int = option(30, "evaluate every N steps (and at the start and the end); 0 = "
+                                 "start/end only")
     eval_limit: int = option(0, "evaluate on the first N problems only; 0 = all")
     save_every: int = option(0, "also checkpoint every N steps; the end of a run (its last step, "
                                  "or a SIGINT/SIGTERM stop) always saves its final weights")
-    dist_timeout: float = option(3600.0, "seconds any collective may wait under torchrun (ranks wait "
-                                 "for the slowest generation) [TRL: 1800]")
+    dist_timeout: float = option(3600.0, "seconds any collective may wait under torchrun (ranks "
+                                         "wait for the slowest generation) [TRL: 1800]")
     grader_timeout: float = option(10.0, "bound per graded answer, in CPU seconds of the grader "
                                          "(a wall-clock backstop at 5x)")
 
@@ -446,7 +439,8 @@ class RunOptions:
 def validate_args(args, rules: dict | None = None) -> None:
     """Check every option that has a rule (`ARG_RULES` updated with `rules`) and raise a one-line
     UserError naming the flag and its valid range. Call it first in `main`, before anything loads:
-    it depends on the arguments only, so under torchrun every rank fails alike, before any collective."""
+    it depends on the arguments only, so under torchrun every rank fails alike, before any
+    collective."""
     for name, (valid, description) in {**ARG_RULES, **(rules or {})}.items():
         if not hasattr(args, name) or getattr(args, name) is None:
             continue
@@ -464,8 +458,8 @@ def run_main(main: Callable[[], object]) -> None:
     """Run a script's `main()` as its entry point: `if __name__ == "__main__": run_main(main)`.
 
     A UserError is printed as one line `error: <message>` on stderr (by every rank under torchrun,
-    tagged with the rank) and the process exits with status 2; `--debug` or RLVR_DEBUG=1 re-raises it
-    with its traceback. Any other exception is a bug and propagates with its traceback. Under
+    tagged with the rank) and the process exits with status 2; `--debug` or RLVR_DEBUG=1 re-raises
+    it with its traceback. Any other exception is a bug and propagates with its traceback. Under
     torchrun a rank leaves with os._exit, so no collective or teardown can block it; when only some
     ranks fail, torchrun stops the others as soon as one exits non-zero.
 
@@ -483,9 +477,9 @@ def run_main(main: Callable[[], object]) -> None:
         if _DEBUG or os.environ.get("RLVR_DEBUG", "") not in ("", "0"):
             raise
         message = " ".join(str(error).split())  # one line, whatever the message contained
-        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", 0)
-        tag = f"[rank {rank}] " if world > 1 else ""  # also for errors raised before the process group
+        # also for errors raised before the process group
+        world, rank = int(os.environ.get("WORLD_SIZE", 1)), os.environ.get("RANK", 0)
+        tag = f"[rank {rank}] " if world > 1 else ""
         print(f"{tag}error: {message}", file=sys.stderr, flush=True)
         if dist.is_initialized():
             sys.stdout.flush()
@@ -605,26 +599,28 @@ def resolve_model(name: str, flag: str = "--model") -> str:
     if re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) and not name.startswith((".", "~")):
         return name  # hub id, e.g. Qwen/Qwen3-8B (needs network or a populated HF cache)
     raise UserError(
-        f"Unknown {flag} {name!r}. Use one of: {', '.join(TOY_SPECS)} (built-in, offline); a short "
-        f"alias ({', '.join(MODEL_ALIASES)}); a hub id like 'Qwen/Qwen3-8B'; or a local model directory.")
+        f"Unknown {flag} {name!r}. Use one of: {', '.join(TOY_SPECS)} (built-in, offline); a "
+        f"short alias ({', '.join(MODEL_ALIASES)}); a hub id like 'Qwen/Qwen3-8B'; or a local "
+        "model directory.")
 
 
-def check_same_tokenizer(student_tokenizer, teacher_tokenizer, student: str, teacher: str) -> None:
-    """A separate teacher scores the student's token ids, so it must share the student's vocabulary
-    and special tokens: raise a UserError naming the difference otherwise (before any weights load)."""
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer, student: str, teacher: str):
+    """A separate teacher scores the student's token ids, so it must share the student's
+    vocabulary and special tokens: a UserError naming the difference otherwise."""
     student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
     if student_vocab != teacher_vocab:
         differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=str)[:3]
-        raise UserError(f"--teacher_model {teacher!r} has a different tokenizer from --model {student!r} "
-                        f"(vocabularies of {len(teacher_vocab)} and {len(student_vocab)} entries differ, e.g. "
-                        f"{differing}); the teacher scores the student's token ids, so both need the same "
-                        "tokenizer (e.g. the same model family).")
+        raise UserError(f"--teacher_model {teacher!r} has a different tokenizer from --model "
+                        f"{student!r} (vocabularies of {len(teacher_vocab)} and "
+                        f"{len(student_vocab)} entries differ, e.g. {differing}); the teacher "
+                        "scores the student's token ids, so both need the same tokenizer (e.g. "
+                        "the same model family).")
     for name in ["bos_token_id", "eos_token_id", "pad_token_id", "all_special_ids"]:
-        mine, theirs = getattr(student_tokenizer, name, None), getattr(teacher_tokenizer, name, None)
+        mine, theirs = getattr(student_tokenizer, name, None), getattr(teacher_tokenizer, name)
         if mine != theirs:
-            raise UserError(f"--teacher_model {teacher!r} and --model {student!r} share a vocabulary but not "
-                            f"their special tokens ({name}: {theirs} vs {mine}); use a teacher with the same "
-                            "tokenizer.")
+            raise UserError(f"--teacher_model {teacher!r} and --model {student!r} share a "
+                            f"vocabulary but not their special tokens ({name}: {theirs} vs "
+                            f"{mine}); use a teacher with the same tokenizer.")
 
 
 def _from_pretrained(loader, name: str, flag: str = "--model", **kwargs):
@@ -660,35 +656,32 @@ def load_tokenizer(name: str, flag: str = "--model"):
 
 def max_prompt_length(name: str, max_new_tokens: int, max_prompt_tokens: int = 0) -> int | None:
     """Longest prompt, in tokens, that leaves room for `max_new_tokens` in the model's context
-    (`max_position_embeddings` of its config), capped by `max_prompt_tokens` when > 0; None when
-    neither bounds it. Pass it to `load_problems` so that longer prompts are skipped and counted."""
+    (its config's `max_position_embeddings`), capped by `max_prompt_tokens` when > 0; None when
+    neither bounds it. `load_problems` skips (and counts) longer prompts."""
     from transformers import AutoConfig
 
     config = _from_pretrained(AutoConfig, name)
-    context = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions", "max_sequence_length")
+    context = next((getattr(config, key) for key in
+                    ("max_position_embeddings", "n_positions", "max_sequence_length")
                     if isinstance(getattr(config, key, None), int)), None)
     limit = context - max_new_tokens if context else None
     if limit is not None and limit < 1:
-        raise UserError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of "
-                        f"--model {name!r} ({context} tokens)")
+        raise UserError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
+                        f"context of --model {name!r} ({context} tokens)")
     if max_prompt_tokens > 0:
         limit = min(limit, max_prompt_tokens) if limit is not None else max_prompt_tokens
     return limit
 
 
-def load_model(name: str, dist_info: Dist, *, trainable: bool = True, activation_checkpointing: bool | None = None,
-               flag: str = "--model"):
-    """Load a causal LM onto this rank's device; `load_plan` decides sharding and precision.
-
-    One process (plain `python`, no process group): the whole model on the device. Trainable models
-    keep fp32 master weights (bf16 weights would swallow AdamW updates at lr 1e-6) and, on CUDA,
-    compute in bf16 under autocast. Several ranks (torchrun): FSDP2 with one unit per decoder layer,
-    built on the meta device; rank 0 alone reads the weights (on CPU) and they are broadcast into
-    the shards, so no rank holds a full copy on its device. On CUDA the shards of a trainable model
-    are fp32 masters computing in bf16 with fp32 gradient reduction. Frozen models (teachers) are
-    bf16 on CUDA. On CPU everything is fp32. `activation_checkpointing` (None: on for a trainable
-    model on CUDA) recomputes each decoder layer in backward. `flag` names the option in errors.
-    """
+def load_model(name: str, dist_info: Dist, *, trainable: bool = True,
+               activation_checkpointing: bool | None = None, flag: str = "--model"):
+    """A causal LM on this rank's device, placed as `load_plan` says. One process: the whole
+    model; trainable weights are fp32 masters (bf16 would swallow AdamW updates at lr 1e-6)
+    computing in bf16 under autocast on CUDA. Several ranks: FSDP2, one unit per decoder layer,
+    built on the meta device; rank 0 alone reads the weights and broadcasts them into the shards;
+    on CUDA fp32 masters compute in bf16 with fp32 gradient reduction. Frozen models (teachers)
+    are bf16 on CUDA; on CPU everything is fp32. `activation_checkpointing` (None: on for a
+    trainable model on CUDA) recomputes each decoder layer in backward."""
     from transformers import AutoModelForCausalLM
 
     plan = load_plan(dist_info.device.type, dist_info.world_size, trainable)
@@ -697,46 +690,48 @@ def load_model(name: str, dist_info: Dist, *, trainable: bool = True, activation
     if plan.shard:
         model = _load_sharded(name, dist_info, plan, activation_checkpointing, flag)
     else:
-        model = _from_pretrained(AutoModelForCausalLM, name, flag, dtype=plan.dtype).to(dist_info.device)
+        model = _from_pretrained(AutoModelForCausalLM, name, flag, dtype=plan.dtype)
+        model = model.to(dist_info.device)
         if activation_checkpointing:
             _enable_activation_checkpointing(model)
         if plan.bf16_compute:
             _autocast_forward(model, dist_info.device.type)
     if not trainable:
         model.requires_grad_(False)
-    model.eval()  # as from_pretrained leaves it; the scripts switch to train() for their gradient passes
+    model.eval()  # as from_pretrained leaves it; the scripts call train() for gradient passes
     return model
 
 
 @dataclass(frozen=True)
 class LoadPlan:
-    shard: bool                    # FSDP2 over the ranks of the process group (only with > 1 rank)
-    dtype: torch.dtype             # parameter dtype: fp32 masters, or bf16 for a frozen model on CUDA
-    bf16_compute: bool             # fp32 masters computing in bf16 (FSDP2 mixed precision or autocast)
+    shard: bool  # FSDP2 over the ranks of the process group (only with > 1 rank)
+    dtype: torch.dtype  # parameters: fp32 masters, or bf16 for a frozen model on CUDA
+    bf16_compute: bool  # fp32 masters computing in bf16 (FSDP2 mixed precision or autocast)
     activation_checkpointing: bool  # the default of load_model's `activation_checkpointing`
 
 
 def load_plan(device_type: str, world_size: int, trainable: bool) -> LoadPlan:
-    """How `load_model` places a model. One process never shards: FSDP2 needs a device mesh, hence
-    a process group, and on one rank it would only re-do what autocast does (cast the fp32 masters
-    to bf16 for compute) while a process group made up locally would change what `torch.distributed`
-    reports to everything else. So one process = plain model + autocast, several = FSDP2."""
+    """How `load_model` places a model. One process never shards: FSDP2 needs a process group,
+    and on one rank it would only re-do what autocast does, while a process group made up
+    locally would change what `torch.distributed` reports to everything else."""
     cuda = device_type == "cuda"
-    return LoadPlan(shard=world_size > 1, dtype=torch.bfloat16 if (cuda and not trainable) else torch.float32,
+    return LoadPlan(shard=world_size > 1,
+                    dtype=torch.bfloat16 if (cuda and not trainable) else torch.float32,
                     bf16_compute=cuda and trainable, activation_checkpointing=cuda and trainable)
 
 
 def _enable_activation_checkpointing(model) -> None:
-    """Recompute each decoder layer in backward (transformers 5 API; its 4.x name as a fallback). The
-    flag is set per layer and honoured only in train mode; on FSDP2 apply it before sharding."""
+    """Recompute each decoder layer in backward (transformers 5 API; its 4.x name as fallback),
+    honoured only in train mode; on FSDP2 apply it before sharding."""
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _autocast_forward(model, device_type: str) -> None:
-    """Run every forward of `model` under bf16 autocast (fp32 weights stay the masters; matmuls cast
+    """Every forward of `model` under bf16 autocast (fp32 weights stay the masters; matmuls cast
     them to bf16, norms and softmax stay fp32). A fresh context per call, so calls may nest."""
     forward = model.forward
 
@@ -748,7 +743,8 @@ def _autocast_forward(model, device_type: str) -> None:
     model.forward = autocast_forward
 
 
-def _load_sharded(name: str, dist_info: Dist, plan: LoadPlan, activation_checkpointing: bool, flag: str):
+def _load_sharded(name: str, dist_info: Dist, plan: LoadPlan, activation_checkpointing: bool,
+                  flag: str):
     """FSDP2 model whose weights only rank 0 reads: meta-device build, shard, allocate the shards,
     broadcast rank 0's full state dict into them (`broadcast_from_rank0`), then the buffers."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -756,8 +752,8 @@ def _load_sharded(name: str, dist_info: Dist, plan: LoadPlan, activation_checkpo
 
     config = _from_pretrained(AutoConfig, name, flag)
     full, error = None, None
-    if dist_info.is_main:  # every other rank waits for rank 0's verdict instead of hanging in a collective
-        try:  # in the checkpoint's own dtype (bf16 for hub models: half the host memory); the shards upcast
+    if dist_info.is_main:  # the other ranks wait for its verdict, not in a collective
+        try:  # in the checkpoint's own dtype (bf16 hub models: half the memory); shards upcast
             full = _from_pretrained(AutoModelForCausalLM, name, flag, dtype="auto")
         except UserError as caught:
             error = str(caught)
@@ -794,14 +790,14 @@ def _fully_shard(model, dist_info: Dist, bf16_compute: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))  # over the existing process group
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute \
-        else MixedPrecisionPolicy()
+    mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))  # existing group
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if bf16_compute else MixedPrecisionPolicy()
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     if not blocks:
-        raise ValueError(f"Cannot find decoder layers ({block_names}) of {type(model).__name__} to shard.")
-    for block in blocks:  # one FSDP unit per decoder layer, then the root (embeddings, norm, lm_head)
+        raise ValueError(f"No decoder layers ({block_names}) in {type(model).__name__} to shard.")
+    for block in blocks:  # one FSDP unit per decoder layer, then the root (embeddings, head)
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
@@ -822,15 +818,15 @@ def _reshard(*models) -> None:
 def copy_weights(dst_model, src_model) -> None:
     """dst <- src, parameter by parameter (both loaded by `load_model` with the same sharding)."""
     _reshard(dst_model, src_model)  # copy the shards
-    dst_params, src_params = dict(dst_model.named_parameters()), dict(src_model.named_parameters())
-    if dst_params.keys() != src_params.keys():
+    src_params = dict(src_model.named_parameters())
+    if dict(dst_model.named_parameters()).keys() != src_params.keys():
         raise ValueError("copy_weights: the two models have different parameter names.")
-    for name, dst_param in dst_params.items():
-        src, dst = src_params[name], dst_param
+    for name, dst in dst_model.named_parameters():
+        src = src_params[name]
         src = src.to_local() if hasattr(src, "to_local") else src
         dst = dst.to_local() if hasattr(dst, "to_local") else dst
         if src.shape != dst.shape:
-            raise ValueError(f"copy_weights: shape mismatch for {name}: {tuple(src.shape)} vs {tuple(dst.shape)}")
+            raise ValueError(f"copy_weights: {name} is {tuple(src.shape)} vs {tuple(dst.shape)}")
         dst.copy_(src)
 
 
@@ -2045,20 +2041,20 @@ class RolloutEngine:
         raise NotImplementedError
 
     def update_weights(self, model) -> None:
-        """Push the policy's new weights to the engine (a no-op when it samples from the policy itself)."""
+        """Push the policy's new weights to the engine (a no-op when it samples from the policy)."""
 
 
 def generation_batches(prompt_lengths: Sequence[int], max_new_tokens: int, max_sequences: int,
                        max_tokens: int = 0) -> list[list[int]]:
     """Consecutive batches of prompt indices for one generation phase, in order: at most
-    `max_sequences` rows and, when `max_tokens` > 0, at most `max_tokens` KV-cache positions, counted
-    as rows x (longest prompt in the batch + max_new_tokens), the cache's size when every row runs
-    to the limit (left padding included). A prompt that alone exceeds `max_tokens` goes alone."""
+    `max_sequences` rows and, when `max_tokens` > 0, at most `max_tokens` KV-cache positions,
+    rows x (longest prompt in the batch + max_new_tokens), the cache's size when every row runs to
+    the limit (left padding included). A prompt that alone exceeds `max_tokens` goes alone."""
     batches, batch, width = [], [], 0
     for i, length in enumerate(prompt_lengths):
         new_width = max(width, length)
-        full = len(batch) >= max_sequences or (max_tokens > 0 and (len(batch) + 1) * (new_width + max_new_tokens)
-                                                > max_tokens)
+        cache = (len(batch) + 1) * (new_width + max_new_tokens)
+        full = len(batch) >= max_sequences or (max_tokens > 0 and cache > max_tokens)
         if batch and full:
             batches.append(batch)
             batch, new_width = [], length
@@ -2079,7 +2075,8 @@ def _fsdp_param_groups(module) -> list:
     state = module._get_fsdp_state()
     groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.8; one optional group before
     if groups is None:
-        groups = [state._fsdp_param_group] if getattr(state, "_fsdp_param_group", None) is not None else []
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [group] if group is not None else []
     return list(groups)
 
 
@@ -2091,7 +2088,7 @@ class gathered_weights:
     are resharded and their reshard-after-forward settings restored. Inside, forwards call no
     collective, so ranks need not stay in step. Entering is a collective: every rank enters.
     A model without FSDP2 units passes through unchanged, except a trainable fp32 model on CUDA (one
-    process): its bf16 weight casts are made once for the phase (autocast's cache; not run on a GPU).
+    process): its bf16 weight casts are made once for the phase (autocast's cache)
     """
 
     def __init__(self, model):
@@ -2102,17 +2099,18 @@ class gathered_weights:
             params = list(self.model.parameters())
             if params and params[0].device.type == "cuda" and any(
                     p.dtype == torch.float32 and p.requires_grad for p in params):
-                # one process on CUDA (`load_plan`: fp32 masters, bf16 autocast per forward): one autocast
-                # region around the phase keeps autocast's cache of bf16 weight casts alive across decode
-                # steps (the model's own per-forward region nests inside), so weights are cast once per phase
+                # one process on CUDA (fp32 masters, bf16 autocast per forward): one autocast
+                # region around the phase keeps autocast's cache of bf16 weight casts alive
+                # across decode steps (each forward's own region nests inside)
                 self.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
                 self.autocast.__enter__()
             return self.model
         if self.modules[0] is self.model:  # `load_model` shards the model itself last: the root
-            # settle which unit is the root first: its lazy init turns off its reshard-after-forward,
+            # settle which unit is the root first: its lazy init turns off its reshard,
             # and the settings saved here must be the ones training runs with
             self.model._get_fsdp_state()._lazy_init()
-        self.saved = [any(g.post_forward_mesh_info is not None for g in _fsdp_param_groups(m)) for m in self.modules]
+        self.saved = [any(g.post_forward_mesh_info is not None for g in _fsdp_param_groups(m))
+                      for m in self.modules]
         for module in self.modules:
             module.set_reshard_after_forward(False, recurse=False)
             module.unshard()
@@ -2153,8 +2151,8 @@ class HFEngine(RolloutEngine):
         self.model.eval()
         responses, sampler_logprobs, progress = [], [], Progress(len(prompts), desc)
         with gathered_weights(self.model):
-            for batch in generation_batches([len(p) for p in prompts], params.max_new_tokens, self.batch_size,
-                                            self.batch_tokens):
+            for batch in generation_batches([len(p) for p in prompts], params.max_new_tokens,
+                                            self.batch_size, self.batch_tokens):
                 tokens, token_logprobs = self._sample([prompts[i] for i in batch], params, logprobs)
                 responses += tokens
                 sampler_logprobs += token_logprobs
@@ -2163,7 +2161,7 @@ class HFEngine(RolloutEngine):
         self.model.train(was_training)
         return (responses, sampler_logprobs) if logprobs else responses
 
-    def _sample(self, prompts: list[list[int]], params: SamplingParams, want_logprobs: bool = False):
+    def _sample(self, prompts: list[list[int]], params: SamplingParams, want_logprobs=False):
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -2177,11 +2175,12 @@ class HFEngine(RolloutEngine):
         responses, logprobs = [[] for _ in prompts], [[] for _ in prompts]
         rows = list(range(len(prompts)))  # the prompt of each batch row
         for step in range(params.max_new_tokens):
-            output = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1)
+            output = self.model(input_ids=input_ids, attention_mask=attention,
+                                position_ids=positions, past_key_values=cache, use_cache=True,
+                                logits_to_keep=1)
             cache = output.past_key_values
             if want_logprobs:
-                tokens, token_logprobs = sample_token(output.logits[:, -1], params, return_logprobs=True)
+                tokens, token_logprobs = sample_token(output.logits[:, -1], params, True)
                 for row, logprob in zip(rows, token_logprobs.tolist()):
                     logprobs[row].append(logprob)
             else:
@@ -2225,7 +2224,7 @@ def _kv_cache(config):
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, return_logprobs: bool = False):
     """One token per row of [B, V] logits: argmax at temperature 0, else a sample after temperature,
-    top-k and top-p (nucleus: the most likely tokens whose probabilities first reach top_p) filtering.
+    top-k and top-p (nucleus: the most likely tokens whose probabilities first reach top_p).
     With `return_logprobs` also each token's log-probability under the distribution it was drawn
     from (after temperature and filtering, renormalised; greedy: log_softmax(logits)), in fp32."""
     logits = logits.float()
@@ -2240,7 +2239,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, return_logprobs: 
         if params.top_p < 1.0:
             sorted_logits, order = filtered.sort(dim=-1, descending=True)
             probs = sorted_logits.softmax(-1)
-            outside = probs.cumsum(-1) - probs >= params.top_p  # the mass before it already reaches top_p
+            outside = probs.cumsum(-1) - probs >= params.top_p  # the mass before reaches top_p
             filtered = filtered.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
         tokens = torch.multinomial(filtered.softmax(-1), 1)[:, 0]
     if not return_logprobs:
@@ -2251,7 +2250,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, return_logprobs: 
 def make_engine(kind: str, model, tokenizer, batch_size: int = 64, batch_tokens: int = 0, *,
                 model_path: str | None = None, dist_info: "Dist | None" = None,
                 vllm_options: dict | None = None) -> RolloutEngine:
-    """The rollout engine for `--rollout` (`auto` resolved by `resolve_rollout`). The hf engine samples
+    """The rollout engine for `--rollout` (`auto`: `resolve_rollout`). The hf engine samples
     in batches of at most `batch_size` (--gen_batch_size) sequences and `batch_tokens`
     (--gen_batch_tokens, 0 = no bound) KV-cache positions. vLLM needs the HF-format folder or hub id
     the model was loaded from (`model_path`) and takes `vllm_options` (VLLMEngine's keyword
@@ -2464,10 +2463,10 @@ def resolve_rollout(kind: str) -> str:
 
 def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int, max_tokens: int = 0,
                   same_count: bool = False) -> list[list[int]]:
-    """Split `indices` into micro-batches, sequences sorted by `lengths[i]` so that little compute goes
-    to padding: at most `size` sequences and, when `max_tokens` > 0, at most `max_tokens` padded
-    tokens (rows x longest length in the micro-batch) each; a sequence longer than `max_tokens` goes
-    alone. A sum over micro-batches does not depend on the split.
+    """Split `indices` into micro-batches, sorted by `lengths[i]` so that little compute goes to
+    padding: at most `size` sequences and, when `max_tokens` > 0, at most `max_tokens` padded
+    tokens (rows x longest length) each; a sequence longer than `max_tokens` goes alone. A sum
+    over micro-batches does not depend on the split.
 
     `same_count=True` (a collective: every rank calls it) splits the largest micro-batches further
     until every rank has as many as the rank with the most, as FSDP2 needs (each forward and
@@ -2476,7 +2475,8 @@ def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int, max
     order = sorted(indices, key=lambda i: lengths[i])
     batches, batch = [], []
     for i in order:  # ascending: the newest sequence is the longest of its micro-batch
-        if batch and (len(batch) >= size or (max_tokens > 0 and (len(batch) + 1) * lengths[i] > max_tokens)):
+        padded = (len(batch) + 1) * lengths[i]
+        if batch and (len(batch) >= size or (max_tokens > 0 and padded > max_tokens)):
             batches.append(batch)
             batch = []
         batch.append(i)
@@ -2486,8 +2486,8 @@ def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int, max
         while len(batches) < target:
             splittable = [b for b in batches if len(b) > 1]
             if not splittable:
-                raise RuntimeError(f"micro_batches: cannot make {target} micro-batches of {len(order)} sequences "
-                                   "(ranks hold different numbers of sequences)")
+                raise RuntimeError(f"micro_batches: cannot make {target} micro-batches of "
+                                   f"{len(order)} sequences (ranks hold different numbers)")
             largest = max(splittable, key=lambda b: len(b) * max(lengths[i] for i in b))
             at = batches.index(largest)
             batches[at: at + 1] = [largest[: len(largest) // 2], largest[len(largest) // 2:]]
@@ -2503,7 +2503,7 @@ def padded_rows(rows: list, mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_hidden(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
-    """Final hidden states that predict each response token: (hidden [B,R,H], targets [B,R], mask [B,R]).
+    """Final hidden states that predict each response token: hidden [B,R,H], targets, mask [B,R].
 
     The model runs its own forward (so FSDP2 all-gathers and frees weights as usual) but its output
     projection is skipped: a pre-hook captures the projection's input and hands it an empty slice,
@@ -2541,8 +2541,8 @@ def response_hidden(model, prompts: list[list[int]], responses: list[list[int]],
 
 
 def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """hidden -> logits with the model's output projection, in at least fp32 (call after a forward of
-    that model, once per batch).
+    """hidden -> logits with the model's output projection, in at least fp32 (call after a
+    forward of that model, once per batch).
 
     A bf16 head weight (FSDP2's compute copy, a bf16 teacher) is upcast once here, so the gradients
     of all position chunks add up in fp32 in that one copy and are rounded to bf16 once, instead of
@@ -2563,11 +2563,12 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
     after its prompt, under softmax(logits / temperature): `response_hidden` then
     `token_logprob_entropy`. Differentiable unless called under `torch.no_grad()`."""
     hidden, targets, mask = response_hidden(model, prompts, responses, pad_id)
-    logprobs, entropy = token_logprob_entropy(output_head(model), hidden, targets, mask, chunk_size, temperature)
+    logprobs, entropy = token_logprob_entropy(output_head(model), hidden, targets, mask,
+                                              chunk_size, temperature)
     return logprobs, entropy, mask
 
 
-def chunked_map(fn: Callable, tensors: Sequence[torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, ...]:
+def chunked_map(fn: Callable, tensors: Sequence[torch.Tensor], chunk_size: int) -> tuple:
     """Apply `fn` to row chunks of equally long tensors and concatenate its outputs.
 
     With gradients enabled each chunk is checkpointed, so its [chunk, vocab] intermediates are
@@ -2584,21 +2585,21 @@ def chunked_map(fn: Callable, tensors: Sequence[torch.Tensor], chunk_size: int) 
     return tuple(torch.cat(column) for column in zip(*outputs))
 
 
-def token_logprob_entropy(logits_fn: Callable, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                          chunk_size: int = 512, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprob_entropy(logits_fn: Callable, hidden: torch.Tensor, targets: torch.Tensor,
+                          mask: torch.Tensor, chunk_size: int = 512, temperature: float = 1.0):
     """log p(target) and full-vocabulary entropy per response token ([B,R] each, 0 where masked).
 
-    `logits_fn` maps hidden states to logits (`output_head(model)`); bf16/fp16 logits are upcast to fp32.
-    `temperature` T: the distribution is softmax(logits / T), the one a sampler at T draws from before
-    any top-k/top-p filtering (TRL and verl divide the logits alike); T = 1 or T <= 0 (greedy) leave
-    the logits as they are.
+    `logits_fn` maps hidden states to logits (`output_head(model)`), upcast to fp32. `temperature`
+    T: softmax(logits / T), what a sampler at T draws from before top-k/top-p (TRL and verl divide
+    alike); T = 1 or T <= 0 (greedy) leave the logits as they are.
     """
     scaled = 0 < temperature != 1
 
     def logprob_and_entropy(h, y):
         logits = logits_fn(h)
-        logprobs = _log_softmax_fp32(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-                                     if scaled else logits)
+        if scaled:
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        logprobs = _log_softmax_fp32(logits)
         chosen = logprobs.gather(-1, y[:, None]).squeeze(-1)
         entropy = -(logprobs.exp() * logprobs).sum(-1)
         return chosen, entropy
@@ -2632,7 +2633,7 @@ def token_kl(student_logits_fn: Callable, student_hidden: torch.Tensor, teacher_
 
 
 def _log_softmax_fp32(logits: torch.Tensor) -> torch.Tensor:
-    """log-softmax in at least fp32 (bf16 logits lose the small probabilities that entropy/KL need)."""
+    """log-softmax in at least fp32 (bf16 loses the small probabilities entropy and KL need)."""
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
@@ -2978,51 +2979,53 @@ def parse_eval_k(spec: str, names: Sequence[str], protocol: dict | None = None) 
 
 
 def eval_dataset_names(args) -> list[str]:
-    """The comma-separated `--eval_dataset` as a list (empty: no evaluation). More than one is for
-    `--eval_only`; a training run evaluates on one (UserError otherwise)."""
+    """The comma-separated `--eval_dataset` as a list (empty: no evaluation); more than one is for
+    `--eval_only`, a training run evaluates on one."""
     names = [name.strip() for name in (args.eval_dataset or "").split(",") if name.strip()]
-    if not names and getattr(args, "eval_only", False):
-        raise UserError("--eval_only evaluates on --eval_dataset: name at least one (toy, math500, aime24, ...)")
-    if len(names) > 1 and not getattr(args, "eval_only", False):
-        raise UserError(f"--eval_dataset {args.eval_dataset!r}: a training run evaluates on one dataset; a "
-                        "comma-separated list of benchmarks is for --eval_only")
+    if not names and args.eval_only:
+        raise UserError("--eval_only evaluates on --eval_dataset: name at least one (toy, math500, "
+                        "aime24, ...)")
+    if len(names) > 1 and not args.eval_only:
+        raise UserError(f"--eval_dataset {args.eval_dataset!r}: a training run evaluates on one "
+                        "dataset; a comma-separated list of benchmarks is for --eval_only")
     return names
 
 
 def load_eval_benchmarks(args, tokenizer, prompt_limit: int | None) -> list[tuple[str, list]]:
-    """(name, rows) per `--eval_dataset` entry (toy, a short name, `short=file`, a file or hub id read
-    with `--eval_split` and the `--*_key` columns), `--eval_limit` rows each; prompts that do not fit
-    the context with `--max_new_tokens` (`prompt_limit`, `max_prompt_length`) are skipped."""
-    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key)
-    return [(name, load_problems(name, args.eval_split, **keys, limit=args.eval_limit or None, tokenizer=tokenizer,
-                                 max_prompt_tokens=prompt_limit)) for name in eval_dataset_names(args)]
+    """(name, rows) per `--eval_dataset` entry (toy, a short name, `short=file`, a file or hub id
+    read with `--eval_split` and the `--*_key` columns), `--eval_limit` rows each; prompts longer
+    than `prompt_limit` (`max_prompt_length`) are skipped."""
+    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key,
+                solution_key=args.solution_key, tokenizer=tokenizer, max_prompt_tokens=prompt_limit)
+    return [(name, load_problems(name, args.eval_split, **keys, limit=args.eval_limit or None))
+            for name in eval_dataset_names(args)]
 
 
 def flat_eval_metrics(results: dict[str, dict]) -> dict:
     """Metrics for `RunLogger.log`: eval/<name>/avg@k ... per benchmark; with one benchmark also
     the plain eval/avg@k keys a training run logs."""
     flat = {}
-    for name, result in results.items():
-        short, k = dataset_short_name(name), result["k"]
-        flat.update({f"eval/{short}/avg@{k}": result["avg@k"], f"eval/{short}/pass@{k}": result["pass@k"],
-                     f"eval/{short}/response_len": result["response_len"]})
+    for name, r in results.items():
+        short, k = dataset_short_name(name), r["k"]
+        flat.update({f"eval/{short}/avg@{k}": r["avg@k"], f"eval/{short}/pass@{k}": r["pass@k"],
+                     f"eval/{short}/response_len": r["response_len"]})
     if len(results) == 1:
-        (result,) = results.values()
-        k = result["k"]
-        flat.update({f"eval/avg@{k}": result["avg@k"], f"eval/pass@{k}": result["pass@k"],
-                     "eval/response_len": result["response_len"], "eval/no_answer": result["no_answer"],
-                     "eval/grader_timeouts": result["grader_timeouts"]})
+        ((_, r),) = results.items()
+        flat.update({f"eval/avg@{r['k']}": r["avg@k"], f"eval/pass@{r['k']}": r["pass@k"],
+                     **{f"eval/{key}": r[key]
+                        for key in ("response_len", "no_answer", "grader_timeouts")}})
     return flat
 
 
 def eval_table_markdown(results: dict[str, dict], title: str = "") -> str:
-    """One Markdown table: a row per benchmark (avg@k, pass@k in percent) and their unweighted mean."""
+    """One Markdown table: a row per benchmark (avg@k, pass@k in percent) and their mean."""
     lines = [f"## {title}", ""] if title else []
-    lines += ["| benchmark | problems | k | avg@k (%) | pass@k (%) | mean response tokens | no answer |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| benchmark | problems | k | avg@k (%) | pass@k (%) | mean response tokens | "
+              "no answer |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
-        lines.append(f"| {dataset_short_name(name)} | {r['problems']} | {r['k']} | {100 * r['avg@k']:.1f} | "
-                     f"{100 * r['pass@k']:.1f} | {r['response_len']:.0f} | {r['no_answer']:.0f} |")
+        lines.append(f"| {dataset_short_name(name)} | {r['problems']} | {r['k']} | "
+                     f"{100 * r['avg@k']:.1f} | {100 * r['pass@k']:.1f} | "
+                     f"{r['response_len']:.0f} | {r['no_answer']:.0f} |")
     if len(results) > 1:
         mean = lambda key: 100 * sum(r[key] for r in results.values()) / len(results)
         lines.append(f"| mean | | | {mean('avg@k'):.1f} | {mean('pass@k'):.1f} | | |")

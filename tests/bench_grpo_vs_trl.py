@@ -49,23 +49,24 @@ def problem_rows(count: int, seed: int) -> list[dict]:
 def run_ours(conn, args, out_dir: str) -> None:
     """antisd.main with --lambda_max 0; a step starts when the driver says so (at the sampler)."""
     import antisd
+    import common
 
     started = {}
 
-    class SteppedSampler(antisd.ProblemSampler):
+    class SteppedSampler(common.ProblemSampler):
         def next(self, count):
             conn.recv()  # wait for the driver's "go"
             started["t"] = time.perf_counter()
             return super().next(count)
 
-    class ReportingLogger(antisd.RunLogger):
+    class ReportingLogger(common.RunLogger):
         def log(self, step, metrics, prefix="step"):
             super().log(step, metrics, prefix)
             if prefix == "step":
                 tokens = metrics["response_len"] * args.num_problems * args.num_generations
                 conn.send({"seconds": time.perf_counter() - started["t"], "tokens": tokens})
 
-    antisd.ProblemSampler, antisd.RunLogger = SteppedSampler, ReportingLogger
+    common.ProblemSampler, common.RunLogger = SteppedSampler, ReportingLogger
     conn.send("ready")
     antisd.main([
         "--model", args.model, "--lambda_max", "0", "--eval_dataset", "", "--seed", str(args.seed),

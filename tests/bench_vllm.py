@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from vllm_engine_check import optimizer_step  # noqa: E402 (this folder)
 
 RANDOM_MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                     num_attention_heads=8, num_key_value_heads=8, head_dim=32)
@@ -77,13 +78,7 @@ def child(name: str, root: str) -> dict:
     result["vllm_tokens_per_s"], _ = timed_generate(engine, prompts, params)
     steps, pushes = [], []
     for _ in range(3):
-        started = time.perf_counter()
-        logprobs, _, mask = common.response_logprobs(model, prompts, responses,
-                                                     tokenizer.pad_token_id)
-        (-(logprobs * mask).sum() / mask.sum()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        steps.append(time.perf_counter() - started)
+        steps.append(optimizer_step(model, optimizer, tokenizer, prompts, responses))
         started = time.perf_counter()
         engine.update_weights(model)
         pushes.append(time.perf_counter() - started)

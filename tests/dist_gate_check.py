@@ -15,9 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import antisd  # noqa: E402
+import common  # noqa: E402
 
 steps = [[]]
-score, log = antisd.response_logprobs, antisd.RunLogger.log
+score, log = common.response_logprobs, common.RunLogger.log
 
 
 def recording_score(model, prompts, responses, pad_id, chunk_size=512, **kwargs):
@@ -33,7 +34,7 @@ def counting_log(logger, step, metrics, prefix="step"):
         steps.append([])
 
 
-antisd.response_logprobs, antisd.RunLogger.log = recording_score, counting_log
+common.response_logprobs, common.RunLogger.log = recording_score, counting_log
 out_dir = Path(sys.argv[1])
 antisd.main(sys.argv[2:])
 out_dir.mkdir(parents=True, exist_ok=True)

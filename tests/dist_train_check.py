@@ -11,8 +11,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import antisd  # noqa: E402
+import common  # noqa: E402
 
-original_save = antisd.save_checkpoint
+original_save = common.save_checkpoint
 
 
 def save_and_compare(run_dir, step, model, *args, **kwargs):
@@ -25,5 +26,5 @@ def save_and_compare(run_dir, step, model, *args, **kwargs):
     return original_save(run_dir, step, model, *args, **kwargs)
 
 
-antisd.save_checkpoint = save_and_compare
+common.save_checkpoint = save_and_compare
 antisd.main(sys.argv[1:])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import antisd
+import common
 from common import UserError
 from conftest import ROOT, run_script, torchrun
 
@@ -28,13 +29,13 @@ def records(run_dir):
 
 
 class ScoredRows:
-    """Records every row that `antisd.main` scores with `response_logprobs`: prompt text, response,
+    """Records every row that `antisd.main` scores with `common.response_logprobs`: prompt text, response,
     whether it builds a graph (the student's loss) or not (teacher / behaviour pass), its log-probs
     and entropies, the step, and a checksum of the weights it was scored with."""
 
     def __init__(self, monkeypatch, tokenizer):
         self.rows, self.step = [], 0
-        score, log = antisd.response_logprobs, antisd.RunLogger.log
+        score, log = common.response_logprobs, common.RunLogger.log
 
         def recording_score(model, prompts, responses, pad_id, chunk_size=512, **kwargs):
             logprobs, entropy, mask = score(model, prompts, responses, pad_id, chunk_size, **kwargs)
@@ -50,8 +51,8 @@ class ScoredRows:
             log(logger, step, metrics, prefix)
             self.step += prefix == "step"
 
-        monkeypatch.setattr(antisd, "response_logprobs", recording_score)
-        monkeypatch.setattr(antisd.RunLogger, "log", counting_log)
+        monkeypatch.setattr(common, "response_logprobs", recording_score)
+        monkeypatch.setattr(common.RunLogger, "log", counting_log)
         # a prompt's text ends with the chat template's tail, after the user message
         self.tail = tokenizer.apply_chat_template([{"role": "user", "content": "QQQQ"}], tokenize=False,
                                                   add_generation_prompt=True).split("QQQQ")[1]

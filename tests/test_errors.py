@@ -17,7 +17,7 @@ import common
 from common import UserError
 from conftest import run_script, torchrun
 
-EVAL_K_RANGE = ">= 1 (one int, or name=k pairs like aime24=32,math500=4)"
+EVAL_K_RANGE = "an int >= 1, or empty for each benchmark's default"
 
 # (flag, bad value, the valid range the message must state)
 BAD_VALUES = [
@@ -31,7 +31,7 @@ BAD_VALUES = [
     ("clip_low", "1.5", "in [0, 1]"), ("clip_high", "-0.1", ">= 0"), ("num_minibatches", "0", ">= 1"),
     ("micro_batch_size", "0", ">= 1"), ("logprob_chunk_size", "0", ">= 1"), ("lambda_max", "-0.5", ">= 0"),
     ("gate_warmup", "-1", ">= 0"), ("tau_down", "0", "in (0, 1]"), ("tau_down", "1.2", "in (0, 1]"),
-    ("eval_every", "-1", ">= 0"), ("eval_k", "0", EVAL_K_RANGE), ("eval_k", "aime24=x", EVAL_K_RANGE),
+    ("eval_every", "-1", ">= 0"), ("eval_k", "0", EVAL_K_RANGE), ("eval_k", "x", EVAL_K_RANGE),
     ("eval_limit", "-1", ">= 0"),
     ("eval_temperature", "-1", ">= 0"), ("eval_top_p", "0", "in (0, 1]"), ("eval_top_k", "-2", ">= 0"),
     ("save_every", "-1", ">= 0"), ("grader_timeout", "0", "> 0"), ("grader_timeout", "-3", "> 0"),
@@ -46,7 +46,7 @@ def no_loading(monkeypatch):
         raise AssertionError("something was loaded before the options were validated")
 
     for name in ["load_tokenizer", "load_model", "load_run_problems", "prepare_run_dir", "init_distributed"]:
-        monkeypatch.setattr(antisd, name, refuse)
+        monkeypatch.setattr(common, name, refuse)
 
 
 @pytest.mark.parametrize("flag,value,valid", BAD_VALUES, ids=[f"{f}={v}" for f, v, _ in BAD_VALUES])
@@ -142,11 +142,9 @@ def test_torchrun_error_on_one_rank_does_not_hang_the_other(tmp_path):
     assert "rank 0 got past the barrier" not in result.stdout
 
 
-@pytest.mark.parametrize("offline", ["1", ""], ids=["HF_HUB_OFFLINE=1", "no-network"])
-def test_unreachable_hub_model_and_dataset_fail_fast_naming_the_id(tmp_path, offline):
-    """With HF_HUB_OFFLINE=1 the hub is never asked. Without it, a host that does not answer within
-    3 s means cache only; on a machine with network the hub answers 'not found' quickly instead."""
-    env = {"HF_HUB_OFFLINE": offline, "TRANSFORMERS_OFFLINE": "", "HF_HOME": str(tmp_path / "hf")}
+def test_unreachable_hub_model_and_dataset_fail_fast_naming_the_id(tmp_path):
+    """With HF_HUB_OFFLINE=1 the hub is never asked: one line naming the id and the fix."""
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "", "HF_HOME": str(tmp_path / "hf")}
     cases = [(["--model", "rlvr-test-nobody/no-such-model"],
               "error: --model 'rlvr-test-nobody/no-such-model': cannot load 'rlvr-test-nobody/no-such-model' "
               "from the Hugging Face hub"),
@@ -161,24 +159,6 @@ def test_unreachable_hub_model_and_dataset_fail_fast_naming_the_id(tmp_path, off
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(start), result.stdout[-3000:]
         assert "It needs network access or a local copy" in lines[0] and "Traceback" not in result.stdout
         assert time.time() - started < 40, "retried the hub instead of failing fast"
-
-
-def test_hub_probe_says_unreachable_quickly(monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
-    for proxy in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]:
-        monkeypatch.delenv(proxy, raising=False)
-    common.hub_reachable.cache_clear()
-    try:
-        started = time.time()
-        assert common.hub_reachable() is False and time.time() - started < 5
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-        common.hub_reachable.cache_clear()
-        assert common.hub_reachable() is False
-    finally:
-        common.hub_reachable.cache_clear()
 
 
 def test_megabyte_problem_is_skipped_and_training_runs(tmp_path, capsys):

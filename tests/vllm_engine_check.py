@@ -26,7 +26,8 @@ def logprob_error(engine, model, tokenizer, prompts, params):
     with torch.no_grad():
         trainer, _, mask = common.response_logprobs(model, prompts, responses, tokenizer.pad_token_id,
                                                     temperature=params.temperature)
-    error = (trainer - common.padded_rows(sampler, mask)).abs()[mask].max()
+    sampler = common.pad_rows(sampler, mask.device)[:, : mask.shape[1]]
+    error = (trainer - sampler).abs()[mask].max()
     return float(error), responses
 
 
