@@ -246,7 +246,7 @@ def _script_summary(args_class) -> str:
 def _method_options_first(parser, args_class) -> None:
     """--help lists the options the script's `Args` declares (its method's) first, then the shared
     ones of `common.RunOptions`, each under its own heading."""
-    own = set(inspect.get_annotations(args_class))
+    own = set(inspect.get_annotations(args_class)) - {f.name for f in fields(RunOptions)}
     method = parser.add_argument_group(f"{script_name(args_class)} options")
     shared = parser.add_argument_group("shared options (common.RunOptions)")
     listed = parser._optionals._group_actions  # argparse's default group: HfArgumentParser's
@@ -654,10 +654,12 @@ def load_tokenizer(name: str, flag: str = "--model"):
     return tokenizer
 
 
-def max_prompt_length(name: str, max_new_tokens: int, max_prompt_tokens: int = 0) -> int | None:
+def max_prompt_length(name: str, max_new_tokens: int, max_prompt_tokens: int = 0,
+                      shown: str | None = None) -> int | None:
     """Longest prompt, in tokens, that leaves room for `max_new_tokens` in the model's context
     (its config's `max_position_embeddings`), capped by `max_prompt_tokens` when > 0; None when
-    neither bounds it. `load_problems` skips (and counts) longer prompts."""
+    neither bounds it. `load_problems` skips (and counts) longer prompts. `shown`: the --model
+    the user gave, for the error message."""
     from transformers import AutoConfig
 
     config = _from_pretrained(AutoConfig, name)
@@ -667,7 +669,7 @@ def max_prompt_length(name: str, max_new_tokens: int, max_prompt_tokens: int = 0
     limit = context - max_new_tokens if context else None
     if limit is not None and limit < 1:
         raise UserError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
-                        f"context of --model {name!r} ({context} tokens)")
+                        f"context of --model {shown or name!r} ({context} tokens)")
     if max_prompt_tokens > 0:
         limit = min(limit, max_prompt_tokens) if limit is not None else max_prompt_tokens
     return limit
@@ -2717,7 +2719,7 @@ def setup(args, name: str, eval_protocol: dict, step_line: Sequence[str], group:
     if separate_teacher:  # before any weights load
         check_same_tokenizer(tokenizer, load_tokenizer(teacher, "--teacher_model"), args.model,
                              teacher)
-    prompt_limit = max_prompt_length(path, args.max_new_tokens, args.max_prompt_tokens)
+    prompt_limit = max_prompt_length(path, args.max_new_tokens, args.max_prompt_tokens, args.model)
     train_rows, eval_rows = ([], []) if args.eval_only else \
         load_run_problems(args, tokenizer, prompt_limit)
     benchmarks = load_eval_benchmarks(args, tokenizer, prompt_limit) if args.eval_only else []
