@@ -3082,7 +3082,8 @@ class Progress:
         now = time.time()
         if self.show and now - self.last >= self.every and self.done < self.total:
             self.last = now
-            print(f"  {self.desc}: {self.done}/{self.total} ({self.done / (now - self.start):.1f}/s)", flush=True)
+            rate = self.done / (now - self.start)
+            print(f"  {self.desc}: {self.done}/{self.total} ({rate:.1f}/s)", flush=True)
 
     def close(self) -> None:
         elapsed = time.time() - self.start
@@ -3090,49 +3091,43 @@ class Progress:
             print(f"  {self.desc}: {self.total} done in {elapsed:.0f}s", flush=True)
 
 
-class RunLogger:
-    """Metrics to stdout (one line per step: the `step_line` metrics, or all), `runs/<run_name>/
-    metrics.jsonl` (all), TensorBoard when installed, and Weights & Biases with `track=True`. Only
-    rank 0 writes.
+RESUMED = "resumed_from_step"  # the key of metrics.jsonl's resume marker (`read_metrics`)
 
-    config.json holds the arguments a run was started with and the script that started it
-    (`script`); a resume never rewrites it. `resume_step` (from `prepare_run_dir`): None for a new
-    run; else, at the first new record and not before (so a resume that fails early changes
-    nothing), records of metrics.jsonl with a step after it (all of them for -1) move to a side file
-    `metrics.superseded-<time>.jsonl`, and one line goes to resumes.jsonl: when, from which step,
-    the command, and the options that differ from config.json. A write that fails (a full disk) is a
-    UserError naming the file and the intact checkpoint. `close` ends the run: it also releases the
-    run directory's lock."""
+
+class RunLogger:
+    """Metrics to stdout (a line per step: the `step_line` metrics, or all), `<run dir>/
+    metrics.jsonl` (all), TensorBoard when installed, Weights & Biases with `track`. Rank 0 writes;
+    a failed write (a full disk) is a UserError naming the file and the intact checkpoint.
+    config.json holds the options and the script of the run; a resume (`resume_step`: its
+    checkpoint's step, -1: restart in place) never rewrites it, and its first record adds a line to
+    resumes.jsonl (when, from where, the command, the options changed). metrics.jsonl is only
+    appended to: a resume of a run that logged steps after its checkpoint writes the marker
+    {"resumed_from_step": S}; readers drop the records before it of steps after S (`read_metrics`).
+    `close` also releases the run directory's lock."""
 
     def __init__(self, run_dir: str | Path, config, dist_info: Dist, track: bool = False,
                  project: str = "rlvr-distill", resume_step: int | None = None,
                  step_line: Sequence[str] = ()):
-        self.active = dist_info.is_main
-        self.step_line = step_line  # the metrics a step's stdout line shows (empty: all)
-        self.run_dir, self.tensorboard, self.wandb, self.file = Path(run_dir), None, None, None
-        self.resume_step = resume_step
+        self.run_dir, self.resume_step, self.step_line = Path(run_dir), resume_step, step_line
+        self.active, self.tensorboard, self.wandb = dist_info.is_main, None, None
         if not self.active:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if is_dataclass(config):
-            config = {"script": script_name(config), **_config_values(config)}
-        config = dict(config)
-        self.config = config
-        if resume_step is None:
-            self._write(self.run_dir / "config.json", json.dumps(config, indent=2, default=str))
+        self.config = {"script": script_name(config), **_config_values(config)}
+        if resume_step is None or not (self.run_dir / "config.json").exists():
+            self._write("config.json", json.dumps(self.config, indent=2, default=str), "w")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
-        except Exception:  # tensorboard not installed
-            self.tensorboard = None
+        except Exception:  # not installed, or an install that does not import
+            pass
         if track:
             try:
                 import wandb
             except ImportError as error:
-                raise UserError("--track logs to Weights & Biases: pip install wandb (and wandb login)") from error
-
-            self.wandb = wandb.init(project=project, name=self.run_dir.name, config=config,
+                raise UserError("--track logs to Weights & Biases: pip install wandb (and wandb "
+                                "login)") from error
+            self.wandb = wandb.init(project=project, name=self.run_dir.name, config=self.config,
                                     resume="allow" if resume_step is not None else None)
 
     def log(self, step: int, metrics: dict, prefix: str = "step") -> None:
@@ -3140,68 +3135,66 @@ class RunLogger:
             _STOP["step"] = step  # for the stop line of SIGINT/SIGTERM
         if not self.active:
             return
-        if self.file is None:
-            path = self.run_dir / "metrics.jsonl"
-            try:
-                if self.resume_step is not None:
-                    supersede_metrics(path, self.resume_step)
-                    self._record_resume()
-                self.file = open(path, "ab", buffering=0)  # append, never truncate; nothing pending
-            except OSError as error:
-                raise _cannot_write(Path(error.filename or path), error.strerror or str(error),
-                                    self.run_dir) from error
-        record = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
+        numeric = (int, float, np.floating, torch.Tensor)
+        record = {"step": step, **{k: float(v) if isinstance(v, numeric) else v
                                    for k, v in metrics.items()}}
-        self._write(self.file, json.dumps(record) + "\n")
-        numbers = {k: v for k, v in record.items() if isinstance(v, float) and k != "step"}
+        marker = self._record_resume() if self.resume_step is not None else ""
+        self._write("metrics.jsonl", marker + json.dumps(record) + "\n")  # closed: nothing pending
+        numbers = {k: v for k, v in record.items() if isinstance(v, float)}
         if self.tensorboard is not None:
             for key, value in numbers.items():
                 self.tensorboard.add_scalar(key, value, step)
         if self.wandb is not None:
             self.wandb.log(numbers, step=step)
-        keys = [k for k in record if k != "step"]
-        if prefix == "step" and self.step_line:
-            keys = self.step_line
+        keys = self.step_line if prefix == "step" and self.step_line else list(metrics)
         shown = " | ".join(f"{k} {_fmt(record[k])}" for k in keys if k in record)
         print(f"{prefix} {step} | {shown}", flush=True)
 
-    def _record_resume(self) -> None:
-        config = self.run_dir / "config.json"
-        if not config.exists():  # --resume_or_start in a directory that never got one
-            self._write(config, json.dumps(self.config, indent=2, default=str))
-            return
-        recorded = json.loads(config.read_text())
+    def _record_resume(self) -> str:
+        """Add the resume to resumes.jsonl; return what metrics.jsonl needs before the next record:
+        a newline after a line cut by a kill, the marker when the run logged later steps."""
+        step, self.resume_step = self.resume_step, None
+        recorded = json.loads((self.run_dir / "config.json").read_text())
         changed = {name: [recorded.get(name), value] for name, value in self.config.items()
                    if recorded.get(name) != value}
-        entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                 "from_step": self.resume_step, "changed": changed,
-                 "command": shlex.join([Path(sys.executable).name, *sys.argv])}
-        with open(self.run_dir / "resumes.jsonl", "a") as history:
-            history.write(json.dumps(entry) + "\n")
+        entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "from_step": step,
+                 "changed": changed, "command": shlex.join([Path(sys.executable).name, *sys.argv])}
+        self._write("resumes.jsonl", json.dumps(entry) + "\n")
+        path = self.run_dir / "metrics.jsonl"
+        cut = path.exists() and path.read_bytes()[-1:] not in (b"", b"\n")
+        later = any(record["step"] > step for record in read_metrics(self.run_dir))
+        return "\n" * cut + (json.dumps({RESUMED: step}) + "\n" if later else "")
 
-    def _write(self, target, text: str) -> None:
-        """Write `text` to an open binary file or a path; a failed write is a UserError that names
-        the file and the last checkpoint (intact: checkpoints are written aside and renamed)."""
-        path = Path(getattr(target, "name", target))
+    def _write(self, name: str, text: str, mode: str = "a") -> None:
         try:
-            if isinstance(target, Path):
-                target.write_text(text)
-                return
-            data = text.encode()
-            while data:
-                data = data[target.write(data):]
+            with open(self.run_dir / name, mode) as file:
+                file.write(text)
         except OSError as error:
-            raise _cannot_write(path, error.strerror or str(error), self.run_dir) from error
+            raise _cannot_write(self.run_dir / name, error.strerror or str(error), self.run_dir
+                                ) from error
 
     def close(self) -> None:
-        if self.active:
-            if self.file is not None:
-                self.file.close()
-            if self.tensorboard is not None:
-                self.tensorboard.close()
-            if self.wandb is not None:
-                self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         _release_run_lock()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of `<run_dir>/metrics.jsonl` as the run stands ([] without one): a resume marker
+    drops the records before it of later steps; a line cut by a kill is skipped."""
+    path, records = Path(run_dir) / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if RESUMED in record:
+            records = [kept for kept in records if kept["step"] <= record[RESUMED]]
+        else:
+            records.append(record)
+    return records
 
 
 def _cannot_write(path: Path, reason: str, run_dir: Path) -> UserError:
@@ -3212,50 +3205,10 @@ def _cannot_write(path: Path, reason: str, run_dir: Path) -> UserError:
     except (OSError, StopIteration):
         room = ""
     checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        then = "there is no checkpoint to continue from yet; free some space and start again"
-    else:
-        then = (f"the last checkpoint {checkpoint} is intact; free some space, then continue with "
-                "--resume")
+    then = (f"the last checkpoint {checkpoint} is intact; free some space, then continue with "
+            "--resume" if checkpoint else
+            "there is no checkpoint to continue from yet; free some space and start again")
     return UserError(f"cannot write {path} ({reason}{room}); nothing was deleted, {then}")
-
-
-def supersede_metrics(path: Path, resume_step: int) -> Path | None:
-    """Move the records of `path` (metrics.jsonl) with a step after `resume_step`, and any unreadable
-    line (a write cut by a kill), to `metrics.superseded-<UTC time>.jsonl` next to it. The side file
-    is written and synced before metrics.jsonl is atomically replaced by the kept records."""
-    if not path.exists():
-        return None
-    kept, later = [], []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            step = json.loads(line).get("step", 0)
-        except (json.JSONDecodeError, AttributeError):
-            step = math.inf
-        (kept if step <= resume_step else later).append(line + "\n")
-    if not later:
-        return None
-    side = _unused_path(path.with_name(f"metrics.superseded-{_utc_stamp()}.jsonl"))
-    _write_synced(side, "".join(later))
-    staging = path.with_name(path.name + ".tmp")
-    _write_synced(staging, "".join(kept))
-    os.replace(staging, path)
-    after = "all steps" if resume_step < 0 else f"steps after {resume_step}"
-    print(f"[resume] moved {len(later)} metric records of {after} from {path.name} to {side.name}", flush=True)
-    return side
-
-
-def _utc_stamp() -> str:
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
 
 
 def _fmt(value) -> str:
@@ -3271,25 +3224,19 @@ def _fmt(value) -> str:
 def write_token_picture(path: str | Path, rows: Sequence[dict], value_name: str,
                         scale: tuple[float, float] | dict[float, tuple[str, str]], title: str = "",
                         note: str = "", underline: tuple[str, float, float] | None = None) -> Path:
-    """Write an HTML page (no external files or scripts) with one row per rollout.
-
-    Each row is a dict: `tokens` (strings, e.g. the pieces of `response_token_spans`), `values`
-    (one float per token: the colour; NaN = uncoloured), optional `hover` (one string per token,
-    shown on mouse-over after the value), `label` (text before the row: reward, problem, ...),
-    `mark` (a short warning drawn in red on the row, e.g. "wrong answer") and `underline` (one
-    float per token, with the `underline` argument).
-    `scale` is fixed by the caller per quantity, never taken from the data, so pictures from
-    different steps and runs compare: (low, high) with low < 0 < high colours blue (low) - white (0)
-    - red (high); with low = 0 (a one-sided quantity) white (0) - red (high); values beyond the ends
-    saturate. A dict {value: (name, css colour)} draws categories instead, with a swatch legend.
-    `underline` = (name, low, high): each token's `underline` value as a bar under it, white (low)
-    to black (high), saturated beyond.
-    """
+    """Write an HTML page (nothing external) with one row per rollout. A row: `tokens` (strings),
+    `values` (a float per token: the colour; NaN uncoloured), optional `hover` (a string per token,
+    shown after the value), `label` (text before the row), `mark` (a warning drawn in red) and
+    `underline` (a float per token). `scale` is fixed by the caller per quantity, never taken from
+    the data, so pictures compare across steps and runs: (low, high) with low < 0 < high colours
+    blue (low) - white (0) - red (high), with low = 0 white - red; values beyond the ends saturate.
+    A dict {value: (name, css colour)} draws categories, with swatches. `underline` = (name, low,
+    high): a bar under each token, white (low) to black (high), saturated beyond."""
     import html
 
     categories = scale if isinstance(scale, dict) else None
     low, high = (0.0, 1.0) if categories else scale
-    if not categories and not (low <= 0 < high):
+    if not categories and not low <= 0 < high:
         raise ValueError(f"token picture scale {scale}: needs low <= 0 < high")
 
     def strength(value: float) -> float:  # 0 (white) .. 1 (saturated); < 0 on a one-sided scale: 0
@@ -3297,33 +3244,33 @@ def write_token_picture(path: str | Path, rows: Sequence[dict], value_name: str,
 
     def colour(value: float) -> str:
         if categories:
-            return categories[value][1] if value in categories else "transparent"
+            return categories.get(value, ("", "transparent"))[1]
         if not math.isfinite(value):
             return "transparent"
         fade = round(255 * (1 - strength(value)))
         return f"rgb(255,{fade},{fade})" if value >= 0 else f"rgb({fade},{fade},255)"
 
-    def style(value: float, under: float) -> str:  # white text on strong colours: readable
-        strong = not categories and math.isfinite(value) and strength(value) > 0.6
-        css = f"background:{colour(value)}" + (";color:#fff" if strong else "")
-        if underline and math.isfinite(under):
+    def cell(token: str, value: float, extra: str, under: float) -> str:
+        css = f"background:{colour(value)}"
+        if not categories and math.isfinite(value) and strength(value) > 0.6:
+            css += ";color:#fff"  # readable on strong colours
+        named = categories[value][0] if categories and value in categories else f"{value:.3f}"
+        tip = f"{token!r}  {value_name}={named}"
+        if underline:
             name, u_low, u_high = underline
-            shade = round(255 * (1 - min(1.0, max(0.0, (under - u_low) / (u_high - u_low)))))
-            css += f";border-bottom:4px solid rgb({shade},{shade},{shade})"
-        return css
+            tip += f"  {name}={under:.3f}"
+            if math.isfinite(under):
+                shade = round(255 * (1 - min(1.0, max(0.0, (under - u_low) / (u_high - u_low)))))
+                css += f";border-bottom:4px solid rgb({shade},{shade},{shade})"
+        tip = html.escape(tip + (f"  {extra}" if extra else ""), quote=True)
+        shown = html.escape(token.replace("\n", "\u21b5")) + ("<br>" if "\n" in token else "")
+        return f'<span class="t" style="{css}" title="{tip}">{shown}</span>'
 
     body = []
     for row in rows:
-        hover = row.get("hover") or [""] * len(row["tokens"])
-        under = row.get("underline") or [math.nan] * len(row["tokens"])
-        cells = []
-        for token, value, extra, u in zip(row["tokens"], row["values"], hover, under):
-            shown = html.escape(token.replace("\n", "\u21b5")) + ("<br>" if "\n" in token else "")
-            named = categories[value][0] if categories and value in categories else f"{value:.3f}"
-            tip = f"{token!r}  {value_name}={named}"
-            tip += f"  {underline[0]}={u:.3f}" if underline else ""
-            tip = html.escape(tip + (f"  {extra}" if extra else ""), quote=True)
-            cells.append(f'<span class="t" style="{style(value, u)}" title="{tip}">{shown}</span>')
+        count = len(row["tokens"])
+        cells = map(cell, row["tokens"], row["values"], row.get("hover") or [""] * count,
+                    row.get("underline") or [math.nan] * count)
         mark = f'<div class="mark">{html.escape(row["mark"])}</div>' if row.get("mark") else ""
         body.append(f'<div class="row{" marked" if mark else ""}"><div class="label">{mark}'
                     f'{html.escape(row.get("label", ""))}</div>'
@@ -3334,8 +3281,8 @@ def write_token_picture(path: str | Path, rows: Sequence[dict], value_name: str,
                            f'<span>{html.escape(label)}</span>' for label, c in categories.values())
         legends = [f"<span>{name} (categories):</span>{swatches}"]
     else:
-        ends = [low, low / 2, 0, high / 2, high] if low < 0 else [0, high / 2, high]
-        stops = ", ".join(colour(v) for v in ends)
+        stops = ", ".join(map(colour, [low, low / 2, 0, high / 2, high] if low < 0 else
+                              [0, high / 2, high]))
         legends = [f'<span>{name} = {low:g}</span><div class="bar" style="background: '
                    f'linear-gradient(to right, {stops})"></div><span>{high:g}</span><span>(fixed '
                    f'scale, the same in every picture; white = 0; saturated beyond)</span>']
@@ -3376,8 +3323,7 @@ body {{ font-family: sans-serif; margin: 1.5em; }}
 # ---------------------------------------------------------------------------------------------
 #
 # runs/<run_name>/  config.json (what made the run), resumes.jsonl, .lock, metrics.jsonl,
-#                   metrics.superseded-<time>.jsonl (records a resume replaced), tensorboard/,
-#                   checkpoints/step_NNNNNN/ (+ `latest`, a pointer file).
+#                   tensorboard/, checkpoints/step_NNNNNN/ (+ `latest`: the newest one's name).
 # A run directory is never reused silently and nothing in it is deleted except checkpoints older
 # than the newest `keep` by step number; `--overwrite` renames a whole run directory aside.
 
@@ -3386,27 +3332,20 @@ body {{ font-family: sans-serif; margin: 1.5em; }}
 class RunDir:
     path: Path                 # runs/<run_name>
     checkpoint: Path | None    # checkpoint to resume from (load the model from it), or None
-    resume_step: int | None    # None: new run; else the RunLogger's resume_step (-1: restart in place)
+    resume_step: int | None    # None: a new run; else RunLogger's resume_step (-1: from step 0)
 
 
 def prepare_run_dir(args, default_name: str, dist_info: Dist, safe_on_resume=()) -> RunDir:
-    """Decide where the run writes and what it resumes, before any model is loaded.
-
-    Reads `args.output_dir`, `run_name` (default `default_name` and the start time, a new directory
-    each run; a resume must name its run), `resume`, `resume_or_start` and `overwrite`.
-    One job per run directory: rank 0 holds `<run dir>/.lock` (flock) until the run
-    ends (`RunLogger.close` or process exit), so a second job there is refused naming the holder
-    (pid, host, command); a lock left by a dead process is free again. Without --resume, a run
-    directory that holds checkpoints or metrics is refused (UserError) unless --overwrite, which
-    renames it to `<run_name>.old-<time>`. A resume must come from the script that made the run
-    (config.json) with the same options, except `SAFE_ON_RESUME` and the script's `safe_on_resume`
-    (with --eval_only any option: it only evaluates the checkpoint).
-    With --resume, the newest checkpoint that `check_checkpoint` accepts is used and newer broken
-    ones are reported (and left in place); with none valid it is refused, or with --resume_or_start
-    the run restarts from step 0 in the same directory. A refusal changes nothing in the directory.
-    Rank 0 decides; every rank gets the same result or the same UserError, so no rank is left
-    waiting in a collective.
-    """
+    """Decide where the run writes and what it resumes, before any model is loaded, from
+    `args.output_dir`, `run_name` (default: `default_name` and the start time), `resume`,
+    `resume_or_start` and `overwrite`. Rank 0 holds `<run dir>/.lock` (flock) until the run ends
+    (`RunLogger.close`, or process exit): a second job is refused naming the holder. A used run
+    directory is refused without --resume, or with --overwrite renamed to `<run_name>.old-<time>`.
+    A resume must come from the run's script with the same options, except `SAFE_ON_RESUME` and
+    `safe_on_resume` (--eval_only: any), and takes the newest checkpoint `check_checkpoint`
+    accepts, naming newer ones it skips; with none it is refused, or with --resume_or_start
+    restarts from step 0 in place. A refusal changes nothing. Rank 0 decides; every rank gets the
+    same result or the same UserError (none is left waiting in a collective)."""
     outcome = None
     if dist_info.is_main:
         _release_run_lock()  # this process's previous run (a test calling main twice) is over
@@ -3426,68 +3365,67 @@ def prepare_run_dir(args, default_name: str, dist_info: Dist, safe_on_resume=())
     return outcome
 
 
-def _decide_run_dir(args, default_name: str, safe_on_resume=SAFE_ON_RESUME) -> RunDir:
-    resume = args.resume or args.resume_or_start
-    output = Path(args.output_dir).expanduser()
+def _decide_run_dir(args, default_name: str, safe_on_resume) -> RunDir:
+    resume, output = args.resume or args.resume_or_start, Path(args.output_dir).expanduser()
     if output.exists() and not output.is_dir():
         raise UserError(f"--output_dir {args.output_dir!r} is a file, not a directory")
-    if not args.run_name and resume:
+    if resume and not args.run_name:
         raise UserError(_resume_needs_name(output, default_name))
     name = args.run_name or _new_run_name(output, default_name)
     if name in ("", ".", "..") or "/" in name or "\\" in name:
         raise UserError(f"--run_name {name!r}: must be a plain directory name (no '/')")
     run_dir = output / name
     if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"the run directory {run_dir} is a file, not a directory: choose another --run_name")
+        raise UserError(f"the run directory {run_dir} is a file, not a directory: choose another "
+                        "--run_name")
     if run_dir.is_dir():
-        _lock_run_dir(run_dir)  # first: nothing below may act on a directory another job writes
+        _lock_run_dir(run_dir, args.output_dir)  # first: act on no directory another job writes
     if resume and args.overwrite:
-        raise UserError("--overwrite starts a new run and --resume continues one: pass only one of them")
-    if not resume:
-        used = _run_dir_contents(run_dir)
-        if used and not args.overwrite:
-            raise UserError(f"{run_dir} already holds a run ({used}); nothing was changed. Pass --resume to "
-                            "continue it, a new --run_name, or --overwrite to move it aside and start over.")
+        raise UserError("--overwrite starts a new run and --resume continues one: pass only one "
+                        "of them")
+    used = _run_dir_contents(run_dir)
+    if resume and run_dir.is_dir():
         if used:
-            aside = _unused_path(run_dir.with_name(f"{name}.old-{_utc_stamp()}"))
-            try:
-                os.replace(run_dir, aside)
-            except OSError as error:
-                raise UserError(f"--overwrite: cannot move {run_dir} aside to {aside} ({error.strerror or error})")
-            _release_run_lock()  # it moved aside with the old run
-            print(f"[run] --overwrite: moved the previous {run_dir} to {aside} (nothing deleted)", flush=True)
-        _make_writable(run_dir, args.output_dir)
-        _lock_run_dir(run_dir)
-        return RunDir(run_dir, None, None)
-    if not run_dir.is_dir():
+            _check_same_run(args, run_dir, safe_on_resume)
+        skipped = []
+        for step, path in list_checkpoints(run_dir):
+            if (reason := check_checkpoint(path)) is None:
+                note = f" (skipped newer: {'; '.join(skipped)})" if skipped else ""
+                print(f"[resume] resuming from {path} (step {step}){note}", flush=True)
+                return RunDir(run_dir, path, step)
+            skipped.append(f"{path.name}: {reason}")
+        found = f"under {run_dir / 'checkpoints'} ({'; '.join(skipped) or 'there are none'})"
         if not args.resume_or_start:
-            raise UserError(f"--resume: there is no run directory {run_dir}; drop --resume to start a new run "
-                            "(or check --run_name and --output_dir)")
-        print(f"[resume] --resume_or_start: no run directory {run_dir} yet: starting a new run", flush=True)
-        _make_writable(run_dir, args.output_dir)
-        _lock_run_dir(run_dir)
-        return RunDir(run_dir, None, None)
-    if _run_dir_contents(run_dir):
-        _check_same_run(args, run_dir, safe_on_resume)
-    skipped = []
-    for step, path in list_checkpoints(run_dir):
-        reason = check_checkpoint(path)
-        if reason is None:
-            note = f" (skipped newer: {'; '.join(skipped)})" if skipped else ""
-            print(f"[resume] resuming from {path} (step {step}){note}", flush=True)
-            _make_writable(run_dir, args.output_dir)
-            return RunDir(run_dir, path, step)
-        skipped.append(f"{path.name}: {reason}")
-    found = "; ".join(skipped) if skipped else "there are none"
-    if not args.resume_or_start:
-        raise UserError(f"--resume: no valid checkpoint under {run_dir / 'checkpoints'} ({found}); nothing was "
-                        "changed. Pass --resume_or_start to restart this run from step 0 in place (its metrics "
-                        "are moved to a side file), or a new --run_name.")
-    print(f"[resume] --resume_or_start: no valid checkpoint under {run_dir / 'checkpoints'} ({found}): starting "
-          "from step 0 in place; metrics.jsonl moves to a side file when the first new record is written, "
-          "checkpoint folders stay until the new run writes the same steps", flush=True)
-    _make_writable(run_dir, args.output_dir)
-    return RunDir(run_dir, None, -1)
+            raise UserError(f"--resume: no valid checkpoint {found}; nothing was changed. Pass "
+                            "--resume_or_start to restart this run from step 0 in place (its "
+                            "metrics are superseded), or a new --run_name.")
+        print(f"[resume] --resume_or_start: no valid checkpoint {found}: starting from step 0 in "
+              "place; the earlier metrics are superseded, checkpoint folders stay until the new "
+              "run writes the same steps", flush=True)
+        return RunDir(run_dir, None, -1)
+    if resume and not args.resume_or_start:
+        raise UserError(f"--resume: there is no run directory {run_dir}; drop --resume to start a "
+                        "new run (or check --run_name and --output_dir)")
+    if resume:
+        print(f"[resume] --resume_or_start: no run directory {run_dir} yet: starting a new run",
+              flush=True)
+    elif used and not args.overwrite:
+        raise UserError(f"{run_dir} already holds a run ({used}); nothing was changed. Pass "
+                        "--resume to continue it, a new --run_name, or --overwrite to move it "
+                        "aside and start over.")
+    elif used:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        aside = _unused_path(run_dir.with_name(f"{name}.old-{stamp}"))
+        try:
+            os.replace(run_dir, aside)
+        except OSError as error:
+            raise UserError(f"--overwrite: cannot move {run_dir} aside to {aside} "
+                            f"({error.strerror or error})") from error
+        _release_run_lock()  # it moved aside with the old run
+        print(f"[run] --overwrite: moved the previous {run_dir} to {aside} (nothing deleted)",
+              flush=True)
+    _lock_run_dir(run_dir, args.output_dir)
+    return RunDir(run_dir, None, None)
 
 
 def _new_run_name(output: Path, default_name: str) -> str:
@@ -3517,8 +3455,8 @@ def _check_same_run(args, run_dir: Path, safe_on_resume) -> None:
     try:
         recorded = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        reason = ("is missing" if isinstance(error, FileNotFoundError)
-                  else f"does not load ({error})")
+        missing = isinstance(error, FileNotFoundError)
+        reason = "is missing" if missing else f"does not load ({error})"
         raise UserError(f"--resume: {path} {reason}, so what made this run cannot be checked; "
                         "nothing was changed. Restore it, or start a new run (a new --run_name)."
                         ) from error
@@ -3527,9 +3465,9 @@ def _check_same_run(args, run_dir: Path, safe_on_resume) -> None:
         raise UserError(f"--resume: {run_dir} was made by {made_by}, not {script}; nothing was "
                         f"changed. Continue it with {made_by} --resume, or start a new run (a new "
                         "--run_name).")
-    given, defaults = _config_values(args), _config_values(type(args)())
     if args.eval_only:  # it only reads the checkpoint: any option may differ (see resumes.jsonl)
         return
+    given, defaults = _config_values(args), _config_values(type(args)())
     ran = {name: recorded.get(name, defaults[name]) for name in given}
     changed = [f"--{name} {_shown(value)} (the run has {_shown(ran[name])})"
                for name, value in given.items()
@@ -3550,29 +3488,51 @@ def _shown(value) -> str:
     return "unset" if value is None else repr(value) if value == "" else str(value)
 
 
+def _run_dir_contents(run_dir: Path) -> str:
+    """What of a previous run `run_dir` holds ("" when nothing that a new run could clobber)."""
+    counts = [(len(read_metrics(run_dir)), "metric records"),
+              (len(list_checkpoints(run_dir)), "checkpoints")]
+    return ", ".join(f"{count} {what}" for count, what in counts if count)
+
+
+def _unused_path(path: Path) -> Path:
+    """`path`, or `stem+suffix`, `stem++suffix`, ... when taken (two files in one second)."""
+    while path.exists():
+        path = path.with_name(path.stem + "+" + path.suffix)
+    return path
+
+
 # ---- One job per run directory -----------------------------------------------------------------
 
-LOCK_FILE = ".lock"  # in the run directory; its text names the holder (JSON), the flock decides
-_run_lock: list = []  # [open lock file] while this process (rank 0) holds a run directory
+_run_lock: list = []  # [open `.lock` file] while this process (rank 0) holds a run directory
 
 
-def _lock_run_dir(run_dir: Path) -> None:
-    """Take `<run_dir>/.lock` with flock, without waiting, or refuse naming the holder. The kernel
-    drops the lock when its process dies, however it dies: a lock file left by a dead process is
-    taken over. A file system without flock gets one warning line and no lock."""
-    path = run_dir / LOCK_FILE
+def _lock_run_dir(run_dir: Path, output_dir: str) -> None:
+    """Create `run_dir` and take `<run_dir>/.lock` with flock, without waiting, or refuse naming the
+    holder (the file's JSON). Opening the file for writing proves the directory writable (os.access
+    says yes to root on a read-only mount). The kernel drops the lock when its process dies: a lock
+    left by a dead process is taken over. A file system without flock gets a warning line."""
+    path = run_dir / ".lock"
     if _run_lock and Path(_run_lock[0].name) == path:
         return
     _release_run_lock()
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")  # created when missing, never truncated here
     except OSError as error:
-        raise UserError(f"cannot write the run directory {run_dir} ({error.strerror or error})") from error
+        raise UserError(f"--output_dir {output_dir!r}: cannot write the run directory {run_dir} "
+                        f"({error.strerror or error})") from error
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = _lock_holder(handle.read())
+        try:
+            holder = json.loads(handle.read())
+            launcher = holder["launcher"] and f", launched by torchrun pid {holder['launcher']}"
+            holder = (f"pid {holder['pid']} on {holder['host']}{launcher or ''}, since "
+                      f"{holder['since']}: {holder['command']}")
+        except (ValueError, KeyError, TypeError):  # not written yet
+            holder = "a job that is just starting"
         handle.close()
         raise UserError(f"{run_dir} is in use by another job ({holder}); nothing was changed. "
                         "Let it finish or stop it first (a lock left by a process that died is "
@@ -3585,37 +3545,18 @@ def _lock_run_dir(run_dir: Path) -> None:
     _run_lock.append(handle)
 
 
-def _lock_holder(text: str) -> str:
-    try:
-        holder = json.loads(text)
-        pid, host = int(holder["pid"]), holder["host"]
-    except (ValueError, KeyError, TypeError):
-        return "a job that is just starting"
-    if host == socket.gethostname():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:  # the file still names the previous holder
-            return "a job that is just starting"
-        except PermissionError:
-            pass
-    launcher = f", launched by torchrun pid {holder['launcher']}" if holder.get("launcher") else ""
-    return f"pid {pid} on {host}{launcher}, since {holder.get('since')}: {holder.get('command')}"
-
-
 def _record_lock_holder() -> None:
     """Write who holds the lock into it once the run directory is settled (a refused job writes
     nothing)."""
-    if not _run_lock:
-        return
-    handle = _run_lock[0]
-    launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
-    command = shlex.join([Path(sys.executable).name, *sys.argv])
-    handle.seek(0)
-    handle.truncate()
-    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "launcher": launcher,
-                             "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                             "command": command[:300]}) + "\n")
-    handle.flush()
+    if _run_lock:
+        launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        command = shlex.join([Path(sys.executable).name, *sys.argv])[:300]
+        _run_lock[0].seek(0)
+        _run_lock[0].truncate()
+        _run_lock[0].write(json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(), "launcher": launcher,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": command}))
+        _run_lock[0].flush()
 
 
 def _release_run_lock() -> None:
@@ -3623,101 +3564,34 @@ def _release_run_lock() -> None:
         _run_lock.pop().close()  # closing the file drops the flock; the file stays
 
 
-def _run_dir_contents(run_dir: Path) -> str:
-    """What of a previous run `run_dir` holds ("" when nothing that a new run could clobber)."""
-    parts = []
-    records = sum(len(path.read_text().splitlines()) for path in run_dir.glob("metrics*.jsonl") if path.is_file())
-    if records:
-        parts.append(f"{records} metric records")
-    checkpoints = list_checkpoints(run_dir)
-    if checkpoints:
-        parts.append(f"{len(checkpoints)} checkpoints")
-    return ", ".join(parts)
+# ---- Checkpoints: checkpoints/step_N/ written aside and renamed into place, `latest` names it ----
 
-
-def _unused_path(path: Path) -> Path:
-    """`path`, or `stem+suffix`, `stem++suffix`, ... when taken (two side files in one second)."""
-    while path.exists():
-        path = path.with_name(path.stem + "+" + path.suffix)
-    return path
-
-
-def _make_writable(run_dir: Path, output_dir: str) -> None:
-    """Create `run_dir` and prove it writable with a probe file (os.access says yes to root on a
-    read-only mount)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"--output_dir {output_dir!r}: cannot write the run directory {run_dir} "
-                        f"({error.strerror or error})") from error
+TRAIN_STATE = "train_state"  # a checkpoint's DCP folder: weights + optimizer state, a file per rank
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every `checkpoints/step_N` folder, newest step first (staging `.tmp`
-    folders excluded; ordered by number, not name)."""
-    root = Path(run_dir) / "checkpoints"
-    found = [(int(match[1]), path) for path in root.glob("step_*")
+    """(step, folder) of every `checkpoints/step_N` folder, newest step first (by number; the
+    `.tmp` folder of a write in progress or cut by a kill is none)."""
+    found = [(int(match[1]), path) for path in (Path(run_dir) / "checkpoints").glob("step_*")
              if (match := re.fullmatch(r"step_(\d+)", path.name)) and path.is_dir()]
     return sorted(found, reverse=True)
 
 
 def check_checkpoint(path: str | Path) -> str | None:
-    """Why the checkpoint folder `path` cannot be resumed from, or None when it can: config.json,
-    every weights file with a readable header covering the whole file, the training state (its DCP
-    `.metadata` loads and every shard file it names is there and long enough) and a trainer_state.pt
-    that loads with the folder's step."""
-    from safetensors import safe_open
-    from torch.distributed.checkpoint import FileSystemReader
-
+    """What the checkpoint folder `path` lacks of what `load_checkpoint` and `load_model` read, or
+    None. A folder is renamed into place only once written, so this catches only later damage."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        return "config.json is missing"
-    index = path / "model.safetensors.index.json"
-    current = index
-    try:
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (path / "model.safetensors").is_file():
-            shards = ["model.safetensors"]
-        else:
-            return "the model weights (model.safetensors) are missing"
-        for shard in shards:
-            current = path / shard
-            if not current.is_file():
-                return f"{shard} is missing"
-            with safe_open(str(current), "pt") as weights:
-                weights.keys()
-        current = path / TRAIN_STATE / ".metadata"
-        if not current.is_file():
-            return f"the training state ({TRAIN_STATE}/.metadata) is missing"
-        ends = {}  # shard file -> bytes its items need
-        for item in FileSystemReader(str(path / TRAIN_STATE)).read_metadata().storage_data.values():
-            ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
-        for name, end in sorted(ends.items()):
-            current = path / TRAIN_STATE / name
-            if not current.is_file():
-                return f"{TRAIN_STATE}/{name} is missing"
-            if current.stat().st_size < end:
-                return f"{TRAIN_STATE}/{name} is truncated ({current.stat().st_size} of {end} bytes)"
-        current = path / "trainer_state.pt"
-        if not current.is_file():
-            return "trainer_state.pt is missing"
-        saved = torch.load(current, weights_only=False, mmap=True, map_location="cpu")
-        named = re.fullmatch(r"step_(\d+)", path.name)
-        if not isinstance(saved, dict) or not {"step", "rng", "state"} <= saved.keys():
-            return "trainer_state.pt lacks step/rng/state"
-        if named and saved["step"] != int(named[1]):
-            return f"trainer_state.pt is for step {saved['step']}"
-    except Exception as error:  # truncated or corrupt file: whatever the library raises
-        reason = (str(error).strip().splitlines() or [""])[0][:160]
-        return f"{current.name} does not load ({type(error).__name__}: {reason})"
-    return None
+    needed = ["config.json", "trainer_state.pt", f"{TRAIN_STATE}/.metadata"]
+    missing = [name for name in needed if not (path / name).is_file()]
+    if not any(path.glob("model*.safetensors*")):
+        missing.append("model.safetensors")
+    return f"{missing[0]} is missing" if missing else None
 
 
-TRAIN_STATE = "train_state"  # the DCP folder of a checkpoint: weights + optimizer state, one file per rank
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of `run_dir` that `check_checkpoint` accepts, or None."""
+    return next((path for _, path in list_checkpoints(run_dir) if check_checkpoint(path) is None),
+                None)
 
 
 def _full_weights(model, dtype: torch.dtype | None, keep: bool) -> dict:
@@ -3740,34 +3614,61 @@ def _full_weights(model, dtype: torch.dtype | None, keep: bool) -> dict:
     return weights
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, state: dict, dist_info: Dist,
-                    keep: int = 2, frozen: dict | None = None,
+def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, state: dict,
+                    dist_info: Dist, keep: int = 2, frozen: dict | None = None,
                     export_dtype: torch.dtype | None = None) -> Path:
-    """Write `checkpoints/step_NNNNNN/` atomically (temp dir, then rename) and point `latest` at it.
+    """Write `checkpoints/step_NNNNNN.tmp/`, rename it to `step_NNNNNN/`, then point `latest` at it
+    (a file replaced). Collective: every rank calls it (on several nodes: a shared file system).
+    Contents: `train_state/` (DCP: each rank its own shards of the fp32 weights, optimizer state and
+    `frozen` models, e.g. a frozen teacher copy); `trainer_state.pt` (every rank's RNG states, the
+    step, `state`); an HF export + tokenizer for `from_pretrained` and vLLM, gathered one tensor at
+    a time, in `export_dtype` (None: bf16 on CUDA, else the training dtype). Rotation keeps this
+    and the `keep - 1` newest before it (keep <= 0: all), never later steps (a resumed run replaces
+    those). A failed write (a full disk) removes the `.tmp` folder and is a UserError naming the
+    intact previous checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    Contents: `train_state/`, the training state for resume written with torch.distributed.checkpoint
-    (DCP): every rank writes its own shards of the fp32 weights and the optimizer state, nothing is
-    gathered; `trainer_state.pt` with every rank's RNG states, the step and `state` (data position
-    and method state); and an HF-format export of the weights + tokenizer for `from_pretrained` and
-    vLLM (the full weights gathered one tensor at a time into rank 0's CPU memory) in
-    `export_dtype`, None: bf16 on CUDA (what vLLM and the hub use: half of fp32's 32.8 GB for 8B),
-    the training dtype elsewhere (fp32 on CPU, exact). The training state stays fp32 either way.
-    Collective: every rank calls it. Under torchrun on several nodes the run directory must be a
-    shared file system. Rotation keeps this checkpoint and the `keep - 1` newest before it (by
-    step number; keep <= 0 keeps all); it never deletes this one, the one `latest` names, or those
-    of later steps (a resumed run replaces those when it writes the same step). A write that fails
-    (a full disk) removes the staging folder and is a UserError naming the intact previous
-    checkpoint.
-    `frozen`: name -> another model (loaded like `model`, e.g. a frozen teacher copy) whose weights
-    go into `train_state/` too, each rank its own shards; `load_checkpoint` restores them.
-    """
     if export_dtype is None and dist_info.device.type == "cuda":
         export_dtype = torch.bfloat16
     root = Path(run_dir) / "checkpoints"
     final, staging = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
     try:
-        _write_checkpoint(root, final, staging, step, model, tokenizer, optimizer, state, dist_info,
-                          keep, frozen, export_dtype)
+        if dist_info.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        barrier()
+        _reshard(model, *(frozen or {}).values())
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards
+        others = {name: get_model_state_dict(other) for name, other in (frozen or {}).items()}
+        _run_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state, **others},
+                 staging / TRAIN_STATE)
+        export = _full_weights(model, export_dtype, keep=dist_info.is_main)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(),
+               "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        rngs = [rng]
+        if _distributed():
+            rngs = [None] * dist_info.world_size
+            dist.all_gather_object(rngs, rng)
+        if dist_info.is_main:
+            model.save_pretrained(staging, state_dict=export)
+            if export_dtype is not None:  # save_pretrained names the masters' dtype
+                config = json.loads((staging / "config.json").read_text())
+                config["dtype"] = str(export_dtype).removeprefix("torch.")
+                (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True)
+                                                     + "\n")
+            tokenizer.save_pretrained(staging)
+            torch.save({"step": step, "rng": rngs, "state": state,
+                        "world_size": dist_info.world_size}, staging / "trainer_state.pt")
+            shutil.rmtree(final, ignore_errors=True)  # a same-step folder of an abandoned timeline
+            os.replace(staging, final)
+            (root / "latest.tmp").write_text(final.name)
+            os.replace(root / "latest.tmp", root / "latest")
+            older = [path for number, path in list_checkpoints(run_dir) if number < step]
+            for old in older[keep - 1:] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
     except Exception as error:
         reason = _write_failure(error)
         if reason is None:  # not a failed write: a bug, with its traceback
@@ -3777,81 +3678,22 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
     return final
 
 
-def _write_checkpoint(root: Path, final: Path, staging: Path, step: int, model, tokenizer,
-                      optimizer, state: dict, dist_info: Dist, keep: int, frozen: dict | None,
-                      export_dtype: torch.dtype | None) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
-    if dist_info.is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    barrier()
-    _reshard(model)
-    model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors under FSDP2)
-    extra = {}
-    for name, other in (frozen or {}).items():
-        _reshard(other)
-        extra[name] = get_model_state_dict(other)
-    _run_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state, **extra},
-             staging / TRAIN_STATE)
-    export = _full_weights(model, export_dtype, keep=dist_info.is_main)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    rngs = [rng]
-    if _distributed():
-        rngs = [None] * dist_info.world_size
-        dist.all_gather_object(rngs, rng)
-    if dist_info.is_main:
-        model.save_pretrained(staging, state_dict=export)
-        if export_dtype is not None:  # save_pretrained names the masters' dtype; loaders read this
-            config_path = staging / "config.json"
-            config = json.loads(config_path.read_text())
-            config["dtype"] = str(export_dtype).removeprefix("torch.")
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tokenizer.save_pretrained(staging)
-        torch.save({"step": step, "rng": rngs, "state": state, "world_size": dist_info.world_size},
-                   staging / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)  # only a same-step folder of an abandoned (broken) timeline
-        os.replace(staging, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, root / "latest")
-        if keep > 0:
-            protected = {final.name, (root / "latest").read_text().strip()}
-            older = [path for number, path in list_checkpoints(root.parent) if number < step]
-            for old in older[keep - 1:]:
-                if old.name not in protected:
-                    shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def _write_failure(error: BaseException) -> str | None:
-    """Why a write failed, when `error` is or wraps an I/O error (an OSError; safetensors' "os error
-    N"; torch.save's stream writer, which reports a short write as "unexpected pos"; DCP's per-rank
-    failures); None for anything else."""
-    todo, seen = [error], set()
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        text = str(current)
-        if isinstance(current, OSError) and current.errno:
-            return current.strerror or text
-        if match := re.search(r"os error (\d+)", text):
-            return os.strerror(int(match[1]))
-        if "inline_container.cc" in text or "iostream error" in text:
-            return "a file of it could not be written"
-        failures = getattr(current, "failures", None)  # DCP's CheckpointException: rank -> error
-        todo += [current.__cause__, current.__context__]
-        todo += [item[0] if isinstance(item, tuple) else item for item in (failures or {}).values()]
-    return None
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint of `run_dir` that `check_checkpoint` accepts, or None."""
-    return next((path for _, path in list_checkpoints(run_dir) if check_checkpoint(path) is None), None)
+def _write_failure(error: BaseException | None) -> str | None:
+    """Why a write failed when `error` is or wraps an I/O error (an OSError; safetensors' "os error
+    N"; torch.save's stream writer; DCP's per-rank failures); None for anything else."""
+    if error is None:
+        return None
+    text = str(error)
+    if isinstance(error, OSError) and error.errno:
+        return error.strerror or text
+    if match := re.search(r"os error (\d+)", text):
+        return os.strerror(int(match[1]))
+    if "inline_container.cc" in text or "iostream error" in text:  # torch.save: a short write
+        return "a file of it could not be written"
+    failures = getattr(error, "failures", None) or {}  # DCP's CheckpointException: rank -> error
+    inner = [error.__cause__, error.__context__,
+             *(item[0] if isinstance(item, tuple) else item for item in failures.values())]
+    return next((reason for cause in inner if (reason := _write_failure(cause))), None)
 
 
 def _run_dcp(function, state_dict: dict, folder: Path) -> None:
@@ -3860,14 +3702,15 @@ def _run_dcp(function, state_dict: dict, folder: Path) -> None:
     import warnings
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable "
+                                "or uninitialized")
         function(state_dict, checkpoint_id=str(folder), no_dist=not _distributed())
 
 
 def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist,
                     frozen: dict | None = None) -> dict:
-    """Restore weights, optimizer and RNG state from a checkpoint: every rank reads its own shards of
-    `train_state/` (DCP reshards when the number of ranks changed). `frozen`: name -> model,
+    """Restore weights, optimizer and RNG state from a checkpoint: every rank reads its own shards
+    of `train_state/` (DCP reshards when the number of ranks changed). `frozen`: name -> model,
     restored when the checkpoint holds it (`save_checkpoint(frozen=...)`). Returns the trainer
     state (`step`, `state`) and `frozen`, the names restored. Collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp
@@ -3876,20 +3719,18 @@ def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist,
                                                          set_model_state_dict, set_state_dict)
 
     path = Path(path)
-    # the state dicts to load into: this rank's shards (an optimizer without state gets it made at lr 0)
-    _reshard(model)
-    model_state, optimizer_state = get_state_dict(model, optimizer)
     saved_keys = FileSystemReader(str(path / TRAIN_STATE)).read_metadata().state_dict_metadata
-    extra = {}
-    for name, other in (frozen or {}).items():
-        if any(key.startswith(name + ".") for key in saved_keys):
-            _reshard(other)
-            extra[name] = get_model_state_dict(other)
+    others = {name: other for name, other in (frozen or {}).items()
+              if any(key.startswith(name + ".") for key in saved_keys)}
+    _reshard(model, *others.values())
+    # the state dicts to load into: this rank's shards (an optimizer without state gets it at lr 0)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    extra = {name: get_model_state_dict(other) for name, other in others.items()}
     _run_dcp(dcp.load, {"model": model_state, "optimizer": optimizer_state, **extra},
              path / TRAIN_STATE)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
     for name, state in extra.items():
-        set_model_state_dict(frozen[name], state)
+        set_model_state_dict(others[name], state)
     saved = torch.load(path / "trainer_state.pt", weights_only=False)
     rngs = saved["rng"]
     if len(rngs) != dist_info.world_size:

@@ -2,12 +2,14 @@
 read the metrics back, summarise over seeds and draw the eval curves and the careful-strategy share."""
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from common import read_metrics  # noqa: E402  (the records as the run stands, resumes applied)
+
 EVAL_KEY = "eval/avg@4"
 
 
@@ -22,11 +24,6 @@ def parse_args(description: str, name: str) -> argparse.Namespace:
     args = parser.parse_args()
     args.png = Path(args.png or Path(args.output_dir) / f"{name}.png")
     return args
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def finished(records: list[dict], num_steps: int) -> bool:

@@ -313,6 +313,8 @@ TIMING_KEYS = ("_seconds", "_per_second")  # wall-clock figures, which a resume 
 
 def check_script(expect: Expect, args, script: str) -> None:
     import torch
+
+    import common
     from safetensors import safe_open
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -353,8 +355,7 @@ def check_script(expect: Expect, args, script: str) -> None:
     shutil.rmtree(work / "resumed" / "checkpoints" / "step_000003")
     resumed = run("resumed", "--resume")
     expect("(step 2)" in resumed.stdout, "resumed from the step-2 checkpoint")
-    again = [json.loads(line)
-             for line in (work / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    again = common.read_metrics(work / "resumed")  # the resume supersedes the old step 3
     step3 = [r for r in again if r.get("step") == 3 and "loss" in r]
     expect(len(step3) == 1, "one step-3 record after the resume")
     if step3:

@@ -16,16 +16,13 @@ import torch
 import antisd
 import common
 from common import UserError
+from common import read_metrics as records  # a resume's superseded records dropped
 from conftest import ROOT, run_script, torchrun
 
 FAST = ["--num_problems", "4", "--num_generations", "4", "--eval_dataset", "", "--max_new_tokens", "24"]
 TIMING = {"step_seconds", "tokens_per_second"}
 ROLLOUTS = 16  # FAST: 4 problems x 4 rollouts
 HEADER = antisd.TEACHER_CONTEXT.split("{solution}")[0]  # how every privileged context starts
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 class ScoredRows:

@@ -4,7 +4,6 @@ the timings and the weights equal those of an uninterrupted run. TRACE runs its 
 (`--route rkl_error`) with a frozen teacher refreshed every 3 steps, and resumes between refreshes
 (steps 1 and 2), where the teacher copy must come from the checkpoint; its counters are compared."""
 
-import json
 import math
 import os
 import shutil
@@ -15,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common import read_metrics as records
 from conftest import KILL_DURING_SAVE, ROOT, run_script, torchrun
 
 TIMING = {"step_seconds", "tokens_per_second", "time"}
@@ -31,10 +31,6 @@ FLAGS = {
 # uninterrupted run does not, and the evaluation must not move the training's random streams
 EVAL = ["--eval_dataset", "toy", "--eval_limit", "2", "--eval_k", "1", "--eval_every", "0"]
 
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def untimed(rows):

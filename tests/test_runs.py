@@ -1,6 +1,7 @@
 """Run directories and checkpoints never lose data: a used run directory is refused without --resume,
---resume takes the newest valid checkpoint (or refuses), metrics written after it go to a side file,
-rotation goes by step number, and a SIGKILL during a checkpoint write is survived."""
+--resume takes the newest complete checkpoint (or refuses), metrics are only appended to (a resume
+marker supersedes the records after its checkpoint), rotation goes by step number, and a SIGKILL
+during a checkpoint write is survived."""
 
 import hashlib
 import json
@@ -29,6 +30,11 @@ def snapshot(root):
 
 def records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def raw_records(run):
+    """Every line of `run`/metrics.jsonl, superseded records and resume markers included."""
+    return records(run / "metrics.jsonl")
 
 
 def untimed(record):
@@ -101,39 +107,22 @@ def test_resume_without_checkpoint_refuses_and_keeps_metrics_byte_identical(tmp_
     with pytest.raises(UserError, match="there is no run directory"):
         antisd.main(FAST + ["--output_dir", str(tmp_path), "--run_name", "other", "--resume"])
     assert snapshot(tmp_path) == before
-    # --resume_or_start restarts in place; the old records move to a side file, byte for byte
+    # --resume_or_start restarts in place: the old records stay, byte for byte, superseded
     train(tmp_path, "--resume_or_start", steps=1)
-    (side,) = (tmp_path / "r").glob("metrics.superseded-*.jsonl")
-    assert side.read_bytes() == metrics
-    assert [r["step"] for r in records(tmp_path / "r" / "metrics.jsonl")] == [1]
+    marker = b'{"resumed_from_step": -1}\n'
+    assert (tmp_path / "r" / "metrics.jsonl").read_bytes().startswith(metrics + marker)
+    assert [r["step"] for r in common.read_metrics(tmp_path / "r")] == [1]
 
 
 def break_checkpoint(path, how):
-    if how == "no trainer state":
-        (path / "trainer_state.pt").unlink()
-    elif how == "truncated trainer state":
-        data = (path / "trainer_state.pt").read_bytes()
-        (path / "trainer_state.pt").write_bytes(data[: len(data) // 2])
-    elif how == "no weights":
-        (path / "model.safetensors").unlink()
-    elif how == "truncated weights":
-        data = (path / "model.safetensors").read_bytes()
-        (path / "model.safetensors").write_bytes(data[: len(data) - 100])
-    elif how == "no training state":
-        (path / "train_state" / ".metadata").unlink()
-    elif how == "truncated training shard":
-        data = (path / "train_state" / "__0_0.distcp").read_bytes()
-        (path / "train_state" / "__0_0.distcp").write_bytes(data[: len(data) - 100])
-    elif how == "folder gone":  # `latest` still names it
+    if how == "folder gone":  # `latest` still names it
         shutil.rmtree(path)
+    else:
+        (path / how).unlink()
 
 
-REASONS = {"no trainer state": "trainer_state.pt is missing",
-           "truncated trainer state": "trainer_state.pt does not load (",
-           "no weights": "the model weights (model.safetensors) are missing",
-           "truncated weights": "model.safetensors does not load (SafetensorError",
-           "no training state": "the training state (train_state/.metadata) is missing",
-           "truncated training shard": "train_state/__0_0.distcp is truncated ("}
+NEEDED = ["trainer_state.pt", "model.safetensors", "train_state/.metadata", "config.json"]
+REASONS = {name: f"{name} is missing" for name in NEEDED}
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +134,7 @@ def three_checkpoints(tmp_path_factory):
 
 
 @pytest.mark.parametrize("how", list(REASONS))
-def test_check_checkpoint_names_what_is_broken(three_checkpoints, tmp_path, how):
+def test_check_checkpoint_names_what_is_missing(three_checkpoints, tmp_path, how):
     copy = tmp_path / "step_000003"
     shutil.copytree(three_checkpoints / "checkpoints" / "step_000003", copy)
     assert common.check_checkpoint(copy) is None
@@ -153,7 +142,7 @@ def test_check_checkpoint_names_what_is_broken(three_checkpoints, tmp_path, how)
     assert common.check_checkpoint(copy).startswith(REASONS[how])
 
 
-@pytest.mark.parametrize("how", ["truncated trainer state", "folder gone"])
+@pytest.mark.parametrize("how", ["trainer_state.pt", "folder gone"])
 def test_resume_skips_a_broken_newest_checkpoint(three_checkpoints, tmp_path, capsys, how):
     run = tmp_path / "r"
     shutil.copytree(three_checkpoints, run)
@@ -164,18 +153,17 @@ def test_resume_skips_a_broken_newest_checkpoint(three_checkpoints, tmp_path, ca
     out = capsys.readouterr().out
     assert f"[resume] resuming from {run / 'checkpoints' / 'step_000002'} (step 2)" in out
     if how != "folder gone":
-        assert "(skipped newer: step_000003: trainer_state.pt does not load" in out
+        assert "(skipped newer: step_000003: trainer_state.pt is missing)" in out
     # steps 3 and 4 were trained again from step 2's state: step 3 is the same as before (exact resume)
-    logged = records(run / "metrics.jsonl")
+    logged = common.read_metrics(run)
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
     assert untimed(logged[2]) == untimed(original[2]) and logged[:2] == original[:2]
-    (side,) = run.glob("metrics.superseded-*.jsonl")
-    assert records(side) == original[2:]  # the replaced record is kept, not dropped
+    # the replaced record is kept, not dropped: superseded by the resume's marker
+    assert raw_records(run)[:4] == [*original, {"resumed_from_step": 2}]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000004"]
     assert common.check_checkpoint(run / "checkpoints" / "step_000003") is None  # rewritten, valid
     # config.json keeps what made the run; the resume and the options it changed go to resumes.jsonl
     assert json.loads((run / "config.json").read_text())["num_steps"] == 3
-    assert list(run.glob("config.superseded-*")) == []
     (entry,) = records(run / "resumes.jsonl")
     assert entry["from_step"] == 2 and entry["changed"] == {
         "num_steps": [3, 4], "resume": [False, True],
@@ -185,12 +173,12 @@ def test_resume_skips_a_broken_newest_checkpoint(three_checkpoints, tmp_path, ca
 def test_resume_with_every_checkpoint_broken_is_refused(three_checkpoints, tmp_path):
     run = tmp_path / "r"
     shutil.copytree(three_checkpoints, run)
-    break_checkpoint(run / "checkpoints" / "step_000003", "no weights")
-    break_checkpoint(run / "checkpoints" / "step_000002", "truncated trainer state")
+    break_checkpoint(run / "checkpoints" / "step_000003", "model.safetensors")
+    break_checkpoint(run / "checkpoints" / "step_000002", "trainer_state.pt")
     before = snapshot(tmp_path)
-    with pytest.raises(UserError, match=r"no valid checkpoint under .* \(step_000003: the model weights "
-                                        r"\(model.safetensors\) are missing; step_000002: trainer_state.pt does not "
-                                        r"load .*\); nothing was changed"):
+    with pytest.raises(UserError, match=r"no valid checkpoint under .* \(step_000003: model.safetensors "
+                                        r"is missing; step_000002: trainer_state.pt is missing\); "
+                                        r"nothing was changed"):
         train(tmp_path, "--resume", steps=4)
     assert snapshot(tmp_path) == before
 
@@ -235,23 +223,41 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
     resumed = run_script([sys.executable, "antisd.py", *args, "--resume"])
     # the half-written step_000004.tmp is not a checkpoint at all (not even a skipped one)
     assert f"[resume] resuming from {run / 'checkpoints' / 'step_000002'} (step 2)\n" in resumed.stdout
-    after = records(run / "metrics.jsonl")
+    after = common.read_metrics(run)
     assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]
     assert [untimed(r) for r in after[:4]] == [untimed(r) for r in before]  # steps 3, 4 re-run identically
-    (side,) = run.glob("metrics.superseded-*.jsonl")
-    assert records(side) == before[2:]
+    assert raw_records(run)[:5] == [*before, {"resumed_from_step": 2}]  # appended, not rewritten
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000004", "step_000006"]
 
 
-def test_supersede_metrics_keeps_every_line(tmp_path):
-    path = tmp_path / "metrics.jsonl"
+def test_a_resume_appends_after_a_cut_line_and_readers_take_the_run_as_it_stands(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    config = {"script": "antisd.py", **common._config_values(antisd.Args())}
+    (run / "config.json").write_text(json.dumps(config))
     lines = ['{"step": 0, "eval/avg@4": 0.2}', '{"step": 1, "reward": 0.1}', '{"step": 2, "reward": 0.3}',
              '{"step": 3, "rew']  # a record cut by a kill
-    path.write_text("\n".join(lines))
-    side = common.supersede_metrics(path, resume_step=1)
-    assert path.read_text() == "\n".join(lines[:2]) + "\n"
-    assert side.read_text() == "\n".join(lines[2:]) + "\n"
-    assert common.supersede_metrics(path, resume_step=1) is None and path.read_text() == "\n".join(lines[:2]) + "\n"
+    (run / "metrics.jsonl").write_text("\n".join(lines))
+    logger = common.RunLogger(run, antisd.Args(), common.init_distributed(), resume_step=1)
+    logger.log(2, {"reward": 0.5})
+    logger.log(3, {"reward": 0.6})
+    logger.close()
+    appended = ['{"resumed_from_step": 1}', '{"step": 2, "reward": 0.5}', '{"step": 3, "reward": 0.6}']
+    assert (run / "metrics.jsonl").read_text() == "\n".join(lines + appended) + "\n"
+    assert common.read_metrics(run) == [json.loads(line) for line in lines[:2]] + [
+        {"step": 2, "reward": 0.5}, {"step": 3, "reward": 0.6}]
+    (entry,) = records(run / "resumes.jsonl")
+    assert entry["from_step"] == 1 and entry["changed"] == {}
+    # a restart in place (-1) supersedes every earlier record; a clean resume writes no marker
+    logger = common.RunLogger(run, antisd.Args(), common.init_distributed(), resume_step=-1)
+    logger.log(1, {"reward": 0.7})
+    logger.close()
+    logger = common.RunLogger(run, antisd.Args(), common.init_distributed(), resume_step=1)
+    logger.log(2, {"reward": 0.8})
+    logger.close()
+    assert common.read_metrics(run) == [{"step": 1, "reward": 0.7}, {"step": 2, "reward": 0.8}]
+    assert (run / "metrics.jsonl").read_text().endswith(
+        '{"resumed_from_step": -1}\n{"step": 1, "reward": 0.7}\n{"step": 2, "reward": 0.8}\n')
 
 
 def test_output_dir_and_run_name_errors(tmp_path):
