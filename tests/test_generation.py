@@ -297,7 +297,7 @@ def test_scripts_score_at_the_rollout_temperature(tmp_path, monkeypatch, script)
     every micro-batch stays within --micro_batch_tokens; the engine gets --gen_batch_tokens."""
     module = __import__(script)
     calls, engines = [], []
-    score, make_engine = module.response_logprobs, module.make_engine
+    score, make_engine = common.response_logprobs, common.make_engine
 
     def recording_score(model, prompts, responses, pad_id, chunk_size=512, **kwargs):
         calls.append((kwargs.get("temperature", 1.0), len(prompts),
@@ -308,8 +308,8 @@ def test_scripts_score_at_the_rollout_temperature(tmp_path, monkeypatch, script)
         engines.append(args[3:])
         return make_engine(*args, **options)
 
-    monkeypatch.setattr(module, "response_logprobs", recording_score)
-    monkeypatch.setattr(module, "make_engine", recording_engine)
+    monkeypatch.setattr(common, "response_logprobs", recording_score)
+    monkeypatch.setattr(common, "make_engine", recording_engine)
     flags = ["--num_steps", "1", "--num_problems", "2", "--eval_dataset", "", "--max_new_tokens", "16",
              "--temperature", "0.5", "--num_minibatches", "2", "--micro_batch_tokens", "120",
              "--gen_batch_tokens", "500", "--output_dir", str(tmp_path), "--run_name", "t"]

@@ -123,6 +123,18 @@ def test_slice_counts_are_exact_at_every_length_to_1000():
     assert [wanted[n] for n in (50, 90, 100, 170)] == [15, 27, 30, 51]
 
 
+def test_third_gaps_hand_computed():
+    """Mean |a_t| over each response's first and last third (at least one token), summed over
+    rows; an empty response counts 0 and padding never counts."""
+    a, mask = full([1.0, -2.0, 3.0, -4.0, None, None], [1.0, -1.0, 2.0, 2.0, -3.0, 3.0],
+                   [-0.5, 0.25, None, None, None, None], [None] * 6)
+    a[~mask] = 100.0
+    first, last = iw_opd.third_gaps(a, mask)
+    # thirds of 4, 6, 2, 0 tokens: 1, 2, 1 (at least one), 1
+    assert first.item() == pytest.approx(1.0 + 1.0 + 0.5)
+    assert last.item() == pytest.approx(4.0 + 3.0 + 0.25)
+
+
 # ---- the loss -------------------------------------------------------------------------------
 
 
@@ -196,11 +208,11 @@ class FakeTokenizer:
 
 def test_tokenizer_check():
     same = FakeTokenizer({"a": 0, "b": 1})
-    iw_opd.check_same_tokenizer(same, FakeTokenizer({"a": 0, "b": 1}), "s", "t")
+    common.check_same_tokenizer(same, FakeTokenizer({"a": 0, "b": 1}), "s", "t")
     with pytest.raises(UserError, match="different tokenizer"):
-        iw_opd.check_same_tokenizer(same, FakeTokenizer({"a": 0, "c": 1}), "s", "t")
+        common.check_same_tokenizer(same, FakeTokenizer({"a": 0, "c": 1}), "s", "t")
     with pytest.raises(UserError, match="special tokens"):
-        iw_opd.check_same_tokenizer(same, FakeTokenizer({"a": 0, "b": 1}, eos=1), "s", "t")
+        common.check_same_tokenizer(same, FakeTokenizer({"a": 0, "b": 1}, eos=1), "s", "t")
 
 
 def test_teacher_with_another_tokenizer_is_refused_before_weights_load(tmp_path, monkeypatch, capsys):
@@ -213,7 +225,7 @@ def test_teacher_with_another_tokenizer_is_refused_before_weights_load(tmp_path,
     def refuse(*args, **kwargs):
         raise AssertionError("weights loaded before the tokenizer check")
 
-    monkeypatch.setattr(iw_opd, "load_model", refuse)
+    monkeypatch.setattr(common, "load_model", refuse)
     with pytest.raises(UserError, match="different tokenizer") as error:
         iw_opd.main(FAST + ["--teacher_model", str(teacher), "--output_dir", str(tmp_path), "--run_name", "t"])
     assert "zebra" in str(error.value)
@@ -251,7 +263,8 @@ def test_every_numeric_option_has_a_rule():
 @pytest.mark.parametrize("flag,value,valid", [("gamma", "-0.5", ">= 0"), ("num_rollouts", "0", ">= 1"),
                                               ("picture_rollouts", "-1", ">= 0"), ("clip_low", "2", "in [0, 1]")])
 def test_bad_options_fail_before_loading(flag, value, valid, monkeypatch):
-    monkeypatch.setattr(iw_opd, "init_distributed", lambda: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(common, "init_distributed",
+                        lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
     with pytest.raises(UserError) as error:
         iw_opd.main([f"--{flag}={value}"])
     shown = str(float(value)) if isinstance(getattr(iw_opd.Args, flag), float) else value
@@ -304,7 +317,7 @@ def test_main_loss_from_rows_it_scores(tmp_path, monkeypatch, flags):
     """The step-1 loss `main` logs equals -sum_t w_t a_t / N recomputed from the rows it scores:
     a_t from the frozen teacher's no-grad pass minus the student's own log-probs on the same
     prompt and response, w_t by hand over the whole response, N the selected tokens."""
-    calls, score = [], iw_opd.response_logprobs
+    calls, score = [], common.response_logprobs
 
     def recording_score(model, prompts, responses, pad_id, chunk_size=512, **kwargs):
         logprobs, entropy, mask = score(model, prompts, responses, pad_id, chunk_size, **kwargs)
@@ -314,7 +327,7 @@ def test_main_loss_from_rows_it_scores(tmp_path, monkeypatch, flags):
                           "logprobs": row[row_mask].detach().clone()})
         return logprobs, entropy, mask
 
-    monkeypatch.setattr(iw_opd, "response_logprobs", recording_score)
+    monkeypatch.setattr(common, "response_logprobs", recording_score)
     iw_opd.main(FAST + ["--num_steps", "1", *flags, "--output_dir", str(tmp_path), "--run_name", "m"])
     teacher = {c["key"]: c["logprobs"] for c in calls if c["teacher"]}
     student = [c for c in calls if not c["teacher"]]

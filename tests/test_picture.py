@@ -117,16 +117,26 @@ def test_marked_rows(tmp_path):
 
 
 def test_iw_opd_rows_carry_w_t_as_the_underline(toy_tokenizer, tmp_path):
+    import types
+
     import iw_opd
 
     response = toy_tokenizer.encode("7+3=10\n\\boxed{10}", add_special_tokens=False)
-    a = torch.linspace(-1, 1, len(response))
-    w = torch.linspace(1.5, 1.0, len(response))
-    row = iw_opd.picture_row(toy_tokenizer, {"problem": "p"}, response, 1.0, a, w, 3)
-    assert row["underline"] == pytest.approx(w.tolist())
-    assert row["values"] == pytest.approx(a.tolist())
-    assert row["hover"][0] == "A_t=w_t*a_t=-1.500"
+    n = len(response)
+    mask = torch.arange(n + 2)[None, :] < n  # one row padded by two positions
+    a = torch.nn.functional.pad(torch.linspace(-1, 1, n), (0, 2))[None]
+    w = torch.nn.functional.pad(torch.linspace(1.5, 1.0, n), (0, 2))[None]
+    args = iw_opd.Args(picture_rollouts=4)
+    run = types.SimpleNamespace(args=args, tokenizer=toy_tokenizer, dir=tmp_path)
+    rollouts = types.SimpleNamespace(responses=[response], rewards=[1.0],
+                                     problems=[{"problem": "p"}])
+    drawn = iw_opd.picture(run, rollouts, 3, a, w, mask)
+    (row,) = drawn["rows"]
+    assert row["underline"] == pytest.approx(w[0, :n].tolist())
+    assert row["values"] == pytest.approx(a[0, :n].tolist())
+    assert row["hover"][0] == "A_t=w_t*a_t=-1.500" and row["label"] == "step 3 | reward 1\np"
     assert iw_opd.W_SCALE == (1.0, 2.0) and iw_opd.A_SCALE == (-1.0, 1.0)
+    assert drawn["scale"] == iw_opd.A_SCALE and drawn["underline"] == ("w_t", *iw_opd.W_SCALE)
     page = picture(tmp_path, [row], iw_opd.A_SCALE, "a_t", underline=("w_t", *iw_opd.W_SCALE))
     assert cells(page)[0][2] == 128  # w_1 = 1.5: half way
 
