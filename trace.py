@@ -1,10 +1,10 @@
-"""TRACE: token-routed self on-policy alignment, distilling only on critical spans (arXiv 2605.10194)
+"""TRACE: token-routed self on-policy alignment, distilling on critical spans (arXiv 2605.10194)
 
-Idea. Self-distillation over a whole response spends its gradient on redundant tokens and leaks the
-privileged context into every position. TRACE asks an annotator for the few critical spans of each
-rollout (key steps of a correct one, the first error of an incorrect one) and a coarse type label,
-distils a self-teacher (the model shown the label as a private note) into the student only on those
-spans, and trains every other token with GRPO; the KL weight anneals to zero after a short window.
+Idea. Self-distillation over a whole response spends its gradient on redundant tokens and leaks
+the privileged context everywhere. TRACE has an annotator mark each rollout's few critical spans
+(key steps of a correct one, the first error of an incorrect one) with a coarse type label, distils
+a self-teacher (the model shown the label privately) into the student only there, and trains every
+other token with GRPO; the KL weight anneals to zero after a short window.
 
 Equations (sg = stop-gradient; S = a rollout's routed tokens, N = the others):
     A_i = (R_i - mean_G R) / (std_G R + 1e-6)                            GRPO group advantage
@@ -18,20 +18,19 @@ Equations (sg = stop-gradient; S = a rollout's routed tokens, N = the others):
 D_t compares the models' own (T = 1) distributions over the full vocabulary; rho_t and the teacher
 log-prob gap use softmax(logits / --temperature), the rollouts' distribution (verl, TRL).
 [paper]: spans + type label, key/error routing, alpha 0.25, the teacher = the same model with the
-label as a private prefix (never the spans), fkl_key for Qwen3-8B / rkl_error for Qwen3-1.7B,
-clip-higher, self and API annotators, eval T 0.6, top-p 0.95, top-k 20. [2nd] (a secondary
-write-up): the loss, lambda_0 0.5, the schedule 10 -> 40, a teacher refresh every 10 steps, the
-span norm, lines as segments, a "pointwise KL clip 0.05" of unknown form (rescale keeps the
-gradient that lifts under-allocated teacher tokens, a clamp zeroes it; README, TRACE). [ours]: the
-rest (cutting long lines and the span that crosses the cap, the JSON answer, labels, prompts and
-contexts, --annotate routed, the random and oracle annotators, steps, batch, lengths, toy values).
-Simplifications, each safe: the teacher is a frozen copy of the policy refreshed every
---teacher_sync_every steps, as [2nd]; the api annotator asks one request at a time (a step waits
-for every answer either way). On the toy each line is checkable: `oracle` knows the exact spans.
+label as a private prefix (never the spans), fkl_key for Qwen3-8B / rkl_error for Qwen3-1.7B, clip-
+higher, self and API annotators, eval T 0.6, top-p 0.95, top-k 20. [2nd] (a secondary write-up):
+the loss, lambda_0 0.5, the schedule 10 -> 40, a frozen teacher copy refreshed every 10 steps, the
+span norm, lines as segments, a "pointwise KL clip 0.05" of unknown form (rescale keeps the gradient
+that lifts under-allocated teacher tokens, a clamp zeroes it; README, TRACE). [ours]: the rest (long
+lines cut, the span crossing the cap cut, the JSON answer, labels, prompts, contexts, --annotate
+routed, the random and oracle annotators, steps, batch, lengths). Simplification, safe: the api
+annotator asks one request at a time (the step waits for every answer either way). The toy's lines
+are checkable, so `oracle` knows the exact spans; the tiny model cannot annotate (`self`).
     python trace.py --annotator oracle --teacher_context label+solution  # toy, CPU (README, TRACE)
     python trace.py --annotator oracle --route rkl_error   # reverse KL on error spans
     python trace.py --annotator random                     # length-matched random spans
-    python trace.py --annotator self --annotator_patience 0  # the toy cannot annotate: GRPO
+    python trace.py --annotator self --annotator_patience 0  # the policy annotates itself
     torchrun --nproc_per_node 2 trace.py --annotator oracle --num_steps 3  # two CPU ranks
 Paper [paper; steps, batch, lengths ours] (Qwen3-8B, one 8-GPU node; add --tis_cap 2 with vLLM):
     torchrun --nproc_per_node 8 trace.py --model Qwen3-8B --route fkl_key --annotator api \\
@@ -41,8 +40,7 @@ Paper [paper; steps, batch, lengths ours] (Qwen3-8B, one 8-GPU node; add --tis_c
         --eval_temperature 0.6 --eval_top_p 0.95 --eval_top_k 20 --eval_every 20 --save_every 20
     python trace.py --eval_only --model runs/<run>/checkpoints/step_000400 \\
         --eval_dataset math500,aime24,aime25,amc23,gpqa --eval_temperature 0.6 --eval_top_k 20
-The standard library has a `trace` too: importing this one has no side effects, and nothing here
-imports that one (tests/test_trace.py checks both).
+Named like the standard library's `trace`, which nothing here imports; importing it is inert.
 """
 
 import gc
@@ -100,7 +98,8 @@ SAFE_ON_RESUME = {"annotator_url", "annotator_key_env", "annotator_timeout", "an
 class Args(common.RunOptions):
     route: Literal["fkl_key", "rkl_error", "both"] = option(
         "fkl_key", "fkl_key: forward KL on key spans of correct rollouts [paper, Qwen3-8B]; "
-                   "rkl_error: reverse KL on error spans of incorrect ones [paper, Qwen3-1.7B]; both")
+                   "rkl_error: reverse KL on error spans of incorrect ones [paper, Qwen3-1.7B]; "
+                   "both")
     annotator: Literal["self", "api", "oracle", "random"] = option(
         "self", "self: the policy, greedy [paper]; api: an OpenAI-compatible endpoint [paper]; "
                 "oracle: toy only [ours]; random: length-matched random spans [ours]")
@@ -110,7 +109,7 @@ class Args(common.RunOptions):
     teacher_context: Literal["label", "label+solution"] = option(
         "label", "teacher's private context: the type label [paper], or the reference solution "
                  "and the label [ours]")
-    lambda_0: float = option(0.5, "KL weight during the hold [2nd]; 0 = GRPO (no annotator, teacher)")
+    lambda_0: float = option(0.5, "KL weight during the hold [2nd]; 0 = GRPO (no annotation)")
     kl_hold: int = option(10, "steps 0..kl_hold-1 use lambda_0 [2nd]")
     kl_end: int = option(40, "lambda reaches 0 at this step; from here on pure GRPO [2nd]")
     alpha: float = option(0.25, "coverage cap: routed tokens <= alpha * |y| per rollout [paper]")
@@ -214,16 +213,8 @@ def routed_kl(student_head, student_hidden, teacher_head, teacher_hidden, mask, 
                            mask, direction, chunk_size)
 
 
-def kl_term(d, span, lengths, norm: str, weight: float, num_tokens, num_sequences):
-    """weight x the bounded KL over S: token = sum_S D' / N_tokens (the global token-mean, like
-    GRPO); span = sum_i sum_{S_i} D' / |y_i| / N_sequences [2nd]. Rows: routed rollouts."""
-    if norm == "token":
-        return weight * d[span].sum() / num_tokens
-    return weight * (torch.where(span, d, 0.0).sum(1) / lengths).sum() / num_sequences
-
-
 # ---------------------------------------------------------------------------------------------
-# Segments: response lines -> numbered segments -> token positions
+# Annotation: response lines -> numbered segments -> the annotator's choice -> routed tokens
 # ---------------------------------------------------------------------------------------------
 
 
@@ -281,7 +272,7 @@ def capped_mask(chosen: list[int], seg_tokens: list[list[int]], length: int,
 
 def random_mask(length: int, size: int, rng: random.Random,
                 valid: Optional[list[int]] = None) -> torch.Tensor:
-    """Bool [length]: `size` contiguous positions among `valid` (default all), at a uniform start."""
+    """Bool [length]: `size` contiguous positions among `valid` (default all), uniform start."""
     valid = list(range(length)) if valid is None else valid
     mask = torch.zeros(length, dtype=torch.bool)
     size = min(size, len(valid))
@@ -291,13 +282,9 @@ def random_mask(length: int, size: int, rng: random.Random,
     return mask
 
 
-# ---------------------------------------------------------------------------------------------
-# Annotators: per request, (segment indices 0-based, label), or None (no spans, counted)
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Request:
+    """What an annotator reads; it answers (segment indices from 0, label), or None (no spans)."""
     problem: str
     text: str  # response text, special tokens blanked
     segments: list  # character spans
@@ -342,12 +329,14 @@ def oracle_annotation(request: Request) -> tuple[list[int], str]:
     if request.correct:
         steps = [line for line in lines if line["kind"] == "step"] or \
             [line for line in lines if line["kind"] == "answer"]
-        chosen, label = steps[-1:], "key step" if steps and steps[-1]["kind"] == "step" else "answer"
+        chosen = steps[-1:]
+        label = "key step" if steps and steps[-1]["kind"] == "step" else "answer"
     else:
         chosen = [line for line in lines if not line["correct"]][:1]
         kind = chosen[0]["kind"] if chosen else "other"
         label = kind if kind in ("check", "answer", "other") else "arithmetic"
-        step = re.fullmatch(r"(\d+)([+\-*])(\d+)=(-?\d+)", chosen[0]["text"].strip() if chosen else "")
+        step = re.fullmatch(r"(\d+)([+\-*])(\d+)=(-?\d+)",
+                            chosen[0]["text"].strip() if chosen else "")
         if step:
             left, right = int(step[1]), int(step[3])
             if int(step[4]) == {"+": left + right, "-": left - right, "*": left * right}[step[2]]:
@@ -416,7 +405,8 @@ def ask_api(args, requests: list[Request]) -> tuple[list, str]:
                 reason = getattr(failure, "reason", failure)
                 hanging = isinstance(reason, TimeoutError) and attempt == args.annotator_retries
                 error = (f"no answer within --annotator_timeout {args.annotator_timeout:g} s"
-                         if isinstance(reason, TimeoutError) else f"{type(reason).__name__}: {reason}")
+                         if isinstance(reason, TimeoutError)
+                         else f"{type(reason).__name__}: {reason}")
             except (ValueError, LookupError, TypeError) as failure:
                 error = (f"the reply is not an OpenAI chat completion ({type(failure).__name__}: "
                          f"{str(failure)[:80]})")
@@ -505,18 +495,29 @@ def teacher_prompt(run, problem: dict, label: str, correct: bool) -> list[int]:
                                run.args.enable_thinking)
 
 
-def span_kl(args, student, teacher, span, lengths, weight: float, num_tokens, num_sequences):
-    """weight x the bounded KL on the routed tokens of a micro-batch's routed rows (`kl_term`), with
-    D_t and D'_t per token. `student`: (head, hidden) and `teacher`: (head, hidden) of those rows,
-    `span`: their routing (+1 forward, -1 reverse, 0 none)."""
+def span_kl(args, weight: float, student, teacher, targets, span, lengths, num_tokens,
+            num_sequences):
+    """weight x the bounded KL on the routed tokens of a micro-batch's routed rows: --kl_norm token
+    sum_S D'_t / N_tokens (the global token-mean, like GRPO), span sum_i sum_{S_i} D'_t / |y_i| /
+    N_sequences [2nd]. `student`: (head, hidden, log-probs of the tokens) of those rows, `teacher`:
+    (head, hidden), `span`: their routing. Returns the term and, per token without gradient, D_t,
+    D'_t and the teacher-student log-prob gap (is the teacher surer of the sampled token?)."""
+    (head, hidden, logprobs), (teacher_head, teacher_hidden) = student, teacher
     d_raw = torch.zeros(span.shape, device=span.device)
     for sign, direction in ((1.0, "forward"), (-1.0, "reverse")):
         if (span == sign).any():
-            d_raw = d_raw + routed_kl(*student, *teacher, span == sign, direction,
-                                      args.logprob_chunk_size)
+            d_raw = d_raw + routed_kl(head, hidden, teacher_head, teacher_hidden, span == sign,
+                                      direction, args.logprob_chunk_size)
     d = bound_kl(d_raw, args.kl_clip, args.kl_clip_mode)
-    return kl_term(d, span != 0, lengths, args.kl_norm, weight, num_tokens, num_sequences), \
-        d_raw.detach(), d.detach()
+    if args.kl_norm == "token":
+        term = weight * d[span != 0].sum() / num_tokens
+    else:
+        term = weight * (torch.where(span != 0, d, 0.0).sum(1) / lengths).sum() / num_sequences
+    with torch.no_grad():
+        teacher_logprobs, _ = common.token_logprob_entropy(
+            teacher_head, teacher_hidden, targets, span != 0, args.logprob_chunk_size,
+            args.temperature)
+    return term, d_raw.detach(), d.detach(), teacher_logprobs - logprobs
 
 
 def picture_row(tokenizer, problem: dict, response: list[int], reward: float, route: torch.Tensor,
@@ -536,11 +537,24 @@ def picture(run, batch, step: int, route, kl, labels: list[str]) -> Optional[dic
                         labels[i] or "-", step)
             for i, response in enumerate(batch.responses[:args.picture_rollouts])]
     note = (f"Colour: each token's routing class (--route {args.route}, --annotator "
-            f"{args.annotator}); hover: the full-vocabulary KL D_t before the --kl_clip bound. From "
-            f"step {args.kl_end} on every token is GRPO: the picture shows the last step with "
-            "routing.")
+            f"{args.annotator}); hover: the full-vocabulary KL D_t before the --kl_clip bound. "
+            f"From step {args.kl_end} on every token is GRPO: the picture shows the last step "
+            "with routing.")
     return dict(rows=rows, value_name="route", scale=ROUTE_COLOURS, note=note,
                 title=f"{run.dir.name}: routing per token") if rows else None
+
+
+def announce(run) -> None:
+    args = run.args
+    common.print0(f"[trace] {run.dir.name}: {args.num_steps} steps x {args.num_problems} problems "
+                  f"x {args.num_generations} rollouts on {run.dist.world_size} rank(s), --route "
+                  f"{args.route}, --annotator {args.annotator}, --teacher_context "
+                  f"{args.teacher_context}, lambda_0 {args.lambda_0} held to step {args.kl_hold}, "
+                  f"0 at {args.kl_end}, device {run.dist.device}")
+    if args.dataset == "toy" and args.annotator == "self" and args.lambda_0 > 0:
+        common.print0("[trace] note: the tiny toy model cannot follow the annotation prompt, so "
+                      "the run stops after --annotator_patience steps (0: trains on as GRPO); to "
+                      "see TRACE's routing use --annotator oracle --teacher_context label+solution")
 
 
 def check_args(args) -> None:
@@ -580,20 +594,9 @@ def main(argv=None):
     kl_steps = args.lambda_0 > 0 and run.start_step < args.kl_end
     refreshes = run.state.get("teacher_refreshes", 0)
     failed_steps, last_error = run.state.get("annotation_failed_steps", 0), ""
+    # a checkpoint without the copy (an older version's): re-copied from the resumed weights
     stale = run.teacher is not None and run.checkpoint is not None and not run.teacher_restored
-    if stale and kl_steps and run.start_step % args.teacher_sync_every:
-        common.print0(f"[resume] {run.checkpoint.name} holds no teacher copy (an older version "
-                      "wrote it): the teacher is re-copied from the resumed weights, so this run "
-                      "will not match an uninterrupted one")
-    common.print0(f"[trace] {run.dir.name}: {args.num_steps} steps x {args.num_problems} problems "
-                  f"x {group} rollouts on {world} rank(s), --route {args.route}, --annotator "
-                  f"{args.annotator}, --teacher_context {args.teacher_context}, lambda_0 "
-                  f"{args.lambda_0} held to step {args.kl_hold}, 0 at {args.kl_end}, device "
-                  f"{run.dist.device}")
-    if args.dataset == "toy" and args.annotator == "self" and args.lambda_0 > 0:
-        common.print0("[trace] note: the tiny toy model cannot follow the annotation prompt, so "
-                      "the run stops after --annotator_patience steps (0: trains on as GRPO); to "
-                      "see TRACE's routing use --annotator oracle --teacher_context label+solution")
+    announce(run)
     for step in common.train_steps(run):
         lam = kl_weight(step, args.lambda_0, args.kl_hold, args.kl_end)
         if lam == 0 and run.teacher is not None:  # the KL window is over: free the copy for good
@@ -627,7 +630,8 @@ def main(argv=None):
             refreshes, stale = refreshes + 1, False
         teacher = run.teacher if run.teacher is not None else model
         teacher_prompts = {i: teacher_prompt(run, batch.problems[i // group], labels[i],
-                                             batch.rewards[i] > 0) for i in range(n) if route[i].any()}
+                                             batch.rewards[i] > 0)
+                           for i in range(n) if route[i].any()}
         route = route.to(device)
         # the behaviour policy's log-probs are needed apart only when a batch gets several updates
         if args.num_minibatches > 1:
@@ -677,22 +681,21 @@ def main(argv=None):
                 kl_loss = torch.zeros((), device=mask.device)
                 if teacher_hidden is not None and routed:  # the KL on S, over the routed rows
                     cut = teacher_hidden.shape[1]  # their longest response
-                    span, teacher_head = route[routed, :cut], common.output_head(teacher)
-                    kl_loss, kl_raw[routed, :cut], kl_bounded[routed, :cut] = span_kl(
-                        args, (head, hidden[sub][:, :cut]), (teacher_head, teacher_hidden), span,
-                        torch.tensor([len(responses[i]) for i in routed], device=device), lam,
+                    kl_loss, *per_token = span_kl(
+                        args, lam, (head, hidden[sub][:, :cut], logprobs.detach()[sub][:, :cut]),
+                        (common.output_head(teacher), teacher_hidden), targets[sub][:, :cut],
+                        route[routed, :cut], torch.tensor([len(responses[i]) for i in routed],
+                                                          device=device),
                         minibatch_tokens, minibatch_sequences)
-                    with torch.no_grad():  # is the teacher surer than the student of the tokens?
-                        teacher_logprobs, _ = common.token_logprob_entropy(
-                            teacher_head, teacher_hidden, targets[sub][:, :cut], span != 0,
-                            args.logprob_chunk_size, args.temperature)
-                    gap[routed, :cut] = teacher_logprobs - logprobs.detach()[sub][:, :cut]
+                    for out, value in zip((kl_raw, kl_bounded, gap), per_token):
+                        out[routed, :cut] = value
                 ((loss + kl_loss) * world).backward()  # FSDP averages gradients; we want the sum
                 ratio = torch.exp(logprobs.detach() - old_logprobs)[mask]
                 sums["loss"] += loss.detach() + kl_loss.detach()
                 sums["kl_loss"] += kl_loss.detach()
                 sums["entropy"] += entropy.detach()[mask].sum()
-                sums["clipped"] += ((ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)).sum()
+                sums["clipped"] += ((ratio < 1 - args.clip_low)
+                                    | (ratio > 1 + args.clip_high)).sum()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
