@@ -398,9 +398,11 @@ class Recorder:
                 self.teacher.append((self.step, prompts, responses))
             return hidden(model, prompts, responses, pad_id)
 
-        def recording_kl(student_head, student_hidden, teacher_head, teacher_hidden, mask, direction, chunk_size=512):
+        def recording_kl(student_head, student_hidden, teacher_head, teacher_hidden, mask,
+                         direction, chunk_size=512):
             self.kl.append((self.step, mask.cpu().clone(), direction))
-            return kl(student_head, student_hidden, teacher_head, teacher_hidden, mask, direction, chunk_size)
+            return kl(student_head, student_hidden, teacher_head, teacher_hidden, mask, direction,
+                      chunk_size)
 
         def recording_annotation(request):
             self.annotations.append(self.step)
