@@ -11,7 +11,6 @@ import antisd
 import common
 import iw_opd
 import paced
-import trace
 from conftest import run_script
 
 TRAIN = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])

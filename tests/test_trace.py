@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+import common
 import trace
 from common import UserError, parse_toy_steps
 from conftest import ROOT, run_script, torchrun
@@ -265,27 +266,34 @@ def requests(n=2):
 
 def test_api_annotator_valid_malformed_errors_and_timeouts(server, monkeypatch):
     monkeypatch.setenv("TRACE_TEST_KEY", "sk-secret-123")
-    make = lambda mode, **kw: trace.ApiAnnotator(f"{server.url}/{mode}/v1", "judge", "TRACE_TEST_KEY",  # noqa: E731
-                                                 backoff=0.01, **kw)
-    valid = make("valid")
-    assert valid(requests(3)) == [([1], "arithmetic")] * 3 and valid.failures == 0
+    monkeypatch.setattr(trace, "API_BACKOFF", 0.01)
+
+    def ask(mode, n=2, **options):
+        args = trace.Args(annotator="api", annotator_url=f"{server.url}/{mode}/v1",
+                          annotator_model="judge", annotator_key_env="TRACE_TEST_KEY", **options)
+        return trace.ask_api(args, requests(n))
+
+    valid = '{"spans": [2], "label": "Arithmetic"}'
+    assert ask("valid", 3) == ([valid] * 3, "")
     mode, auth, body = server.seen[0]
     assert auth == "Bearer sk-secret-123" and body["model"] == "judge" and body["temperature"] == 0.0
     assert "[2] 7+3=10" in body["messages"][0]["content"] and "incorrect" in body["messages"][0]["content"]
-    assert make("badanswer")(requests()) == [None, None]  # unparsable content: no spans, no retry
-    malformed = make("malformed", retries=2)
-    assert malformed(requests(1)) == [None] and malformed.failures == 1
+    assert ask("badanswer") == (["segment 2 is wrong"] * 2, "")  # the caller's parser refuses it
+    answers, error = ask("malformed", 1, annotator_retries=2)
+    assert answers == [None] and error.startswith("the reply is not an OpenAI chat completion")
     assert sum(1 for m, _, _ in server.seen if m == "malformed") == 1  # not the OpenAI format: no retry
-    failing = make("error500", retries=2)
-    assert failing(requests(1)) == [None] and failing.failures == 1
+    assert ask("error500", 1, annotator_retries=2) == ([None], "HTTP 500 Internal Server Error")
     assert sum(1 for m, _, _ in server.seen if m == "error500") == 3  # 1 + 2 retries
-    assert make("flaky", retries=1)(requests(1)) == [([1], "arithmetic")]  # a 500, then an answer
+    assert ask("unauthorized", 1, annotator_retries=2) == ([None], "HTTP 401 Unauthorized")
+    assert sum(1 for m, _, _ in server.seen if m == "unauthorized") == 1  # a 4xx: no retry
+    assert ask("flaky", 1, annotator_retries=1) == ([valid], "HTTP 500 Internal Server Error")
     started = time.time()
-    slow = make("slow", timeout=0.3, retries=1, concurrency=4)
-    assert slow(requests(4)) == [None] * 4 and slow.failures == 4
-    assert time.time() - started < 1.5  # 2 attempts of 0.3 s, 4 requests at once: no stall
-    assert make("x")._ask("hi") is not None and trace.ApiAnnotator(server.url + "/v1/chat/completions", "m").url \
-        == server.url + "/v1/chat/completions"
+    answers, error = ask("slow", 4, annotator_timeout=0.3, annotator_retries=1)
+    assert answers == [None] * 4 and error == "no answer within --annotator_timeout 0.3 s"
+    assert time.time() - started < 1.5  # the first request's 2 attempts, then none sent: no stall
+    assert sum(1 for m, _, _ in server.seen if m == "slow") == 2
+    for url in (server.url + "/v1", server.url + "/v1/", server.url + "/v1/chat/completions"):
+        assert trace.api_url(trace.Args(annotator_url=url)) == server.url + "/v1/chat/completions"
 
 
 def test_api_annotator_in_training_never_logs_the_key(server, tmp_path, monkeypatch, capsys):
@@ -329,7 +337,8 @@ TINY_API = [*FAST, "--num_problems", "2", "--num_generations", "2", "--max_new_t
 def test_failing_annotator_stops_the_run(mode, error, server, tmp_path, capsys):
     """Every annotation fails: each step says so on stdout and logs annotation_failed; the third
     such step stops the run before its update, naming the annotator, the endpoint and the last
-    error. A hanging endpoint costs one request's two attempts per step (concurrency 1 here)."""
+    error. A hanging endpoint costs one request's two attempts per step (--annotator_concurrency
+    is accepted and ignored: requests go one at a time)."""
     url = f"http://127.0.0.1:{closed_port()}/v1" if mode == "refused" else f"{server.url}/{mode}/v1"
     with pytest.raises(UserError) as stopped:
         trace.main([*TINY_API, "--annotator", "api", "--annotator_url", url, "--annotator_timeout",
@@ -373,21 +382,27 @@ def test_self_annotator_that_never_parses_stops_the_run(tmp_path):
 
 
 class Recorder:
-    """Records the teacher's forwards and the routed KL calls of `trace.main`, per logged step."""
+    """Records, per logged step, the teacher's forwards (`common.response_hidden` without gradient:
+    in these runs, --num_minibatches 1, only the teacher runs so), the routed KL calls, the oracle's
+    annotations, and whether the frozen teacher copy (`common.load_model` with trainable=False) is
+    alive."""
 
     def __init__(self, monkeypatch):
         self.step, self.teacher, self.kl, self.annotations, self.teacher_alive = 0, [], [], [], {}
-        forward, kl, annotate = trace.teacher_forward, trace.routed_kl, trace.oracle_annotation
-        log, load = trace.RunLogger.log, trace.load_model
+        hidden, kl, annotate = common.response_hidden, trace.routed_kl, trace.oracle_annotation
+        log, load = common.RunLogger.log, common.load_model
         self.frozen = None
 
-        def recording_forward(teacher, prompts, responses, pad_id):
-            self.teacher.append((self.step, prompts, responses))
-            return forward(teacher, prompts, responses, pad_id)
+        def recording_hidden(model, prompts, responses, pad_id):
+            if not torch.is_grad_enabled():
+                self.teacher.append((self.step, prompts, responses))
+            return hidden(model, prompts, responses, pad_id)
 
-        def recording_kl(student_head, student_hidden, teacher_head, teacher_hidden, mask, direction, chunk_size=512):
+        def recording_kl(student_head, student_hidden, teacher_head, teacher_hidden, mask,
+                         direction, chunk_size=512):
             self.kl.append((self.step, mask.cpu().clone(), direction))
-            return kl(student_head, student_hidden, teacher_head, teacher_hidden, mask, direction, chunk_size)
+            return kl(student_head, student_hidden, teacher_head, teacher_hidden, mask, direction,
+                      chunk_size)
 
         def recording_annotation(request):
             self.annotations.append(self.step)
@@ -407,11 +422,11 @@ class Recorder:
                 self.teacher_alive[self.step] = self.frozen is not None and self.frozen() is not None
                 self.step += 1
 
-        monkeypatch.setattr(trace, "teacher_forward", recording_forward)
+        monkeypatch.setattr(common, "response_hidden", recording_hidden)
         monkeypatch.setattr(trace, "routed_kl", recording_kl)
         monkeypatch.setattr(trace, "oracle_annotation", recording_annotation)
-        monkeypatch.setattr(trace, "load_model", recording_load)
-        monkeypatch.setattr(trace.RunLogger, "log", counting_log)
+        monkeypatch.setattr(common, "load_model", recording_load)
+        monkeypatch.setattr(common.RunLogger, "log", counting_log)
 
 
 @pytest.mark.parametrize("route,annotate", [("fkl_key", "routed"), ("rkl_error", "routed"), ("fkl_key", "all")])
