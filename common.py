@@ -837,38 +837,31 @@ def copy_weights(dst_model, src_model) -> None:
 # Toy testbed: a strategy-choice task with worked solutions, and tiny Qwen3 models made by SFT
 # ---------------------------------------------------------------------------------------------
 #
-# A problem is a chain of small operations that must be applied in order (sequential state, so a
-# one-pass "shortcut" cannot compose long chains): "Start at 7, apply +3 *2 -4." (answer 16).
-# The SFT teaches two strategies, in Qwen3's layout (work inside <think>...</think>, boxed answer
-# after):
-#   careful                     careful with a check           shortcut
-#   <think>                     <think>                        <think>
-#   7+3=10                      7+3=10                         </think>
-#   10*2=20                     10*2=20                        \boxed{16}
-#   20-4=16                     check 20/2=10 ok
-#   </think>                    20-4=16
-#   \boxed{16}                  </think>
-#                               \boxed{16}
-# A check line verifies the previous step by its inverse; in some SFT examples a step is wrong (that
-# line is masked out of the loss), its check says "no" and the step is redone: deliberation.
-# The premises of the four papers are built in on purpose (the toy tests whether code turns a
-# premise into the claimed effect, not whether the premise holds for real models):
-#   - the plain prompt's SFT target is mostly the shortcut, which is exact on short chains only, so
-#     RL has a large, easy win available: choose the careful strategy (every method's RL signal);
-#   - with privileged context (a reference solution, `TOY_CONTEXT_HEADER`) the SFT target is mostly
-#     the shortcut (copy the answer) and never checks, so a self-teacher gives deliberation tokens
-#     low probability and answer tokens high probability (u < 0 and u > 0: AntiSD);
-#   - `toy-large` is wider and trained to prefer the careful strategy, so it disagrees with `toy`
-#     most at the first response tokens, where the strategy is decided (IW-OPD); it is the
-#     stronger teacher for distillation (PACED, IW-OPD);
+# A problem is a chain of small operations applied in order (sequential state, so a one-pass
+# "shortcut" cannot compose long chains): "Start at 7, apply +3 *2 -4." (answer 16). The SFT
+# teaches two strategies in Qwen3's layout (work inside <think>...</think>, boxed answer after):
+# careful "<think>\n7+3=10\n10*2=20\n20-4=16\n</think>\n\boxed{16}" and the shortcut
+# "<think>\n</think>\n\boxed{16}". A check line ("check 20/2=10 ok") verifies the previous step by
+# its inverse; in some SFT examples a step is wrong (masked out of the loss), its check says "no"
+# and the step is redone: deliberation.
+# The four papers' premises are built in on purpose (the toy tests whether code turns a premise
+# into the claimed effect, not whether the premise holds for real models):
+#   - the plain prompt's SFT target is mostly the shortcut, exact on short chains only: RL has a
+#     large, easy win, choosing the careful strategy (every method's RL signal);
+#   - with privileged context (a reference solution, `TOY_CONTEXT_HEADER`) the target is mostly
+#     the shortcut and never checks, so a self-teacher gives deliberation tokens low probability
+#     and answer tokens high probability (u < 0 and u > 0: AntiSD);
+#   - `toy-large` is wider and prefers the careful strategy: it disagrees with `toy` most at the
+#     first response tokens, where the strategy is decided (IW-OPD), and is the stronger teacher
+#     for distillation (PACED, IW-OPD);
 #   - chain length (the level, 1-6 operations) spreads per-problem pass rates over (0, 1) (PACED);
 #   - every line is re-computable, so an oracle names the key step of a correct response and the
-#     first wrong line of an incorrect one, check lines included (`parse_toy_steps`, TRACE).
+#     first wrong line of an incorrect one (`parse_toy_steps`, TRACE).
 
 TOY_VERSION = "v3"  # v3: head_dim 32 (vLLM's CPU attention kernels accept 32, 64, 80, ..., not 16)
 TOY_SPLIT_SEEDS = {"train": 1, "test": 2}  # disjoint generator streams for the two splits
 TOY_SPLIT_SIZES = {"train": 4096, "test": 256}
-TOY_MAX_OPS, TOY_MAX_VALUE = 6, 30  # levels 1..6 = number of operations; every value stays in 0..30
+TOY_MAX_OPS, TOY_MAX_VALUE = 6, 30  # levels 1..6 = number of operations; values stay in 0..30
 TOY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOY_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -877,7 +870,7 @@ TOY_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 # Privileged context the toy SFT teaches the model to use: a reference-solution block in the user
-# message, optionally followed by one feedback line (the method scripts build contexts of this form).
+# message, optionally followed by one feedback line (the method scripts build contexts this way).
 TOY_CONTEXT_HEADER = "Reference solution:\n"
 TOY_FEEDBACK_LINES = ["Your previous attempt was correct.", "Your previous attempt was incorrect.",
                       ""]
@@ -887,15 +880,15 @@ TOY_WORK_HINT = "Write every step."  # SFT-only prompt variant that always gets 
 TOY_PHRASES = ["<think>", "</think>", "user", "assistant", "Start at ", ", apply ", "\\boxed{",
                "check ", " ok", " no", "\n\n", TOY_CONTEXT_HEADER, TOY_WORK_HINT,
                *TOY_FEEDBACK_LINES[:2]]
-# Architecture and SFT recipe of each toy model. `careful` = share of plain-prompt SFT targets that
-# use the careful strategy; `work_frac` = share of SFT examples whose prompt asks for the steps;
-# `context_frac` = share whose prompt carries a reference solution (their target is careful with
-# probability `context_careful`, never with checks); `check` / `fix` = share of careful targets
-# with a verified step / a wrong step caught and redone.
+# Architecture and SFT recipe of each toy model. Shares of the SFT examples: `work_frac` ask for
+# the steps (`TOY_WORK_HINT`), `context_frac` carry a reference solution (careful target with
+# probability `context_careful`, never checking), the rest are plain (careful with probability
+# `careful`); `check` / `fix`: share of careful targets with a verified step / a caught mistake.
 _TOY_SFT = dict(batch_size=64, lr=5e-3, work_frac=0.25, context_frac=0.25, context_careful=0.1,
                 check=0.3, fix=0.15)
 TOY_SPECS = {
-    "toy": dict(layers=3, hidden=64, heads=2, intermediate=192, steps=1000, careful=0.3, **_TOY_SFT),
+    "toy": dict(layers=3, hidden=64, heads=2, intermediate=192, steps=1000, careful=0.3,
+                **_TOY_SFT),
     "toy-large": dict(layers=4, hidden=96, heads=3, intermediate=288, steps=800, careful=0.8,
                       **_TOY_SFT),
 }
@@ -933,23 +926,23 @@ def _parse_toy_problem(problem: str):
     return int(match[1]), [(term[0], int(term[1:])) for term in match[2].split()]
 
 
-def _toy_wrong(op: str, result: int, wrong_by: int) -> int:
-    return result + (2 * wrong_by if op == "*" else wrong_by)  # a doubling's result stays even
+def _toy_result(start: int | None, operations) -> int | None:
+    return functools.reduce(lambda value, op: _TOY_OPS[op[0]](value, op[1]), operations, start)
 
 
 def toy_response(start: int, operations, careful: bool = True, check_at: int | None = None,
                  fix_at: int | None = None, wrong_by: int = 1) -> list[tuple[str, bool]]:
     """A toy response as (piece, trained) pairs, one piece per line (no multi-character token
-    crosses a piece). `check_at` = step verified by a check line; `fix_at` = step first written
-    wrong (`trained` False: kept out of the SFT loss), caught by its check and redone."""
+    crosses a piece). `check_at`: the step verified by a check line; `fix_at`: the step first
+    written wrong by `wrong_by` (not trained: out of the SFT loss), caught by its check, redone."""
     pieces, value = [("<think>\n", True)], start
     for k, (op, number) in enumerate(operations):
         result, inverse = _TOY_OPS[op](value, number), _TOY_INVERSE[op]
         if careful and k == fix_at:
-            wrong = _toy_wrong(op, result, wrong_by)
-            back = _TOY_OPS[inverse](wrong, number)
+            wrong = result + (2 * wrong_by if op == "*" else wrong_by)  # a doubling stays even
             pieces += [(f"{value}{op}{number}={wrong}\n", False),
-                       (f"check {wrong}{inverse}{number}={back} no\n", True)]
+                       (f"check {wrong}{inverse}{number}={_TOY_OPS[inverse](wrong, number)} no\n",
+                        True)]
         if careful:
             pieces.append((f"{value}{op}{number}={result}\n", True))
         if careful and k == check_at:
@@ -960,8 +953,8 @@ def toy_response(start: int, operations, careful: bool = True, check_at: int | N
 
 def _sample_toy_target(rng: random.Random, problem: str, careful: float, check: float,
                        fix: float):
-    """An SFT target (pieces of `toy_response`): the careful strategy with probability `careful`,
-    with a check line with probability `check` and a caught mistake with probability `fix`."""
+    """An SFT target (`toy_response` pieces): careful with probability `careful`, then with a
+    check line with probability `check` and a caught mistake with probability `fix`."""
     start, operations = _parse_toy_problem(problem)
     if rng.random() >= careful:
         return toy_response(start, operations, careful=False)
@@ -969,36 +962,24 @@ def _sample_toy_target(rng: random.Random, problem: str, careful: float, check: 
     fix_at, wrong_by = None, rng.choice([-1, 1])
     if rng.random() < fix:
         fix_at = rng.randrange(len(operations))
-        value = start
-        for op, number in operations[: fix_at + 1]:  # the true result of step fix_at
-            value = _TOY_OPS[op](value, number)
-        if _toy_wrong(operations[fix_at][0], value, wrong_by) < 0:  # results are at most 30
-            wrong_by = -wrong_by
+        if _toy_result(start, operations[: fix_at + 1]) == 0:  # a wrong result stays >= 0
+            wrong_by = 1
     return toy_response(start, operations, True, check_at, fix_at, wrong_by)
 
 
 def parse_toy_steps(problem: str, response: str) -> list[dict]:
-    """Split a toy response into its non-empty lines, each judged on its own.
-
-    Each dict: `start`, `end` (character span in `response`), `text`, `kind` (`step`, `check`,
-    `answer`, `tag` for a think tag, `other` for anything unparsable, never correct) and
-    `correct`. A step line `left op right=result` is correct when `left` is the running value (the
-    start, or the result the previous step line stated), `op right` the next operation of the
-    problem and the arithmetic right. A check line `check result inv right=back ok|no` is correct
-    when it inverts the previous step line with the right arithmetic and its verdict says whether
-    `back` equals that step's left operand; after a "no" the next step line redoes the same
-    operation. The answer line (`\\boxed{}`) is correct when it boxes the true answer; think tags
-    are correct (neutral). So the first line with `correct=False` is the first wrong step of an
-    incorrect response, and the last step line (the answer line of a shortcut) is the key step of
-    a correct one.
-    """
+    """The non-empty lines of a toy response, each judged on its own: dicts with `start`, `end`
+    (character span), `text`, `kind` (`step`, `check`, `answer`, `tag`, or `other`: never
+    correct) and `correct`: a step continues the running value with the problem's next operation
+    and right arithmetic; a check inverts the previous step right and its verdict (ok/no) is true
+    (after "no" the next step redoes it); the answer boxes the true answer. So the first incorrect
+    line is an incorrect response's first wrong step; the last step line (or a shortcut's answer
+    line) is a correct one's key step."""
     start, operations = _parse_toy_problem(problem)
-    answer = start
-    for op, number in operations:
-        answer = _TOY_OPS[op](answer, number)
+    answer = _toy_result(start, operations)
     running, index, previous, steps, end = start, 0, None, [], -1
     for line in response.split("\n"):
-        begin, end = end + 1, end + 1 + len(line)  # this line's character span
+        begin, end = end + 1, end + 1 + len(line)
         text = line.strip()
         if not text:
             continue
@@ -1024,27 +1005,25 @@ def parse_toy_steps(problem: str, response: str) -> list[dict]:
     return steps
 
 
-def build_toy_model(name: str = "toy") -> Path:
-    """Return the directory of a built-in toy model, building it on first use (cached, file-locked).
+TOY_WAIT_REPORT_SECONDS = 30.0  # a process waiting for another's toy build prints this often
 
-    A tiny Qwen3ForCausalLM with a character-level tokenizer, trained by a short deterministic SFT
-    on toy problems (see the comment above `TOY_VERSION` for what the recipe builds in).
-    """
+
+def build_toy_model(name: str = "toy") -> Path:
+    """The directory of a built-in toy model (a tiny Qwen3ForCausalLM with a character-level
+    tokenizer, trained by a short deterministic SFT), built on first use: cached, file-locked."""
     if name not in TOY_SPECS:
         raise ValueError(f"Unknown toy model {name!r}; choose from {list(TOY_SPECS)}.")
     target = _toy_target(name)
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # one builder per machine; others wait and reuse. The lock file names the builder and its
-    # latest progress line (JSON), which a waiter prints; "a+": opening it must not erase that
-    with open(target.parent / f".{name}.lock", "a+") as lock:
-        if not _try_lock(lock):
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # one builder per machine; others wait and reuse its model. The lock file names the
+        # builder and its latest progress line, which a waiter prints ("a+": keep them on open)
+        with open(target.parent / f".{name}.lock", "a+") as lock:
             _wait_for_toy_builder(lock, name)
-        if not (target / "config.json").exists():
-            since = time.strftime("%H:%M:%S")
-            _note_toy_build(lock, since, "starting")
-            _train_toy_model(name, target, lambda line: _note_toy_build(lock, since, line))
+            if not (target / "config.json").exists():
+                since = time.strftime("%H:%M:%S")
+                _note_toy_build(lock, since, "starting")
+                _train_toy_model(name, target, lambda line: _note_toy_build(lock, since, line))
     return target
 
 
@@ -1053,17 +1032,6 @@ def _toy_target(name: str) -> Path:
     recipe = json.dumps([TOY_VERSION, TOY_SPECS[name]], sort_keys=True).encode()
     cache = Path(os.environ.get("RLVR_TOY_CACHE", Path.home() / ".cache" / "rlvr-distill-toy"))
     return cache / f"{name}-{hashlib.sha1(recipe).hexdigest()[:8]}"
-
-
-TOY_WAIT_REPORT_SECONDS = 30.0  # a process waiting for another's toy build prints this often
-
-
-def _try_lock(lock) -> bool:
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
 
 
 def _note_toy_build(lock, since: str, line: str) -> None:
@@ -1077,27 +1045,30 @@ def _note_toy_build(lock, since: str, line: str) -> None:
 
 
 def _wait_for_toy_builder(lock, name: str) -> None:
-    """Wait for the process building toy model `name`, saying whom (one line) and then, every
-    TOY_WAIT_REPORT_SECONDS, the builder's latest progress line; returns holding the lock."""
-    def holder() -> dict:
+    """Take the build lock. While another process holds it, say who (one line) and then, every
+    TOY_WAIT_REPORT_SECONDS, the builder's latest progress line."""
+    started = last = None
+    while True:
+        try:
+            return fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
         lock.seek(0)
         try:
-            return json.loads(lock.read())
+            holder = json.loads(lock.read())
         except ValueError:
-            return {}
-
-    who = holder()
-    who = (f"pid {who['pid']} on {who['host']}, since {who['started']}: {who['command']}" if who
-           else f"{lock.name} is locked (its holder names no process)")
-    print(f"[toy] waiting for another process to build {name!r}: {who}", flush=True)
-    started = last = time.time()
-    while not _try_lock(lock):
-        time.sleep(min(1.0, TOY_WAIT_REPORT_SECONDS))
-        if time.time() - last >= TOY_WAIT_REPORT_SECONDS:
+            holder = {}
+        if started is None:
+            who = (f"pid {holder['pid']} on {holder['host']}, since {holder['started']}: "
+                   f"{holder['command']}" if holder else
+                   f"{lock.name} is locked (its holder names no process)")
+            print(f"[toy] waiting for another process to build {name!r}: {who}", flush=True)
+            started = last = time.time()
+        elif time.time() - last >= TOY_WAIT_REPORT_SECONDS:
             last = time.time()
-            latest = holder().get("latest") or "it reports no progress"
             print(f"[toy] still waiting for {name!r} ({last - started:.0f}s): the builder is at "
-                  f"{latest}", flush=True)
+                  f"{holder.get('latest') or 'it reports no progress'}", flush=True)
+        time.sleep(min(1.0, TOY_WAIT_REPORT_SECONDS))
 
 
 def _build_toy_tokenizer():
@@ -1121,11 +1092,10 @@ def _build_toy_tokenizer():
 
 
 def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind: str):
-    """(token ids, labels: -100 on the prompt and on untrained pieces) of one SFT example.
-    kind `plain`: the plain prompt, careful with probability `careful` (the strategy prior);
-    `work`: the prompt asks for the steps (`TOY_WORK_HINT`), always careful (teaches the skill
-    without moving the plain prompt's prior); `context`: a reference solution (or only its boxed
-    answer) and a feedback line, careful with probability `context_careful`, never checking."""
+    """(token ids, labels: -100 on the prompt and untrained pieces) of one SFT example of `kind`:
+    `plain`; `work` (the prompt asks for the steps: careful, so the skill is taught without moving
+    the plain prompt's prior); `context` (a reference solution or only its boxed answer, and a
+    feedback line)."""
     context, careful, check, fix = None, spec["careful"], spec["check"], spec["fix"]
     if kind == "work":
         context, careful = TOY_WORK_HINT, 1.0
@@ -1146,8 +1116,8 @@ def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind:
 def _train_toy_model(name: str, target: Path, note: Callable[[str], None]) -> None:
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    spec = TOY_SPECS[name]
-    steps, batch_size, started = spec["steps"], spec["batch_size"], time.time()
+    spec, started = TOY_SPECS[name], time.time()
+    steps = spec["steps"]
     print(f"[toy] building {name!r} once ({spec['layers']} layers, hidden {spec['hidden']}, "
           f"{steps} SFT steps; a few minutes on a laptop CPU) -> {target}", flush=True)
     tokenizer = _build_toy_tokenizer()
@@ -1159,9 +1129,9 @@ def _train_toy_model(name: str, target: Path, note: Callable[[str], None]) -> No
         tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
     rng, rows = random.Random(0), make_toy_rows(20000, seed=1000)  # not the train/test streams
-    kinds, weights = ["plain", "work", "context"], [1 - spec["work_frac"] - spec["context_frac"],
-                                                    spec["work_frac"], spec["context_frac"]]
-    with torch.random.fork_rng(devices=[]):  # leaves the caller's CPU RNG stream untouched
+    kinds = {"plain": 1 - spec["work_frac"] - spec["context_frac"], "work": spec["work_frac"],
+             "context": spec["context_frac"]}
+    with torch.random.fork_rng(devices=[]):  # the caller's CPU RNG stream stays where it was
         torch.manual_seed(0)
         model = Qwen3ForCausalLM(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.95),
@@ -1170,10 +1140,9 @@ def _train_toy_model(name: str, target: Path, note: Callable[[str], None]) -> No
                                                      * 0.5 * (1 + math.cos(math.pi * s / steps)))
         model.train()
         for step in range(steps):
-            kind = rng.choices(kinds, weights)[0]  # one kind per batch: less padding on a CPU
-            batch = [_toy_sft_example(tokenizer, rng, rows[rng.randrange(len(rows))], spec, kind)
-                     for _ in range(batch_size)]
-            ids, labels = zip(*batch)
+            kind = rng.choices(list(kinds), list(kinds.values()))[0]  # one per batch: less padding
+            ids, labels = zip(*[_toy_sft_example(tokenizer, rng, rows[rng.randrange(len(rows))],
+                                                 spec, kind) for _ in range(spec["batch_size"])])
             length = max(map(len, ids))
             pad = lambda rows, value: torch.tensor([r + [value] * (length - len(r)) for r in rows])
             loss = model(input_ids=pad(ids, tokenizer.pad_token_id), labels=pad(labels, -100),
@@ -1200,35 +1169,31 @@ def _train_toy_model(name: str, target: Path, note: Callable[[str], None]) -> No
 # Data
 # ---------------------------------------------------------------------------------------------
 
-# Named datasets: the papers' training sets and benchmarks. One table maps a short name to the hub
-# id, config and split; `kind` picks the adapter that turns a raw row into {problem, answer,
-# solution} (`problem`: the benchmark's problem column, tried before the usual names). `k` =
-# samples per problem in evaluation by default (AntiSD's protocol [paper]: avg@32 on AIME/HMMT,
-# avg@4 on Minerva; the rest [ours]); a script overrides it with its paper's protocol
-# (`EVAL_PROTOCOL`), the user with --eval_k. README ("Datasets"): which schemas were checked.
+# Named datasets, the papers' training sets and benchmarks: short name -> hub id, config, split;
+# `kind` picks the adapter of its rows (`_ADAPTERS`), `problem` a benchmark's problem column when
+# it is not `problem`. `k`: samples per problem in evaluation by default (AntiSD's protocol
+# [paper]: avg@32 on AIME/HMMT, avg@4 on Minerva; the rest [ours]); a script's `EVAL_PROTOCOL`
+# and --eval_k override it. README ("Datasets"): which schemas were checked.
 DATASETS = {
-    # training sets
     "dapo": dict(hub="BytedTsinghua-SIA/DAPO-Math-17k", split="train", kind="dapo"),
     "openthoughts-math": dict(hub="open-thoughts/OpenThoughts-114k", config="metadata",
                               split="train", kind="openthoughts"),
-    # benchmarks
-    "math500": dict(hub="HuggingFaceH4/MATH-500", split="test", kind="math", problem="problem", k=4),
-    "aime24": dict(hub="HuggingFaceH4/aime_2024", split="train", kind="math", problem="problem",
-                   k=32),
-    "aime25": dict(hub="MathArena/aime_2025", split="train", kind="math", problem="problem", k=32),
-    "aime26": dict(hub="MathArena/aime_2026", split="train", kind="math", problem="problem", k=32),
+    "math500": dict(hub="HuggingFaceH4/MATH-500", split="test", kind="math", k=4),
+    "aime24": dict(hub="HuggingFaceH4/aime_2024", split="train", kind="math", k=32),
+    "aime25": dict(hub="MathArena/aime_2025", split="train", kind="math", k=32),
+    "aime26": dict(hub="MathArena/aime_2026", split="train", kind="math", k=32),
     "amc23": dict(hub="math-ai/amc23", split="test", kind="math", problem="question", k=32),
-    "hmmt25": dict(hub="MathArena/hmmt_feb_2025", split="train", kind="math", problem="problem",
-                   k=32),
+    "hmmt25": dict(hub="MathArena/hmmt_feb_2025", split="train", kind="math", k=32),
     "minerva": dict(hub="math-ai/minervamath", split="test", kind="math", problem="question", k=4),
     "gpqa": dict(hub="Idavidrein/gpqa", config="gpqa_diamond", split="train", kind="choice", k=4),
 }
 BENCHMARK_NAMES = ("math500", "aime24", "aime25", "aime26", "amc23", "hmmt25", "minerva", "gpqa")
 TOY_EVAL_K = 4
-CHOICE_SEED = 0  # GPQA options are shuffled per question with this seed: the same order in every run
+CHOICE_SEED = 0  # GPQA's options are shuffled per question with this seed: one order in every run
 CHOICE_INSTRUCTION = "Answer with the letter (A, B, C or D) of the correct option."
-# Column names a benchmark file may use besides the table's (mirrors of a benchmark differ here)
-_PROBLEM_COLUMNS, _ANSWER_COLUMNS = ("problem", "question", "Problem", "Question"), ("answer", "Answer")
+# Column names a benchmark file may use (mirrors of a benchmark differ here)
+_PROBLEM_COLUMNS, _ANSWER_COLUMNS = ("problem", "question", "Problem", "Question"), ("answer",
+                                                                                    "Answer")
 DAPO_PREFIX = "Solve the following math problem step by step."
 DAPO_SUFFIX = "Remember to put your answer on its own line after"
 ROW_SHAPE = ('one JSON object per problem, e.g. {"problem": "What is 2+3?", "answer": "5"} '
@@ -1238,8 +1203,7 @@ _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 def dataset_spec(name: str) -> tuple[dict, str | None] | None:
     """(table entry, local file or None) for a named dataset: a short name (`math500`), its hub id
-    (`HuggingFaceH4/MATH-500`), or `short=path` (a local .jsonl/.json/.parquet file of that
-    dataset's schema). None for anything else (a file or hub id read by the --*_key columns)."""
+    or `short=path` (a local .jsonl/.json/.parquet file of that dataset's schema); else None."""
     short, _, path = name.partition("=")
     if path and short in DATASETS:
         return DATASETS[short], path
@@ -1260,17 +1224,12 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
                   answer_key: str = "answer", solution_key: str = "solution",
                   limit: int | None = None, tokenizer=None,
                   max_prompt_tokens: int | None = None) -> list[dict]:
-    """Load math problems as dicts with `problem`, `answer`, `solution` (may be empty).
-
-    `name`: `toy` (built-in, split train/test); a named dataset (`DATASETS`, `dataset_spec`: read
-    with its table entry and adapter); a local .jsonl/.json/.parquet file or a hub dataset, read
-    by the `*_key` columns (DAPO-Math-17k's layout is recognised). Rows without an answer, with a
-    malformed problem, or (given `tokenizer` and `max_prompt_tokens`, see `max_prompt_length`)
-    whose chat prompt is longer than that are skipped and counted; a missing column, an
-    unreadable, empty or all-skipped dataset is a UserError that says what to do. DAPO-Math-17k
-    rows are deduplicated while reading (the hub copy holds each problem ~100 times: 1.79M rows ->
-    17.9K problems); only the kept problems' strings are held, the rest stays memory-mapped.
-    """
+    """Problems as dicts with `problem`, `answer`, `solution` (may be empty) from `toy` (splits
+    train/test), a named dataset (`dataset_spec`) or a local .jsonl/.json/.parquet file or hub
+    dataset read by the `*_key` columns (DAPO-Math-17k's layout is recognised). Rows without an
+    answer, malformed, or whose chat prompt is longer than `max_prompt_tokens` are skipped and
+    counted; DAPO-Math-17k's copies of a problem (~100 each on the hub) are dropped. A missing
+    column, an unreadable, empty or all-skipped dataset is a UserError saying what to do."""
     fits = _prompt_filter(tokenizer, max_prompt_tokens)
     if name == "toy":
         if split not in TOY_SPLIT_SEEDS:
@@ -1279,16 +1238,15 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         rows = [row for row in rows if fits(row["problem"])]
         return rows[:limit] if limit else rows
     spec, path = dataset_spec(name) or (None, None)
-    if spec:
-        split = spec["split"]
+    split = spec["split"] if spec else split
     raw = _read_rows(path or (spec["hub"] if spec else name), split, spec and spec.get("config"))
     if not len(raw):
         raise UserError(f"Dataset {name!r} ({split}) is empty.")
     first = next((row for row in raw if isinstance(row, dict)), None)
     if first is None:
         kinds = sorted({"invalid JSON" if row is None else type(row).__name__ for row in raw})
-        raise UserError(f"Dataset {name!r} ({split}): none of its {len(raw)} rows is a JSON object "
-                        f"({', '.join(kinds)}); expected {ROW_SHAPE}.")
+        raise UserError(f"Dataset {name!r} ({split}): none of its {len(raw)} rows is a JSON "
+                        f"object ({', '.join(kinds)}); expected {ROW_SHAPE}.")
     columns = list(first)
     dapo = "dapo-math" in name.lower() or {"prompt", "reward_model"} <= set(columns)
     kind = spec["kind"] if spec else "dapo" if dapo else "keys"
@@ -1299,7 +1257,8 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         adapt = functools.partial(_keyed_row, keys=(problem_key, answer_key, solution_key))
         required = [(problem_key,), (answer_key,)]
     if kind == "math":  # the table's problem column first, then the usual names
-        required = [tuple(dict.fromkeys([spec["problem"], *_PROBLEM_COLUMNS])), _ANSWER_COLUMNS]
+        required = [tuple(dict.fromkeys([spec.get("problem", "problem"), *_PROBLEM_COLUMNS])),
+                    _ANSWER_COLUMNS]
         adapt = functools.partial(_math_row, problem_columns=required[0])
     for i, names in enumerate(required):
         if not any(_lookup(row, names) is not None for row in raw if isinstance(row, dict)):
@@ -1310,8 +1269,8 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
             raise UserError(f"Dataset {name!r} has no column {names[0]!r}{why}; its columns are "
                             f"{columns}.{fix}")
     rows, seen, no_answer, malformed, too_long = [], set(), 0, 0, 0
-    for raw_row in raw:
-        row = adapt(raw_row) if isinstance(raw_row, dict) else {}
+    for row in raw:
+        row = adapt(row) if isinstance(row, dict) else {}
         if row is None:  # not part of this dataset (OpenThoughts' other domains)
             continue
         problem, answer = row.get("problem"), row.get("answer")
@@ -1322,7 +1281,7 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
             no_answer += 1
             continue
         row.update(problem=problem.strip(), answer=str(answer).strip())
-        if kind == "dapo":  # DAPO-Math-17k holds each problem ~100 times: keep the first
+        if kind == "dapo":  # the first of its copies
             if (row["problem"], row["answer"]) in seen:
                 continue
             seen.add((row["problem"], row["answer"]))
@@ -1336,8 +1295,9 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
                    + f" and {too_long} prompts longer than {max_prompt_tokens} tokens")
     if not rows:
         schema = f"the schema of {spec['hub']}" if spec else "the *_key options"
-        raise UserError(f"Dataset {name!r} ({split}) has no usable rows: {len(raw)} read, {skipped}; "
-                        f"check the file, {schema} and --max_prompt_tokens/--max_new_tokens.")
+        raise UserError(f"Dataset {name!r} ({split}) has no usable rows: {len(raw)} read, "
+                        f"{skipped}; check the file, {schema} and "
+                        "--max_prompt_tokens/--max_new_tokens.")
     if seen:
         print0(f"[data] {name}: deduplicated {len(raw)} rows -> {len(seen)} problems")
     if no_answer or malformed or too_long:
@@ -1347,8 +1307,7 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
 
 
 def _lookup(row: dict, names: Sequence[str]):
-    """The first non-None value of `names` in `row`; dotted names reach into nested fields
-    (`reward_model.ground_truth`)."""
+    """The first value of `names` in `row` that is not None; `a.b` reads field b of column a."""
     for name in names:
         value = row
         for part in name.split("."):
@@ -1358,9 +1317,8 @@ def _lookup(row: dict, names: Sequence[str]):
     return None
 
 
-# Adapters: a raw row (a dict) -> {problem, answer, solution, ...}, or None for a row that is not
-# part of the dataset; `_ADAPTERS`: kind -> (adapter, the columns its rows must have, each a tuple
-# of accepted names; `keys` and `math` take theirs from the options and the table)
+# Adapters: a raw row (a dict) -> {problem, answer, solution, ...}, None for a row that is not part
+# of the dataset. _ADAPTERS: kind -> (adapter, the columns its rows must have: tuples of names)
 def _keyed_row(row: dict, keys: tuple[str, str, str]) -> dict:
     problem, answer, solution = (_lookup(row, (key,)) for key in keys)
     return {"problem": problem, "answer": answer,
@@ -1368,21 +1326,19 @@ def _keyed_row(row: dict, keys: tuple[str, str, str]) -> dict:
 
 
 def _math_row(row: dict, problem_columns: Sequence[str]) -> dict:
-    """A benchmark row. Numeric answers (AIME as int64, AMC as float) become strings, 12.0 -> "12";
-    of a list of accepted answers (some mirrors) the first."""
-    answer = _lookup(row, _ANSWER_COLUMNS)
+    """Numeric answers (AIME's int64, AMC's float) become strings, 12.0 -> "12"; of a list of
+    accepted answers (some mirrors) the first."""
+    answer, solution = _lookup(row, _ANSWER_COLUMNS), row.get("solution")
     if isinstance(answer, float) and answer.is_integer():
         answer = int(answer)
     if isinstance(answer, (list, tuple)):
         answer = answer[0] if answer else None
-    solution = row.get("solution")
     return {"problem": _lookup(row, problem_columns), "answer": answer,
             "solution": solution if isinstance(solution, str) else ""}
 
 
 def _dapo_row(row: dict) -> dict:
-    """DAPO-Math-17k: a chat message list whose text wraps the problem in its own instructions;
-    the answer under `reward_model`."""
+    """DAPO-Math-17k: the problem inside a chat prompt that wraps it in instructions."""
     prompt, problem = row.get("prompt"), None
     if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) \
             and isinstance(prompt[-1].get("content"), str):
@@ -1397,9 +1353,8 @@ def _dapo_row(row: dict) -> dict:
 
 
 def _openthoughts_row(row: dict) -> dict | None:
-    """OpenThoughts-114k (`metadata` config): the math domain only; the gold answer is the last
-    `\\boxed{}` of `ground_truth_solution` (without one a row has no answer), which is also the
-    solution (the privileged context of self-distillation)."""
+    """OpenThoughts-114k (`metadata`): math only; the answer is the last `\\boxed{}` of the
+    ground-truth solution, which is the solution (self-distillation's privileged context)."""
     if row.get("domain") != "math":
         return None
     solution = row.get("ground_truth_solution")
@@ -1408,23 +1363,22 @@ def _openthoughts_row(row: dict) -> dict | None:
             "solution": solution}
 
 
-def _choice_row(row: dict, seed: int = CHOICE_SEED) -> dict:
-    """GPQA (`Question`, `Correct Answer`, `Incorrect Answer 1-3`) -> a multiple-choice problem:
-    the options shuffled with a fixed seed per question (not per row position), lettered A-D; the
-    answer is the correct option's letter, graded by `ChoiceGrader`."""
+def _choice_row(row: dict) -> dict:
+    """GPQA -> a multiple-choice problem: the options shuffled by `CHOICE_SEED` and the question
+    (not the row's position), lettered A-D; the answer is the correct option's letter."""
     question, options = row.get("Question"), [row.get("Correct Answer")] + [
         row.get(f"Incorrect Answer {i}") for i in (1, 2, 3)]
     if not isinstance(question, str) or any(option is None for option in options):
         return {"problem": question, "answer": None, "solution": ""}
     order = list(range(4))
-    random.Random(f"{seed}/{question.strip()}").shuffle(order)
+    random.Random(f"{CHOICE_SEED}/{question.strip()}").shuffle(order)
     lines = "\n".join(f"{'ABCD'[i]}) {str(options[j]).strip()}" for i, j in enumerate(order))
     return {"problem": f"{question.strip()}\n\n{lines}\n\n{CHOICE_INSTRUCTION}",
             "answer": "ABCD"[order.index(0)], "solution": "", "choice": True}
 
 
 _ADAPTERS = {
-    "keys": (_keyed_row, None), "math": (_math_row, None),
+    "keys": (_keyed_row, None), "math": (_math_row, None),  # columns: the options', the table's
     "dapo": (_dapo_row, [("prompt",), ("reward_model.ground_truth",)]),
     "openthoughts": (_openthoughts_row, [("problem",), ("ground_truth_solution",), ("domain",)]),
     "choice": (_choice_row, [("Question",), ("Correct Answer",),
@@ -1433,9 +1387,9 @@ _ADAPTERS = {
 
 
 def _prompt_filter(tokenizer, max_tokens: int | None) -> Callable[[str], bool]:
-    """Whether `build_prompt(tokenizer, problem)` has at most `max_tokens` tokens (always true
-    without both). A token covers at least one UTF-8 byte, so short problems pass without building
-    their prompt (fast on 17K rows); 16 tokens of slack cover a tokenizer's prefix-space token."""
+    """Whether `build_prompt(tokenizer, problem)` has at most `max_tokens` tokens (always, without
+    both). A token covers at least one UTF-8 byte, so short problems pass without building their
+    prompt (fast on 17K rows); 16 tokens of slack cover a tokenizer's prefix-space token."""
     if tokenizer is None or not max_tokens:
         return lambda problem: True
     overhead = len(build_prompt(tokenizer, "")) + 16
@@ -1450,8 +1404,8 @@ def _prompt_filter(tokenizer, max_tokens: int | None) -> Callable[[str], bool]:
 
 
 def _read_rows(name: str, split: str, config: str | None = None):
-    """The raw rows of a local file (a list for JSON; a memory-mapped datasets.Dataset for
-    parquet, so 1.79M DAPO rows are not held per rank) or of a hub dataset (also a Dataset)."""
+    """Raw rows of a local file or a hub dataset: a list (JSON) or a memory-mapped
+    datasets.Dataset (parquet, the hub), so 1.79M DAPO rows are not held by every rank."""
     path = Path(name).expanduser()
     suffix = path.suffix.lower()
     if path.is_dir():
@@ -1485,7 +1439,7 @@ def _read_rows(name: str, split: str, config: str | None = None):
 
 
 def _read_json_rows(path: Path) -> list:
-    """Rows of a .json list or of JSON lines (a line that is not JSON: None, counted as malformed)."""
+    """Rows of a .json list or of JSON lines (a line that is not JSON: None, a malformed row)."""
     text = path.read_text()
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         return json.loads(text)
@@ -1507,9 +1461,8 @@ def _read_json_rows(path: Path) -> list:
 
 
 def load_run_problems(args, tokenizer) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) for a script's shared data options: `--dataset`/`--eval_dataset`,
-    their splits and `--*_key` columns, `--eval_limit`; prompts longer than the model's context
-    minus `--max_new_tokens` (or `--max_prompt_tokens`) are skipped. No `--eval_dataset`: none."""
+    """(train rows, eval rows: none without `--eval_dataset`) for a script's data options; prompts
+    longer than the model's context minus `--max_new_tokens` (or `--max_prompt_tokens`) skipped."""
     keys = dict(problem_key=args.problem_key, answer_key=args.answer_key,
                 solution_key=args.solution_key, tokenizer=tokenizer,
                 max_prompt_tokens=max_prompt_length(args.model, args.max_new_tokens,
@@ -1522,8 +1475,7 @@ def load_run_problems(args, tokenizer) -> tuple[list[dict], list[dict]]:
 
 
 class ProblemSampler:
-    """Endless stream of shuffled problem indices, reshuffled each epoch; exact resume via
-    state_dict."""
+    """Endless stream of shuffled problem indices, reshuffled each epoch; resumes exactly."""
 
     def __init__(self, num_rows: int, seed: int):
         self.num_rows, self.seed, self.epoch, self.position = num_rows, seed, 0, 0
@@ -1555,10 +1507,9 @@ BOXED_INSTRUCTION = "Please reason step by step, and put your final answer withi
 
 def build_prompt(tokenizer, problem: str, context: str | None = None,
                  enable_thinking: bool | None = None) -> list[int]:
-    """Token ids of the chat prompt for `problem`; `context` (privileged information) is appended
-    to the user message for a teacher. Responses are appended as token ids, so they are identical
-    under the student and the teacher prompt. `enable_thinking` is passed to Qwen3 templates when
-    set."""
+    """Token ids of the chat prompt for `problem`; a teacher's `context` (privileged information)
+    ends the user message. Responses are appended as ids, so they are the same under student and
+    teacher prompts. `enable_thinking` is passed to Qwen3 templates when set."""
     content = f"{problem}\n\n{BOXED_INSTRUCTION}" + (f"\n\n{context}" if context else "")
     extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
@@ -1571,40 +1522,29 @@ def build_prompt(tokenizer, problem: str, context: str | None = None,
 # ---------------------------------------------------------------------------------------------
 
 
-def boxed_span_at(text: str, start: int) -> tuple[int, int] | None:
-    """(start, end) character span of the `\\boxed{...}` that begins at `start` (braces matched),
-    or None when its braces never close."""
-    brace = start + len("\\boxed")
-    while text[brace: brace + 1] == " ":
-        brace += 1
-    if text[brace: brace + 1] == "{":
-        depth = 0
-        for position in range(brace, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[position], 0)
-            if depth == 0:
-                return start, position + 1
-    return None
-
-
-def find_last_boxed(text: str) -> tuple[int, int] | None:
-    """(start, end) character span of the last complete `\\boxed{...}` (braces matched), or None.
-    With nested boxes that is the innermost last one."""
-    start = text.rfind("\\boxed")
-    while start != -1:
-        span = boxed_span_at(text, start)
-        if span is not None:
-            return span
-        start = text.rfind("\\boxed", 0, start)
-    return None
+def _boxed_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each complete `\\boxed{...}` in `text` (braces matched), in order."""
+    spans, open_boxes, depth = [], [], 0  # open_boxes: (start, brace depth around it)
+    for match in re.finditer(r"\\boxed *\{|[{}]", text):  # one pass: linear in the length
+        if match[0] == "}":
+            depth -= 1
+            if open_boxes and open_boxes[-1][1] == depth:
+                spans.append((open_boxes.pop()[0], match.end()))
+        else:
+            if match[0] != "{":
+                open_boxes.append((match.start(), depth))
+            depth += 1
+    return sorted(spans)
 
 
 def extract_boxed_answer(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (after any `</think>`), or None when there is none."""
+    """Content of the last complete `\\boxed{...}` after any `</think>` (the innermost when boxes
+    are nested), or None when there is none."""
     text = text.split("</think>")[-1]
-    span = find_last_boxed(text)
-    if span is None:
+    spans = _boxed_spans(text)
+    if not spans:
         return None
-    inner = text[span[0]: span[1]]
+    inner = text[spans[-1][0]: spans[-1][1]]
     return inner[inner.index("{") + 1: -1].strip()
 
 
@@ -1615,16 +1555,11 @@ def answer_span(text: str) -> tuple[int, int] | None:
     """Character span of the final answer: the last complete `\\boxed{...}` after any `</think>`,
     the whole outermost one when boxes are nested (`\\boxed{\\boxed{9}}`)."""
     offset = text.rfind("</think>") + len("</think>") if "</think>" in text else 0
-    after = text[offset:]
-    span = find_last_boxed(after)
-    if span is None:
+    spans = _boxed_spans(text[offset:])
+    if not spans:
         return None
-    for match in re.finditer(r"\\boxed", after[: span[0]]):  # the leftmost box around it
-        outer = boxed_span_at(after, match.start())
-        if outer is not None and outer[1] >= span[1]:
-            span = outer
-            break
-    return span[0] + offset, span[1] + offset
+    start, end = next(span for span in spans if span[1] >= spans[-1][1])  # the box around it
+    return start + offset, end + offset
 
 
 def writes_work(text: str) -> bool:
@@ -1676,15 +1611,12 @@ GRADER_STARTUP_SECONDS = 60.0  # importing sympy takes a few seconds
 class Grader:
     """Rewards in {0, 1} with math-verify (gold first), the answer taken from the last `\\boxed{}`.
 
-    math-verify runs in a worker process (`_grader_worker`), one answer at a time; identical
-    (gold, answer) pairs are graded once. An answer is bounded by the worker's CPU time, not the
-    clock, so rollout workers keeping the CPUs busy cannot turn correct answers into timeouts: the
-    worker stops an answer after `timeout` CPU seconds. A worker that does not answer within the
-    wall-clock backstop (`wall_timeout`, default 5 x `timeout`: stuck in C code where its own
-    limit cannot fire, or stopped) is killed and the next answer goes to a fresh one. Either way
-    the answer gets reward 0 and is counted as a timeout, so no input can stall a run. Without
-    math-verify, or with a worker that cannot start, it raises UserError instead of scoring 0.
-    """
+    math-verify runs in a worker process, one distinct (gold, answer) pair at a time. The worker
+    stops an answer after `timeout` seconds of its own CPU time (not the clock: busy rollout
+    workers cannot turn correct answers into timeouts); one that does not answer within
+    `wall_timeout` (default 5 x `timeout`: stuck in C code, say) is killed, and the next answer
+    gets a fresh one. Either way the answer scores 0 and counts as a timeout: no input can stall a
+    run. Without a working math-verify it raises UserError instead of scoring 0."""
 
     def __init__(self, timeout: float = 10.0, wall_timeout: float | None = None):
         self._worker = self._connection = None
@@ -1714,8 +1646,7 @@ class Grader:
         return rewards, counts
 
     def _verdict(self, pair: tuple[str, str]) -> bool | None:
-        """The worker's verdict on (gold, pred); None: over the CPU bound, or no answer within the
-        wall-clock backstop (the worker is then killed; the next pair starts a fresh one)."""
+        """The worker's verdict on (gold, pred); None: a timeout."""
         if self._worker is None or not self._worker.is_alive():
             self._start()
         try:
@@ -1724,7 +1655,7 @@ class Grader:
                 return self._connection.recv()
         except (OSError, EOFError):  # the worker died
             pass
-        self.close()
+        self.close()  # stuck or dead
         return None
 
     def _start(self) -> None:
@@ -1739,8 +1670,8 @@ class Grader:
         self._worker.start()
         child.close()
         try:
-            waited = self._connection.poll(GRADER_STARTUP_SECONDS)
-            ready = self._connection.recv() if waited else f"no word in {GRADER_STARTUP_SECONDS:g} s"
+            ready = self._connection.recv() if self._connection.poll(GRADER_STARTUP_SECONDS) \
+                else f"silent for {GRADER_STARTUP_SECONDS:g} s"
         except EOFError:
             ready = "it exited"
         if ready != "ready":
@@ -1768,8 +1699,8 @@ class _CpuLimit(BaseException):
 
 
 def _grader_worker(connection, parent_end, cpu_seconds: float) -> None:
-    """The grader's process: "ready" (or why math-verify failed to import), then a verdict per
-    (gold, pred) it receives: True, False, or None when the answer took over `cpu_seconds`."""
+    """Sends "ready" (or why math-verify cannot be imported), then a verdict per (gold, pred):
+    True, False, or None when it took over `cpu_seconds`."""
     import logging
 
     os.setsid()  # the run's Ctrl-C (the run finishes its step) must not reach the worker
@@ -1793,9 +1724,8 @@ def _grader_worker(connection, parent_end, cpu_seconds: float) -> None:
             return
         verdict = None
         try:
-            # ITIMER_PROF counts this process's CPU time, so a busy machine does not shorten the
-            # bound (math-verify's own limits, wall-clock SIGALRM, are off); it re-fires until
-            # disarmed
+            # ITIMER_PROF counts this process's CPU time (math-verify's own limits, wall-clock
+            # SIGALRM, are off); it re-fires until disarmed
             signal.setitimer(signal.ITIMER_PROF, cpu_seconds, 0.05)
             try:
                 gold, pred = parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None)
@@ -1817,8 +1747,8 @@ def choice_letter(text: str) -> str | None:
     inner = extract_boxed_answer(text)
     if inner is None:
         return None
-    inner = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", inner).strip().strip("$ ")
-    match = _BOXED_LETTER.match(inner)
+    inner = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", inner)
+    match = _BOXED_LETTER.match(inner.strip().strip("$ "))
     return match[1] if match else None
 
 

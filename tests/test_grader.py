@@ -22,9 +22,9 @@ def test_boxed_extraction():
     assert common.extract_boxed_answer("<think>\\boxed{1}</think> no box after thinking") is None
     assert common.extract_boxed_answer("unclosed \\boxed{12") is None
     assert common.extract_boxed_answer("nothing here") is None
-    text = "x \\boxed{7} y"
-    start, end = common.find_last_boxed(text)
-    assert text[start:end] == "\\boxed{7}"
+    text = "x \\boxed{7} y \\boxed {\\boxed{8}} z \\boxed{9"
+    start, end = common.answer_span(text)
+    assert text[start:end] == "\\boxed {\\boxed{8}}" and common.extract_boxed_answer(text) == "8"
 
 
 @pytest.mark.parametrize("response,gold", [
