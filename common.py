@@ -1144,7 +1144,7 @@ def _train_toy_model(name: str, target: Path, note: Callable[[str], None]) -> No
             ids, labels = zip(*[_toy_sft_example(tokenizer, rng, rows[rng.randrange(len(rows))],
                                                  spec, kind) for _ in range(spec["batch_size"])])
             length = max(map(len, ids))
-            pad = lambda rows, value: torch.tensor([r + [value] * (length - len(r)) for r in rows])
+            pad = lambda seqs, value: torch.tensor([s + [value] * (length - len(s)) for s in seqs])
             loss = model(input_ids=pad(ids, tokenizer.pad_token_id), labels=pad(labels, -100),
                          attention_mask=pad([[1] * len(r) for r in ids], 0)).loss
             loss.backward()
@@ -1192,8 +1192,8 @@ TOY_EVAL_K = 4
 CHOICE_SEED = 0  # GPQA's options are shuffled per question with this seed: one order in every run
 CHOICE_INSTRUCTION = "Answer with the letter (A, B, C or D) of the correct option."
 # Column names a benchmark file may use (mirrors of a benchmark differ here)
-_PROBLEM_COLUMNS, _ANSWER_COLUMNS = ("problem", "question", "Problem", "Question"), ("answer",
-                                                                                    "Answer")
+_PROBLEM_COLUMNS = ("problem", "question", "Problem", "Question")
+_ANSWER_COLUMNS = ("answer", "Answer")
 DAPO_PREFIX = "Solve the following math problem step by step."
 DAPO_SUFFIX = "Remember to put your answer on its own line after"
 ROW_SHAPE = ('one JSON object per problem, e.g. {"problem": "What is 2+3?", "answer": "5"} '
@@ -1304,6 +1304,13 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         print0(f"[data] {name}: skipped {skipped}")
     print0(f"[data] {name} ({split}): {len(rows)} problems")
     return rows[:limit] if limit else rows
+
+
+def load_named_dataset(name: str, tokenizer=None, max_prompt_tokens: int | None = None,
+                       limit: int | None = None) -> list[dict]:
+    """Rows of a named dataset (`dataset_spec`): `load_problems` with its table entry."""
+    return load_problems(name, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens,
+                         limit=limit)
 
 
 def _lookup(row: dict, names: Sequence[str]):
@@ -1711,7 +1718,9 @@ def _grader_worker(connection, parent_end, cpu_seconds: float) -> None:
     except Exception as error:
         connection.send(f"{type(error).__name__}: {error}")
         return
-    logging.getLogger("math_verify").disabled = True
+    quiet = logging.getLogger("math_verify")  # its warnings about the limits we set ourselves
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
 
     def over_limit(signum, frame):
         raise _CpuLimit()
@@ -1722,19 +1731,17 @@ def _grader_worker(connection, parent_end, cpu_seconds: float) -> None:
             gold, pred = connection.recv()
         except EOFError:  # the parent is gone
             return
-        verdict = None
         try:
             # ITIMER_PROF counts this process's CPU time (math-verify's own limits, wall-clock
             # SIGALRM, are off); it re-fires until disarmed
             signal.setitimer(signal.ITIMER_PROF, cpu_seconds, 0.05)
-            try:
-                gold, pred = parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None)
-                verdict = bool(gold and pred and verify(gold, pred, timeout_seconds=None))
-            except Exception:
-                verdict = False
-            finally:
-                signal.setitimer(signal.ITIMER_PROF, 0)
+            gold, pred = parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None)
+            verdict = bool(gold and pred and verify(gold, pred, timeout_seconds=None))
         except _CpuLimit:
+            verdict = None
+        except Exception:
+            verdict = False
+        finally:
             signal.setitimer(signal.ITIMER_PROF, 0)
         connection.send(verdict)
 
