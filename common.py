@@ -836,37 +836,31 @@ def copy_weights(dst_model, src_model) -> None:
 # Toy testbed: a strategy-choice task with worked solutions, and tiny Qwen3 models made by SFT
 # ---------------------------------------------------------------------------------------------
 #
-# A problem is a chain of small operations that must be applied in order (sequential state, so a
-# one-pass "shortcut" cannot compose long chains): "Start at 7, apply +3 *2 -4." (answer 16).
-# The SFT teaches two strategies, in Qwen3's layout (work inside <think>...</think>, boxed answer after):
-#   careful                     careful with a check           shortcut
-#   <think>                     <think>                        <think>
-#   7+3=10                      7+3=10                         </think>
-#   10*2=20                     10*2=20                        \boxed{16}
-#   20-4=16                     check 20/2=10 ok
-#   </think>                    20-4=16
-#   \boxed{16}                  </think>
-#                               \boxed{16}
-# A check line verifies the previous step by its inverse; in some SFT examples a step is wrong (that
-# line is masked out of the loss), its check says "no" and the step is redone: deliberation.
-# The premises of the four papers are built in on purpose (the toy tests whether code turns a premise
+# A problem is a chain of small operations applied in order (sequential state, so a one-pass
+# "shortcut" cannot compose long chains): "Start at 7, apply +3 *2 -4." (answer 16). The SFT
+# teaches two strategies in Qwen3's layout (work inside <think>...</think>, boxed answer after):
+# careful "<think>\n7+3=10\n10*2=20\n20-4=16\n</think>\n\boxed{16}" and the shortcut
+# "<think>\n</think>\n\boxed{16}". A check line ("check 20/2=10 ok") verifies the previous step by
+# its inverse; in some SFT examples a step is wrong (masked out of the loss), its check says "no"
+# and the step is redone: deliberation.
+# The four papers' premises are built in on purpose (the toy tests whether code turns a premise
 # into the claimed effect, not whether the premise holds for real models):
-#   - the plain prompt's SFT target is mostly the shortcut, which is exact on short chains only, so
-#     RL has a large, easy win available: choose the careful strategy (every method's RL signal);
-#   - with privileged context (a reference solution, `TOY_CONTEXT_HEADER`) the SFT target is mostly
-#     the shortcut (copy the answer) and never checks, so a self-teacher gives deliberation tokens
-#     low probability and answer tokens high probability (u < 0 and u > 0: AntiSD);
-#   - `toy-large` is wider and trained to prefer the careful strategy, so it disagrees with `toy`
-#     most at the first response tokens, where the strategy is decided (IW-OPD); it is the stronger
-#     teacher for distillation (PACED, IW-OPD);
+#   - the plain prompt's SFT target is mostly the shortcut, exact on short chains only: RL has a
+#     large, easy win, choosing the careful strategy (every method's RL signal);
+#   - with privileged context (a reference solution, `TOY_CONTEXT_HEADER`) the target is mostly
+#     the shortcut and never checks, so a self-teacher gives deliberation tokens low probability
+#     and answer tokens high probability (u < 0 and u > 0: AntiSD);
+#   - `toy-large` is wider and prefers the careful strategy: it disagrees with `toy` most at the
+#     first response tokens, where the strategy is decided (IW-OPD), and is the stronger teacher
+#     for distillation (PACED, IW-OPD);
 #   - chain length (the level, 1-6 operations) spreads per-problem pass rates over (0, 1) (PACED);
 #   - every line is re-computable, so an oracle names the key step of a correct response and the
-#     first wrong line of an incorrect one, check lines included (`parse_toy_steps`, TRACE).
+#     first wrong line of an incorrect one (`parse_toy_steps`, TRACE).
 
 TOY_VERSION = "v3"  # v3: head_dim 32 (vLLM's CPU attention kernels accept 32, 64, 80, ..., not 16)
 TOY_SPLIT_SEEDS = {"train": 1, "test": 2}  # disjoint generator streams for the two splits
 TOY_SPLIT_SIZES = {"train": 4096, "test": 256}
-TOY_MAX_OPS, TOY_MAX_VALUE = 6, 30  # levels 1..6 = number of operations; every value stays in 0..30
+TOY_MAX_OPS, TOY_MAX_VALUE = 6, 30  # levels 1..6 = number of operations; values stay in 0..30
 TOY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOY_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -875,30 +869,35 @@ TOY_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 # Privileged context the toy SFT teaches the model to use: a reference-solution block in the user
-# message, optionally followed by one feedback line (the method scripts build contexts of this form).
+# message, optionally followed by one feedback line (the method scripts build contexts this way).
 TOY_CONTEXT_HEADER = "Reference solution:\n"
-TOY_FEEDBACK_LINES = ["Your previous attempt was correct.", "Your previous attempt was incorrect.", ""]
+TOY_FEEDBACK_LINES = ["Your previous attempt was correct.", "Your previous attempt was incorrect.",
+                      ""]
 TOY_WORK_HINT = "Write every step."  # SFT-only prompt variant that always gets the careful strategy
-# Multi-character pieces that are single tokens (shorter sequences on a CPU). <think> and </think> are
-# ordinary added tokens, as in Qwen3: decoding with skip_special_tokens keeps them.
-TOY_PHRASES = ["<think>", "</think>", "user", "assistant", "Start at ", ", apply ", "\\boxed{", "check ", " ok",
-               " no", "\n\n", TOY_CONTEXT_HEADER, TOY_WORK_HINT, *TOY_FEEDBACK_LINES[:2]]
-# Architecture and SFT recipe of each toy model. `careful` = share of plain-prompt SFT targets that use
-# the careful strategy; `context_frac` = share of SFT examples whose prompt carries a reference
-# solution (their target is careful with probability `context_careful`, never with checks);
-# `check` / `fix` = share of careful targets with a verified step / a wrong step caught and redone.
+# Multi-character pieces that are single tokens (shorter sequences on a CPU). <think> and </think>
+# are ordinary added tokens, as in Qwen3: decoding with skip_special_tokens keeps them.
+TOY_PHRASES = ["<think>", "</think>", "user", "assistant", "Start at ", ", apply ", "\\boxed{",
+               "check ", " ok", " no", "\n\n", TOY_CONTEXT_HEADER, TOY_WORK_HINT,
+               *TOY_FEEDBACK_LINES[:2]]
+# Architecture and SFT recipe of each toy model. Shares of the SFT examples: `work_frac` ask for
+# the steps (`TOY_WORK_HINT`), `context_frac` carry a reference solution (careful target with
+# probability `context_careful`, never checking), the rest are plain (careful with probability
+# `careful`); `check` / `fix`: share of careful targets with a verified step / a caught mistake.
+_TOY_SFT = dict(batch_size=64, lr=5e-3, work_frac=0.25, context_frac=0.25, context_careful=0.1,
+                check=0.3, fix=0.15)
 TOY_SPECS = {
-    "toy": dict(layers=3, hidden=64, heads=2, intermediate=192, steps=1000, batch_size=64, lr=5e-3,
-                careful=0.3, work_frac=0.25, context_frac=0.25, context_careful=0.1, check=0.3, fix=0.15),
-    "toy-large": dict(layers=4, hidden=96, heads=3, intermediate=288, steps=800, batch_size=64, lr=5e-3,
-                      careful=0.8, work_frac=0.25, context_frac=0.25, context_careful=0.1, check=0.3, fix=0.15),
+    "toy": dict(layers=3, hidden=64, heads=2, intermediate=192, steps=1000, careful=0.3,
+                **_TOY_SFT),
+    "toy-large": dict(layers=4, hidden=96, heads=3, intermediate=288, steps=800, careful=0.8,
+                      **_TOY_SFT),
 }
-_TOY_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
+_TOY_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+            "/": lambda a, b: a // b}
 _TOY_INVERSE = {"+": "-", "-": "+", "*": "/"}
 
 
 def make_toy_rows(n: int, seed: int) -> list[dict]:
-    """n deterministic problems with `problem`, `answer`, `solution` (the careful one) and `level`."""
+    """n deterministic problems with `problem`, `answer`, `solution` (the careful one), `level`."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -908,7 +907,7 @@ def make_toy_rows(n: int, seed: int) -> list[dict]:
         for _ in range(level):
             choices = [("+", d) for d in range(1, 6) if value + d <= TOY_MAX_VALUE]
             choices += [("-", d) for d in range(1, 6) if value - d >= 0]
-            choices += [("*", 2)] * 3 if value <= TOY_MAX_VALUE // 2 else []  # doubling as often as +-
+            choices += [("*", 2)] * 3 if value <= TOY_MAX_VALUE // 2 else []  # as often as +-
             op, number = rng.choice(choices)
             operations.append((op, number))
             value = _TOY_OPS[op](value, number)
@@ -918,110 +917,157 @@ def make_toy_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def _toy_start(operations, end):
-    for op, number in reversed(operations):
-        end = _TOY_OPS[_TOY_INVERSE[op]](end, number)
-    return end
-
-
 def _parse_toy_problem(problem: str):
+    """(start, [(op, number), ...]) of a toy problem; (None, []) when it is not one."""
     match = re.fullmatch(r"Start at (\d+), apply ((?:[+\-*]\d+ ?)+)\.", problem.strip())
     if not match:
         return None, []
     return int(match[1]), [(term[0], int(term[1:])) for term in match[2].split()]
 
 
+def _toy_result(start: int | None, operations) -> int | None:
+    return functools.reduce(lambda value, op: _TOY_OPS[op[0]](value, op[1]), operations, start)
+
+
 def toy_response(start: int, operations, careful: bool = True, check_at: int | None = None,
                  fix_at: int | None = None, wrong_by: int = 1) -> list[tuple[str, bool]]:
     """A toy response as (piece, trained) pairs, one piece per line (no multi-character token
-    crosses a piece). `check_at` = step verified by a check line; `fix_at` = step first written wrong
-    (`trained` False: kept out of the SFT loss), caught by its check and redone."""
+    crosses a piece). `check_at`: the step verified by a check line; `fix_at`: the step first
+    written wrong by `wrong_by` (not trained: out of the SFT loss), caught by its check, redone."""
     pieces, value = [("<think>\n", True)], start
     for k, (op, number) in enumerate(operations):
-        result = _TOY_OPS[op](value, number)
+        result, inverse = _TOY_OPS[op](value, number), _TOY_INVERSE[op]
         if careful and k == fix_at:
-            wrong = result + (2 * wrong_by if op == "*" else wrong_by)  # a doubling's result stays even
-            pieces.append((f"{value}{op}{number}={wrong}\n", False))
-            back = _TOY_OPS[_TOY_INVERSE[op]](wrong, number)
-            pieces.append((f"check {wrong}{_TOY_INVERSE[op]}{number}={back} no\n", True))
+            wrong = result + (2 * wrong_by if op == "*" else wrong_by)  # a doubling stays even
+            pieces += [(f"{value}{op}{number}={wrong}\n", False),
+                       (f"check {wrong}{inverse}{number}={_TOY_OPS[inverse](wrong, number)} no\n",
+                        True)]
         if careful:
             pieces.append((f"{value}{op}{number}={result}\n", True))
         if careful and k == check_at:
-            pieces.append((f"check {result}{_TOY_INVERSE[op]}{number}={value} ok\n", True))
+            pieces.append((f"check {result}{inverse}{number}={value} ok\n", True))
         value = result
-    pieces += [("</think>\n", True), (f"\\boxed{{{value}}}", True)]
-    return pieces
+    return pieces + [("</think>\n", True), (f"\\boxed{{{value}}}", True)]
 
 
-def _sample_toy_target(rng: random.Random, row: dict, careful_share: float, check: float, fix: float):
-    """An SFT target for `row` (pieces of `toy_response`): the careful strategy with probability
-    `careful_share`, with a check line with probability `check` and a caught mistake with `fix`."""
-    start, operations = _parse_toy_problem(row["problem"])
-    if rng.random() >= careful_share:
+def _sample_toy_target(rng: random.Random, problem: str, careful: float, check: float,
+                       fix: float):
+    """An SFT target (`toy_response` pieces): careful with probability `careful`, then with a
+    check line with probability `check` and a caught mistake with probability `fix`."""
+    start, operations = _parse_toy_problem(problem)
+    if rng.random() >= careful:
         return toy_response(start, operations, careful=False)
     check_at = rng.randrange(len(operations)) if rng.random() < check else None
     fix_at, wrong_by = None, rng.choice([-1, 1])
     if rng.random() < fix:
         fix_at = rng.randrange(len(operations))
-        op, number = operations[fix_at]
-        value = _TOY_OPS[op](_toy_start(operations[fix_at:], int(row["answer"])), number)  # true result
-        wrong = value + (2 * wrong_by if op == "*" else wrong_by)
-        if wrong < 0:  # results are at most 30, so only the lower end needs a turn
-            wrong_by = -wrong_by
+        if _toy_result(start, operations[: fix_at + 1]) == 0:  # a wrong result stays >= 0
+            wrong_by = 1
     return toy_response(start, operations, True, check_at, fix_at, wrong_by)
 
 
 def parse_toy_steps(problem: str, response: str) -> list[dict]:
-    """Split a toy response into its non-empty lines, each judged on its own.
-
-    Each dict: `start`, `end` (character span in `response`), `text`, `kind` (`step`, `check`,
-    `answer`, `tag` for a think tag, `other` for anything unparsable, never correct) and `correct`. A step line
-    `left op right=result` is correct when `left` is the running value (the start, or the result
-    the previous step line stated), `op right` the next operation of the problem and the arithmetic
-    right. A check line `check result inv right=back ok|no` is correct when it inverts the previous
-    step line with the right arithmetic and its verdict says whether `back` equals that step's left
-    operand; after a "no" the next step line redoes the same operation. The answer line
-    (`\\boxed{}`) is correct when it boxes the true answer; think tags are correct (neutral).
-    So the first line with `correct=False` is the first wrong step of an incorrect response, and the
-    last step line (the answer line of a shortcut) is the key step of a correct one.
-    """
+    """The non-empty lines of a toy response, each judged on its own: dicts with `start`, `end`
+    (character span), `text`, `kind` (`step`, `check`, `answer`, `tag`, or `other`: never
+    correct) and `correct`: a step continues the running value with the problem's next operation
+    and right arithmetic; a check inverts the previous step right and its verdict (ok/no) is true
+    (after "no" the next step redoes it); the answer boxes the true answer. So the first incorrect
+    line is an incorrect response's first wrong step; the last step line (or a shortcut's answer
+    line) is a correct one's key step."""
     start, operations = _parse_toy_problem(problem)
-    answer = start
-    for op, number in operations:
-        answer = _TOY_OPS[op](answer, number) if answer is not None else None
-    running, index, previous, steps, position = start, 0, None, [], 0
+    answer = _toy_result(start, operations)
+    running, index, previous, steps, end = start, 0, None, [], -1
     for line in response.split("\n"):
-        begin, end = position, position + len(line)
-        position = end + 1
+        begin, end = end + 1, end + 1 + len(line)
         text = line.strip()
         if not text:
             continue
-        step = re.fullmatch(r"(\d+)([+\-*])(\d+)=(-?\d+)", text)
-        check = re.fullmatch(r"check (-?\d+)([+\-/])(\d+)=(-?\d+) (ok|no)", text)
-        boxed = re.fullmatch(r"\\boxed\{(-?\d+)\}", text)
-        kind, correct = ("tag", True) if text in THINK_TAGS else ("other", False)  # unparsable: wrong
-        if step:
+        kind, correct = ("tag", True) if text in THINK_TAGS else ("other", False)
+        if step := re.fullmatch(r"(\d+)([+\-*])(\d+)=(-?\d+)", text):
             left, op, right, result = int(step[1]), step[2], int(step[3]), int(step[4])
             kind = "step"
-            correct = (left == running and index < len(operations) and (op, right) == operations[index]
-                       and result == _TOY_OPS[op](left, right))
+            correct = (left == running and index < len(operations)
+                       and (op, right) == operations[index] and result == _TOY_OPS[op](left, right))
             previous, running, index = (left, op, right, result), result, index + 1
-        elif check:
+        elif check := re.fullmatch(r"check (-?\d+)([+\-/])(\d+)=(-?\d+) (ok|no)", text):
+            stated, inverse, right, back = int(check[1]), check[2], int(check[3]), int(check[4])
             kind = "check"
-            stated, inverse, right, back, verdict = int(check[1]), check[2], int(check[3]), int(check[4]), check[5]
-            correct = (previous is not None and stated == previous[3] and right == previous[2]
-                       and inverse == _TOY_INVERSE[previous[1]] and back == _TOY_OPS[inverse](stated, right)
-                       and verdict == ("ok" if back == previous[0] else "no"))
-            if verdict == "no" and previous is not None:  # the next step line redoes the operation
+            correct = (previous is not None and (stated, right) == (previous[3], previous[2])
+                       and inverse == _TOY_INVERSE[previous[1]]
+                       and back == _TOY_OPS[inverse](stated, right)
+                       and check[5] == ("ok" if back == previous[0] else "no"))
+            if check[5] == "no" and previous is not None:  # the next step line redoes it
                 running, index = previous[0], index - 1
-        elif boxed:
+        elif boxed := re.fullmatch(r"\\boxed\{(-?\d+)\}", text):
             kind, correct = "answer", int(boxed[1]) == answer
         steps.append({"start": begin, "end": end, "text": line, "kind": kind, "correct": correct})
     return steps
 
 
-def _toy_cache_root() -> Path:
-    return Path(os.environ.get("RLVR_TOY_CACHE", Path.home() / ".cache" / "rlvr-distill-toy"))
+TOY_WAIT_REPORT_SECONDS = 30.0  # a process waiting for another's toy build prints this often
+
+
+def build_toy_model(name: str = "toy") -> Path:
+    """The directory of a built-in toy model (a tiny Qwen3ForCausalLM with a character-level
+    tokenizer, trained by a short deterministic SFT), built on first use: cached, file-locked."""
+    if name not in TOY_SPECS:
+        raise ValueError(f"Unknown toy model {name!r}; choose from {list(TOY_SPECS)}.")
+    target = _toy_target(name)
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # one builder per machine; others wait and reuse its model. The lock file names the
+        # builder and its latest progress line, which a waiter prints ("a+": keep them on open)
+        with open(target.parent / f".{name}.lock", "a+") as lock:
+            _wait_for_toy_builder(lock, name)
+            if not (target / "config.json").exists():
+                since = time.strftime("%H:%M:%S")
+                _note_toy_build(lock, since, "starting")
+                _train_toy_model(name, target, lambda line: _note_toy_build(lock, since, line))
+    return target
+
+
+def _toy_target(name: str) -> Path:
+    """The cache folder of toy model `name`, named after its recipe (TOY_VERSION and spec)."""
+    recipe = json.dumps([TOY_VERSION, TOY_SPECS[name]], sort_keys=True).encode()
+    cache = Path(os.environ.get("RLVR_TOY_CACHE", Path.home() / ".cache" / "rlvr-distill-toy"))
+    return cache / f"{name}-{hashlib.sha1(recipe).hexdigest()[:8]}"
+
+
+def _note_toy_build(lock, since: str, line: str) -> None:
+    """Record in the held lock file who builds (pid, host, start, command) and its latest line."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": since,
+                           "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+                           "latest": line}))
+    lock.flush()
+
+
+def _wait_for_toy_builder(lock, name: str) -> None:
+    """Take the build lock. While another process holds it, say who (one line) and then, every
+    TOY_WAIT_REPORT_SECONDS, the builder's latest progress line."""
+    started = last = None
+    while True:
+        try:
+            return fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        lock.seek(0)
+        try:
+            holder = json.loads(lock.read())
+        except ValueError:
+            holder = {}
+        if started is None:
+            who = (f"pid {holder['pid']} on {holder['host']}, since {holder['started']}: "
+                   f"{holder['command']}" if holder else
+                   f"{lock.name} is locked (its holder names no process)")
+            print(f"[toy] waiting for another process to build {name!r}: {who}", flush=True)
+            started = last = time.time()
+        elif time.time() - last >= TOY_WAIT_REPORT_SECONDS:
+            last = time.time()
+            print(f"[toy] still waiting for {name!r} ({last - started:.0f}s): the builder is at "
+                  f"{holder.get('latest') or 'it reports no progress'}", flush=True)
+        time.sleep(min(1.0, TOY_WAIT_REPORT_SECONDS))
 
 
 def _build_toy_tokenizer():
@@ -1044,88 +1090,11 @@ def _build_toy_tokenizer():
     return tokenizer
 
 
-def build_toy_model(name: str = "toy") -> Path:
-    """Return the directory of a built-in toy model, building it on first use (cached, file-locked).
-
-    A tiny Qwen3ForCausalLM with a character-level tokenizer, trained by a short deterministic SFT
-    on toy problems (see the comment above `TOY_VERSION` for what the recipe builds in).
-    """
-    target = _toy_target(name)
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # one builder per machine; others wait and reuse. The lock file names the builder and its latest
-    # progress line (JSON), which a waiter prints; "a+": opening it must not erase that
-    with open(target.parent / f".{name}.lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _wait_for_toy_builder(lock, name)
-        if not (target / "config.json").exists():
-            since = time.strftime("%H:%M:%S")
-            _note_toy_build(lock, since, "starting")
-            _train_toy_model(name, target, lambda line: _note_toy_build(lock, since, line))
-    return target
-
-
-def _toy_target(name: str) -> Path:
-    """The cache folder of toy model `name`, named after its recipe (TOY_VERSION and spec)."""
-    if name not in TOY_SPECS:
-        raise ValueError(f"Unknown toy model {name!r}; choose from {list(TOY_SPECS)}.")
-    recipe = json.dumps([TOY_VERSION, TOY_SPECS[name]], sort_keys=True).encode()
-    return _toy_cache_root() / f"{name}-{hashlib.sha1(recipe).hexdigest()[:8]}"
-
-
-TOY_WAIT_REPORT_SECONDS = 30.0  # a process waiting for another's toy build prints this often
-
-
-def _note_toy_build(lock, since: str, line: str) -> None:
-    """Record in the held lock file who builds (pid, host, start, command) and its latest line."""
-    lock.seek(0)
-    lock.truncate()
-    lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": since,
-                           "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-                           "latest": line}))
-    lock.flush()
-
-
-def _wait_for_toy_builder(lock, name: str) -> None:
-    """Wait for the process building toy model `name`, saying whom (one line) and then, every
-    TOY_WAIT_REPORT_SECONDS, the builder's latest progress line; returns holding the lock."""
-    started = last = time.time()
-    print(f"[toy] waiting for another process to build {name!r}: {_toy_builder(lock)}", flush=True)
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            time.sleep(min(1.0, TOY_WAIT_REPORT_SECONDS))
-        if time.time() - last >= TOY_WAIT_REPORT_SECONDS:
-            last = time.time()
-            latest = _toy_builder(lock, "latest") or "it reports no progress"
-            print(f"[toy] still waiting for {name!r} ({last - started:.0f}s): the builder is at "
-                  f"{latest}", flush=True)
-
-
-def _toy_builder(lock, key: str | None = None) -> str:
-    """Who holds a toy build lock, from its lock file (or one of its fields, `key`)."""
-    lock.seek(0)
-    try:
-        holder = json.loads(lock.read())
-    except ValueError:
-        return "" if key else f"{lock.name} is locked (its holder names no process)"
-    if key:
-        return str(holder.get(key, ""))
-    return (f"pid {holder['pid']} on {holder['host']}, since {holder['started']}: "
-            f"{holder['command']}")
-
-
 def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind: str):
-    """(prompt ids, response ids, response labels with -100 on untrained pieces) of one SFT example.
-    kind `plain`: the plain prompt, careful with probability `careful` (the strategy prior);
-    `work`: the prompt asks for the steps (`TOY_WORK_HINT`), always careful (teaches the skill without
-    moving the plain prompt's prior); `context`: a reference solution (or only its boxed answer) and a
-    feedback line, careful with probability `context_careful` and never with checks."""
+    """(token ids, labels: -100 on the prompt and untrained pieces) of one SFT example of `kind`:
+    `plain`; `work` (the prompt asks for the steps: careful, so the skill is taught without moving
+    the plain prompt's prior); `context` (a reference solution or only its boxed answer, and a
+    feedback line)."""
     context, careful, check, fix = None, spec["careful"], spec["check"], spec["fix"]
     if kind == "work":
         context, careful = TOY_WORK_HINT, 1.0
@@ -1134,67 +1103,61 @@ def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind:
         feedback = rng.choice(TOY_FEEDBACK_LINES)
         context = TOY_CONTEXT_HEADER + shown + (f"\n\n{feedback}" if feedback else "")
         careful, check, fix = spec["context_careful"], 0.0, 0.0
-    response, labels = [], []
-    for text, trained in _sample_toy_target(rng, row, careful, check, fix) + [(tokenizer.eos_token, True)]:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        response += ids
-        labels += ids if trained else [-100] * len(ids)
-    return build_prompt(tokenizer, row["problem"], context), response, labels
+    pieces = _sample_toy_target(rng, row["problem"], careful, check, fix)
+    ids = build_prompt(tokenizer, row["problem"], context)
+    labels = [-100] * len(ids)
+    for text, trained in pieces + [(tokenizer.eos_token, True)]:
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        ids, labels = ids + piece, labels + (piece if trained else [-100] * len(piece))
+    return ids, labels
 
 
 def _train_toy_model(name: str, target: Path, note: Callable[[str], None]) -> None:
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    spec = TOY_SPECS[name]
-    steps, batch_size = spec["steps"], spec["batch_size"]
-    started = time.time()
-    print(f"[toy] building {name!r} once ({spec['layers']} layers, hidden {spec['hidden']}, {steps} SFT steps; "
-          f"a few minutes on a laptop CPU) -> {target}", flush=True)
+    spec, started = TOY_SPECS[name], time.time()
+    steps = spec["steps"]
+    print(f"[toy] building {name!r} once ({spec['layers']} layers, hidden {spec['hidden']}, "
+          f"{steps} SFT steps; a few minutes on a laptop CPU) -> {target}", flush=True)
     tokenizer = _build_toy_tokenizer()
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
-        head_dim=spec["hidden"] // spec["heads"], max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    cpu_rng_state = torch.get_rng_state()
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config)
-    rng = random.Random(0)
-    rows = make_toy_rows(20000, seed=1000)  # its own stream: not the train/test splits
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.95), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()
-    for step in range(steps):
-        # a batch is of one kind: similar lengths, less padding on a CPU
-        kind = rng.choices(["plain", "work", "context"], [1 - spec["work_frac"] - spec["context_frac"],
-                                                          spec["work_frac"], spec["context_frac"]])[0]
-        batch = [_toy_sft_example(tokenizer, rng, rows[rng.randrange(len(rows))], spec, kind)
-                 for _ in range(batch_size)]
-        length = max(len(p) + len(r) for p, r, _ in batch)
-        input_ids = torch.full((batch_size, length), tokenizer.pad_token_id)
-        labels = torch.full((batch_size, length), -100)
-        attention = torch.zeros((batch_size, length), dtype=torch.long)
-        for i, (prompt, response, response_labels) in enumerate(batch):
-            ids = prompt + response
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, len(prompt): len(ids)] = torch.tensor(response_labels)
-            attention[i, : len(ids)] = 1
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            line = f"[toy] {name} step {step + 1}/{steps} loss {loss.item():.3f}"
-            print(line, flush=True)
-            note(f"{name} step {step + 1}/{steps} ({time.time() - started:.0f}s in)")
-    torch.set_rng_state(cpu_rng_state)
-    staging = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+        vocab_size=len(tokenizer), hidden_size=spec["hidden"],
+        intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
+        head_dim=spec["hidden"] // spec["heads"], max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    rng, rows = random.Random(0), make_toy_rows(20000, seed=1000)  # not the train/test streams
+    kinds = {"plain": 1 - spec["work_frac"] - spec["context_frac"], "work": spec["work_frac"],
+             "context": spec["context_frac"]}
+    with torch.random.fork_rng(devices=[]):  # the caller's CPU RNG stream stays where it was
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.95),
+                                      weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20)
+                                                     * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        model.train()
+        for step in range(steps):
+            kind = rng.choices(list(kinds), list(kinds.values()))[0]  # one per batch: less padding
+            ids, labels = zip(*[_toy_sft_example(tokenizer, rng, rows[rng.randrange(len(rows))],
+                                                 spec, kind) for _ in range(spec["batch_size"])])
+            length = max(map(len, ids))
+            pad = lambda seqs, value: torch.tensor([s + [value] * (length - len(s)) for s in seqs])
+            loss = model(input_ids=pad(ids, tokenizer.pad_token_id), labels=pad(labels, -100),
+                         attention_mask=pad([[1] * len(r) for r in ids], 0)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % 100 == 0 or step == steps - 1:
+                print(f"[toy] {name} step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
+                note(f"{name} step {step + 1}/{steps} ({time.time() - started:.0f}s in)")
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     os.replace(staging, target)
@@ -1205,111 +1168,136 @@ def _train_toy_model(name: str, target: Path, note: Callable[[str], None]) -> No
 # Data
 # ---------------------------------------------------------------------------------------------
 
+# Named datasets, the papers' training sets and benchmarks: short name -> hub id, config, split;
+# `kind` picks the adapter of its rows (`_ADAPTERS`), `problem` a benchmark's problem column when
+# it is not `problem`. `k`: samples per problem in evaluation by default (AntiSD's protocol
+# [paper]: avg@32 on AIME/HMMT, avg@4 on Minerva; the rest [ours]); a script's `EVAL_PROTOCOL`
+# and --eval_k override it. README ("Datasets"): which schemas were checked.
+DATASETS = {
+    "dapo": dict(hub="BytedTsinghua-SIA/DAPO-Math-17k", split="train", kind="dapo"),
+    "openthoughts-math": dict(hub="open-thoughts/OpenThoughts-114k", config="metadata",
+                              split="train", kind="openthoughts"),
+    "math500": dict(hub="HuggingFaceH4/MATH-500", split="test", kind="math", k=4),
+    "aime24": dict(hub="HuggingFaceH4/aime_2024", split="train", kind="math", k=32),
+    "aime25": dict(hub="MathArena/aime_2025", split="train", kind="math", k=32),
+    "aime26": dict(hub="MathArena/aime_2026", split="train", kind="math", k=32),
+    "amc23": dict(hub="math-ai/amc23", split="test", kind="math", problem="question", k=32),
+    "hmmt25": dict(hub="MathArena/hmmt_feb_2025", split="train", kind="math", k=32),
+    "minerva": dict(hub="math-ai/minervamath", split="test", kind="math", problem="question", k=4),
+    "gpqa": dict(hub="Idavidrein/gpqa", config="gpqa_diamond", split="train", kind="choice", k=4),
+}
+BENCHMARK_NAMES = ("math500", "aime24", "aime25", "aime26", "amc23", "hmmt25", "minerva", "gpqa")
+TOY_EVAL_K = 4
+CHOICE_SEED = 0  # GPQA's options are shuffled per question with this seed: one order in every run
+CHOICE_INSTRUCTION = "Answer with the letter (A, B, C or D) of the correct option."
+# Column names a benchmark file may use (mirrors of a benchmark differ here)
+_PROBLEM_COLUMNS = ("problem", "question", "Problem", "Question")
+_ANSWER_COLUMNS = ("answer", "Answer")
 DAPO_PREFIX = "Solve the following math problem step by step."
 DAPO_SUFFIX = "Remember to put your answer on its own line after"
+ROW_SHAPE = ('one JSON object per problem, e.g. {"problem": "What is 2+3?", "answer": "5"} '
+             '(.jsonl: one object per line; .json: a list of objects)')
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-def _get_key(row: dict, key: str):
-    """Column lookup with dotted paths for nested fields, e.g. `reward_model.ground_truth`."""
-    value = row
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
+def dataset_spec(name: str) -> tuple[dict, str | None] | None:
+    """(table entry, local file or None) for a named dataset: a short name (`math500`), its hub id
+    or `short=path` (a local .jsonl/.json/.parquet file of that dataset's schema); else None."""
+    short, _, path = name.partition("=")
+    if path and short in DATASETS:
+        return DATASETS[short], path
+    if path and not os.path.exists(name):  # (a file whose name holds "=" is just a file)
+        raise UserError(f"Dataset {name!r}: {short!r} is not a named dataset; use one of "
+                        f"{', '.join(DATASETS)} before '=' (e.g. gpqa=/data/gpqa_diamond.parquet).")
+    spec = DATASETS.get(name) or next((s for s in DATASETS.values() if s["hub"] == name), None)
+    return (spec, None) if spec else None
 
 
-def _dapo_problem(prompt) -> str | None:
-    """DAPO-Math-17k stores a chat message list whose text wraps the problem in its own instructions."""
-    if not isinstance(prompt, list) or not prompt or not isinstance(prompt[-1], dict):
-        return None
-    text = prompt[-1].get("content")
-    if not isinstance(text, str):
-        return None
-    paragraphs = text.strip().split("\n\n")
-    if paragraphs and paragraphs[0].startswith(DAPO_PREFIX):
-        paragraphs = paragraphs[1:]
-    if paragraphs and paragraphs[-1].startswith(DAPO_SUFFIX):
-        paragraphs = paragraphs[:-1]
-    return "\n\n".join(paragraphs).strip() or None
+def dataset_short_name(name: str) -> str:
+    """`math500` for `math500`, `HuggingFaceH4/MATH-500` or `math500=/x.jsonl`; else the name."""
+    spec = dataset_spec(name)
+    return next(short for short, s in DATASETS.items() if s is spec[0]) if spec else name
 
 
-def _is_dapo(name: str, columns: Sequence[str]) -> bool:
-    return "dapo-math" in name.lower() or ("prompt" in columns and "reward_model" in columns)
-
-
-def load_problems(name: str, split: str = "train", problem_key: str = "problem", answer_key: str = "answer",
-                  solution_key: str = "solution", limit: int | None = None, tokenizer=None,
+def load_problems(name: str, split: str = "train", problem_key: str = "problem",
+                  answer_key: str = "answer", solution_key: str = "solution",
+                  limit: int | None = None, tokenizer=None,
                   max_prompt_tokens: int | None = None) -> list[dict]:
-    """Load math problems as dicts with `problem`, `answer`, `solution` (may be empty).
-
-    `name`: `toy` (built-in, split train/test); a local .jsonl/.json/.parquet file; or a hub dataset
-    through `datasets.load_dataset` (DAPO-Math-17k and MATH-500 are recognised; others use the
-    keys). Rows without an answer, with a malformed problem, or (given `tokenizer` and
-    `max_prompt_tokens`, see `max_prompt_length`) whose chat prompt is longer than that are skipped
-    and counted; a missing column, an unreadable, empty or all-skipped dataset is a UserError that
-    says what to do. DAPO-Math-17k rows are deduplicated while reading (the hub copy holds each
-    problem ~100 times: 1.79M rows -> 17.9K problems), and the count is printed; only the kept
-    problems' strings are held, the rest stays in the memory-mapped Arrow file.
-    """
+    """Problems as dicts with `problem`, `answer`, `solution` (may be empty) from `toy` (splits
+    train/test), a named dataset (`dataset_spec`) or a local .jsonl/.json/.parquet file or hub
+    dataset read by the `*_key` columns (DAPO-Math-17k's layout is recognised). Rows without an
+    answer, malformed, or whose chat prompt is longer than `max_prompt_tokens` are skipped and
+    counted; DAPO-Math-17k's copies of a problem (~100 each on the hub) are dropped. A missing
+    column, an unreadable, empty or all-skipped dataset is a UserError saying what to do."""
+    fits = _prompt_filter(tokenizer, max_prompt_tokens)
     if name == "toy":
         if split not in TOY_SPLIT_SEEDS:
             raise UserError(f"The toy dataset has splits {list(TOY_SPLIT_SEEDS)}, not {split!r}.")
         rows = make_toy_rows(TOY_SPLIT_SIZES[split], TOY_SPLIT_SEEDS[split])
-        if tokenizer is not None and max_prompt_tokens:
-            rows = [row for row in rows if _prompt_fits(tokenizer, row["problem"], max_prompt_tokens)]
+        rows = [row for row in rows if fits(row["problem"])]
         return rows[:limit] if limit else rows
-    named = dataset_spec(name)  # a short name (math500, gpqa=file, ...) or a known hub id: its adapter
-    if named is not None and not (named[0]["kind"] == "dapo" and name == named[0]["hub"]):
-        return load_named_dataset(name, tokenizer, max_prompt_tokens, limit)
-    raw = _read_rows(name, split)  # a list (json) or a memory-mapped datasets.Dataset, iterated lazily
+    spec, path = dataset_spec(name) or (None, None)
+    split = spec["split"] if spec else split
+    raw = _read_rows(path or (spec["hub"] if spec else name), split, spec and spec.get("config"))
     if not len(raw):
         raise UserError(f"Dataset {name!r} ({split}) is empty.")
     first = next((row for row in raw if isinstance(row, dict)), None)
     if first is None:
-        raise UserError(f"Dataset {name!r} ({split}): {_not_rows(raw)}")
-    columns = list(first.keys())
-    dapo = _is_dapo(name, columns)
-    if dapo:  # DAPO-Math-17k: problem inside the chat prompt, answer under reward_model
-        problem_key, answer_key = "prompt", "reward_model.ground_truth"
-        if hasattr(raw, "select_columns"):  # read only what is used of the 1.79M rows
-            raw = raw.select_columns([c for c in ("prompt", "reward_model") if c in columns])
-    for key, flag in [(problem_key, "--problem_key"), (answer_key, "--answer_key")]:
-        if not any(_get_key(row, key) is not None for row in raw if isinstance(row, dict)):
-            raise UserError(f"Dataset {name!r} has no column {key!r} (set {flag}); its columns are {columns}.")
-    rows, no_answer, malformed, too_long = [], 0, 0, 0
-    seen = set()  # DAPO-Math-17k holds each problem ~100 times: keep the first (problem, answer)
+        kinds = sorted({"invalid JSON" if row is None else type(row).__name__ for row in raw})
+        raise UserError(f"Dataset {name!r} ({split}): none of its {len(raw)} rows is a JSON "
+                        f"object ({', '.join(kinds)}); expected {ROW_SHAPE}.")
+    columns = list(first)
+    dapo = "dapo-math" in name.lower() or {"prompt", "reward_model"} <= set(columns)
+    kind = spec["kind"] if spec else "dapo" if dapo else "keys"
+    if kind == "dapo" and hasattr(raw, "select_columns"):  # read only what is used of 1.79M rows
+        raw = raw.select_columns([c for c in ("prompt", "reward_model") if c in columns])
+    adapt, required = _ADAPTERS[kind]
+    if kind == "keys":  # the user's columns
+        adapt = functools.partial(_keyed_row, keys=(problem_key, answer_key, solution_key))
+        required = [(problem_key,), (answer_key,)]
+    if kind == "math":  # the table's problem column first, then the usual names
+        required = [tuple(dict.fromkeys([spec.get("problem", "problem"), *_PROBLEM_COLUMNS])),
+                    _ANSWER_COLUMNS]
+        adapt = functools.partial(_math_row, problem_columns=required[0])
+    for i, names in enumerate(required):
+        if not any(_lookup(row, names) is not None for row in raw if isinstance(row, dict)):
+            others = f" (or {', '.join(map(repr, names[1:]))})" if names[1:] else ""
+            why = (f"{others}, which {spec['hub']} rows have" if spec
+                   else f" (set --{('problem', 'answer')[i]}_key)")
+            fix = " Give the file that dataset's columns." if spec else ""
+            raise UserError(f"Dataset {name!r} has no column {names[0]!r}{why}; its columns are "
+                            f"{columns}.{fix}")
+    rows, seen, no_answer, malformed, too_long = [], set(), 0, 0, 0
     for row in raw:
-        if not isinstance(row, dict):
-            malformed += 1
+        row = adapt(row) if isinstance(row, dict) else {}
+        if row is None:  # not part of this dataset (OpenThoughts' other domains)
             continue
-        problem = _dapo_problem(row.get("prompt")) if dapo else _get_key(row, problem_key)
-        answer = _get_key(row, answer_key)
-        solution = _get_key(row, solution_key)
+        problem, answer = row.get("problem"), row.get("answer")
         if not isinstance(problem, str) or not problem.strip():
             malformed += 1
             continue
         if answer is None or not str(answer).strip():
             no_answer += 1
             continue
-        if dapo:
-            key = (problem.strip(), str(answer).strip())
-            if key in seen:
+        row.update(problem=problem.strip(), answer=str(answer).strip())
+        if kind == "dapo":  # the first of its copies
+            if (row["problem"], row["answer"]) in seen:
                 continue
-            seen.add(key)
-        if tokenizer is not None and max_prompt_tokens and not _prompt_fits(tokenizer, problem.strip(),
-                                                                             max_prompt_tokens):
+            seen.add((row["problem"], row["answer"]))
+        if not fits(row["problem"]):
             too_long += 1
             continue
-        rows.append({"problem": problem.strip(), "answer": str(answer).strip(),
-                     "solution": solution.strip() if isinstance(solution, str) else ""})
+        rows.append(row)
     skipped = f"{no_answer} rows without an answer and {malformed} malformed rows"
     if max_prompt_tokens:
-        skipped = skipped.replace(" and ", ", ") + f" and {too_long} prompts longer than {max_prompt_tokens} tokens"
+        skipped = (skipped.replace(" and ", ", ")
+                   + f" and {too_long} prompts longer than {max_prompt_tokens} tokens")
     if not rows:
-        raise UserError(f"Dataset {name!r} ({split}) has no usable rows: {len(raw)} read, {skipped}; check the "
-                        "file, the *_key options and --max_prompt_tokens/--max_new_tokens.")
-    if dapo:
+        schema = f"the schema of {spec['hub']}" if spec else "the *_key options"
+        raise UserError(f"Dataset {name!r} ({split}) has no usable rows: {len(raw)} read, "
+                        f"{skipped}; check the file, {schema} and "
+                        "--max_prompt_tokens/--max_new_tokens.")
+    if seen:
         print0(f"[data] {name}: deduplicated {len(raw)} rows -> {len(seen)} problems")
     if no_answer or malformed or too_long:
         print0(f"[data] {name}: skipped {skipped}")
@@ -1317,364 +1305,192 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
     return rows[:limit] if limit else rows
 
 
-def _prompt_fits(tokenizer, problem: str, max_tokens: int) -> bool:
-    """Whether `build_prompt(tokenizer, problem)` has at most `max_tokens` tokens. A token covers at
-    least one UTF-8 byte, so short problems are accepted without building their prompt (fast on
-    17K rows); the 16 tokens of slack cover a tokenizer's prefix-space token."""
-    overhead = _prompt_overhead(tokenizer)
-    if len(problem.encode("utf-8")) + overhead + 16 <= max_tokens:
-        return True
-    if len(problem) > 64 * max_tokens:  # surely too long; do not tokenize a megabyte
-        return False
-    return len(build_prompt(tokenizer, problem)) <= max_tokens
+def load_named_dataset(name: str, tokenizer=None, max_prompt_tokens: int | None = None,
+                       limit: int | None = None) -> list[dict]:
+    """Rows of a named dataset (`dataset_spec`): `load_problems` with its table entry."""
+    return load_problems(name, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens,
+                         limit=limit)
 
 
-def _prompt_overhead(tokenizer) -> int:
-    cached = getattr(tokenizer, "_rlvr_prompt_overhead", None)
-    if cached is None:
-        cached = len(build_prompt(tokenizer, ""))
-        tokenizer._rlvr_prompt_overhead = cached
-    return cached
+def _lookup(row: dict, names: Sequence[str]):
+    """The first value of `names` in `row` that is not None; `a.b` reads field b of column a."""
+    for name in names:
+        value = row
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            return value
+    return None
 
 
-def _read_rows(name: str, split: str):
-    import datasets
+# Adapters: a raw row (a dict) -> {problem, answer, solution, ...}, None for a row that is not part
+# of the dataset. _ADAPTERS: kind -> (adapter, the columns its rows must have: tuples of names)
+def _keyed_row(row: dict, keys: tuple[str, str, str]) -> dict:
+    problem, answer, solution = (_lookup(row, (key,)) for key in keys)
+    return {"problem": problem, "answer": answer,
+            "solution": solution.strip() if isinstance(solution, str) else ""}
 
+
+def _math_row(row: dict, problem_columns: Sequence[str]) -> dict:
+    """Numeric answers (AIME's int64, AMC's float) become strings, 12.0 -> "12"; of a list of
+    accepted answers (some mirrors) the first."""
+    answer, solution = _lookup(row, _ANSWER_COLUMNS), row.get("solution")
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)
+    if isinstance(answer, (list, tuple)):
+        answer = answer[0] if answer else None
+    return {"problem": _lookup(row, problem_columns), "answer": answer,
+            "solution": solution if isinstance(solution, str) else ""}
+
+
+def _dapo_row(row: dict) -> dict:
+    """DAPO-Math-17k: the problem inside a chat prompt that wraps it in instructions."""
+    prompt, problem = row.get("prompt"), None
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) \
+            and isinstance(prompt[-1].get("content"), str):
+        paragraphs = prompt[-1]["content"].strip().split("\n\n")
+        if paragraphs and paragraphs[0].startswith(DAPO_PREFIX):
+            paragraphs = paragraphs[1:]
+        if paragraphs and paragraphs[-1].startswith(DAPO_SUFFIX):
+            paragraphs = paragraphs[:-1]
+        problem = "\n\n".join(paragraphs).strip()
+    return {"problem": problem, "answer": _lookup(row, ("reward_model.ground_truth",)),
+            "solution": ""}
+
+
+def _openthoughts_row(row: dict) -> dict | None:
+    """OpenThoughts-114k (`metadata`): math only; the answer is the last `\\boxed{}` of the
+    ground-truth solution, which is the solution (self-distillation's privileged context)."""
+    if row.get("domain") != "math":
+        return None
+    solution = row.get("ground_truth_solution")
+    solution = solution if isinstance(solution, str) else ""
+    return {"problem": row.get("problem"), "answer": extract_boxed_answer(solution),
+            "solution": solution}
+
+
+def _choice_row(row: dict) -> dict:
+    """GPQA -> a multiple-choice problem: the options shuffled by `CHOICE_SEED` and the question
+    (not the row's position), lettered A-D; the answer is the correct option's letter."""
+    question, options = row.get("Question"), [row.get("Correct Answer")] + [
+        row.get(f"Incorrect Answer {i}") for i in (1, 2, 3)]
+    if not isinstance(question, str) or any(option is None for option in options):
+        return {"problem": question, "answer": None, "solution": ""}
+    order = list(range(4))
+    random.Random(f"{CHOICE_SEED}/{question.strip()}").shuffle(order)
+    lines = "\n".join(f"{'ABCD'[i]}) {str(options[j]).strip()}" for i, j in enumerate(order))
+    return {"problem": f"{question.strip()}\n\n{lines}\n\n{CHOICE_INSTRUCTION}",
+            "answer": "ABCD"[order.index(0)], "solution": "", "choice": True}
+
+
+_ADAPTERS = {
+    "keys": (_keyed_row, None), "math": (_math_row, None),  # columns: the options', the table's
+    "dapo": (_dapo_row, [("prompt",), ("reward_model.ground_truth",)]),
+    "openthoughts": (_openthoughts_row, [("problem",), ("ground_truth_solution",), ("domain",)]),
+    "choice": (_choice_row, [("Question",), ("Correct Answer",),
+                             *[(f"Incorrect Answer {i}",) for i in (1, 2, 3)]]),
+}
+
+
+def _prompt_filter(tokenizer, max_tokens: int | None) -> Callable[[str], bool]:
+    """Whether `build_prompt(tokenizer, problem)` has at most `max_tokens` tokens (always, without
+    both). A token covers at least one UTF-8 byte, so short problems pass without building their
+    prompt (fast on 17K rows); 16 tokens of slack cover a tokenizer's prefix-space token."""
+    if tokenizer is None or not max_tokens:
+        return lambda problem: True
+    overhead = len(build_prompt(tokenizer, "")) + 16
+
+    def fits(problem: str) -> bool:
+        if len(problem.encode("utf-8")) + overhead <= max_tokens:
+            return True
+        if len(problem) > 64 * max_tokens:  # surely too long; do not tokenize a megabyte
+            return False
+        return len(build_prompt(tokenizer, problem)) <= max_tokens
+    return fits
+
+
+def _read_rows(name: str, split: str, config: str | None = None):
+    """Raw rows of a local file or a hub dataset: a list (JSON) or a memory-mapped
+    datasets.Dataset (parquet, the hub), so 1.79M DAPO rows are not held by every rank."""
     path = Path(name).expanduser()
     suffix = path.suffix.lower()
-    if not path.exists() and (name.startswith((".", "/", "~")) or suffix in (".jsonl", ".json", ".parquet")):
-        raise UserError(f"Dataset file {name!r} does not exist.")
     if path.is_dir():
-        raise UserError(f"Dataset {name!r} is a directory; pass a .jsonl, .json or .parquet file or a hub id.")
-    if path.exists() and suffix not in (".jsonl", ".json", ".parquet"):
-        raise UserError(f"Dataset file {name!r}: unsupported extension; use .jsonl, .json or .parquet.")
+        raise UserError(f"Dataset {name!r} is a directory; pass a .jsonl, .json or .parquet file "
+                        "or a hub id.")
+    if path.exists() and suffix not in _FILE_SUFFIXES:
+        raise UserError(f"Dataset file {name!r}: unsupported extension; use .jsonl, .json or "
+                        ".parquet.")
+    if not path.exists() and (name.startswith((".", "/", "~")) or suffix in _FILE_SUFFIXES):
+        raise UserError(f"Dataset file {name!r} does not exist.")
     try:
-        if suffix in (".jsonl", ".json"):
+        if path.exists() and suffix != ".parquet":
             return _read_json_rows(path)
-        # a Dataset, not a list: its Arrow table stays memory-mapped (1.79M DAPO rows are not held per rank)
-        if suffix == ".parquet":
+        import datasets
+
+        if path.exists():
             return datasets.load_dataset("parquet", data_files=str(path), split="train")
-        if not hub_reachable():
-            with _hub_offline():
-                return datasets.load_dataset(name, split=split)
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, config, split=split)
     except UserError:
         raise
     except Exception as error:  # unreadable file, unknown hub name, no network, bad split
         reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         if path.exists():
             raise UserError(f"Cannot read dataset file {name!r}: {reason}") from error
-        hint = ""
-        if isinstance(error, OSError):  # not found, no network, offline (a bad split is a ValueError)
-            hint = (" It needs network access or a local copy: download it on a connected machine and pass a "
-                    "local .jsonl/.json/.parquet file.")
-        offline = "" if hub_reachable() else _OFFLINE_NOTE
-        raise UserError(f"Cannot load dataset {name!r} (split {split!r}) from the Hugging Face hub{offline}: "
-                        f"{reason}.{hint}") from error
-
-
-class _hub_offline:
-    """Within the block, `datasets` uses its local cache only (its offline switch is read at import)."""
-
-    def __enter__(self):
-        import datasets
-        from huggingface_hub import constants
-
-        self.saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-
-    def __exit__(self, *exc):
-        import datasets
-        from huggingface_hub import constants
-
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = self.saved
-
-
-ROW_SHAPE = ('one JSON object per problem, e.g. {"problem": "What is 2+3?", "answer": "5"} '
-             '(.jsonl: one object per line; .json: a list of objects)')
-
-
-def _not_rows(raw: Sequence) -> str:
-    """Why rows that are none of them objects are not a dataset, and the shape that is expected."""
-    kinds = sorted({"invalid JSON" if row is None else type(row).__name__ for row in raw})
-    return (f"none of its {len(raw)} rows is a JSON object ({', '.join(kinds)}); "
-            f"expected {ROW_SHAPE}.")
+        hint = (" It needs network access or a local copy: download it on a connected machine "
+                "and pass a local .jsonl/.json/.parquet file (a named dataset's as short=file; "
+                "GPQA is gated: accept its terms and `hf auth login`)."
+                if isinstance(error, OSError) else "")  # not found, no network, offline
+        raise UserError(f"Cannot load dataset {name!r} (split {split!r}) from the Hugging Face "
+                        f"hub: {reason}.{hint}") from error
 
 
 def _read_json_rows(path: Path) -> list:
+    """Rows of a .json list or of JSON lines (a line that is not JSON: None, a malformed row)."""
     text = path.read_text()
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         return json.loads(text)
     try:
         whole = json.loads(text) if text.lstrip().startswith("{") else None
     except json.JSONDecodeError:
-        whole = None  # JSON lines: read line by line below
+        whole = None  # JSON lines
     if isinstance(whole, dict) and whole and all(isinstance(v, list) for v in whole.values()):
         raise UserError(f"Dataset file {str(path)!r} is column-oriented JSON (a list per column: "
                         f"{list(whole)[:5]}); expected {ROW_SHAPE}.")
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
         try:
-            rows.append(json.loads(line))
+            rows += [json.loads(line)] if line.strip() else []
         except json.JSONDecodeError:
-            rows.append(None)  # counted as malformed by load_problems
+            rows.append(None)
             print0(f"[data] {path}:{number}: not valid JSON, skipped")
     return rows
 
 
-# ---- Named datasets: the papers' training sets and benchmarks --------------------------------
-# One table maps a short name to the hub id, config, split and columns; `kind` picks the adapter
-# that turns a raw row into {problem, answer, solution}. `k` = samples per problem in evaluation by
-# default (AntiSD's protocol [paper]: avg@32 on AIME/HMMT, avg@4 on Minerva; the rest [ours]);
-# a script overrides it with its paper's protocol (`EVAL_PROTOCOL`) and the user with --eval_k.
-# Schemas: see the README ("Datasets") for which were checked against the published files.
-DATASETS = {
-    # training sets
-    "dapo": dict(hub="BytedTsinghua-SIA/DAPO-Math-17k", split="train", kind="dapo"),
-    "openthoughts-math": dict(hub="open-thoughts/OpenThoughts-114k", config="metadata", split="train",
-                              kind="openthoughts"),
-    # benchmarks
-    "math500": dict(hub="HuggingFaceH4/MATH-500", split="test", kind="math", problem="problem", answer="answer",
-                    solution="solution", k=4),
-    "aime24": dict(hub="HuggingFaceH4/aime_2024", split="train", kind="math", problem="problem", answer="answer",
-                   solution="solution", k=32),
-    "aime25": dict(hub="MathArena/aime_2025", split="train", kind="math", problem="problem", answer="answer", k=32),
-    "aime26": dict(hub="MathArena/aime_2026", split="train", kind="math", problem="problem",
-                   answer="answer", k=32),
-    "amc23": dict(hub="math-ai/amc23", split="test", kind="math", problem="question", answer="answer", k=32),
-    "hmmt25": dict(hub="MathArena/hmmt_feb_2025", split="train", kind="math", problem="problem", answer="answer",
-                   k=32),
-    "minerva": dict(hub="math-ai/minervamath", split="test", kind="math", problem="question", answer="answer", k=4),
-    "gpqa": dict(hub="Idavidrein/gpqa", config="gpqa_diamond", split="train", kind="choice", k=4),
-}
-BENCHMARK_NAMES = ("math500", "aime24", "aime25", "aime26", "amc23", "hmmt25", "minerva", "gpqa")
-TOY_EVAL_K = 4
-CHOICE_LETTERS = "ABCD"
-CHOICE_SEED = 0  # GPQA options are shuffled per question with this seed: the same order in every run
-CHOICE_INSTRUCTION = "Answer with the letter (A, B, C or D) of the correct option."
-# Alternative column names a benchmark file may use (mirrors of the same benchmark differ here)
-_PROBLEM_COLUMNS, _ANSWER_COLUMNS = ("problem", "question", "Problem", "Question"), ("answer", "Answer")
-
-
-def dataset_spec(name: str) -> tuple[dict, str | None] | None:
-    """(table entry, local file or None) for a named dataset: a short name (`math500`), its hub id
-    (`HuggingFaceH4/MATH-500`), or `short=path` (a local .jsonl/.json/.parquet file of that dataset's
-    schema). None for anything else (a plain file or hub id: `load_problems` reads it by its keys)."""
-    short, _, path = name.partition("=")
-    if path and short in DATASETS:
-        return DATASETS[short], path
-    if path and not os.path.exists(name):  # (a file whose name holds "=" is just a file)
-        raise UserError(f"Dataset {name!r}: {short!r} is not a named dataset; use one of {', '.join(DATASETS)} "
-                        "before '=' (e.g. gpqa=/data/gpqa_diamond.parquet).")
-    for spec in DATASETS.values():
-        if name in (spec["hub"], *[key for key, value in DATASETS.items() if value is spec]):
-            return spec, None
-    return None
-
-
-def dataset_short_name(name: str) -> str:
-    """`math500` for `math500`, `HuggingFaceH4/MATH-500` or `math500=/x.jsonl`; else the name itself."""
-    spec = dataset_spec(name) if name != "toy" else None
-    return next((key for key, value in DATASETS.items() if value is spec[0]), name) if spec else name
-
-
-def _first_column(row: dict, names: Sequence[str]):
-    return next((row[n] for n in names if row.get(n) is not None), None)
-
-
-def adapt_math_rows(raw: Sequence, spec: dict) -> list[dict | None]:
-    """Benchmark rows -> {problem, answer, solution}; columns from `spec` (else the usual names).
-    Numeric answers (AIME as int64, AMC as float) become strings; 12.0 -> "12"."""
-    rows = []
-    for row in raw:
-        if not isinstance(row, dict):
-            rows.append(None)
-            continue
-        problem = _first_column(row, (spec.get("problem"), *_PROBLEM_COLUMNS))
-        answer = _first_column(row, (spec.get("answer"), *_ANSWER_COLUMNS))
-        if isinstance(answer, float) and answer.is_integer():
-            answer = int(answer)
-        if isinstance(answer, (list, tuple)):  # some mirrors store a list of accepted answers
-            answer = answer[0] if answer else None
-        solution = row.get(spec.get("solution") or "solution")
-        rows.append({"problem": problem, "answer": None if answer is None else str(answer),
-                     "solution": solution if isinstance(solution, str) else ""})
-    return rows
-
-
-def adapt_openthoughts_rows(raw: Sequence, spec: dict | None = None) -> list[dict | None]:
-    """OpenThoughts-114k (`metadata` config): the math domain only; the gold answer is the last
-    `\\boxed{}` of `ground_truth_solution` (rows without one have no answer and are skipped);
-    the solution is `ground_truth_solution` (the privileged context of self-distillation)."""
-    rows = []
-    for row in raw:
-        if not isinstance(row, dict) or row.get("domain") != "math":
-            continue
-        solution = row.get("ground_truth_solution")
-        answer = extract_boxed_answer(solution) if isinstance(solution, str) else None
-        rows.append({"problem": row.get("problem"), "answer": answer,
-                     "solution": solution if isinstance(solution, str) else ""})
-    return rows
-
-
-def adapt_choice_rows(raw: Sequence, spec: dict | None = None, seed: int = CHOICE_SEED) -> list[dict | None]:
-    """GPQA rows (`Question`, `Correct Answer`, `Incorrect Answer 1-3`) -> a multiple-choice problem:
-    the four options shuffled with a fixed seed (per question: the order does not depend on the row
-    order), lettered A-D; the answer is the correct option's letter, graded by `ChoiceGrader`."""
-    rows = []
-    for row in raw:
-        if not isinstance(row, dict):
-            rows.append(None)
-            continue
-        question, correct = row.get("Question"), row.get("Correct Answer")
-        wrong = [row.get(f"Incorrect Answer {i}") for i in (1, 2, 3)]
-        if not isinstance(question, str) or correct is None or any(w is None for w in wrong):
-            rows.append({"problem": question, "answer": None, "solution": ""})
-            continue
-        options = [str(correct).strip(), *[str(w).strip() for w in wrong]]
-        order = list(range(4))
-        random.Random(f"{seed}/{question.strip()}").shuffle(order)
-        lines = "\n".join(f"{CHOICE_LETTERS[i]}) {options[j]}" for i, j in enumerate(order))
-        rows.append({"problem": f"{question.strip()}\n\n{lines}\n\n{CHOICE_INSTRUCTION}",
-                     "answer": CHOICE_LETTERS[order.index(0)], "solution": "", "choice": True})
-    return rows
-
-
-# per kind, the columns a named dataset's rows must have (each: a tuple of accepted names)
-_REQUIRED_COLUMNS = {
-    "math": lambda spec: [
-        tuple(dict.fromkeys(n for n in (spec.get("problem"), *_PROBLEM_COLUMNS) if n)),
-        tuple(dict.fromkeys(n for n in (spec.get("answer"), *_ANSWER_COLUMNS) if n))],
-    "openthoughts": lambda spec: [("problem",), ("ground_truth_solution",), ("domain",)],
-    "choice": lambda spec: [("Question",), ("Correct Answer",),
-                            *[(f"Incorrect Answer {i}",) for i in (1, 2, 3)]],
-}
-_ADAPTERS = {"math": adapt_math_rows, "openthoughts": adapt_openthoughts_rows, "choice": adapt_choice_rows}
-
-
-def load_named_dataset(name: str, tokenizer=None, max_prompt_tokens: int | None = None,
-                       limit: int | None = None) -> list[dict]:
-    """Rows of a named dataset (see `DATASETS`, `dataset_spec`): read from the hub (its config and
-    split) or from the local file after `=`, turned into {problem, answer, solution} by its adapter,
-    then filtered like `load_problems` (no answer, malformed, prompt too long: skipped and counted).
-    DAPO-Math-17k goes through `load_problems` itself (its own adapter there)."""
-    spec, path = dataset_spec(name)
-    if spec["kind"] == "dapo":
-        return load_problems(path or spec["hub"], spec["split"], tokenizer=tokenizer,
-                             max_prompt_tokens=max_prompt_tokens, limit=limit)
-    # a list, as the adapters expect (_read_rows gives a parquet file as a memory-mapped Dataset)
-    raw = list(_read_rows(path, spec["split"])) if path else _read_hub_rows(spec["hub"], spec.get("config"),
-                                                                           spec["split"])
-    if not raw:
-        raise UserError(f"Dataset {name!r} is empty.")
-    if not any(isinstance(row, dict) for row in raw):
-        raise UserError(f"Dataset {name!r}: {_not_rows(raw)}")
-    columns = list(next(row for row in raw if isinstance(row, dict)))
-    for names in _REQUIRED_COLUMNS[spec["kind"]](spec):
-        if not any(row.get(n) is not None for row in raw if isinstance(row, dict) for n in names):
-            others = f" (or {', '.join(map(repr, names[1:]))})" if names[1:] else ""
-            raise UserError(f"Dataset {name!r} has no column {names[0]!r}{others}, which "
-                            f"{spec['hub']} rows have; its columns are {columns}. Give the file "
-                            "that dataset's columns.")
-    adapted = _ADAPTERS[spec["kind"]](raw, spec)
-    rows, no_answer, malformed, too_long = [], 0, 0, 0
-    for row in adapted:
-        if row is None or not isinstance(row.get("problem"), str) or not row["problem"].strip():
-            malformed += 1
-        elif row["answer"] is None or not str(row["answer"]).strip():
-            no_answer += 1
-        elif tokenizer is not None and max_prompt_tokens and not _prompt_fits(tokenizer, row["problem"].strip(),
-                                                                              max_prompt_tokens):
-            too_long += 1
-        else:
-            rows.append({**row, "problem": row["problem"].strip(), "answer": str(row["answer"]).strip()})
-    skipped = f"{no_answer} rows without an answer, {malformed} malformed rows, {too_long} prompts too long"
-    if not rows:
-        raise UserError(f"Dataset {name!r} has no usable rows: {len(raw)} read, {skipped}; check that the file has "
-                        f"the schema of {spec['hub']} and --max_prompt_tokens/--max_new_tokens.")
-    if no_answer or malformed or too_long:
-        print0(f"[data] {name}: skipped {skipped}")
-    print0(f"[data] {name} ({spec['hub']}, {spec['split']}): {len(rows)} problems")
-    return rows[:limit] if limit else rows
-
-
-def _read_hub_rows(hub: str, config: str | None, split: str) -> list:
-    """A hub dataset's split as a list of dicts (local cache only when the hub is unreachable)."""
-    import datasets
-
-    try:
-        if not hub_reachable():
-            with _hub_offline():
-                return list(datasets.load_dataset(hub, config, split=split))
-        return list(datasets.load_dataset(hub, config, split=split))
-    except Exception as error:
-        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-        offline = "" if hub_reachable() else _OFFLINE_NOTE
-        raise UserError(f"Cannot load dataset {hub!r} (config {config!r}, split {split!r}) from the Hugging Face "
-                        f"hub{offline}: {reason}. It needs network access (GPQA is gated: accept its terms and "
-                        "`hf auth login`) or a local copy: download it and pass short=path.") from error
-
-
-_BOXED_LETTER = re.compile(r"^\(?([A-D])\)?(?:$|[\s.:,)])")
-
-
-def choice_letter(text: str) -> str | None:
-    """The option letter a response chose: its last `\\boxed{}` holding C, (C), \\text{C}, C) 42, ..."""
-    inner = extract_boxed_answer(text)
-    if inner is None:
-        return None
-    inner = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", inner).strip().strip("$ ")
-    match = _BOXED_LETTER.match(inner)
-    return match[1] if match else None
-
-
-class ChoiceGrader:
-    """Grades multiple-choice rows by the chosen letter (`choice_letter`); same interface as `Grader`."""
-
-    def grade(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[list[float], dict]:
-        letters = [choice_letter(r) for r in responses]
-        rewards = [float(letter is not None and letter == gold.strip()) for letter, gold in zip(letters, answers)]
-        return rewards, {"no_answer": sum(letter is None for letter in letters), "timeout": 0}
-
-    def close(self) -> None:
-        pass
-
-
-def grader_for(rows: Sequence[dict], grader: "Grader"):
-    """`ChoiceGrader` for multiple-choice rows (GPQA), else `grader` (math-verify)."""
-    return ChoiceGrader() if rows and rows[0].get("choice") else grader
-
-
-def load_run_problems(args, tokenizer, prompt_limit: int | None) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) for a script's shared data options: `--dataset`/`--eval_dataset`, their
-    splits and `--*_key` columns, `--eval_limit`; prompts longer than the model's context minus
-    `--max_new_tokens` (or `--max_prompt_tokens`) are skipped. No `--eval_dataset`: no eval rows."""
-    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key,
-                tokenizer=tokenizer,
-                max_prompt_tokens=prompt_limit)
+def load_run_problems(args, tokenizer, prompt_limit: int | None) -> tuple[list, list]:
+    """(train rows, eval rows: none without `--eval_dataset`) for a script's data options; prompts
+    longer than `prompt_limit` (`max_prompt_length`) are skipped."""
+    keys = dict(problem_key=args.problem_key, answer_key=args.answer_key,
+                solution_key=args.solution_key, tokenizer=tokenizer, max_prompt_tokens=prompt_limit)
     train_rows = load_problems(args.dataset, args.dataset_split, **keys)
-    eval_rows = load_problems(args.eval_dataset, args.eval_split, **keys, limit=args.eval_limit or None) \
-        if args.eval_dataset else []
-    return train_rows, eval_rows
+    if not args.eval_dataset:
+        return train_rows, []
+    return train_rows, load_problems(args.eval_dataset, args.eval_split, **keys,
+                                     limit=args.eval_limit or None)
 
 
 class ProblemSampler:
-    """Endless stream of shuffled problem indices, reshuffled each epoch; exact resume via state_dict."""
+    """Endless stream of shuffled problem indices, reshuffled each epoch; resumes exactly."""
 
     def __init__(self, num_rows: int, seed: int):
         self.num_rows, self.seed, self.epoch, self.position = num_rows, seed, 0, 0
 
-    def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
-
     def next(self, count: int) -> list[int]:
-        indices, order = [], self._order()
+        indices, order = [], None
         while len(indices) < count:
             if self.position == self.num_rows:
                 self.epoch, self.position, order = self.epoch + 1, 0, None
-                order = self._order()
+            if order is None:
+                order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
             indices.append(int(order[self.position]))
             self.position += 1
         return indices
@@ -1693,13 +1509,12 @@ class ProblemSampler:
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-def build_prompt(tokenizer, problem: str, context: str | None = None, enable_thinking: bool | None = None) -> list[int]:
-    """Token ids of the chat prompt for `problem`; `context` (privileged information) is appended to
-    the user message for a teacher. Responses are appended as token ids, so they are identical under
-    the student and the teacher prompt. `enable_thinking` is passed to Qwen3 templates when set."""
-    content = f"{problem}\n\n{BOXED_INSTRUCTION}"
-    if context:
-        content += f"\n\n{context}"
+def build_prompt(tokenizer, problem: str, context: str | None = None,
+                 enable_thinking: bool | None = None) -> list[int]:
+    """Token ids of the chat prompt for `problem`; a teacher's `context` (privileged information)
+    ends the user message. Responses are appended as ids, so they are the same under student and
+    teacher prompts. `enable_thinking` is passed to Qwen3 templates when set."""
+    content = f"{problem}\n\n{BOXED_INSTRUCTION}" + (f"\n\n{context}" if context else "")
     extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True, **extra)
@@ -1711,40 +1526,29 @@ def build_prompt(tokenizer, problem: str, context: str | None = None, enable_thi
 # ---------------------------------------------------------------------------------------------
 
 
-def boxed_span_at(text: str, start: int) -> tuple[int, int] | None:
-    """(start, end) character span of the `\\boxed{...}` that begins at `start` (braces matched), or
-    None when its braces never close."""
-    brace = start + len("\\boxed")
-    while brace < len(text) and text[brace] == " ":
-        brace += 1
-    if brace < len(text) and text[brace] == "{":
-        depth = 0
-        for position in range(brace, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[position], 0)
-            if depth == 0:
-                return start, position + 1
-    return None
-
-
-def find_last_boxed(text: str) -> tuple[int, int] | None:
-    """(start, end) character span of the last complete `\\boxed{...}` (braces matched), or None.
-    With nested boxes that is the innermost last one."""
-    start = text.rfind("\\boxed")
-    while start != -1:
-        span = boxed_span_at(text, start)
-        if span is not None:
-            return span
-        start = text.rfind("\\boxed", 0, start)
-    return None
+def _boxed_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each complete `\\boxed{...}` in `text` (braces matched), in order."""
+    spans, open_boxes, depth = [], [], 0  # open_boxes: (start, brace depth around it)
+    for match in re.finditer(r"\\boxed *\{|[{}]", text):  # one pass: linear in the length
+        if match[0] == "}":
+            depth -= 1
+            if open_boxes and open_boxes[-1][1] == depth:
+                spans.append((open_boxes.pop()[0], match.end()))
+        else:
+            if match[0] != "{":
+                open_boxes.append((match.start(), depth))
+            depth += 1
+    return sorted(spans)
 
 
 def extract_boxed_answer(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (after any `</think>`), or None when there is none."""
+    """Content of the last complete `\\boxed{...}` after any `</think>` (the innermost when boxes
+    are nested), or None when there is none."""
     text = text.split("</think>")[-1]
-    span = find_last_boxed(text)
-    if span is None:
+    spans = _boxed_spans(text)
+    if not spans:
         return None
-    inner = text[span[0]: span[1]]
+    inner = text[spans[-1][0]: spans[-1][1]]
     return inner[inner.index("{") + 1: -1].strip()
 
 
@@ -1755,20 +1559,16 @@ def answer_span(text: str) -> tuple[int, int] | None:
     """Character span of the final answer: the last complete `\\boxed{...}` after any `</think>`,
     the whole outermost one when boxes are nested (`\\boxed{\\boxed{9}}`)."""
     offset = text.rfind("</think>") + len("</think>") if "</think>" in text else 0
-    span = find_last_boxed(text[offset:])
-    if span is None:
+    spans = _boxed_spans(text[offset:])
+    if not spans:
         return None
-    for match in re.finditer(r"\\boxed", text[offset: offset + span[0]]):  # the leftmost box around it
-        outer = boxed_span_at(text[offset:], match.start())
-        if outer is not None and outer[1] >= span[1]:
-            span = outer
-            break
-    return span[0] + offset, span[1] + offset
+    start, end = next(span for span in spans if span[1] >= spans[-1][1])  # the box around it
+    return start + offset, end + offset
 
 
 def writes_work(text: str) -> bool:
-    """Whether a response writes anything before its final answer (think tags and blank space aside):
-    the toy's careful strategy, as opposed to boxing the answer at once."""
+    """Whether a response writes anything before its final answer (think tags and blank space
+    aside): the toy's careful strategy, as opposed to boxing the answer at once."""
     span = answer_span(text)
     work = text[: span[0] if span else len(text)]
     for tag in THINK_TAGS:
@@ -1792,171 +1592,47 @@ def response_token_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple
 
 
 def token_roles(text: str, spans: Sequence[tuple[int, int]]) -> list[str]:
-    """Role of each token of a response: `answer` (overlaps the final `\\boxed{}`), `work` (any other
-    non-blank text before the answer: deliberation, check lines; think tags excluded) or `other`."""
+    """Role of each token of a response: `answer` (overlaps the final `\\boxed{}`), `work` (any
+    other non-blank text before the answer: deliberation, check lines; think tags excluded) or
+    `other`."""
     answer = answer_span(text) or (len(text), len(text))
     roles = []
     for start, end in spans:
-        piece = text[start:end]
+        piece = text[start:end].strip()
         if start < answer[1] and end > answer[0]:
             roles.append("answer")
-        elif end <= answer[0] and piece.strip() and piece.strip() not in THINK_TAGS:
+        elif end <= answer[0] and piece and piece not in THINK_TAGS:
             roles.append("work")
         else:
             roles.append("other")
     return roles
 
 
-_GRADER_WORKER = r"""
-import json, logging, sys
-from math_verify import parse, verify
-import signal
-timeout = float(sys.argv[1])  # CPU seconds per answer
-sys.stdout.write("ready\n")  # the parent waits for this: an import failure is an error, not zeros
-sys.stdout.flush()
-class CpuLimit(BaseException):  # math-verify's `except Exception` must not catch it
-    pass
-def over_limit(signum, frame):
-    raise CpuLimit()
-signal.signal(signal.SIGPROF, over_limit)
-logging.getLogger("math_verify").addHandler(logging.NullHandler())
-logging.getLogger("math_verify").propagate = False
-for line in sys.stdin:
-    request = json.loads(line)
-    verdict = "0"
-    try:
-        # ITIMER_PROF counts this process's CPU time, so a busy machine does not shorten the bound
-        # (math-verify's own limits, wall-clock SIGALRM, are off); it re-fires until disarmed
-        signal.setitimer(signal.ITIMER_PROF, timeout, 0.05)
-        try:
-            gold = parse(request["gold"], parsing_timeout=None)
-            pred = parse(request["pred"], parsing_timeout=None)
-            verdict = "1" if gold and pred and verify(gold, pred, timeout_seconds=None) else "0"
-        except Exception:
-            pass
-        finally:
-            signal.setitimer(signal.ITIMER_PROF, 0)
-    except CpuLimit:
-        signal.setitimer(signal.ITIMER_PROF, 0)
-        verdict = "T"
-    sys.stdout.write(verdict + "\n")
-    sys.stdout.flush()
-"""
 GRADER_WALL_FACTOR = 5  # the wall-clock backstop is this many times the CPU bound
-GRADER_CPU_MARGIN = 0.5  # CPU seconds the worker may run past its own limit before it is killed
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process `pid` (Linux /proc), or None where it cannot be read."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
+GRADER_STARTUP_SECONDS = 60.0  # importing sympy takes a few seconds
 
 
 class Grader:
     """Rewards in {0, 1} with math-verify (gold first), the answer taken from the last `\\boxed{}`.
 
-    math-verify runs in a worker subprocess that answers one line per request line. A batch is sent
-    in one go and identical (gold, answer) pairs are graded once. Every answer is bounded by the
-    worker's CPU time, not the clock, so rollout workers keeping the CPUs busy cannot turn correct
-    answers into timeouts: the worker stops an answer after `timeout` CPU seconds (it answers "T");
-    a worker stuck where its own limit cannot fire (inside C code) is killed at `timeout` + 0.5 CPU
-    seconds (read from /proc), and one that does not answer within the wall-clock backstop
-    (`wall_timeout`, default 5 x `timeout`, after the previous answer) is killed too. Either way
-    that answer gets reward 0 and is counted as a timeout, and the rest of the batch goes to a
-    fresh worker, so no input can stall a run. Without math-verify, or with a worker that cannot
-    start, it raises UserError instead of scoring 0.
-    """
+    math-verify runs in a worker process, one distinct (gold, answer) pair at a time. The worker
+    stops an answer after `timeout` seconds of its own CPU time (not the clock: busy rollout
+    workers cannot turn correct answers into timeouts); one that does not answer within
+    `wall_timeout` (default 5 x `timeout`: stuck in C code, say) is killed, and the next answer
+    gets a fresh one. Either way the answer scores 0 and counts as a timeout: no input can stall a
+    run. Without a working math-verify it raises UserError instead of scoring 0."""
 
     def __init__(self, timeout: float = 10.0, wall_timeout: float | None = None):
-        self._worker: subprocess.Popen | None = None
+        self._worker = self._connection = None
         if not timeout > 0:  # 0 would score every answer as a timeout
             raise UserError(f"grader timeout {timeout}: must be > 0 seconds")
         if importlib.util.find_spec("math_verify") is None:  # else every answer would score 0
             raise UserError("the grader needs math-verify, which is not installed: "
                             "pip install math-verify")
-        self.timeout = timeout
-        self.wall_timeout = wall_timeout or GRADER_WALL_FACTOR * timeout
-
-    def _start(self) -> subprocess.Popen:
-        # stderr to a file, not a pipe: a pipe nobody reads would block a chatty worker; a session
-        # of its own: a Ctrl-C meant for the run (it finishes its step) must not kill it
-        log = tempfile.TemporaryFile()
-        worker = subprocess.Popen([sys.executable, "-u", "-c", _GRADER_WORKER, str(self.timeout)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                  text=True, start_new_session=True)
-        worker.stderr_log = log  # read by _await_ready when the worker fails to start
-        return worker
-
-    STARTUP_SECONDS = 60.0  # importing sympy takes a few seconds
-
-    def _await_ready(self) -> None:
-        """Wait for the new worker's "ready" line; a worker that dies or stays silent instead (say
-        math-verify or sympy fails to import) is a one-line UserError with its last stderr line."""
-        worker, received, deadline = self._worker, b"", time.monotonic() + self.STARTUP_SECONDS
-        stdout = worker.stdout.fileno()
-        while b"\n" not in received:  # nothing else comes before the first request
-            ready, _, _ = select.select([stdout], [], [], max(0.0, deadline - time.monotonic()))
-            chunk = os.read(stdout, 64) if ready else b""
-            if not chunk:
-                break
-            received += chunk
-        if received == b"ready\n":
-            return
-        self.close()
-        reason = received.decode(errors="replace").strip()[:80] or "no line"
-        reason = f"{reason} within {self.STARTUP_SECONDS:g} s" if not ready else reason
-        log = getattr(worker, "stderr_log", None)
-        if log is not None:
-            log.seek(0)
-            lines = log.read().decode(errors="replace").strip().splitlines()
-            reason = lines[-1].strip() if lines else reason
-        python = Path(sys.executable).name
-        raise UserError(f"the grader's math-verify worker did not start ({reason}); check that "
-                        f"`{python} -c 'import math_verify'` works (pip install math-verify)")
-
-    def _ask(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
-        """Send (gold, pred) pairs to the worker; return its verdicts (None = over the CPU bound),
-        in order, up to the first answer it was killed on."""
-        if self._worker is None or self._worker.poll() is not None:
-            self._worker = self._start()
-            self._await_ready()
-        requests = "".join(json.dumps({"gold": gold, "pred": pred}) + "\n" for gold, pred in pairs).encode()
-        # a thread writes, so that a batch larger than the pipe buffer cannot block us past the bound
-        writer = threading.Thread(target=_write_all, args=(self._worker.stdin, requests), daemon=True)
-        writer.start()
-        stdout, received, verdicts, pid = self._worker.stdout.fileno(), b"", [], self._worker.pid
-        since, cpu_since = time.monotonic(), _cpu_seconds(pid)  # both clocks at this answer's start
-        while len(verdicts) < len(pairs):
-            if b"\n" not in received:  # wait for the next answer, watching the worker's CPU time
-                if not select.select([stdout], [], [], 0.2)[0]:
-                    cpu = _cpu_seconds(pid)
-                    over_cpu = cpu is not None and cpu_since is not None and \
-                        cpu - cpu_since > self.timeout + GRADER_CPU_MARGIN
-                    if over_cpu or time.monotonic() - since > self.wall_timeout:
-                        self.close()  # kill it; the next call starts a fresh one
-                        break
-                    continue
-                chunk = os.read(stdout, 65536)
-                if not chunk:  # died (end of file)
-                    self.close()
-                    break
-                received += chunk
-                continue
-            line, received = received.split(b"\n", 1)
-            if line.strip() not in (b"0", b"1", b"T"):
-                self.close()
-                break
-            # "T": the worker's own CPU limit, a timeout (None); the worker itself is fine
-            verdicts.append(None if line.strip() == b"T" else line.strip() == b"1")
-            since, cpu_since = time.monotonic(), _cpu_seconds(pid)
-        writer.join()  # done: the worker read every request, or it was killed (the write fails at once)
-        return verdicts
+        self.timeout, self.wall_timeout = timeout, wall_timeout or GRADER_WALL_FACTOR * timeout
 
     def grade(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[list[float], dict]:
-        """Rewards for `responses` against gold `answers`, plus counts of `no_answer` and `timeout`."""
+        """Rewards for `responses` against gold `answers`, plus counts of `no_answer`, `timeout`."""
         rewards, counts = [0.0] * len(responses), {"no_answer": 0, "timeout": 0}
         asked: dict[tuple[str, str], list[int]] = {}  # (gold, pred) -> the responses that give it
         for i, (response, gold) in enumerate(zip(responses, answers)):
@@ -1964,25 +1640,57 @@ class Grader:
             if pred is None:
                 counts["no_answer"] += 1  # reward 0
                 continue
-            gold_text = gold if "\\boxed" in gold else f"\\boxed{{{gold}}}"
-            asked.setdefault((gold_text, f"\\boxed{{{pred}}}"), []).append(i)
-        pairs, verdicts = list(asked), []
-        while len(verdicts) < len(pairs):
-            verdicts += self._ask(pairs[len(verdicts):])
-            if len(verdicts) < len(pairs):
-                verdicts.append(None)  # the worker hung on this pair: a timeout; the rest go to a fresh one
-        for pair, verdict in zip(pairs, verdicts):
-            for i in asked[pair]:
-                rewards[i] = 1.0 if verdict else 0.0
-                counts["timeout"] += verdict is None
+            gold = gold if "\\boxed" in gold else f"\\boxed{{{gold}}}"
+            asked.setdefault((gold, f"\\boxed{{{pred}}}"), []).append(i)
+        for pair, indices in asked.items():
+            verdict = self._verdict(pair)
+            counts["timeout"] += len(indices) * (verdict is None)
+            for i in indices:
+                rewards[i] = float(bool(verdict))
         return rewards, counts
+
+    def _verdict(self, pair: tuple[str, str]) -> bool | None:
+        """The worker's verdict on (gold, pred); None: a timeout."""
+        if self._worker is None or not self._worker.is_alive():
+            self._start()
+        try:
+            self._connection.send(pair)
+            if self._connection.poll(self.wall_timeout):
+                return self._connection.recv()
+        except (OSError, EOFError):  # the worker died
+            pass
+        self.close()  # stuck or dead
+        return None
+
+    def _start(self) -> None:
+        import multiprocessing
+
+        # fork: the worker needs this module's function only; a fresh interpreter (spawn) would
+        # import the script, torch included, on every start
+        context = multiprocessing.get_context("fork")
+        self._connection, child = context.Pipe()
+        self._worker = context.Process(target=_grader_worker, daemon=True,
+                                       args=(child, self._connection, self.timeout))
+        self._worker.start()
+        child.close()
+        try:
+            ready = self._connection.recv() if self._connection.poll(GRADER_STARTUP_SECONDS) \
+                else f"silent for {GRADER_STARTUP_SECONDS:g} s"
+        except EOFError:
+            ready = "it exited"
+        if ready != "ready":
+            self.close()
+            python = Path(sys.executable).name
+            raise UserError(f"the grader's math-verify worker did not start ({ready}); check that "
+                            f"`{python} -c 'import math_verify'` works (pip install math-verify)")
 
     def close(self) -> None:
         worker, self._worker = self._worker, None
         if worker is not None:
-            try:  # plain try: also runs at interpreter shutdown, when modules are half torn down
+            try:  # plain try: also runs at interpreter shutdown, modules half torn down
+                self._connection.close()
                 worker.kill()
-                worker.wait(timeout=5)
+                worker.join(timeout=5)
             except Exception:
                 pass
 
@@ -1990,13 +1698,79 @@ class Grader:
         self.close()
 
 
-def _write_all(stream, data: bytes) -> None:
-    """Write bytes to a pipe, unbuffered; a killed reader ends it (broken pipe)."""
+class _CpuLimit(BaseException):
+    """Raised by SIGPROF; a BaseException, so math-verify's `except Exception` cannot catch it."""
+
+
+def _grader_worker(connection, parent_end, cpu_seconds: float) -> None:
+    """Sends "ready" (or why math-verify cannot be imported), then a verdict per (gold, pred):
+    True, False, or None when it took over `cpu_seconds`."""
+    import logging
+
+    os.setsid()  # the run's Ctrl-C (the run finishes its step) must not reach the worker
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # nor a handler of the run's keep it alive
+    parent_end.close()  # so that the parent's end closing (it died) ends `recv` here
     try:
-        while data:
-            data = data[os.write(stream.fileno(), data):]
-    except (OSError, ValueError):  # the worker was killed meanwhile: nothing left to write to
+        from math_verify import parse, verify
+    except Exception as error:
+        connection.send(f"{type(error).__name__}: {error}")
+        return
+    quiet = logging.getLogger("math_verify")  # its warnings about the limits we set ourselves
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+
+    def over_limit(signum, frame):
+        raise _CpuLimit()
+    signal.signal(signal.SIGPROF, over_limit)
+    connection.send("ready")
+    while True:
+        try:
+            gold, pred = connection.recv()
+        except EOFError:  # the parent is gone
+            return
+        try:
+            # ITIMER_PROF counts this process's CPU time (math-verify's own limits, wall-clock
+            # SIGALRM, are off); it re-fires until disarmed
+            signal.setitimer(signal.ITIMER_PROF, cpu_seconds, 0.05)
+            gold, pred = parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None)
+            verdict = bool(gold and pred and verify(gold, pred, timeout_seconds=None))
+        except _CpuLimit:
+            verdict = None
+        except Exception:
+            verdict = False
+        finally:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+        connection.send(verdict)
+
+
+_BOXED_LETTER = re.compile(r"^\(?([A-D])\)?(?:$|[\s.:,)])")
+
+
+def choice_letter(text: str) -> str | None:
+    """The option letter a response chose: its last `\\boxed{}` holding C, (C), \\text{C}, C) 42."""
+    inner = extract_boxed_answer(text)
+    if inner is None:
+        return None
+    inner = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", inner)
+    match = _BOXED_LETTER.match(inner.strip().strip("$ "))
+    return match[1] if match else None
+
+
+class ChoiceGrader:
+    """Grades multiple-choice rows by the chosen letter (`choice_letter`); `Grader`'s interface."""
+
+    def grade(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[list[float], dict]:
+        letters = [choice_letter(r) for r in responses]
+        rewards = [float(letter == gold.strip()) for letter, gold in zip(letters, answers)]
+        return rewards, {"no_answer": letters.count(None), "timeout": 0}
+
+    def close(self) -> None:
         pass
+
+
+def grader_for(rows: Sequence[dict], grader: Grader):
+    """`ChoiceGrader` for multiple-choice rows (GPQA), else `grader` (math-verify)."""
+    return ChoiceGrader() if rows and rows[0].get("choice") else grader
 
 
 # ---------------------------------------------------------------------------------------------
