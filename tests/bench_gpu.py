@@ -33,7 +33,6 @@ understates the hardware's work at long context. Timings are rank 0's (ranks do 
 """
 
 import argparse
-import os
 import resource
 import sys
 import time
@@ -209,7 +208,7 @@ def main():
         reserved = f"{reserved:9.2f}" if reserved is not None else f"{'-':>9}"
         common.print0(f"{name:<24} {seconds:9.3f} {count if count else '-':>9} {rate} {gib:9.2f} "
                       f"{reserved}")
-    common.print0(f"MFU of forward+backward: " + (f"{100 * mfu:.1f}% (6 N T / t / {peak:g} TFLOP/s)" if mfu is not None
+    common.print0("MFU of forward+backward: " + (f"{100 * mfu:.1f}% (6 N T / t / {peak:g} TFLOP/s)" if mfu is not None
                                                   else "n/a (no peak FLOP/s known for this device: pass --peak_tflops)"))
     if dist_info.world_size > 1:
         torch.distributed.destroy_process_group()

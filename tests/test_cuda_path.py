@@ -3,7 +3,6 @@ torchrun loads sharded weights that only rank 0 read, and the lm_head gradient a
 fp32 under bf16 compute."""
 
 import json
-import sys
 
 import pytest
 import torch

@@ -10,7 +10,6 @@ import torch
 import antisd
 import common
 import iw_opd
-import paced
 from conftest import run_script
 
 TRAIN = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
@@ -57,7 +56,7 @@ def test_policy_losses_with_and_without_tis():
 ])
 def test_scripts_run_with_tis(tmp_path, command):
     """One toy step with --tis_cap: the HF engine's sampler log-probs are the trainer's own, so w ~ 1."""
-    result = run_script([sys.executable, command[0], "--num_steps", "1", "--num_problems", "2", *command[1:],
+    run_script([sys.executable, command[0], "--num_steps", "1", "--num_problems", "2", *command[1:],
                          "--eval_dataset", "", "--max_new_tokens", "24", "--tis_cap", "2", "--output_dir", str(tmp_path)])
     (run,) = tmp_path.iterdir()
     (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
