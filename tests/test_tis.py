@@ -9,7 +9,6 @@ import torch
 
 import antisd
 import iw_opd
-import paced
 import trace
 from conftest import run_script
 
@@ -18,7 +17,7 @@ SAMPLER = torch.tensor([[-1.5, -1.0, -0.5, 0.0]])
 MASK = torch.tensor([[True, True, True, False]])
 
 
-@pytest.mark.parametrize("script", [antisd, iw_opd, paced, trace])
+@pytest.mark.parametrize("script", [antisd, iw_opd, trace])
 def test_tis_weights_exact(script):
     w = script.tis_weights(TRAIN, SAMPLER, MASK, cap=2.0)
     assert torch.allclose(w, torch.tensor([[math.exp(0.5), math.exp(-1.0), 1.0, 1.0]]))  # masked: 1
