@@ -159,7 +159,8 @@ def test_teacher_with_another_tokenizer_is_refused_before_weights_load(tmp_path,
     tokenizer = common.load_tokenizer(str(teacher))
     tokenizer.add_tokens(["zebra"])
     tokenizer.save_pretrained(teacher)
-    monkeypatch.setattr(paced, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(common, "load_model",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     with pytest.raises(UserError, match="different tokenizer") as error:
         paced.main(FAST + ["--teacher_model", str(teacher), "--output_dir", str(tmp_path), "--run_name", "t"])
     assert "zebra" in str(error.value)
@@ -181,7 +182,8 @@ def test_every_numeric_option_has_a_rule():
 
 @pytest.mark.parametrize("flag,value,valid", [("k", "0", ">= 1"), ("alpha", "-1", ">= 0"), ("log_snr", "-1", ">= 0")])
 def test_bad_options_fail_before_loading(flag, value, valid, monkeypatch):
-    monkeypatch.setattr(paced, "init_distributed", lambda: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(common, "init_distributed",
+                        lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
     with pytest.raises(UserError) as error:
         paced.main([f"--{flag}={value}"])
     shown = str(float(value)) if isinstance(getattr(paced.Args, flag), float) else value
@@ -196,7 +198,8 @@ class Recorder:
 
     def __init__(self, monkeypatch):
         self.scores, self.weights, self.generated, self.teacher_rows = [], [], [], 0
-        score, weights, make_engine, hidden = paced.score, paced.problem_weights, paced.make_engine, paced.response_hidden
+        score, weights = paced.score, paced.problem_weights
+        make_engine, hidden = common.make_engine, common.response_hidden
 
         def recording_score(model, teacher, student_prompts, teacher_prompts, responses, *rest):
             out = score(model, teacher, student_prompts, teacher_prompts, responses, *rest)
@@ -230,8 +233,8 @@ class Recorder:
 
         monkeypatch.setattr(paced, "score", recording_score)
         monkeypatch.setattr(paced, "problem_weights", recording_weights)
-        monkeypatch.setattr(paced, "make_engine", recording_engine)
-        monkeypatch.setattr(paced, "response_hidden", recording_hidden)
+        monkeypatch.setattr(common, "make_engine", recording_engine)
+        monkeypatch.setattr(common, "response_hidden", recording_hidden)
 
 
 def test_zero_weight_problems_cost_no_teacher_work(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import math
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -159,21 +160,26 @@ def test_paced_marks_wrong_references(toy_tokenizer):
 
     problems = [{"problem": "Start at 1, apply +1.", "answer": "2"},
                 {"problem": "Start at 2, apply +2.", "answer": "4"}]
-    shown = []
-    for i, text in [(0, "1+1=2\n\\boxed{2}"), (1, "2+2=5\n\\boxed{5}"), (0, "1+1=3\n\\boxed{3}")]:
-        ids = toy_tokenizer.encode(text, add_special_tokens=False)
-        d = torch.full((len(ids),), 0.1)
-        shown.append(((i, [], [], ids), d, d, d))
+    owner = [0, 1, 0]
+    sequences = [toy_tokenizer.encode(text, add_special_tokens=False)
+                 for text in ["1+1=2\n\\boxed{2}", "2+2=5\n\\boxed{5}", "1+1=3\n\\boxed{3}"]]
+    width = max(len(s) for s in sequences)
+    mask = torch.tensor([[t < len(s) for t in range(width)] for s in sequences])
+    d = torch.where(mask, 0.1, 0.0)
     grader = common.Grader()
+    run = SimpleNamespace(tokenizer=toy_tokenizer, grader=grader, dir=Path("runs/r"),
+                          args=SimpleNamespace(mode="distill", kl="fkl"))
     try:
-        rows = paced.picture_rows(toy_tokenizer, grader, problems, shown, torch.tensor([0.5, 0.25]),
-                                  torch.tensor([1.2, 0.8]), 4, "distill")
+        page = paced.picture(run, problems, 4, [0, 1, 2], owner, sequences, d, d, d, mask,
+                             torch.tensor([0.5, 0.25]), torch.tensor([1.2, 0.8]))
     finally:
         grader.close()
+    rows = page["rows"]
     wrong = "wrong answer (the teacher's reference)"
     assert [row["mark"] for row in rows] == ["", wrong, wrong]
     assert rows[1]["label"].startswith("step 4 | p 0.250 | w~ 0.800")
-    assert paced.D_SCALE == (0.0, 1.0)  # one-sided: D_t is never negative
+    assert [len(row["values"]) for row in rows] == [len(s) for s in sequences]  # no padding
+    assert page["scale"] == paced.D_SCALE == (0.0, 1.0)  # one-sided: D_t is never negative
 
 
 # ---- the figures

@@ -1,4 +1,4 @@
-"""--tis_cap: truncated importance sampling between sampler and trainer, written in each script."""
+"""--tis_cap: truncated importance sampling between sampler and trainer (common.tis_weights)."""
 
 import json
 import math
