@@ -1,7 +1,7 @@
-"""The README's toy commands run top to bottom in a fresh directory, as a new user types them after
-the quick start (with few steps and problems): no run name collides, every training run saves its
-final weights, the eval command evaluates them, no library warning reaches stderr, and every step
-line fits a 120-column terminal."""
+"""The toy commands of README.md, then of tests/README.md, run top to bottom in a fresh directory, as
+a new user types them after the quick start (with few steps and problems): no run name collides,
+every training run saves its final weights, the eval command evaluates them, no library warning
+reaches stderr, and every step line fits a 120-column terminal."""
 
 import json
 import os
@@ -11,10 +11,10 @@ import shutil
 import subprocess
 import sys
 
-import common
 from conftest import ROOT, _exit_abort_only
 
 SCRIPTS = ("antisd.py", "trace.py", "paced.py", "iw_opd.py")
+READMES = (ROOT / "README.md", ROOT / "tests" / "README.md")
 # blocks for GPUs, hub models, placeholders (<run>) or the test machinery
 NOT_TOY = re.compile(r"Qwen|<[\w -]+>|export |tests/")
 FEW = ["--num_steps", "2", "--num_problems", "4", "--max_new_tokens", "32", "--eval_limit", "2"]
@@ -27,9 +27,10 @@ STDERR_OK = re.compile(r"(Loading weights|Writing model shards): +\d+%.*")
 
 
 def readme_commands() -> list[tuple[dict, list[str]]]:
-    """(environment, words) of every script command in the README's toy bash blocks, in order."""
+    """(environment, words) of every script command in the READMEs' toy bash blocks, in order."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+    text = "\n".join(readme.read_text() for readme in READMES)
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         if NOT_TOY.search(block):
             continue
         for part in block.replace("&&", "\n").splitlines():
@@ -76,7 +77,9 @@ def test_readme_toy_commands_run_top_to_bottom(tmp_path):
         (summary,) = [line for line in result.stdout.splitlines()
                       if line.startswith(f"[{script[:-3]}] done: steps 0->{n} in ")]
         run = tmp_path / re.search(r"; runs dir (\S+);", summary)[1]
-        assert common.check_checkpoint(run / "checkpoints" / f"step_{n:06d}") is None, shown
+        final = run / "checkpoints" / f"step_{n:06d}"  # a Hugging Face folder, named by `latest`
+        assert (final / "config.json").is_file() and any(final.glob("model*.safetensors")), shown
+        assert (final.parent / "latest").read_text().strip() == final.name, shown
         run_dirs.append(run)
     assert len(set(run_dirs)) == len(run_dirs) == len(commands) - 1  # one new directory each
 
