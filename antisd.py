@@ -1,4 +1,4 @@
-"""AntiSD: Anti-Self-Distillation for reasoning RL via pointwise mutual information (arXiv 2605.11609).
+"""AntiSD: Anti-Self-Distillation for reasoning RL via pointwise mutual information (2605.11609).
 
 Idea. The policy re-reads its own rollout while shown privileged context c (a verified solution and
 a correctness note); per sampled token, teacher and student differ by u_t, the pointwise mutual
@@ -14,7 +14,8 @@ Equations (paper's symbols; sg = stop-gradient):
     A_{i,t} = A_i^seq - lambda * sg[phi(u_{i,t})]                          u<0 bonus <= 0.5 log 2
     L       = sum_t -min(rho_t A_{i,t}, clip(rho_t, 1-eps_low, 1+eps_high) A_{i,t}) / N_tokens
     gate:   lambda = 0 for `gate_warmup` steps, which record the median teacher entropy H; H_warm =
-            their median; then the gate closes when H < tau_down * H_warm, re-opens when H >= H_warm.
+            their median; then the gate closes when H < tau_down * H_warm and re-opens when
+            H >= H_warm.
 Sources: [paper] the paper; [2nd] a secondary write-up (the median as the gate statistic); [ours]
 where both are silent (the context's wording). Every log-prob and entropy (student, behaviour
 policy, teacher) is taken under softmax(logits / --temperature), the distribution the rollouts came
@@ -31,12 +32,12 @@ not whether the premise holds for real models.
     python antisd.py                          # toy, CPU, a few minutes; --lambda_max 0 is GRPO
     python antisd.py --signal sd              # plain self-distillation (+u_t, no gate)
     torchrun --nproc_per_node 2 antisd.py --num_steps 3  # two CPU ranks (gloo, FSDP2)
-Paper [paper] (Qwen3-8B, one 8-GPU node; then its table: avg@32, avg@4 on Minerva, T 0.7, top-p 0.95):
+Paper [paper] (Qwen3-8B, one 8-GPU node; its table: avg@32, Minerva avg@4, T 0.7, top-p 0.95):
     torchrun --nproc_per_node 8 antisd.py --model Qwen3-8B --dataset dapo --eval_dataset math500 \\
         --num_steps 200 --num_problems 32 --num_generations 8 --lr 1e-6 --max_new_tokens 32768 \\
         --activation_checkpointing --eval_every 20 --eval_k 4 --save_every 20
-    python antisd.py --eval_only --resume --run_name <run> --model Qwen3-8B --max_new_tokens 32768 \\
-        --eval_dataset aime24,aime25,aime26,hmmt25,minerva
+    python antisd.py --eval_only --resume --run_name <run> --model Qwen3-8B \\
+        --max_new_tokens 32768 --eval_dataset aime24,aime25,aime26,hmmt25,minerva
 """
 
 import math
@@ -136,7 +137,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, num_tokens, clip_low=0
 
 @dataclass
 class EntropyGate:
-    """Schmitt trigger on the step's median teacher entropy H: `update` says whether lambda is on."""
+    """Schmitt trigger on the step's median teacher entropy H: `update` says if lambda is on."""
 
     warmup: int = 5
     tau_down: float = 0.93
@@ -177,7 +178,8 @@ def teacher_contexts(texts: list[str], rewards: list[float], group_size: int, pr
         problem = problems[i // group_size]
         solution = rng.choice(others) if others else \
             (problem["solution"] or f"\\boxed{{{problem['answer']}}}")
-        contexts.append(TEACHER_CONTEXT.format(solution=solution, feedback=FEEDBACK[rewards[i] > 0]))
+        feedback = FEEDBACK[rewards[i] > 0]
+        contexts.append(TEACHER_CONTEXT.format(solution=solution, feedback=feedback))
     return contexts
 
 
@@ -207,9 +209,9 @@ def picture(run, rollouts, step: int, values, mask, bonus, use_teacher: bool) ->
     if use_teacher:
         return dict(rows=rows, value_name="u_t", scale=U_SCALE,
                     title=f"{run.dir.name}: u_t per token",
-                    note="u_t = log pi_T(y_t|x,c) - log pi_S(y_t|x) in nats: red = the teacher shown "
-                         "a verified solution likes the token more (AntiSD penalises it), blue = "
-                         "less (bonus).")
+                    note="u_t = log pi_T(y_t|x,c) - log pi_S(y_t|x) in nats: red = the teacher "
+                         "shown a verified solution likes the token more (AntiSD penalises it), "
+                         "blue = less (bonus).")
     return dict(rows=rows, value_name="A_t", scale=ADVANTAGE_SCALE,
                 title=f"{run.dir.name}: advantage per token",
                 note="GRPO (--lambda_max 0, no teacher pass): every token of a rollout gets its "
@@ -276,7 +278,7 @@ def main(argv=None):
         width = max([1] + [len(r) for r in responses])
         u_all = torch.zeros(n, width, device=run.dist.device)  # u_t (GRPO: A_t), for metrics
         mask_all = torch.zeros(n, width, dtype=torch.bool, device=run.dist.device)
-        sums = dict.fromkeys(["loss", "entropy", "clipped", "tis"], 0.0)
+        sums, order = dict.fromkeys(["loss", "entropy", "clipped", "tis"], 0.0), []
         per_minibatch = n // args.num_minibatches
         lengths = [len(p) + len(r) for p, r in zip(batch.prompts, responses)]
         for minibatch in range(args.num_minibatches):
@@ -284,6 +286,7 @@ def main(argv=None):
             minibatch_tokens = common.all_reduce_sum(sum(len(responses[i]) for i in owned)).item()
             for rows in common.micro_batches(owned, lengths, args.micro_batch_size,
                                              args.micro_batch_tokens, same_count=True):
+                order.append(rows)  # the micro-batches in loss-loop order, for the diagnostics
                 logprobs, entropy, mask = common.response_logprobs(
                     model, [batch.prompts[i] for i in rows], [responses[i] for i in rows],
                     run.tokenizer.pad_token_id, args.logprob_chunk_size,
@@ -308,7 +311,8 @@ def main(argv=None):
                 ratio = torch.exp(logprobs.detach() - old_logprobs)[mask]
                 sums["loss"] += loss.detach()
                 sums["entropy"] += entropy.detach()[mask].sum()
-                sums["clipped"] += ((ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)).sum()
+                clipped = (ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)
+                sums["clipped"] += clipped.sum()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
@@ -321,10 +325,13 @@ def main(argv=None):
         bonus = lam * token_signal(u_all, args.signal, args.divergence)
         if use_teacher:
             roles = role_ids(run.tokenizer, responses, batch.rewards, width).to(u_all.device)
-            u = u_all[mask_all]
-            sums.update(u_negative=(u < 0).sum(), u=u.sum(), bonus=bonus[mask_all].sum(),
-                        u_work=u_all[roles == 1].sum(), work_tokens=(roles == 1).sum(),
-                        u_answer=u_all[roles == 2].sum(), answer_tokens=(roles == 2).sum())
+            sums.update(u_negative=(u_all[mask_all] < 0).sum(),
+                        u=common.loop_sum(u_all, mask_all, order),
+                        bonus=common.loop_sum(bonus, mask_all, order),
+                        u_work=common.loop_sum(u_all, roles == 1, order),
+                        work_tokens=(roles == 1).sum(),
+                        u_answer=common.loop_sum(u_all, roles == 2, order),
+                        answer_tokens=(roles == 2).sum())
         totals, metrics = common.step_metrics(run, batch, sums, grad_norm, args.num_minibatches)
         nan, tokens = float("nan"), totals["tokens"]
         metrics.update({

@@ -1,51 +1,35 @@
-"""Shared infrastructure for the four RLVR + on-policy (self-)distillation references.
+"""Shared infrastructure of the four RLVR + on-policy (self-)distillation scripts.
 
-Infrastructure only: no method's math lives here (advantages, teacher contexts, token weights,
-losses and schedules are written out in each method script). Copy one method script together with
-this file into another project and it runs.
+Infrastructure only: the methods' math (advantages, teacher contexts, token weights, losses,
+schedules) is written out in each script, which calls this module as `common.x`. Copy one script
+and this file into another project and it runs. Sections, in file order, and what they offer:
 
-Surface, in file order:
-  distributed   Dist, init_distributed, print0, all_reduce_sum, all_gather_cat, barrier
-  arguments     UserError, option, parse_args, script_name, RunOptions, ARG_RULES, SAFE_ON_RESUME,
-                at_least, above, between, one_of, validate_args, run_main, GracefulStop
-  models        MODEL_ALIASES, resolve_model, check_same_tokenizer, hub_reachable, load_tokenizer,
-                max_prompt_length, load_model, LoadPlan, load_plan, copy_weights
-  toy testbed   make_toy_rows, toy_response, parse_toy_steps, build_toy_model
-  data          load_problems, load_run_problems, ProblemSampler; named datasets: DATASETS,
-                BENCHMARK_NAMES, dataset_spec, dataset_short_name, load_named_dataset, adapt_math_rows,
-                adapt_openthoughts_rows, adapt_choice_rows, choice_letter, ChoiceGrader, grader_for
-  prompts       BOXED_INSTRUCTION, build_prompt
-  grading       boxed_span_at, find_last_boxed, extract_boxed_answer, Grader
-  responses     THINK_TAGS, answer_span, writes_work, response_token_spans, token_roles
-  rollouts      SamplingParams, stop_token_ids, RolloutEngine, generation_batches, gathered_weights, HFEngine,
-                sample_token, make_engine, VLLMEngine, VLLM_RANGE, vllm_options, resolve_rollout
-  log-probs     micro_batches, padded_rows, response_hidden, output_head, response_logprobs, chunked_map,
-                token_logprob_entropy, token_kl
-  evaluation    evaluate; several benchmarks, one table: parse_eval_k, eval_dataset_names,
-                load_eval_benchmarks, evaluate_benchmarks, flat_eval_metrics, eval_table_markdown,
-                write_eval_table, eval_only_table
-  logging       Progress, RunLogger, supersede_metrics
-  token picture write_token_picture (fixed colour scales, categories, underline, marked rows)
-  run dirs and  RunDir, prepare_run_dir, list_checkpoints, check_checkpoint, TRAIN_STATE, save_checkpoint,
-  checkpoints   latest_checkpoint, load_checkpoint
+  distributed    Dist, init_distributed, print0, all_reduce_sum, all_gather_cat, barrier
+  arguments      RunOptions (the shared options), option, parse_args, validate_args, ARG_RULES,
+                 SAFE_ON_RESUME, UserError, run_main, GracefulStop
+  models         resolve_model, load_tokenizer, check_same_tokenizer, max_prompt_length,
+                 load_model, load_plan, copy_weights
+  data           DATASETS, load_problems, load_run_problems, ProblemSampler, dataset_short_name
+  prompts        build_prompt
+  grading        Grader, grader_for, extract_boxed_answer, answer_span, writes_work,
+                 response_token_spans, token_roles
+  rollouts       SamplingParams, HFEngine, VLLMEngine, make_engine, stop_token_ids
+  log-probs      micro_batches, response_hidden, output_head, response_logprobs,
+                 token_logprob_entropy, token_kl, chunked_map
+  training run   setup -> Run, train_steps, sample_rollouts -> Rollouts, rollout_logprobs,
+                 tis_weights, loop_sum, step_metrics, end_step, finish
+  evaluation     evaluate, eval_only, parse_eval_k, eval_table_markdown
+  logging        RunLogger, read_metrics, Progress
+  token picture  write_token_picture
+  run dirs       prepare_run_dir, save_checkpoint, load_checkpoint, latest_checkpoint
+  toy testbed    make_toy_rows, toy_response, parse_toy_steps, build_toy_model, TOY_SPECS
 
-Errors. Problems with the user's input raise `UserError` (a ValueError); `run_main`, the entry point
-of every script, prints them as one line and exits 2. Anything else is a bug and keeps its traceback.
-A full disk is a UserError too (naming the file and the intact checkpoint); SIGINT/SIGTERM end a run
-with one line (`run_main`, `GracefulStop`). Under torchrun a rank dies with its launcher.
-
-Conventions. A "response batch" is B sequences `prompt_ids[i] + response_ids[i]`; per-token
-quantities are returned response-aligned as [B, R] tensors (R = longest response) with a boolean
-mask, so a student and a teacher that see different prompts line up token for token.
-Precision and placement (`load_plan`): trainable weights are fp32 masters with fp32 optimizer state;
-on CUDA compute runs in bf16 (FSDP2 mixed precision under torchrun, autocast on one process, which
-needs no process group). Under torchrun models are FSDP2-sharded (`fully_shard`) and only rank 0
-reads the weights. Checkpoints hold the training state as per-rank DCP shards (fp32) plus an HF
-export (bf16 on CUDA).
-Importing this module sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user set an
-allocator config. Memory budgets: generation batches are bounded in sequences and KV-cache positions
-(`generation_batches`), training micro-batches in sequences and padded tokens (`micro_batches`).
-Log-probs of sampled tokens take the sampling temperature (`response_logprobs(..., temperature=T)`).
+Errors: bad input raises `UserError`, which `run_main` prints as one line (exit 2); anything else
+is a bug and keeps its traceback. SIGINT/SIGTERM end a run after the current step, checkpointed.
+Conventions: per-token quantities are response-aligned [B, R] tensors with a boolean mask, so a
+student and a teacher that see different prompts line up token for token. Trainable weights are
+fp32 masters; on CUDA compute runs in bf16 (FSDP2 mixed precision under torchrun, autocast on one
+process). Checkpoints hold per-rank DCP shards (fp32) and a Hugging Face export.
 """
 
 from __future__ import annotations
@@ -828,338 +812,6 @@ def copy_weights(dst_model, src_model) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Toy testbed: a strategy-choice task with worked solutions, and tiny Qwen3 models made by SFT
-# ---------------------------------------------------------------------------------------------
-#
-# A problem is a chain of small operations applied in order (sequential state, so a one-pass
-# "shortcut" cannot compose long chains): "Start at 7, apply +3 *2 -4." (answer 16). The SFT
-# teaches two strategies in Qwen3's layout (work inside <think>...</think>, boxed answer after):
-# careful "<think>\n7+3=10\n10*2=20\n20-4=16\n</think>\n\boxed{16}" and the shortcut
-# "<think>\n</think>\n\boxed{16}". A check line ("check 20/2=10 ok") verifies the previous step by
-# its inverse; in some SFT examples a step is wrong (masked out of the loss), its check says "no"
-# and the step is redone: deliberation.
-# The four papers' premises are built in on purpose (the toy tests whether code turns a premise
-# into the claimed effect, not whether the premise holds for real models):
-#   - the plain prompt's SFT target is mostly the shortcut, exact on short chains only: RL has a
-#     large, easy win, choosing the careful strategy (every method's RL signal);
-#   - with privileged context (a reference solution, `TOY_CONTEXT_HEADER`) the target is mostly
-#     the shortcut and never checks, so a self-teacher gives deliberation tokens low probability
-#     and answer tokens high probability (u < 0 and u > 0: AntiSD);
-#   - `toy-large` is wider and prefers the careful strategy: it disagrees with `toy` most at the
-#     first response tokens, where the strategy is decided (IW-OPD), and is the stronger teacher
-#     for distillation (PACED, IW-OPD);
-#   - chain length (the level, 1-6 operations) spreads per-problem pass rates over (0, 1) (PACED);
-#   - every line is re-computable, so an oracle names the key step of a correct response and the
-#     first wrong line of an incorrect one (`parse_toy_steps`, TRACE).
-
-TOY_VERSION = "v3"  # v3: head_dim 32 (vLLM's CPU attention kernels accept 32, 64, 80, ..., not 16)
-TOY_SPLIT_SEEDS = {"train": 1, "test": 2}  # disjoint generator streams for the two splits
-TOY_SPLIT_SIZES = {"train": 4096, "test": 256}
-TOY_MAX_OPS, TOY_MAX_VALUE = 6, 30  # levels 1..6 = number of operations; values stay in 0..30
-TOY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TOY_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-# Privileged context the toy SFT teaches the model to use: a reference-solution block in the user
-# message, optionally followed by one feedback line (the method scripts build contexts this way).
-TOY_CONTEXT_HEADER = "Reference solution:\n"
-TOY_FEEDBACK_LINES = ["Your previous attempt was correct.", "Your previous attempt was incorrect.",
-                      ""]
-TOY_WORK_HINT = "Write every step."  # SFT-only prompt variant that always gets the careful strategy
-# Multi-character pieces that are single tokens (shorter sequences on a CPU). <think> and </think>
-# are ordinary added tokens, as in Qwen3: decoding with skip_special_tokens keeps them.
-TOY_PHRASES = ["<think>", "</think>", "user", "assistant", "Start at ", ", apply ", "\\boxed{",
-               "check ", " ok", " no", "\n\n", TOY_CONTEXT_HEADER, TOY_WORK_HINT,
-               *TOY_FEEDBACK_LINES[:2]]
-# Architecture and SFT recipe of each toy model. Shares of the SFT examples: `work_frac` ask for
-# the steps (`TOY_WORK_HINT`), `context_frac` carry a reference solution (careful target with
-# probability `context_careful`, never checking), the rest are plain (careful with probability
-# `careful`); `check` / `fix`: share of careful targets with a verified step / a caught mistake.
-_TOY_SFT = dict(batch_size=64, lr=5e-3, work_frac=0.25, context_frac=0.25, context_careful=0.1,
-                check=0.3, fix=0.15)
-TOY_SPECS = {
-    "toy": dict(layers=3, hidden=64, heads=2, intermediate=192, steps=1000, careful=0.3,
-                **_TOY_SFT),
-    "toy-large": dict(layers=4, hidden=96, heads=3, intermediate=288, steps=800, careful=0.8,
-                      **_TOY_SFT),
-}
-_TOY_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-            "/": lambda a, b: a // b}
-_TOY_INVERSE = {"+": "-", "-": "+", "*": "/"}
-
-
-def make_toy_rows(n: int, seed: int) -> list[dict]:
-    """n deterministic problems with `problem`, `answer`, `solution` (the careful one), `level`."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        level = rng.randint(1, TOY_MAX_OPS)
-        start = value = rng.randint(0, 15)
-        operations = []
-        for _ in range(level):
-            choices = [("+", d) for d in range(1, 6) if value + d <= TOY_MAX_VALUE]
-            choices += [("-", d) for d in range(1, 6) if value - d >= 0]
-            choices += [("*", 2)] * 3 if value <= TOY_MAX_VALUE // 2 else []  # as often as +-
-            op, number = rng.choice(choices)
-            operations.append((op, number))
-            value = _TOY_OPS[op](value, number)
-        problem = f"Start at {start}, apply {' '.join(f'{op}{d}' for op, d in operations)}."
-        rows.append({"problem": problem, "answer": str(value), "level": level,
-                     "solution": "".join(text for text, _ in toy_response(start, operations))})
-    return rows
-
-
-def _parse_toy_problem(problem: str):
-    """(start, [(op, number), ...]) of a toy problem; (None, []) when it is not one."""
-    match = re.fullmatch(r"Start at (\d+), apply ((?:[+\-*]\d+ ?)+)\.", problem.strip())
-    if not match:
-        return None, []
-    return int(match[1]), [(term[0], int(term[1:])) for term in match[2].split()]
-
-
-def _toy_result(start: int | None, operations) -> int | None:
-    return functools.reduce(lambda value, op: _TOY_OPS[op[0]](value, op[1]), operations, start)
-
-
-def toy_response(start: int, operations, careful: bool = True, check_at: int | None = None,
-                 fix_at: int | None = None, wrong_by: int = 1) -> list[tuple[str, bool]]:
-    """A toy response as (piece, trained) pairs, one piece per line (no multi-character token
-    crosses a piece). `check_at`: the step verified by a check line; `fix_at`: the step first
-    written wrong by `wrong_by` (not trained: out of the SFT loss), caught by its check, redone."""
-    pieces, value = [("<think>\n", True)], start
-    for k, (op, number) in enumerate(operations):
-        result, inverse = _TOY_OPS[op](value, number), _TOY_INVERSE[op]
-        if careful and k == fix_at:
-            wrong = result + (2 * wrong_by if op == "*" else wrong_by)  # a doubling stays even
-            pieces += [(f"{value}{op}{number}={wrong}\n", False),
-                       (f"check {wrong}{inverse}{number}={_TOY_OPS[inverse](wrong, number)} no\n",
-                        True)]
-        if careful:
-            pieces.append((f"{value}{op}{number}={result}\n", True))
-        if careful and k == check_at:
-            pieces.append((f"check {result}{inverse}{number}={value} ok\n", True))
-        value = result
-    return pieces + [("</think>\n", True), (f"\\boxed{{{value}}}", True)]
-
-
-def _sample_toy_target(rng: random.Random, problem: str, careful: float, check: float,
-                       fix: float):
-    """An SFT target (`toy_response` pieces): careful with probability `careful`, then with a
-    check line with probability `check` and a caught mistake with probability `fix`."""
-    start, operations = _parse_toy_problem(problem)
-    if rng.random() >= careful:
-        return toy_response(start, operations, careful=False)
-    check_at = rng.randrange(len(operations)) if rng.random() < check else None
-    fix_at, wrong_by = None, rng.choice([-1, 1])
-    if rng.random() < fix:
-        fix_at = rng.randrange(len(operations))
-        if _toy_result(start, operations[: fix_at + 1]) == 0:  # a wrong result stays >= 0
-            wrong_by = 1
-    return toy_response(start, operations, True, check_at, fix_at, wrong_by)
-
-
-def parse_toy_steps(problem: str, response: str) -> list[dict]:
-    """The non-empty lines of a toy response, each judged on its own: dicts with `start`, `end`
-    (character span), `text`, `kind` (`step`, `check`, `answer`, `tag`, or `other`: never
-    correct) and `correct`: a step continues the running value with the problem's next operation
-    and right arithmetic; a check inverts the previous step right and its verdict (ok/no) is true
-    (after "no" the next step redoes it); the answer boxes the true answer. So the first incorrect
-    line is an incorrect response's first wrong step; the last step line (or a shortcut's answer
-    line) is a correct one's key step."""
-    start, operations = _parse_toy_problem(problem)
-    answer = _toy_result(start, operations)
-    running, index, previous, steps, end = start, 0, None, [], -1
-    for line in response.split("\n"):
-        begin, end = end + 1, end + 1 + len(line)
-        text = line.strip()
-        if not text:
-            continue
-        kind, correct = ("tag", True) if text in THINK_TAGS else ("other", False)
-        if step := re.fullmatch(r"(\d+)([+\-*])(\d+)=(-?\d+)", text):
-            left, op, right, result = int(step[1]), step[2], int(step[3]), int(step[4])
-            kind = "step"
-            correct = (left == running and index < len(operations)
-                       and (op, right) == operations[index] and result == _TOY_OPS[op](left, right))
-            previous, running, index = (left, op, right, result), result, index + 1
-        elif check := re.fullmatch(r"check (-?\d+)([+\-/])(\d+)=(-?\d+) (ok|no)", text):
-            stated, inverse, right, back = int(check[1]), check[2], int(check[3]), int(check[4])
-            kind = "check"
-            correct = (previous is not None and (stated, right) == (previous[3], previous[2])
-                       and inverse == _TOY_INVERSE[previous[1]]
-                       and back == _TOY_OPS[inverse](stated, right)
-                       and check[5] == ("ok" if back == previous[0] else "no"))
-            if check[5] == "no" and previous is not None:  # the next step line redoes it
-                running, index = previous[0], index - 1
-        elif boxed := re.fullmatch(r"\\boxed\{(-?\d+)\}", text):
-            kind, correct = "answer", int(boxed[1]) == answer
-        steps.append({"start": begin, "end": end, "text": line, "kind": kind, "correct": correct})
-    return steps
-
-
-TOY_WAIT_REPORT_SECONDS = 30.0  # a process waiting for another's toy build prints this often
-
-
-def build_toy_model(name: str = "toy") -> Path:
-    """The directory of a built-in toy model (a tiny Qwen3ForCausalLM with a character-level
-    tokenizer, trained by a short deterministic SFT), built on first use: cached, file-locked."""
-    if name not in TOY_SPECS:
-        raise ValueError(f"Unknown toy model {name!r}; choose from {list(TOY_SPECS)}.")
-    target = _toy_target(name)
-    if not (target / "config.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # one builder per machine; others wait and reuse its model. The lock file names the
-        # builder and its latest progress line, which a waiter prints ("a+": keep them on open)
-        with open(target.parent / f".{name}.lock", "a+") as lock:
-            _wait_for_toy_builder(lock, name)
-            if not (target / "config.json").exists():
-                since = time.strftime("%H:%M:%S")
-                _note_toy_build(lock, since, "starting")
-                _train_toy_model(name, target, lambda line: _note_toy_build(lock, since, line))
-    return target
-
-
-def _toy_target(name: str) -> Path:
-    """The cache folder of toy model `name`, named after its recipe (TOY_VERSION and spec)."""
-    recipe = json.dumps([TOY_VERSION, TOY_SPECS[name]], sort_keys=True).encode()
-    cache = Path(os.environ.get("RLVR_TOY_CACHE", Path.home() / ".cache" / "rlvr-distill-toy"))
-    return cache / f"{name}-{hashlib.sha1(recipe).hexdigest()[:8]}"
-
-
-def _note_toy_build(lock, since: str, line: str) -> None:
-    """Record in the held lock file who builds (pid, host, start, command) and its latest line."""
-    lock.seek(0)
-    lock.truncate()
-    lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": since,
-                           "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-                           "latest": line}))
-    lock.flush()
-
-
-def _wait_for_toy_builder(lock, name: str) -> None:
-    """Take the build lock. While another process holds it, say who (one line) and then, every
-    TOY_WAIT_REPORT_SECONDS, the builder's latest progress line."""
-    started = last = None
-    while True:
-        try:
-            return fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass
-        lock.seek(0)
-        try:
-            holder = json.loads(lock.read())
-        except ValueError:
-            holder = {}
-        if started is None:
-            who = (f"pid {holder['pid']} on {holder['host']}, since {holder['started']}: "
-                   f"{holder['command']}" if holder else
-                   f"{lock.name} is locked (its holder names no process)")
-            print(f"[toy] waiting for another process to build {name!r}: {who}", flush=True)
-            started = last = time.time()
-        elif time.time() - last >= TOY_WAIT_REPORT_SECONDS:
-            last = time.time()
-            print(f"[toy] still waiting for {name!r} ({last - started:.0f}s): the builder is at "
-                  f"{holder.get('latest') or 'it reports no progress'}", flush=True)
-        time.sleep(min(1.0, TOY_WAIT_REPORT_SECONDS))
-
-
-def _build_toy_tokenizer():
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(TOY_SPECIALS)}
-    for char in [chr(i) for i in range(32, 127)] + ["\n"]:
-        vocab[char] = len(vocab)
-    # BPE without merges = one token per character (offsets are character offsets); the fixed
-    # phrases of the format are single tokens, which keeps sequences short on a CPU.
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
-    backend.add_special_tokens(TOY_SPECIALS)
-    backend.add_tokens([AddedToken(phrase, normalized=False, special=False)
-                        for phrase in [*TOY_PHRASES, BOXED_INSTRUCTION]])
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>")
-    tokenizer.chat_template = TOY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind: str):
-    """(token ids, labels: -100 on the prompt and untrained pieces) of one SFT example of `kind`:
-    `plain`; `work` (the prompt asks for the steps: careful, so the skill is taught without moving
-    the plain prompt's prior); `context` (a reference solution or only its boxed answer, and a
-    feedback line)."""
-    context, careful, check, fix = None, spec["careful"], spec["check"], spec["fix"]
-    if kind == "work":
-        context, careful = TOY_WORK_HINT, 1.0
-    elif kind == "context":
-        shown = row["solution"] if rng.random() < 0.5 else f"\\boxed{{{row['answer']}}}"
-        feedback = rng.choice(TOY_FEEDBACK_LINES)
-        context = TOY_CONTEXT_HEADER + shown + (f"\n\n{feedback}" if feedback else "")
-        careful, check, fix = spec["context_careful"], 0.0, 0.0
-    pieces = _sample_toy_target(rng, row["problem"], careful, check, fix)
-    ids = build_prompt(tokenizer, row["problem"], context)
-    labels = [-100] * len(ids)
-    for text, trained in pieces + [(tokenizer.eos_token, True)]:
-        piece = tokenizer(text, add_special_tokens=False).input_ids
-        ids, labels = ids + piece, labels + (piece if trained else [-100] * len(piece))
-    return ids, labels
-
-
-def _train_toy_model(name: str, target: Path, note: Callable[[str], None]) -> None:
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
-    spec, started = TOY_SPECS[name], time.time()
-    steps = spec["steps"]
-    print(f"[toy] building {name!r} once ({spec['layers']} layers, hidden {spec['hidden']}, "
-          f"{steps} SFT steps; a few minutes on a laptop CPU) -> {target}", flush=True)
-    tokenizer = _build_toy_tokenizer()
-    config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=spec["hidden"],
-        intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
-        num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
-        head_dim=spec["hidden"] // spec["heads"], max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    rng, rows = random.Random(0), make_toy_rows(20000, seed=1000)  # not the train/test streams
-    kinds = {"plain": 1 - spec["work_frac"] - spec["context_frac"], "work": spec["work_frac"],
-             "context": spec["context_frac"]}
-    with torch.random.fork_rng(devices=[]):  # the caller's CPU RNG stream stays where it was
-        torch.manual_seed(0)
-        model = Qwen3ForCausalLM(config)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.95),
-                                      weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20)
-                                                     * 0.5 * (1 + math.cos(math.pi * s / steps)))
-        model.train()
-        for step in range(steps):
-            kind = rng.choices(list(kinds), list(kinds.values()))[0]  # one per batch: less padding
-            ids, labels = zip(*[_toy_sft_example(tokenizer, rng, rows[rng.randrange(len(rows))],
-                                                 spec, kind) for _ in range(spec["batch_size"])])
-            length = max(map(len, ids))
-            pad = lambda seqs, value: torch.tensor([s + [value] * (length - len(s)) for s in seqs])
-            loss = model(input_ids=pad(ids, tokenizer.pad_token_id), labels=pad(labels, -100),
-                         attention_mask=pad([[1] * len(r) for r in ids], 0)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            if step % 100 == 0 or step == steps - 1:
-                print(f"[toy] {name} step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
-                note(f"{name} step {step + 1}/{steps} ({time.time() - started:.0f}s in)")
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    staging = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    os.replace(staging, target)
-    print(f"[toy] built {name!r} in {time.time() - started:.0f}s", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
 
@@ -1298,13 +950,6 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         print0(f"[data] {name}: skipped {skipped}")
     print0(f"[data] {name} ({split}): {len(rows)} problems")
     return rows[:limit] if limit else rows
-
-
-def load_named_dataset(name: str, tokenizer=None, max_prompt_tokens: int | None = None,
-                       limit: int | None = None) -> list[dict]:
-    """Rows of a named dataset (`dataset_spec`): `load_problems` with its table entry."""
-    return load_problems(name, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens,
-                         limit=limit)
 
 
 def _lookup(row: dict, names: Sequence[str]):
@@ -2265,14 +1910,6 @@ def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int, max
     return batches
 
 
-def padded_rows(rows: list, mask: torch.Tensor) -> torch.Tensor:
-    """Per-row lists of floats -> a [B, R] tensor shaped like `mask` (0 where padded)."""
-    out = torch.zeros(mask.shape, dtype=torch.float32)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out.to(mask.device)
-
-
 def response_hidden(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
     """Final hidden states that predict each response token: hidden [B,R,H], targets, mask [B,R].
 
@@ -2616,6 +2253,16 @@ def tis_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, ma
     log pi_train is the behaviour policy as the trainer computes it (the ratio's denominator)."""
     w = torch.exp(train_logprobs.detach() - sampler_logprobs).clamp(max=cap)
     return torch.where(mask, w, torch.ones_like(w))
+
+
+def loop_sum(values: torch.Tensor, mask: torch.Tensor, batches) -> torch.Tensor | float:
+    """sum(values[mask]) over [N, R] tensors, added micro-batch by micro-batch in the loss loop's
+    order (`batches`): a float32 sum depends on its order, and this one equals a running sum kept
+    inside the loop bit for bit, so the loop needs no bookkeeping for its diagnostics."""
+    total = 0.0
+    for rows in batches:
+        total = total + values[rows][mask[rows]].sum()
+    return total
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -3512,3 +3159,335 @@ def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist,
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return {"step": saved["step"], "state": saved["state"], "frozen": sorted(extra)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy testbed: a strategy-choice task with worked solutions, and tiny Qwen3 models made by SFT
+# ---------------------------------------------------------------------------------------------
+#
+# A problem is a chain of small operations applied in order (sequential state, so a one-pass
+# "shortcut" cannot compose long chains): "Start at 7, apply +3 *2 -4." (answer 16). The SFT
+# teaches two strategies in Qwen3's layout (work inside <think>...</think>, boxed answer after):
+# careful "<think>\n7+3=10\n10*2=20\n20-4=16\n</think>\n\boxed{16}" and the shortcut
+# "<think>\n</think>\n\boxed{16}". A check line ("check 20/2=10 ok") verifies the previous step by
+# its inverse; in some SFT examples a step is wrong (masked out of the loss), its check says "no"
+# and the step is redone: deliberation.
+# The four papers' premises are built in on purpose (the toy tests whether code turns a premise
+# into the claimed effect, not whether the premise holds for real models):
+#   - the plain prompt's SFT target is mostly the shortcut, exact on short chains only: RL has a
+#     large, easy win, choosing the careful strategy (every method's RL signal);
+#   - with privileged context (a reference solution, `TOY_CONTEXT_HEADER`) the target is mostly
+#     the shortcut and never checks, so a self-teacher gives deliberation tokens low probability
+#     and answer tokens high probability (u < 0 and u > 0: AntiSD);
+#   - `toy-large` is wider and prefers the careful strategy: it disagrees with `toy` most at the
+#     first response tokens, where the strategy is decided (IW-OPD), and is the stronger teacher
+#     for distillation (PACED, IW-OPD);
+#   - chain length (the level, 1-6 operations) spreads per-problem pass rates over (0, 1) (PACED);
+#   - every line is re-computable, so an oracle names the key step of a correct response and the
+#     first wrong line of an incorrect one (`parse_toy_steps`, TRACE).
+
+TOY_VERSION = "v3"  # v3: head_dim 32 (vLLM's CPU attention kernels accept 32, 64, 80, ..., not 16)
+TOY_SPLIT_SEEDS = {"train": 1, "test": 2}  # disjoint generator streams for the two splits
+TOY_SPLIT_SIZES = {"train": 4096, "test": 256}
+TOY_MAX_OPS, TOY_MAX_VALUE = 6, 30  # levels 1..6 = number of operations; values stay in 0..30
+TOY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TOY_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# Privileged context the toy SFT teaches the model to use: a reference-solution block in the user
+# message, optionally followed by one feedback line (the method scripts build contexts this way).
+TOY_CONTEXT_HEADER = "Reference solution:\n"
+TOY_FEEDBACK_LINES = ["Your previous attempt was correct.", "Your previous attempt was incorrect.",
+                      ""]
+TOY_WORK_HINT = "Write every step."  # SFT-only prompt variant that always gets the careful strategy
+# Multi-character pieces that are single tokens (shorter sequences on a CPU). <think> and </think>
+# are ordinary added tokens, as in Qwen3: decoding with skip_special_tokens keeps them.
+TOY_PHRASES = ["<think>", "</think>", "user", "assistant", "Start at ", ", apply ", "\\boxed{",
+               "check ", " ok", " no", "\n\n", TOY_CONTEXT_HEADER, TOY_WORK_HINT,
+               *TOY_FEEDBACK_LINES[:2]]
+# Architecture and SFT recipe of each toy model. Shares of the SFT examples: `work_frac` ask for
+# the steps (`TOY_WORK_HINT`), `context_frac` carry a reference solution (careful target with
+# probability `context_careful`, never checking), the rest are plain (careful with probability
+# `careful`); `check` / `fix`: share of careful targets with a verified step / a caught mistake.
+_TOY_SFT = dict(batch_size=64, lr=5e-3, work_frac=0.25, context_frac=0.25, context_careful=0.1,
+                check=0.3, fix=0.15)
+TOY_SPECS = {
+    "toy": dict(layers=3, hidden=64, heads=2, intermediate=192, steps=1000, careful=0.3,
+                **_TOY_SFT),
+    "toy-large": dict(layers=4, hidden=96, heads=3, intermediate=288, steps=800, careful=0.8,
+                      **_TOY_SFT),
+}
+_TOY_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+            "/": lambda a, b: a // b}
+_TOY_INVERSE = {"+": "-", "-": "+", "*": "/"}
+
+
+def make_toy_rows(n: int, seed: int) -> list[dict]:
+    """n deterministic problems with `problem`, `answer`, `solution` (the careful one), `level`."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        level = rng.randint(1, TOY_MAX_OPS)
+        start = value = rng.randint(0, 15)
+        operations = []
+        for _ in range(level):
+            choices = [("+", d) for d in range(1, 6) if value + d <= TOY_MAX_VALUE]
+            choices += [("-", d) for d in range(1, 6) if value - d >= 0]
+            choices += [("*", 2)] * 3 if value <= TOY_MAX_VALUE // 2 else []  # as often as +-
+            op, number = rng.choice(choices)
+            operations.append((op, number))
+            value = _TOY_OPS[op](value, number)
+        problem = f"Start at {start}, apply {' '.join(f'{op}{d}' for op, d in operations)}."
+        rows.append({"problem": problem, "answer": str(value), "level": level,
+                     "solution": "".join(text for text, _ in toy_response(start, operations))})
+    return rows
+
+
+def _parse_toy_problem(problem: str):
+    """(start, [(op, number), ...]) of a toy problem; (None, []) when it is not one."""
+    match = re.fullmatch(r"Start at (\d+), apply ((?:[+\-*]\d+ ?)+)\.", problem.strip())
+    if not match:
+        return None, []
+    return int(match[1]), [(term[0], int(term[1:])) for term in match[2].split()]
+
+
+def _toy_result(start: int | None, operations) -> int | None:
+    return functools.reduce(lambda value, op: _TOY_OPS[op[0]](value, op[1]), operations, start)
+
+
+def toy_response(start: int, operations, careful: bool = True, check_at: int | None = None,
+                 fix_at: int | None = None, wrong_by: int = 1) -> list[tuple[str, bool]]:
+    """A toy response as (piece, trained) pairs, one piece per line (no multi-character token
+    crosses a piece). `check_at`: the step verified by a check line; `fix_at`: the step first
+    written wrong by `wrong_by` (not trained: out of the SFT loss), caught by its check, redone."""
+    pieces, value = [("<think>\n", True)], start
+    for k, (op, number) in enumerate(operations):
+        result, inverse = _TOY_OPS[op](value, number), _TOY_INVERSE[op]
+        if careful and k == fix_at:
+            wrong = result + (2 * wrong_by if op == "*" else wrong_by)  # a doubling stays even
+            pieces += [(f"{value}{op}{number}={wrong}\n", False),
+                       (f"check {wrong}{inverse}{number}={_TOY_OPS[inverse](wrong, number)} no\n",
+                        True)]
+        if careful:
+            pieces.append((f"{value}{op}{number}={result}\n", True))
+        if careful and k == check_at:
+            pieces.append((f"check {result}{inverse}{number}={value} ok\n", True))
+        value = result
+    return pieces + [("</think>\n", True), (f"\\boxed{{{value}}}", True)]
+
+
+def _sample_toy_target(rng: random.Random, problem: str, careful: float, check: float,
+                       fix: float):
+    """An SFT target (`toy_response` pieces): careful with probability `careful`, then with a
+    check line with probability `check` and a caught mistake with probability `fix`."""
+    start, operations = _parse_toy_problem(problem)
+    if rng.random() >= careful:
+        return toy_response(start, operations, careful=False)
+    check_at = rng.randrange(len(operations)) if rng.random() < check else None
+    fix_at, wrong_by = None, rng.choice([-1, 1])
+    if rng.random() < fix:
+        fix_at = rng.randrange(len(operations))
+        if _toy_result(start, operations[: fix_at + 1]) == 0:  # a wrong result stays >= 0
+            wrong_by = 1
+    return toy_response(start, operations, True, check_at, fix_at, wrong_by)
+
+
+def parse_toy_steps(problem: str, response: str) -> list[dict]:
+    """The non-empty lines of a toy response, each judged on its own: dicts with `start`, `end`
+    (character span), `text`, `kind` (`step`, `check`, `answer`, `tag`, or `other`: never
+    correct) and `correct`: a step continues the running value with the problem's next operation
+    and right arithmetic; a check inverts the previous step right and its verdict (ok/no) is true
+    (after "no" the next step redoes it); the answer boxes the true answer. So the first incorrect
+    line is an incorrect response's first wrong step; the last step line (or a shortcut's answer
+    line) is a correct one's key step."""
+    start, operations = _parse_toy_problem(problem)
+    answer = _toy_result(start, operations)
+    running, index, previous, steps, end = start, 0, None, [], -1
+    for line in response.split("\n"):
+        begin, end = end + 1, end + 1 + len(line)
+        text = line.strip()
+        if not text:
+            continue
+        kind, correct = ("tag", True) if text in THINK_TAGS else ("other", False)
+        if step := re.fullmatch(r"(\d+)([+\-*])(\d+)=(-?\d+)", text):
+            left, op, right, result = int(step[1]), step[2], int(step[3]), int(step[4])
+            kind = "step"
+            correct = (left == running and index < len(operations)
+                       and (op, right) == operations[index] and result == _TOY_OPS[op](left, right))
+            previous, running, index = (left, op, right, result), result, index + 1
+        elif check := re.fullmatch(r"check (-?\d+)([+\-/])(\d+)=(-?\d+) (ok|no)", text):
+            stated, inverse, right, back = int(check[1]), check[2], int(check[3]), int(check[4])
+            kind = "check"
+            correct = (previous is not None and (stated, right) == (previous[3], previous[2])
+                       and inverse == _TOY_INVERSE[previous[1]]
+                       and back == _TOY_OPS[inverse](stated, right)
+                       and check[5] == ("ok" if back == previous[0] else "no"))
+            if check[5] == "no" and previous is not None:  # the next step line redoes it
+                running, index = previous[0], index - 1
+        elif boxed := re.fullmatch(r"\\boxed\{(-?\d+)\}", text):
+            kind, correct = "answer", int(boxed[1]) == answer
+        steps.append({"start": begin, "end": end, "text": line, "kind": kind, "correct": correct})
+    return steps
+
+
+TOY_WAIT_REPORT_SECONDS = 30.0  # a process waiting for another's toy build prints this often
+
+
+def build_toy_model(name: str = "toy") -> Path:
+    """The directory of a built-in toy model (a tiny Qwen3ForCausalLM with a character-level
+    tokenizer, trained by a short deterministic SFT), built on first use: cached, file-locked."""
+    if name not in TOY_SPECS:
+        raise ValueError(f"Unknown toy model {name!r}; choose from {list(TOY_SPECS)}.")
+    target = _toy_target(name)
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # one builder per machine; others wait and reuse its model. The lock file names the
+        # builder and its latest progress line, which a waiter prints ("a+": keep them on open)
+        with open(target.parent / f".{name}.lock", "a+") as lock:
+            _wait_for_toy_builder(lock, name)
+            if not (target / "config.json").exists():
+                since = time.strftime("%H:%M:%S")
+                _note_toy_build(lock, since, "starting")
+                _train_toy_model(name, target, lambda line: _note_toy_build(lock, since, line))
+    return target
+
+
+def _toy_target(name: str) -> Path:
+    """The cache folder of toy model `name`, named after its recipe (TOY_VERSION and spec)."""
+    recipe = json.dumps([TOY_VERSION, TOY_SPECS[name]], sort_keys=True).encode()
+    cache = Path(os.environ.get("RLVR_TOY_CACHE", Path.home() / ".cache" / "rlvr-distill-toy"))
+    return cache / f"{name}-{hashlib.sha1(recipe).hexdigest()[:8]}"
+
+
+def _note_toy_build(lock, since: str, line: str) -> None:
+    """Record in the held lock file who builds (pid, host, start, command) and its latest line."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": since,
+                           "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+                           "latest": line}))
+    lock.flush()
+
+
+def _wait_for_toy_builder(lock, name: str) -> None:
+    """Take the build lock. While another process holds it, say who (one line) and then, every
+    TOY_WAIT_REPORT_SECONDS, the builder's latest progress line."""
+    started = last = None
+    while True:
+        try:
+            return fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        lock.seek(0)
+        try:
+            holder = json.loads(lock.read())
+        except ValueError:
+            holder = {}
+        if started is None:
+            who = (f"pid {holder['pid']} on {holder['host']}, since {holder['started']}: "
+                   f"{holder['command']}" if holder else
+                   f"{lock.name} is locked (its holder names no process)")
+            print(f"[toy] waiting for another process to build {name!r}: {who}", flush=True)
+            started = last = time.time()
+        elif time.time() - last >= TOY_WAIT_REPORT_SECONDS:
+            last = time.time()
+            print(f"[toy] still waiting for {name!r} ({last - started:.0f}s): the builder is at "
+                  f"{holder.get('latest') or 'it reports no progress'}", flush=True)
+        time.sleep(min(1.0, TOY_WAIT_REPORT_SECONDS))
+
+
+def _build_toy_tokenizer():
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(TOY_SPECIALS)}
+    for char in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[char] = len(vocab)
+    # BPE without merges = one token per character (offsets are character offsets); the fixed
+    # phrases of the format are single tokens, which keeps sequences short on a CPU.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    backend.add_special_tokens(TOY_SPECIALS)
+    backend.add_tokens([AddedToken(phrase, normalized=False, special=False)
+                        for phrase in [*TOY_PHRASES, BOXED_INSTRUCTION]])
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>")
+    tokenizer.chat_template = TOY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind: str):
+    """(token ids, labels: -100 on the prompt and untrained pieces) of one SFT example of `kind`:
+    `plain`; `work` (the prompt asks for the steps: careful, so the skill is taught without moving
+    the plain prompt's prior); `context` (a reference solution or only its boxed answer, and a
+    feedback line)."""
+    context, careful, check, fix = None, spec["careful"], spec["check"], spec["fix"]
+    if kind == "work":
+        context, careful = TOY_WORK_HINT, 1.0
+    elif kind == "context":
+        shown = row["solution"] if rng.random() < 0.5 else f"\\boxed{{{row['answer']}}}"
+        feedback = rng.choice(TOY_FEEDBACK_LINES)
+        context = TOY_CONTEXT_HEADER + shown + (f"\n\n{feedback}" if feedback else "")
+        careful, check, fix = spec["context_careful"], 0.0, 0.0
+    pieces = _sample_toy_target(rng, row["problem"], careful, check, fix)
+    ids = build_prompt(tokenizer, row["problem"], context)
+    labels = [-100] * len(ids)
+    for text, trained in pieces + [(tokenizer.eos_token, True)]:
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        ids, labels = ids + piece, labels + (piece if trained else [-100] * len(piece))
+    return ids, labels
+
+
+def _train_toy_model(name: str, target: Path, note: Callable[[str], None]) -> None:
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    spec, started = TOY_SPECS[name], time.time()
+    steps = spec["steps"]
+    print(f"[toy] building {name!r} once ({spec['layers']} layers, hidden {spec['hidden']}, "
+          f"{steps} SFT steps; a few minutes on a laptop CPU) -> {target}", flush=True)
+    tokenizer = _build_toy_tokenizer()
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=spec["hidden"],
+        intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
+        head_dim=spec["hidden"] // spec["heads"], max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    rng, rows = random.Random(0), make_toy_rows(20000, seed=1000)  # not the train/test streams
+    kinds = {"plain": 1 - spec["work_frac"] - spec["context_frac"], "work": spec["work_frac"],
+             "context": spec["context_frac"]}
+    with torch.random.fork_rng(devices=[]):  # the caller's CPU RNG stream stays where it was
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.95),
+                                      weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20)
+                                                     * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        model.train()
+        for step in range(steps):
+            kind = rng.choices(list(kinds), list(kinds.values()))[0]  # one per batch: less padding
+            ids, labels = zip(*[_toy_sft_example(tokenizer, rng, rows[rng.randrange(len(rows))],
+                                                 spec, kind) for _ in range(spec["batch_size"])])
+            length = max(map(len, ids))
+            pad = lambda seqs, value: torch.tensor([s + [value] * (length - len(s)) for s in seqs])
+            loss = model(input_ids=pad(ids, tokenizer.pad_token_id), labels=pad(labels, -100),
+                         attention_mask=pad([[1] * len(r) for r in ids], 0)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % 100 == 0 or step == steps - 1:
+                print(f"[toy] {name} step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
+                note(f"{name} step {step + 1}/{steps} ({time.time() - started:.0f}s in)")
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, target)
+    print(f"[toy] built {name!r} in {time.time() - started:.0f}s", flush=True)

@@ -141,16 +141,17 @@ def opd_loss(logp, old_logp, w, a, mask, num_tokens, clip_low=0.2, clip_high=0.2
     return -torch.where(mask, surrogate, torch.zeros_like(surrogate)).sum() / num_tokens
 
 
-def third_gaps(a: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def third_gaps(a: torch.Tensor, mask: torch.Tensor, rows=None) -> tuple[float, float]:
     """The position-bias signature: mean |a_t| over the first and over the last third (at least
-    one token) of each response, each summed over the rows; an empty response counts 0."""
-    lengths = mask.sum(dim=1, keepdim=True)
-    third = (lengths // 3).clamp(min=1)
-    position = torch.arange(mask.shape[1], device=mask.device)[None, :]
-    gap = torch.where(mask, a.abs(), 0.0)
-    first = torch.where(position < third, gap, 0.0).sum(dim=1) / third[:, 0]
-    last = torch.where(position >= lengths - third, gap, 0.0).sum(dim=1) / third[:, 0]
-    return first.sum(), last.sum()
+    one token) of each response, summed over the rows (in the order `rows`); an empty response
+    counts 0."""
+    first = last = 0.0
+    for i in range(len(mask)) if rows is None else rows:
+        length = int(mask[i].sum())
+        third, gap = max(1, length // 3), a[i, :length].abs()
+        if length:
+            first, last = first + gap[:third].mean(), last + gap[length - third:].mean()
+    return first, last
 
 
 def picture(run, rollouts, step: int, a, w, mask) -> dict:
@@ -205,7 +206,7 @@ def main(argv=None):
         # ---- 3. policy gradient on A_t = w_t * a_t (PPO clip), global token-mean over loss tokens
         model.train()
         a_all, w_all = torch.zeros_like(teacher_logprobs), torch.zeros_like(teacher_logprobs)
-        sums = dict.fromkeys(["loss", "entropy", "clipped", "tis"], 0.0)
+        sums, order = dict.fromkeys(["loss", "entropy", "clipped", "tis"], 0.0), []
         per_minibatch = n // args.num_minibatches
         lengths = [len(p) + len(r) for p, r in zip(batch.prompts, responses)]
         for minibatch in range(args.num_minibatches):
@@ -214,6 +215,7 @@ def main(argv=None):
             minibatch_tokens = max(common.all_reduce_sum(selected).item(), 1)
             for rows in common.micro_batches(owned, lengths, args.micro_batch_size,
                                              args.micro_batch_tokens, same_count=True):
+                order.append(rows)  # the micro-batches in loss-loop order, for the diagnostics
                 logprobs, entropy, mask = common.response_logprobs(
                     model, [batch.prompts[i] for i in rows], [responses[i] for i in rows],
                     run.tokenizer.pad_token_id, args.logprob_chunk_size,
@@ -245,9 +247,10 @@ def main(argv=None):
         run.engine.update_weights(model)
 
         # ---- 4. metrics (the premise: |a_t| early vs late), token picture, checkpoint
-        gap_first, gap_last = third_gaps(a_all, mask_all)
-        sums.update(loss_tokens=loss_mask_all.sum(), w=w_all[mask_all].sum(),
-                    a=a_all[mask_all].sum(), abs_a=a_all[mask_all].abs().sum(),
+        gap_first, gap_last = third_gaps(a_all, mask_all, [i for rows in order for i in rows])
+        sums.update(loss_tokens=loss_mask_all.sum(), w=common.loop_sum(w_all, mask_all, order),
+                    a=common.loop_sum(a_all, mask_all, order),
+                    abs_a=common.loop_sum(a_all.abs(), mask_all, order),
                     gap_first=gap_first, gap_last=gap_last,
                     careful=sum(common.writes_work(text) for text in batch.texts))
         totals, metrics = common.step_metrics(run, batch, sums, grad_norm, args.num_minibatches)

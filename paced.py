@@ -406,17 +406,19 @@ def main(argv=None):
 
         # ---- 5. metrics (the pass-rate histogram, L_i), token picture, SNR, checkpoint
         mask_all[n] = False  # the pad item counts nowhere
-        row_d = d_all.sum(1).tolist()  # per sequence: the sum of its D_t
-        kl_i = {i: sum(v for v, j in zip(row_d, owner) if j == i) / max(1, problem_tokens[i])
-                for i in trained}  # L_i
+        problem_d = {}  # per problem: the sum of its D_t, in loss-loop order
+        for j in (j for rows in batches for j in rows):
+            problem_d[owner[j]] = problem_d.get(owner[j], 0.0) + float(d_all[j][mask_all[j]].sum())
         all_rates = common.all_gather_cat(pass_rates)
         raw_all = problem_weights(all_rates, args.weighting, args.alpha, args.beta)
-        sums.update(d=d_all[mask_all].sum(), fkl=fkl_all[mask_all].sum(),
-                    rkl=rkl_all[mask_all].sum(), tis=tis_all[mask_all].sum(),
-                    trained_tokens=mask_all.sum(), trained_sequences=n, problems_scored=len(kl_i),
-                    problem_kl=sum(kl_i.values()),
-                    weighted_kl=sum(float(raw[i]) * value for i, value in kl_i.items()),
-                    raw_weight=float(raw[trained].sum()),
+        sums.update(**{name: common.loop_sum(values, mask_all, batches) for name, values in
+                       (("d", d_all), ("fkl", fkl_all), ("rkl", rkl_all), ("tis", tis_all))},
+                    trained_tokens=mask_all.sum(), trained_sequences=n,
+                    problems_scored=len(problem_d),  # L_i = problem_d[i] / T_i
+                    problem_kl=sum(v / max(1, problem_tokens[i]) for i, v in problem_d.items()),
+                    weighted_kl=sum(float(raw[i]) * v / max(1, problem_tokens[i])
+                                    for i, v in problem_d.items()),
+                    raw_weight=float(raw[list(problem_d)].sum()) if problem_d else 0.0,
                     careful=sum(common.writes_work(text) for text in batch.texts))
         totals, shared = common.step_metrics(run, batch, sums, grad_norm)
         tokens = max(totals["trained_tokens"], 1)

@@ -641,7 +641,7 @@ def main(argv=None):
         model.train()
         fade = 1.0 - lam / args.lambda_0 if args.lambda_0 > 0 else 1.0
         kl_raw, kl_bounded, gap = (torch.zeros(n, width, device=device) for _ in range(3))
-        sums = dict.fromkeys(["loss", "kl_loss", "entropy", "clipped", "tis"], 0.0)
+        sums, order = dict.fromkeys(["loss", "kl_loss", "entropy", "clipped", "tis"], 0.0), []
         per_minibatch = n // args.num_minibatches
         lengths = [len(p) + len(r) for p, r in zip(batch.prompts, responses)]
         for minibatch in range(args.num_minibatches):
@@ -650,6 +650,7 @@ def main(argv=None):
             minibatch_sequences = common.all_reduce_sum(len(owned)).item()
             for rows in common.micro_batches(owned, lengths, args.micro_batch_size,
                                              args.micro_batch_tokens, same_count=True):
+                order.append(rows)  # the micro-batches in loss-loop order, for the diagnostics
                 # the teacher on the routed rows, no gradient (on every rank when any rank has
                 # some: FSDP all-gathers need every rank)
                 sub = [k for k, i in enumerate(rows) if i in teacher_prompts]
@@ -704,9 +705,11 @@ def main(argv=None):
         # ---- 6. metrics, token picture (after kl_end: the last routed step's), checkpoint
         span = route != 0
         sums.update(counts, fkl_tokens=(route > 0).sum(), rkl_tokens=(route < 0).sum(),
-                    kl_raw=kl_raw[span].sum(), kl_bounded=kl_bounded[span].sum(),
+                    kl_raw=common.loop_sum(kl_raw, span, order),
+                    kl_bounded=common.loop_sum(kl_bounded, span, order),
                     kl_over_clip=(kl_raw[span] > args.kl_clip).sum() if args.kl_clip else 0.0,
-                    gap_key=gap[route > 0].sum(), gap_error=gap[route < 0].sum(),
+                    gap_key=common.loop_sum(gap, route > 0, order),
+                    gap_error=common.loop_sum(gap, route < 0, order),
                     careful=sum(common.writes_work(text) for text in batch.texts),
                     zero_adv_groups=int((reward_groups.max(1).values
                                          == reward_groups.min(1).values).sum()))
