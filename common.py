@@ -59,9 +59,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-# CUDA: let the caching allocator grow segments instead of fragmenting them (generation and training
-# alternate very different tensor shapes). Read at the first CUDA allocation, so set before torch
-# touches the GPU; a user's own setting wins.
+# CUDA: the caching allocator grows segments instead of fragmenting them (generation and training
+# alternate very different shapes); read at the first CUDA allocation; a user's setting wins.
 if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
@@ -89,16 +88,13 @@ class Dist:
 
 
 def init_distributed(timeout_s: float = 3600.0) -> Dist:
-    """Start the process group under `torchrun` (NCCL on CUDA, gloo on CPU); plain `python`: 1 rank.
-    `timeout_s` (--dist_timeout) bounds every collective: ranks that finish generating early wait
-    in one for the slowest, which at 32K-token responses can take longer than NCCL's default 10
-    minutes."""
+    """The process group under `torchrun` (NCCL on CUDA, gloo on CPU); plain `python`: 1 rank.
+    `timeout_s` bounds every collective: ranks wait in one for the slowest generation."""
     cuda = torch.cuda.is_available()
     if cuda:  # fp32 matmuls (the fp32 output head) on tensor cores; bf16-born operands: exact
         torch.set_float32_matmul_precision("high")
     elif "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
-        # torch's default, a thread per core, gains little on the toy's small matrices and is much
-        # slower on a busy machine (README, "Threads"); torchrun sets OMP_NUM_THREADS=1 itself
+        # a thread per core gains little on the toy and is much slower on a busy machine
         torch.set_num_threads(1)
         print("[run] CPU: 1 torch thread (OMP_NUM_THREADS=N python ... uses N)", flush=True)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -115,9 +111,8 @@ def init_distributed(timeout_s: float = 3600.0) -> Dist:
 
 
 def _die_with_launcher() -> None:
-    """Under torchrun, end this rank (SIGKILL) when the launcher dies. torchrun starts every rank in
-    a session of its own, so a launcher killed with its process group would otherwise leave the
-    ranks training, and writing into the run directory, as orphans. Linux only (prctl)."""
+    """Under torchrun, SIGKILL this rank when the launcher dies: ranks run in sessions of their
+    own, so they would otherwise go on writing into the run directory as orphans (Linux)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -127,7 +122,7 @@ def _die_with_launcher() -> None:
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         print(f"[dist] prctl(PR_SET_PDEATHSIG) failed (errno {ctypes.get_errno()}): this rank will "
               "not end with its launcher", flush=True)
-    elif os.getppid() != launcher:  # the launcher died just before: nobody would send the signal
+    elif os.getppid() != launcher:  # the launcher died just before
         os._exit(1)
 
 
@@ -142,8 +137,8 @@ def print0(*args, **kwargs) -> None:
 
 
 def all_reduce_sum(value):
-    """Sum over ranks. Takes a number, a tensor (returned as float64 on CPU) or a dict of numbers
-    (returned as a dict of floats, reduced in one collective)."""
+    """Sum over ranks of a number or tensor (-> float64 on CPU) or a dict of numbers (-> floats,
+    one collective)."""
     if isinstance(value, dict):
         totals = all_reduce_sum(torch.tensor([float(v) for v in value.values()],
                                              dtype=torch.float64))
@@ -178,34 +173,27 @@ def barrier() -> None:
 
 
 class UserError(ValueError):
-    """A problem with the user's input (a flag, a file, a model or dataset id, the run directory).
-
-    `run_main` prints it as one line `error: ...` without a traceback and exits with status 2;
-    any other exception is a bug and keeps its traceback."""
+    """A problem with the user's input: `run_main` prints it as one line and exits 2."""
 
 
 _DEBUG = False  # set by parse_args from --debug; RLVR_DEBUG=1 does the same
 
 
 def option(default, help: str, alone=None):
-    """A dataclass field with its `--help` text: `lr: float = option(1e-6, "AdamW learning rate")`.
-    `alone`: the value of the bare flag, for an Optional[bool] that is unset (None) by default:
-    `option(None, "...", alone=True)` takes `--flag`, `--flag true/false` or nothing."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    """A dataclass field with its `--help` text. `alone`: the value of the bare flag `--flag` for
+    an Optional[bool] that is None by default."""
     metadata = {"help": help} if alone is None else {"help": help, "nargs": "?", "const": alone}
     return field(default=default, metadata=metadata)
 
 
 def parse_args(args_class, argv: Sequence[str] | None = None):
-    """Parse the command line into the script's `Args` dataclass with transformers'
-    HfArgumentParser. An unknown flag (abbreviations included) is a UserError naming it and the
-    closest known flag; an unparsable value exits with argparse's one-line error (no usage line)."""
+    """The command line as the script's `Args` (HfArgumentParser). An unknown flag is a UserError
+    naming the closest known one; an unparsable value is argparse's one-line error."""
     from transformers import HfArgumentParser
 
     global _DEBUG
-    # no abbreviations: `--lambda 0.3` must not silently mean --lambda_max; no usage line (it would
-    # list every option before the description): --help starts with what the script does
+    # no abbreviations: `--lambda 0.3` must not silently mean --lambda_max; --help starts with
+    # what the script does, not a usage line listing every option
     parser = HfArgumentParser(args_class, allow_abbrev=False, usage=argparse.SUPPRESS,
                               description=_script_summary(args_class))
     _method_options_first(parser, args_class)
@@ -223,8 +211,7 @@ def _script_summary(args_class) -> str:
 
 
 def _method_options_first(parser, args_class) -> None:
-    """--help lists the options the script's `Args` declares (its method's) first, then the shared
-    ones of `common.RunOptions`, each under its own heading."""
+    """--help lists the method's options first, then the shared ones (`RunOptions`)."""
     own = set(inspect.get_annotations(args_class)) - {f.name for f in fields(RunOptions)}
     method = parser.add_argument_group(f"{script_name(args_class)} options")
     shared = parser.add_argument_group("shared options (common.RunOptions)")
@@ -247,8 +234,7 @@ def _unknown_option(unknown: Sequence[str], args_class) -> str:
 
 
 def script_name(args) -> str:
-    """The file name of the script whose `Args` (class or instance) this is, e.g. `antisd.py`: the
-    script that makes a run, recorded in its config.json."""
+    """The file name of the script whose `Args` (class or instance) this is, e.g. `antisd.py`."""
     args_class = args if isinstance(args, type) else type(args)
     return Path(inspect.getfile(args_class)).name
 
@@ -271,8 +257,7 @@ def one_of(*choices, note: str = ""):
     return (lambda value: value in choices), f"one of {', '.join(map(str, choices))}{note}"
 
 
-# Valid ranges of the options shared by the method scripts: (predicate, description of the range).
-# `validate_args` checks the fields an Args class has; a script adds or overrides rules of its own.
+# Valid ranges of the shared options, (predicate, description); a script adds its own `RULES`.
 ARG_RULES = {
     **dict.fromkeys(["num_steps", "num_problems", "num_generations", "max_new_tokens",
                      "gen_batch_size", "num_minibatches", "micro_batch_size",
@@ -296,11 +281,9 @@ ARG_RULES = {
 }
 
 
-# Options a --resume may change: how long the run goes, where it is, what it evaluates, logs and
-# saves, and how the same computation is batched and placed (memory, speed). Every other option
-# (model, data, seed, batch shape, sampling, optimiser, the method's own) is part of what made the
-# run, so a resume that changes one is refused (`prepare_run_dir`); a new option is one of those
-# unless listed here or in its script's `SAFE_ON_RESUME`. Allowed changes go to resumes.jsonl.
+# Options a --resume may change (recorded in resumes.jsonl): how long, where, what it evaluates,
+# logs and saves, and how the same computation is batched and placed. Any other option made the
+# run, and a resume that changes one is refused (`prepare_run_dir`).
 SAFE_ON_RESUME = frozenset({
     "num_steps", "run_name", "output_dir", "resume", "resume_or_start", "overwrite", "eval_only",
     "debug", "track", "save_every", "picture_rollouts",
@@ -416,10 +399,8 @@ class RunOptions:
 
 
 def validate_args(args, rules: dict | None = None) -> None:
-    """Check every option that has a rule (`ARG_RULES` updated with `rules`) and raise a one-line
-    UserError naming the flag and its valid range. Call it first in `main`, before anything loads:
-    it depends on the arguments only, so under torchrun every rank fails alike, before any
-    collective."""
+    """A one-line UserError for the first option outside its range (`ARG_RULES` and `rules`).
+    Called before anything loads: under torchrun every rank fails alike, before any collective."""
     for name, (valid, description) in {**ARG_RULES, **(rules or {})}.items():
         if not hasattr(args, name) or getattr(args, name) is None:
             continue
@@ -434,19 +415,12 @@ def validate_args(args, rules: dict | None = None) -> None:
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Run a script's `main()` as its entry point: `if __name__ == "__main__": run_main(main)`.
-
-    A UserError is printed as one line `error: <message>` on stderr (by every rank under torchrun,
-    tagged with the rank) and the process exits with status 2; `--debug` or RLVR_DEBUG=1 re-raises
-    it with its traceback. Any other exception is a bug and propagates with its traceback. Under
-    torchrun a rank leaves with os._exit, so no collective or teardown can block it; when only some
-    ranks fail, torchrun stops the others as soon as one exits non-zero.
-
-    SIGINT (Ctrl-C) and SIGTERM end the run with one line on stderr saying the step reached, the
-    last checkpoint and the command that continues it, and exit status 128 + the signal: inside the
-    step loop (see `GracefulStop`) after the current step and its checkpoint, elsewhere at once; a
-    second signal always exits at once.
-    """
+    """A script's entry point. A UserError is one line `error: ...` on stderr (tagged with the
+    rank under torchrun, which leaves with os._exit so no collective can block it) and exit 2;
+    `--debug` or RLVR_DEBUG=1 re-raise it. SIGINT/SIGTERM end the run with one line naming the
+    step reached, the last checkpoint and the command that continues it (exit 128 + signal):
+    in the step loop after the current step and its checkpoint, elsewhere or when sent twice at
+    once."""
     _STOP.update(signal=None, armed=False)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _on_stop_signal)
@@ -470,16 +444,13 @@ def run_main(main: Callable[[], object]) -> None:
         _exit_stopped(_STOP["signal"], at_once=False)
 
 
-# The first SIGINT/SIGTERM, whether the step loop is running (then the run stops after the step),
-# and what a stop line reports: the run directory and the last step logged.
+# The first SIGINT/SIGTERM, whether the step loop runs, and the stop line's run dir and step.
 _STOP: dict = {"signal": None, "armed": False, "run_dir": None, "step": None}
 
 
 class GracefulStop:
-    """Made just before the step loop: from then on a first SIGINT/SIGTERM lets the current step
-    finish, and `requested()` (after the step's metrics) tells every rank to write a checkpoint and
-    leave the loop; `run_main` then prints the stop line. Without `run_main` (a test calling `main`)
-    no handler is installed and it never stops."""
+    """Made before the step loop: from then on a first SIGINT/SIGTERM lets the step finish, and
+    `requested()` tells every rank to checkpoint and leave the loop."""
 
     def __init__(self):
         _STOP["armed"] = True
@@ -530,7 +501,7 @@ def _stop_line(signum: int, at_once: bool) -> str:
 
 
 def eval_command(args, run_dir: Path) -> str:
-    """The command that evaluates a run's final weights (its newest checkpoint), for its summary."""
+    """The command that evaluates a run's final weights, for its summary."""
     words = [script_name(args), "--eval_only", "--resume", "--run_name", run_dir.name]
     if args.output_dir != "runs":
         words += ["--output_dir", args.output_dir]
@@ -2057,9 +2028,9 @@ def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Run:
-    """What `setup` makes for a script's `main()`. `state`: the method's own state restored from
-    the checkpoint ({} on a fresh run); `picture`: `write_token_picture`'s keyword arguments for
-    the latest step, drawn at each evaluation and at the end (rank 0)."""
+    """What `setup` makes for a script's `main()`. `state`: the method's state restored from the
+    checkpoint ({} on a fresh run); `picture`: `write_token_picture`'s keyword arguments for the
+    latest step, drawn at each evaluation and at the end (rank 0)."""
     args: RunOptions
     dist: Dist
     dir: Path
@@ -2142,7 +2113,8 @@ def setup(args, name: str, eval_protocol: dict, step_line: Sequence[str], group:
     grader, sampler = Grader(args.grader_timeout), ProblemSampler(len(train_rows), args.seed)
     start_step, state, teacher_restored = 0, {}, False
     if run_dir.checkpoint is not None:
-        frozen = {"teacher": teacher_model} if teacher_in_checkpoint and teacher_model else None
+        keep = teacher_in_checkpoint and teacher_model is not None
+        frozen = {"teacher": teacher_model} if keep else None
         restored = load_checkpoint(run_dir.checkpoint, model, optimizer, dist_info, frozen=frozen)
         start_step, state = restored["step"], restored["state"]
         sampler.load_state_dict(state["sampler"])
