@@ -3327,8 +3327,7 @@ def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind:
 def _train_toy_model(name: str, target: Path, note: Callable[[str], None]) -> None:
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    spec, started = TOY_SPECS[name], time.time()
-    steps = spec["steps"]
+    spec, started, steps = TOY_SPECS[name], time.time(), TOY_SPECS[name]["steps"]
     print(f"[toy] building {name!r} once ({spec['layers']} layers, hidden {spec['hidden']}, "
           f"{steps} SFT steps; a few minutes on a laptop CPU) -> {target}", flush=True)
     tokenizer = _build_toy_tokenizer()
