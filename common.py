@@ -786,11 +786,9 @@ def copy_weights(dst_model, src_model) -> None:
 # Data
 # ---------------------------------------------------------------------------------------------
 
-# Named datasets, the papers' training sets and benchmarks: short name -> hub id, config, split;
-# `kind` picks the adapter of its rows (`_ADAPTERS`), `problem` a benchmark's problem column when
-# it is not `problem`. `k`: samples per problem in evaluation by default (AntiSD's protocol
-# [paper]: avg@32 on AIME/HMMT, avg@4 on Minerva; the rest [ours]); a script's `EVAL_PROTOCOL`
-# and --eval_k override it. README ("Datasets"): which schemas were checked.
+# Named datasets: hub id, config, split; `kind`: the row adapter; `problem`: a problem column;
+# `k`: samples per problem in evaluation unless a script's `EVAL_PROTOCOL` or --eval_k says
+# (AntiSD's protocol [paper]: avg@32 on AIME/HMMT, avg@4 on Minerva; the rest [ours]).
 DATASETS = {
     "dapo": dict(hub="BytedTsinghua-SIA/DAPO-Math-17k", split="train", kind="dapo"),
     "openthoughts-math": dict(hub="open-thoughts/OpenThoughts-114k", config="metadata",
@@ -804,12 +802,9 @@ DATASETS = {
     "minerva": dict(hub="math-ai/minervamath", split="test", kind="math", problem="question", k=4),
     "gpqa": dict(hub="Idavidrein/gpqa", config="gpqa_diamond", split="train", kind="choice", k=4),
 }
-BENCHMARK_NAMES = ("math500", "aime24", "aime25", "aime26", "amc23", "hmmt25", "minerva", "gpqa")
 TOY_EVAL_K = 4
 CHOICE_SEED = 0  # GPQA's options are shuffled per question with this seed: one order in every run
-CHOICE_INSTRUCTION = "Answer with the letter (A, B, C or D) of the correct option."
-# Column names a benchmark file may use (mirrors of a benchmark differ here)
-_PROBLEM_COLUMNS = ("problem", "question", "Problem", "Question")
+_PROBLEM_COLUMNS = ("problem", "question", "Problem", "Question")  # benchmark mirrors differ
 _ANSWER_COLUMNS = ("answer", "Answer")
 DAPO_PREFIX = "Solve the following math problem step by step."
 DAPO_SUFFIX = "Remember to put your answer on its own line after"
@@ -841,18 +836,14 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
                   answer_key: str = "answer", solution_key: str = "solution",
                   limit: int | None = None, tokenizer=None,
                   max_prompt_tokens: int | None = None) -> list[dict]:
-    """Problems as dicts with `problem`, `answer`, `solution` (may be empty) from `toy` (splits
-    train/test), a named dataset (`dataset_spec`) or a local .jsonl/.json/.parquet file or hub
-    dataset read by the `*_key` columns (DAPO-Math-17k's layout is recognised). Rows without an
-    answer, malformed, or whose chat prompt is longer than `max_prompt_tokens` are skipped and
-    counted; DAPO-Math-17k's copies of a problem (~100 each on the hub) are dropped. A missing
-    column, an unreadable, empty or all-skipped dataset is a UserError saying what to do."""
+    """Rows {problem, answer, solution} of `toy`, a named dataset (`dataset_spec`), or a file or hub
+    dataset read by the `*_key` columns. Rows without an answer, malformed or with a prompt over
+    `max_prompt_tokens` are skipped and counted; DAPO-Math-17k's ~100 copies of each are dropped."""
     fits = _prompt_filter(tokenizer, max_prompt_tokens)
     if name == "toy":
-        if split not in TOY_SPLIT_SEEDS:
-            raise UserError(f"The toy dataset has splits {list(TOY_SPLIT_SEEDS)}, not {split!r}.")
-        rows = make_toy_rows(TOY_SPLIT_SIZES[split], TOY_SPLIT_SEEDS[split])
-        rows = [row for row in rows if fits(row["problem"])]
+        if split not in TOY_SPLITS:
+            raise UserError(f"The toy dataset has splits {list(TOY_SPLITS)}, not {split!r}.")
+        rows = [row for row in make_toy_rows(*TOY_SPLITS[split]) if fits(row["problem"])]
         return rows[:limit] if limit else rows
     spec, path = dataset_spec(name) or (None, None)
     split = spec["split"] if spec else split
@@ -869,14 +860,11 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
     kind = spec["kind"] if spec else "dapo" if dapo else "keys"
     if kind == "dapo" and hasattr(raw, "select_columns"):  # read only what is used of 1.79M rows
         raw = raw.select_columns([c for c in ("prompt", "reward_model") if c in columns])
-    adapt, required = _ADAPTERS[kind]
-    if kind == "keys":  # the user's columns
-        adapt = functools.partial(_keyed_row, keys=(problem_key, answer_key, solution_key))
-        required = [(problem_key,), (answer_key,)]
+    keys = [(problem_key,), (answer_key,), solution_key]  # the user's columns
     if kind == "math":  # the table's problem column first, then the usual names
-        required = [tuple(dict.fromkeys([spec.get("problem", "problem"), *_PROBLEM_COLUMNS])),
-                    _ANSWER_COLUMNS]
-        adapt = functools.partial(_math_row, problem_columns=required[0])
+        keys = [tuple(dict.fromkeys([spec.get("problem", "problem"), *_PROBLEM_COLUMNS])),
+                _ANSWER_COLUMNS, "solution"]
+    adapt, required = _ADAPTERS.get(kind) or (lambda row: _column_row(row, *keys), keys[:2])
     for i, names in enumerate(required):
         if not any(_lookup(row, names) is not None for row in raw if isinstance(row, dict)):
             others = f" (or {', '.join(map(repr, names[1:]))})" if names[1:] else ""
@@ -893,19 +881,15 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         problem, answer = row.get("problem"), row.get("answer")
         if not isinstance(problem, str) or not problem.strip():
             malformed += 1
-            continue
-        if answer is None or not str(answer).strip():
+        elif answer is None or not str(answer).strip():
             no_answer += 1
-            continue
-        row.update(problem=problem.strip(), answer=str(answer).strip())
-        if kind == "dapo":  # the first of its copies
-            if (row["problem"], row["answer"]) in seen:
-                continue
+        elif kind != "dapo" or (problem.strip(), str(answer).strip()) not in seen:  # first copy
+            row.update(problem=problem.strip(), answer=str(answer).strip())
             seen.add((row["problem"], row["answer"]))
-        if not fits(row["problem"]):
-            too_long += 1
-            continue
-        rows.append(row)
+            if fits(row["problem"]):
+                rows.append(row)
+            else:
+                too_long += 1
     skipped = f"{no_answer} rows without an answer and {malformed} malformed rows"
     if max_prompt_tokens:
         skipped = (skipped.replace(" and ", ", ")
@@ -915,7 +899,7 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
         raise UserError(f"Dataset {name!r} ({split}) has no usable rows: {len(raw)} read, "
                         f"{skipped}; check the file, {schema} and "
                         "--max_prompt_tokens/--max_new_tokens.")
-    if seen:
+    if kind == "dapo":
         print0(f"[data] {name}: deduplicated {len(raw)} rows -> {len(seen)} problems")
     if no_answer or malformed or too_long:
         print0(f"[data] {name}: skipped {skipped}")
@@ -925,48 +909,36 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
 
 def _lookup(row: dict, names: Sequence[str]):
     """The first value of `names` in `row` that is not None; `a.b` reads field b of column a."""
-    for name in names:
-        value = row
-        for part in name.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if value is not None:
-            return value
-    return None
+    values = (functools.reduce(lambda value, key: value.get(key) if isinstance(value, dict)
+                               else None, name.split("."), row) for name in names)
+    return next((value for value in values if value is not None), None)
 
 
-# Adapters: a raw row (a dict) -> {problem, answer, solution, ...}, None for a row that is not part
-# of the dataset. _ADAPTERS: kind -> (adapter, the columns its rows must have: tuples of names)
-def _keyed_row(row: dict, keys: tuple[str, str, str]) -> dict:
-    problem, answer, solution = (_lookup(row, (key,)) for key in keys)
-    return {"problem": problem, "answer": answer,
-            "solution": solution.strip() if isinstance(solution, str) else ""}
-
-
-def _math_row(row: dict, problem_columns: Sequence[str]) -> dict:
-    """Numeric answers (AIME's int64, AMC's float) become strings, 12.0 -> "12"; of a list of
-    accepted answers (some mirrors) the first."""
-    answer, solution = _lookup(row, _ANSWER_COLUMNS), row.get("solution")
+# Adapters: a raw row -> {problem, answer, solution, ...}, or None for a row outside the dataset.
+def _column_row(row: dict, problem: tuple, answer: tuple, solution: str) -> dict:
+    """A row read by column names (the first present of each tuple). Numeric answers (AIME's
+    int64, AMC's float) become strings, 12.0 -> "12"; of a list of accepted answers the first."""
+    answer, solution = _lookup(row, answer), _lookup(row, (solution,))
     if isinstance(answer, float) and answer.is_integer():
         answer = int(answer)
     if isinstance(answer, (list, tuple)):
         answer = answer[0] if answer else None
-    return {"problem": _lookup(row, problem_columns), "answer": answer,
-            "solution": solution if isinstance(solution, str) else ""}
+    return {"problem": _lookup(row, problem), "answer": answer,
+            "solution": solution.strip() if isinstance(solution, str) else ""}
 
 
 def _dapo_row(row: dict) -> dict:
     """DAPO-Math-17k: the problem inside a chat prompt that wraps it in instructions."""
-    prompt, problem = row.get("prompt"), None
-    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) \
-            and isinstance(prompt[-1].get("content"), str):
-        paragraphs = prompt[-1]["content"].strip().split("\n\n")
-        if paragraphs and paragraphs[0].startswith(DAPO_PREFIX):
-            paragraphs = paragraphs[1:]
-        if paragraphs and paragraphs[-1].startswith(DAPO_SUFFIX):
-            paragraphs = paragraphs[:-1]
-        problem = "\n\n".join(paragraphs).strip()
-    return {"problem": problem, "answer": _lookup(row, ("reward_model.ground_truth",)),
-            "solution": ""}
+    try:
+        paragraphs = row["prompt"][-1]["content"].strip().split("\n\n")
+    except (LookupError, TypeError, AttributeError):  # malformed
+        paragraphs = [""]
+    if paragraphs[0].startswith(DAPO_PREFIX):
+        paragraphs = paragraphs[1:]
+    if paragraphs and paragraphs[-1].startswith(DAPO_SUFFIX):
+        paragraphs.pop()
+    return {"problem": "\n\n".join(paragraphs), "solution": "",
+            "answer": _lookup(row, ("reward_model.ground_truth",))}
 
 
 def _openthoughts_row(row: dict) -> dict | None:
@@ -983,19 +955,19 @@ def _openthoughts_row(row: dict) -> dict | None:
 def _choice_row(row: dict) -> dict:
     """GPQA -> a multiple-choice problem: the options shuffled by `CHOICE_SEED` and the question
     (not the row's position), lettered A-D; the answer is the correct option's letter."""
-    question, options = row.get("Question"), [row.get("Correct Answer")] + [
-        row.get(f"Incorrect Answer {i}") for i in (1, 2, 3)]
-    if not isinstance(question, str) or any(option is None for option in options):
-        return {"problem": question, "answer": None, "solution": ""}
+    question = row.get("Question")
+    options = [row.get(names[0]) for names in _ADAPTERS["choice"][1][1:]]
+    if not isinstance(question, str) or None in options:
+        return {"problem": question, "answer": None}
     order = list(range(4))
     random.Random(f"{CHOICE_SEED}/{question.strip()}").shuffle(order)
     lines = "\n".join(f"{'ABCD'[i]}) {str(options[j]).strip()}" for i, j in enumerate(order))
-    return {"problem": f"{question.strip()}\n\n{lines}\n\n{CHOICE_INSTRUCTION}",
+    return {"problem": f"{question.strip()}\n\n{lines}\n\n"
+                       "Answer with the letter (A, B, C or D) of the correct option.",
             "answer": "ABCD"[order.index(0)], "solution": "", "choice": True}
 
 
-_ADAPTERS = {
-    "keys": (_keyed_row, None), "math": (_math_row, None),  # columns: the options', the table's
+_ADAPTERS = {  # kind -> (adapter, the columns its rows must have: tuples of alternative names)
     "dapo": (_dapo_row, [("prompt",), ("reward_model.ground_truth",)]),
     "openthoughts": (_openthoughts_row, [("problem",), ("ground_truth_solution",), ("domain",)]),
     "choice": (_choice_row, [("Question",), ("Correct Answer",),
@@ -1004,9 +976,8 @@ _ADAPTERS = {
 
 
 def _prompt_filter(tokenizer, max_tokens: int | None) -> Callable[[str], bool]:
-    """Whether `build_prompt(tokenizer, problem)` has at most `max_tokens` tokens (always, without
-    both). A token covers at least one UTF-8 byte, so short problems pass without building their
-    prompt (fast on 17K rows); 16 tokens of slack cover a tokenizer's prefix-space token."""
+    """Whether `build_prompt(tokenizer, problem)` has at most `max_tokens` tokens. A token covers
+    at least one UTF-8 byte, so short problems pass untokenized (16 tokens of slack)."""
     if tokenizer is None or not max_tokens:
         return lambda problem: True
     overhead = len(build_prompt(tokenizer, "")) + 16
@@ -1021,31 +992,30 @@ def _prompt_filter(tokenizer, max_tokens: int | None) -> Callable[[str], bool]:
 
 
 def _read_rows(name: str, split: str, config: str | None = None):
-    """Raw rows of a local file or a hub dataset: a list (JSON) or a memory-mapped
-    datasets.Dataset (parquet, the hub), so 1.79M DAPO rows are not held by every rank."""
+    """Raw rows of a file or hub dataset: a list (JSON) or a memory-mapped datasets.Dataset."""
     path = Path(name).expanduser()
-    suffix = path.suffix.lower()
+    suffix, exists = path.suffix.lower(), path.exists()
     if path.is_dir():
         raise UserError(f"Dataset {name!r} is a directory; pass a .jsonl, .json or .parquet file "
                         "or a hub id.")
-    if path.exists() and suffix not in _FILE_SUFFIXES:
+    if exists and suffix not in _FILE_SUFFIXES:
         raise UserError(f"Dataset file {name!r}: unsupported extension; use .jsonl, .json or "
                         ".parquet.")
-    if not path.exists() and (name.startswith((".", "/", "~")) or suffix in _FILE_SUFFIXES):
+    if not exists and (name.startswith((".", "/", "~")) or suffix in _FILE_SUFFIXES):
         raise UserError(f"Dataset file {name!r} does not exist.")
     try:
-        if path.exists() and suffix != ".parquet":
+        if exists and suffix != ".parquet":
             return _read_json_rows(path)
         import datasets
 
-        if path.exists():
+        if exists:
             return datasets.load_dataset("parquet", data_files=str(path), split="train")
         return datasets.load_dataset(name, config, split=split)
     except UserError:
         raise
     except Exception as error:  # unreadable file, unknown hub name, no network, bad split
         reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-        if path.exists():
+        if exists:
             raise UserError(f"Cannot read dataset file {name!r}: {reason}") from error
         hint = (" It needs network access or a local copy: download it on a connected machine "
                 "and pass a local .jsonl/.json/.parquet file (a named dataset's as short=file; "
@@ -1058,15 +1028,13 @@ def _read_rows(name: str, split: str, config: str | None = None):
 def _read_json_rows(path: Path) -> list:
     """Rows of a .json list or of JSON lines (a line that is not JSON: None, a malformed row)."""
     text = path.read_text()
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
-    try:
-        whole = json.loads(text) if text.lstrip().startswith("{") else None
-    except json.JSONDecodeError:
-        whole = None  # JSON lines
-    if isinstance(whole, dict) and whole and all(isinstance(v, list) for v in whole.values()):
-        raise UserError(f"Dataset file {str(path)!r} is column-oriented JSON (a list per column: "
-                        f"{list(whole)[:5]}); expected {ROW_SHAPE}.")
+    with contextlib.suppress(json.JSONDecodeError):  # else JSON lines
+        whole = json.loads(text)
+        if isinstance(whole, list) and path.suffix.lower() == ".json":
+            return whole
+        if isinstance(whole, dict) and whole and all(isinstance(v, list) for v in whole.values()):
+            raise UserError(f"Dataset file {str(path)!r} is column-oriented JSON (a list per "
+                            f"column: {list(whole)[:5]}); expected {ROW_SHAPE}.")
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         try:
@@ -1078,8 +1046,7 @@ def _read_json_rows(path: Path) -> list:
 
 
 def load_run_problems(args, tokenizer, prompt_limit: int | None) -> tuple[list, list]:
-    """(train rows, eval rows: none without `--eval_dataset`) for a script's data options; prompts
-    longer than `prompt_limit` (`max_prompt_length`) are skipped."""
+    """(train rows, eval rows: none without --eval_dataset) for a script's data options."""
     keys = dict(problem_key=args.problem_key, answer_key=args.answer_key,
                 solution_key=args.solution_key, tokenizer=tokenizer, max_prompt_tokens=prompt_limit)
     train_rows = load_problems(args.dataset, args.dataset_split, **keys)
@@ -1096,14 +1063,13 @@ class ProblemSampler:
         self.num_rows, self.seed, self.epoch, self.position = num_rows, seed, 0, 0
 
     def next(self, count: int) -> list[int]:
-        indices, order = [], None
+        indices = []
         while len(indices) < count:
             if self.position == self.num_rows:
-                self.epoch, self.position, order = self.epoch + 1, 0, None
-            if order is None:
-                order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
-            indices.append(int(order[self.position]))
-            self.position += 1
+                self.epoch, self.position = self.epoch + 1, 0
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
+            taken = order[self.position: self.position + count - len(indices)].tolist()
+            indices, self.position = indices + taken, self.position + len(taken)
         return indices
 
     def state_dict(self) -> dict:
@@ -1136,11 +1102,15 @@ def build_prompt(tokenizer, problem: str, context: str | None = None,
 # Grading
 # ---------------------------------------------------------------------------------------------
 
+THINK_TAGS = ("<think>", "</think>")
 
-def _boxed_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each complete `\\boxed{...}` in `text` (braces matched), in order."""
+
+def _final_boxes(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each complete `\\boxed{...}` after any `</think>` (braces matched), in
+    order of start."""
     spans, open_boxes, depth = [], [], 0  # open_boxes: (start, brace depth around it)
-    for match in re.finditer(r"\\boxed *\{|[{}]", text):  # one pass: linear in the length
+    after_think = sum(map(len, text.rpartition("</think>")[:2]))
+    for match in re.compile(r"\\boxed *\{|[{}]").finditer(text, after_think):  # linear
         if match[0] == "}":
             depth -= 1
             if open_boxes and open_boxes[-1][1] == depth:
@@ -1155,43 +1125,26 @@ def _boxed_spans(text: str) -> list[tuple[int, int]]:
 def extract_boxed_answer(text: str) -> str | None:
     """Content of the last complete `\\boxed{...}` after any `</think>` (the innermost when boxes
     are nested), or None when there is none."""
-    text = text.split("</think>")[-1]
-    spans = _boxed_spans(text)
-    if not spans:
-        return None
-    inner = text[spans[-1][0]: spans[-1][1]]
-    return inner[inner.index("{") + 1: -1].strip()
-
-
-THINK_TAGS = ("<think>", "</think>")
+    spans = _final_boxes(text)
+    return text[text.index("{", spans[-1][0]) + 1: spans[-1][1] - 1].strip() if spans else None
 
 
 def answer_span(text: str) -> tuple[int, int] | None:
     """Character span of the final answer: the last complete `\\boxed{...}` after any `</think>`,
     the whole outermost one when boxes are nested (`\\boxed{\\boxed{9}}`)."""
-    offset = text.rfind("</think>") + len("</think>") if "</think>" in text else 0
-    spans = _boxed_spans(text[offset:])
-    if not spans:
-        return None
-    start, end = next(span for span in spans if span[1] >= spans[-1][1])  # the box around it
-    return start + offset, end + offset
+    spans = _final_boxes(text)
+    return next(span for span in spans if span[1] >= spans[-1][1]) if spans else None
 
 
 def writes_work(text: str) -> bool:
     """Whether a response writes anything before its final answer (think tags and blank space
     aside): the toy's careful strategy, as opposed to boxing the answer at once."""
-    span = answer_span(text)
-    work = text[: span[0] if span else len(text)]
-    for tag in THINK_TAGS:
-        work = work.replace(tag, "")
-    return bool(work.strip())
+    return bool(re.sub("</?think>", "", text[: (answer_span(text) or [len(text)])[0]]).strip())
 
 
 def response_token_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
-    """(text, character span of each token in it) for a response's token ids, special tokens kept.
-
-    Re-encoding the decoded text gives the tokenizer's own offsets when it reproduces the ids (the
-    usual case); otherwise each token is decoded on its own and the pieces are concatenated."""
+    """(text, character span of each token) of a response's ids, special tokens kept: the
+    tokenizer's offsets when re-encoding reproduces the ids, else tokens decoded one by one."""
     ids = list(ids)
     text = tokenizer.decode(ids)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -1203,35 +1156,19 @@ def response_token_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple
 
 
 def token_roles(text: str, spans: Sequence[tuple[int, int]]) -> list[str]:
-    """Role of each token of a response: `answer` (overlaps the final `\\boxed{}`), `work` (any
-    other non-blank text before the answer: deliberation, check lines; think tags excluded) or
-    `other`."""
+    """Role of each token of a response: `answer` (overlaps the final `\\boxed{}`), `work` (other
+    non-blank text before the answer, think tags excluded: deliberation, checks) or `other`."""
     answer = answer_span(text) or (len(text), len(text))
-    roles = []
-    for start, end in spans:
-        piece = text[start:end].strip()
-        if start < answer[1] and end > answer[0]:
-            roles.append("answer")
-        elif end <= answer[0] and piece and piece not in THINK_TAGS:
-            roles.append("work")
-        else:
-            roles.append("other")
-    return roles
-
-
-GRADER_WALL_FACTOR = 5  # the wall-clock backstop is this many times the CPU bound
-GRADER_STARTUP_SECONDS = 60.0  # importing sympy takes a few seconds
+    return ["answer" if start < answer[1] and end > answer[0]
+            else "work" if end <= answer[0] and text[start:end].strip() not in ("", *THINK_TAGS)
+            else "other" for start, end in spans]
 
 
 class Grader:
-    """Rewards in {0, 1} with math-verify (gold first), the answer taken from the last `\\boxed{}`.
-
-    math-verify runs in a worker process, one distinct (gold, answer) pair at a time. The worker
-    stops an answer after `timeout` seconds of its own CPU time (not the clock: busy rollout
-    workers cannot turn correct answers into timeouts); one that does not answer within
-    `wall_timeout` (default 5 x `timeout`: stuck in C code, say) is killed, and the next answer
-    gets a fresh one. Either way the answer scores 0 and counts as a timeout: no input can stall a
-    run. Without a working math-verify it raises UserError instead of scoring 0."""
+    """Rewards in {0, 1} with math-verify (gold first) on the last `\\boxed{}`, in a worker process
+    that stops an answer after `timeout` s of its own CPU time (not the clock: a busy machine cannot
+    turn correct answers into timeouts) and is killed past `wall_timeout` (stuck in C code). Either
+    way the answer scores 0 and counts as a timeout: no input can stall a run."""
 
     def __init__(self, timeout: float = 10.0, wall_timeout: float | None = None):
         self._worker = self._connection = None
@@ -1240,7 +1177,7 @@ class Grader:
         if importlib.util.find_spec("math_verify") is None:  # else every answer would score 0
             raise UserError("the grader needs math-verify, which is not installed: "
                             "pip install math-verify")
-        self.timeout, self.wall_timeout = timeout, wall_timeout or GRADER_WALL_FACTOR * timeout
+        self.timeout, self.wall_timeout = timeout, wall_timeout or 5 * timeout
 
     def grade(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[list[float], dict]:
         """Rewards for `responses` against gold `answers`, plus counts of `no_answer`, `timeout`."""
@@ -1276,17 +1213,15 @@ class Grader:
     def _start(self) -> None:
         import multiprocessing
 
-        # fork: the worker needs this module's function only; a fresh interpreter (spawn) would
-        # import the script, torch included, on every start
+        # fork: spawn would import the script, torch included, on every start
         context = multiprocessing.get_context("fork")
         self._connection, child = context.Pipe()
         self._worker = context.Process(target=_grader_worker, daemon=True,
                                        args=(child, self._connection, self.timeout))
         self._worker.start()
         child.close()
-        try:
-            ready = self._connection.recv() if self._connection.poll(GRADER_STARTUP_SECONDS) \
-                else f"silent for {GRADER_STARTUP_SECONDS:g} s"
+        try:  # importing sympy takes a few seconds
+            ready = self._connection.recv() if self._connection.poll(60) else "silent for 60 s"
         except EOFError:
             ready = "it exited"
         if ready != "ready":
@@ -1305,8 +1240,7 @@ class Grader:
             except Exception:
                 pass
 
-    def __del__(self):
-        self.close()
+    __del__ = close
 
 
 class _CpuLimit(BaseException):
@@ -1314,8 +1248,8 @@ class _CpuLimit(BaseException):
 
 
 def _grader_worker(connection, parent_end, cpu_seconds: float) -> None:
-    """Sends "ready" (or why math-verify cannot be imported), then a verdict per (gold, pred):
-    True, False, or None when it took over `cpu_seconds`."""
+    """Sends "ready" (or why math-verify does not import), then per (gold, pred) True, False or
+    None (over `cpu_seconds`)."""
     import logging
 
     os.setsid()  # the run's Ctrl-C (the run finishes its step) must not reach the worker
@@ -1324,8 +1258,7 @@ def _grader_worker(connection, parent_end, cpu_seconds: float) -> None:
     try:
         from math_verify import parse, verify
     except Exception as error:
-        connection.send(f"{type(error).__name__}: {error}")
-        return
+        return connection.send(f"{type(error).__name__}: {error}")
     quiet = logging.getLogger("math_verify")  # its warnings about the limits we set ourselves
     quiet.addHandler(logging.NullHandler())
     quiet.propagate = False
@@ -1339,10 +1272,8 @@ def _grader_worker(connection, parent_end, cpu_seconds: float) -> None:
             gold, pred = connection.recv()
         except EOFError:  # the parent is gone
             return
-        try:
-            # ITIMER_PROF counts this process's CPU time (math-verify's own limits, wall-clock
-            # SIGALRM, are off); it re-fires until disarmed
-            signal.setitimer(signal.ITIMER_PROF, cpu_seconds, 0.05)
+        try:  # ITIMER_PROF: this process's CPU time (math-verify's wall-clock limits are off)
+            signal.setitimer(signal.ITIMER_PROF, cpu_seconds, 0.05)  # re-fires until disarmed
             gold, pred = parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None)
             verdict = bool(gold and pred and verify(gold, pred, timeout_seconds=None))
         except _CpuLimit:
@@ -1354,16 +1285,11 @@ def _grader_worker(connection, parent_end, cpu_seconds: float) -> None:
         connection.send(verdict)
 
 
-_BOXED_LETTER = re.compile(r"^\(?([A-D])\)?(?:$|[\s.:,)])")
-
-
 def choice_letter(text: str) -> str | None:
     """The option letter a response chose: its last `\\boxed{}` holding C, (C), \\text{C}, C) 42."""
-    inner = extract_boxed_answer(text)
-    if inner is None:
-        return None
-    inner = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", inner)
-    match = _BOXED_LETTER.match(inner.strip().strip("$ "))
+    inner = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1",
+                   extract_boxed_answer(text) or "")
+    match = re.match(r"\(?([A-D])\)?(?:$|[\s.:,)])", inner.strip().strip("$ "))
     return match[1] if match else None
 
 
@@ -1374,9 +1300,6 @@ class ChoiceGrader:
         letters = [choice_letter(r) for r in responses]
         rewards = [float(letter == gold.strip()) for letter, gold in zip(letters, answers)]
         return rewards, {"no_answer": letters.count(None), "timeout": 0}
-
-    def close(self) -> None:
-        pass
 
 
 def grader_for(rows: Sequence[dict], grader: Grader):
@@ -3137,53 +3060,26 @@ def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist,
 # Toy testbed: a strategy-choice task with worked solutions, and tiny Qwen3 models made by SFT
 # ---------------------------------------------------------------------------------------------
 #
-# A problem is a chain of small operations applied in order (sequential state, so a one-pass
-# "shortcut" cannot compose long chains): "Start at 7, apply +3 *2 -4." (answer 16). The SFT
-# teaches two strategies in Qwen3's layout (work inside <think>...</think>, boxed answer after):
-# careful "<think>\n7+3=10\n10*2=20\n20-4=16\n</think>\n\boxed{16}" and the shortcut
-# "<think>\n</think>\n\boxed{16}". A check line ("check 20/2=10 ok") verifies the previous step by
-# its inverse; in some SFT examples a step is wrong (masked out of the loss), its check says "no"
-# and the step is redone: deliberation.
-# The four papers' premises are built in on purpose (the toy tests whether code turns a premise
-# into the claimed effect, not whether the premise holds for real models):
-#   - the plain prompt's SFT target is mostly the shortcut, exact on short chains only: RL has a
-#     large, easy win, choosing the careful strategy (every method's RL signal);
-#   - with privileged context (a reference solution, `TOY_CONTEXT_HEADER`) the target is mostly
-#     the shortcut and never checks, so a self-teacher gives deliberation tokens low probability
-#     and answer tokens high probability (u < 0 and u > 0: AntiSD);
-#   - `toy-large` is wider and prefers the careful strategy: it disagrees with `toy` most at the
-#     first response tokens, where the strategy is decided (IW-OPD), and is the stronger teacher
-#     for distillation (PACED, IW-OPD);
-#   - chain length (the level, 1-6 operations) spreads per-problem pass rates over (0, 1) (PACED);
-#   - every line is re-computable, so an oracle names the key step of a correct response and the
-#     first wrong line of an incorrect one (`parse_toy_steps`, TRACE).
+# A problem chains small operations: "Start at 7, apply +3 *2 -4." (16). SFT teaches a careful
+# strategy ("<think>\n7+3=10\n10*2=20\n20-4=16\n</think>\n\boxed{16}", sometimes with a check
+# line "check 20/2=10 ok", or a wrong step caught by "no" and redone) and a shortcut
+# ("<think>\n</think>\n\boxed{16}", exact on short chains only). The papers' premises are built in
+# on purpose (the toy tests that code turns a premise into its effect): the plain prompt mostly
+# takes the shortcut (RL's win: choose care); shown a reference solution it takes the shortcut
+# and never checks (AntiSD); `toy-large` prefers care (IW-OPD, PACED's stronger teacher); levels
+# 1-6 spread pass rates (PACED); every line re-computes, so an oracle judges steps (TRACE).
 
 TOY_VERSION = "v3"  # v3: head_dim 32 (vLLM's CPU attention kernels accept 32, 64, 80, ..., not 16)
-TOY_SPLIT_SEEDS = {"train": 1, "test": 2}  # disjoint generator streams for the two splits
-TOY_SPLIT_SIZES = {"train": 4096, "test": 256}
+TOY_SPLITS = {"train": (4096, 1), "test": (256, 2)}  # (problems, seed): disjoint streams
 TOY_MAX_OPS, TOY_MAX_VALUE = 6, 30  # levels 1..6 = number of operations; values stay in 0..30
-TOY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TOY_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-# Privileged context the toy SFT teaches the model to use: a reference-solution block in the user
-# message, optionally followed by one feedback line (the method scripts build contexts this way).
+# Privileged context the SFT teaches: a reference solution, then optionally a feedback line.
 TOY_CONTEXT_HEADER = "Reference solution:\n"
 TOY_FEEDBACK_LINES = ["Your previous attempt was correct.", "Your previous attempt was incorrect.",
                       ""]
 TOY_WORK_HINT = "Write every step."  # SFT-only prompt variant that always gets the careful strategy
-# Multi-character pieces that are single tokens (shorter sequences on a CPU). <think> and </think>
-# are ordinary added tokens, as in Qwen3: decoding with skip_special_tokens keeps them.
-TOY_PHRASES = ["<think>", "</think>", "user", "assistant", "Start at ", ", apply ", "\\boxed{",
-               "check ", " ok", " no", "\n\n", TOY_CONTEXT_HEADER, TOY_WORK_HINT,
-               *TOY_FEEDBACK_LINES[:2]]
-# Architecture and SFT recipe of each toy model. Shares of the SFT examples: `work_frac` ask for
-# the steps (`TOY_WORK_HINT`), `context_frac` carry a reference solution (careful target with
-# probability `context_careful`, never checking), the rest are plain (careful with probability
-# `careful`); `check` / `fix`: share of careful targets with a verified step / a caught mistake.
+# Architecture and SFT recipe (`_toy_sft_example`): shares of examples asking for the steps
+# (`work_frac`) or with a reference solution (`context_frac`); chances of a careful target
+# (`careful`, `context_careful`), and of a check line or caught mistake in one (`check`, `fix`).
 _TOY_SFT = dict(batch_size=64, lr=5e-3, work_frac=0.25, context_frac=0.25, context_careful=0.1,
                 check=0.3, fix=0.15)
 TOY_SPECS = {
@@ -3209,9 +3105,8 @@ def make_toy_rows(n: int, seed: int) -> list[dict]:
             choices = [("+", d) for d in range(1, 6) if value + d <= TOY_MAX_VALUE]
             choices += [("-", d) for d in range(1, 6) if value - d >= 0]
             choices += [("*", 2)] * 3 if value <= TOY_MAX_VALUE // 2 else []  # as often as +-
-            op, number = rng.choice(choices)
-            operations.append((op, number))
-            value = _TOY_OPS[op](value, number)
+            operations.append(rng.choice(choices))
+            value = _TOY_OPS[operations[-1][0]](value, operations[-1][1])
         problem = f"Start at {start}, apply {' '.join(f'{op}{d}' for op, d in operations)}."
         rows.append({"problem": problem, "answer": str(value), "level": level,
                      "solution": "".join(text for text, _ in toy_response(start, operations))})
@@ -3232,9 +3127,8 @@ def _toy_result(start: int | None, operations) -> int | None:
 
 def toy_response(start: int, operations, careful: bool = True, check_at: int | None = None,
                  fix_at: int | None = None, wrong_by: int = 1) -> list[tuple[str, bool]]:
-    """A toy response as (piece, trained) pairs, one piece per line (no multi-character token
-    crosses a piece). `check_at`: the step verified by a check line; `fix_at`: the step first
-    written wrong by `wrong_by` (not trained: out of the SFT loss), caught by its check, redone."""
+    """A toy response as (line, trained) pairs. `check_at`: the step verified by a check line;
+    `fix_at`: the step first written wrong by `wrong_by` (untrained), caught by a check, redone."""
     pieces, value = [("<think>\n", True)], start
     for k, (op, number) in enumerate(operations):
         result, inverse = _TOY_OPS[op](value, number), _TOY_INVERSE[op]
@@ -3251,30 +3145,11 @@ def toy_response(start: int, operations, careful: bool = True, check_at: int | N
     return pieces + [("</think>\n", True), (f"\\boxed{{{value}}}", True)]
 
 
-def _sample_toy_target(rng: random.Random, problem: str, careful: float, check: float,
-                       fix: float):
-    """An SFT target (`toy_response` pieces): careful with probability `careful`, then with a
-    check line with probability `check` and a caught mistake with probability `fix`."""
-    start, operations = _parse_toy_problem(problem)
-    if rng.random() >= careful:
-        return toy_response(start, operations, careful=False)
-    check_at = rng.randrange(len(operations)) if rng.random() < check else None
-    fix_at, wrong_by = None, rng.choice([-1, 1])
-    if rng.random() < fix:
-        fix_at = rng.randrange(len(operations))
-        if _toy_result(start, operations[: fix_at + 1]) == 0:  # a wrong result stays >= 0
-            wrong_by = 1
-    return toy_response(start, operations, True, check_at, fix_at, wrong_by)
-
-
 def parse_toy_steps(problem: str, response: str) -> list[dict]:
-    """The non-empty lines of a toy response, each judged on its own: dicts with `start`, `end`
-    (character span), `text`, `kind` (`step`, `check`, `answer`, `tag`, or `other`: never
-    correct) and `correct`: a step continues the running value with the problem's next operation
-    and right arithmetic; a check inverts the previous step right and its verdict (ok/no) is true
-    (after "no" the next step redoes it); the answer boxes the true answer. So the first incorrect
-    line is an incorrect response's first wrong step; the last step line (or a shortcut's answer
-    line) is a correct one's key step."""
+    """The non-empty lines of a toy response, each judged on its own: {start, end, text, kind:
+    step/check/answer/tag/other, correct}. A step must apply the problem's next operation to the
+    running value rightly; a check must invert the previous step with a true ok/no (after "no" the
+    next step redoes it); the answer must box the true answer; `other` is never correct."""
     start, operations = _parse_toy_problem(problem)
     answer = _toy_result(start, operations)
     running, index, previous, steps, end = start, 0, None, [], -1
@@ -3309,15 +3184,12 @@ TOY_WAIT_REPORT_SECONDS = 30.0  # a process waiting for another's toy build prin
 
 
 def build_toy_model(name: str = "toy") -> Path:
-    """The directory of a built-in toy model (a tiny Qwen3ForCausalLM with a character-level
-    tokenizer, trained by a short deterministic SFT), built on first use: cached, file-locked."""
-    if name not in TOY_SPECS:
-        raise ValueError(f"Unknown toy model {name!r}; choose from {list(TOY_SPECS)}.")
+    """The folder of a toy model (a tiny Qwen3 with a character-level tokenizer, made by a short
+    deterministic SFT), built on first use by one process per machine, cached."""
     target = _toy_target(name)
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        # one builder per machine; others wait and reuse its model. The lock file names the
-        # builder and its latest progress line, which a waiter prints ("a+": keep them on open)
+        # the lock file names the builder and its progress for waiters ("a+": kept on open)
         with open(target.parent / f".{name}.lock", "a+") as lock:
             _wait_for_toy_builder(lock, name)
             if not (target / "config.json").exists():
@@ -3345,19 +3217,15 @@ def _note_toy_build(lock, since: str, line: str) -> None:
 
 
 def _wait_for_toy_builder(lock, name: str) -> None:
-    """Take the build lock. While another process holds it, say who (one line) and then, every
-    TOY_WAIT_REPORT_SECONDS, the builder's latest progress line."""
+    """Take the build lock; while another process holds it, say who, then its progress."""
     started = last = None
     while True:
-        try:
+        with contextlib.suppress(BlockingIOError):
             return fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass
         lock.seek(0)
-        try:
+        holder = {}
+        with contextlib.suppress(ValueError):  # empty, or being rewritten
             holder = json.loads(lock.read())
-        except ValueError:
-            holder = {}
         if started is None:
             who = (f"pid {holder['pid']} on {holder['host']}, since {holder['started']}: "
                    f"{holder['command']}" if holder else
@@ -3375,27 +3243,32 @@ def _build_toy_tokenizer():
     from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(TOY_SPECIALS)}
-    for char in [chr(i) for i in range(32, 127)] + ["\n"]:
-        vocab[char] = len(vocab)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate(specials + [*map(chr, range(32, 127)), "\n"])}
     # BPE without merges = one token per character (offsets are character offsets); the fixed
-    # phrases of the format are single tokens, which keeps sequences short on a CPU.
+    # phrases of the format are single tokens (short sequences on a CPU). <think> and </think> are
+    # ordinary added tokens, as in Qwen3: decoding with skip_special_tokens keeps them.
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
-    backend.add_special_tokens(TOY_SPECIALS)
-    backend.add_tokens([AddedToken(phrase, normalized=False, special=False)
-                        for phrase in [*TOY_PHRASES, BOXED_INSTRUCTION]])
+    backend.add_special_tokens(specials)
+    phrases = ["<think>", "</think>", "user", "assistant", "Start at ", ", apply ", "\\boxed{",
+               "check ", " ok", " no", "\n\n", TOY_CONTEXT_HEADER, TOY_WORK_HINT,
+               *TOY_FEEDBACK_LINES[:2], BOXED_INSTRUCTION]
+    backend.add_tokens([AddedToken(phrase, normalized=False, special=False) for phrase in phrases])
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>")
-    tokenizer.chat_template = TOY_CHAT_TEMPLATE
+    tokenizer.chat_template = (
+        "{%- for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
     return tokenizer
 
 
 def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind: str):
-    """(token ids, labels: -100 on the prompt and untrained pieces) of one SFT example of `kind`:
-    `plain`; `work` (the prompt asks for the steps: careful, so the skill is taught without moving
-    the plain prompt's prior); `context` (a reference solution or only its boxed answer, and a
-    feedback line)."""
+    """(ids, labels: -100 on the prompt and untrained pieces) of an SFT example of `kind`: plain,
+    `work` (asks for the steps: careful, teaching the skill without moving the plain prompt's
+    prior) or `context` (a reference solution or its boxed answer, and a feedback line)."""
     context, careful, check, fix = None, spec["careful"], spec["check"], spec["fix"]
     if kind == "work":
         context, careful = TOY_WORK_HINT, 1.0
@@ -3404,7 +3277,17 @@ def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind:
         feedback = rng.choice(TOY_FEEDBACK_LINES)
         context = TOY_CONTEXT_HEADER + shown + (f"\n\n{feedback}" if feedback else "")
         careful, check, fix = spec["context_careful"], 0.0, 0.0
-    pieces = _sample_toy_target(rng, row["problem"], careful, check, fix)
+    start, operations = _parse_toy_problem(row["problem"])
+    if rng.random() >= careful:
+        pieces = toy_response(start, operations, careful=False)
+    else:
+        check_at = rng.randrange(len(operations)) if rng.random() < check else None
+        fix_at, wrong_by = None, rng.choice([-1, 1])
+        if rng.random() < fix:
+            fix_at = rng.randrange(len(operations))
+            if _toy_result(start, operations[: fix_at + 1]) == 0:  # a wrong result stays >= 0
+                wrong_by = 1
+        pieces = toy_response(start, operations, True, check_at, fix_at, wrong_by)
     ids = build_prompt(tokenizer, row["problem"], context)
     labels = [-100] * len(ids)
     for text, trained in pieces + [(tokenizer.eos_token, True)]:
@@ -3416,8 +3299,7 @@ def _toy_sft_example(tokenizer, rng: random.Random, row: dict, spec: dict, kind:
 def _train_toy_model(name: str, target: Path, note: Callable[[str], None]) -> None:
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    spec, started = TOY_SPECS[name], time.time()
-    steps = spec["steps"]
+    spec, started, steps = TOY_SPECS[name], time.time(), TOY_SPECS[name]["steps"]
     print(f"[toy] building {name!r} once ({spec['layers']} layers, hidden {spec['hidden']}, "
           f"{steps} SFT steps; a few minutes on a laptop CPU) -> {target}", flush=True)
     tokenizer = _build_toy_tokenizer()

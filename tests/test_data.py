@@ -23,7 +23,7 @@ def test_toy_rows_are_deterministic_and_complete():
         assert common.extract_boxed_answer(row["solution"]) == row["answer"] and common.writes_work(row["solution"])
         assert all(s["correct"] for s in common.parse_toy_steps(row["problem"], row["solution"]))
     train, test = common.load_problems("toy", "train"), common.load_problems("toy", "test")
-    assert len(train) == common.TOY_SPLIT_SIZES["train"] and len(test) == common.TOY_SPLIT_SIZES["test"]
+    assert (len(train), len(test)) == (common.TOY_SPLITS["train"][0], common.TOY_SPLITS["test"][0])
     assert not {r["problem"] for r in test} <= {r["problem"] for r in train}
     with pytest.raises(ValueError, match="splits"):
         common.load_problems("toy", "validation")
