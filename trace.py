@@ -22,16 +22,13 @@ label as a private prefix (never the spans), fkl_key for Qwen3-8B / rkl_error fo
 higher, self and API annotators, eval T 0.6, top-p 0.95, top-k 20. [2nd] (a secondary write-up):
 the loss, lambda_0 0.5, the schedule 10 -> 40, a frozen teacher copy refreshed every 10 steps, the
 span norm, lines as segments, a "pointwise KL clip 0.05" of unknown form (rescale keeps the gradient
-that lifts under-allocated teacher tokens, a clamp zeroes it; README, TRACE). [ours]: the rest (long
-lines cut, the span crossing the cap cut, the JSON answer, labels, prompts, contexts, --annotate
-routed, the random and oracle annotators, steps, batch, lengths). Simplification, safe: the api
-annotator asks one request at a time (the step waits for every answer either way). The toy's lines
-are checkable, so `oracle` knows the exact spans; the tiny model cannot annotate (`self`).
+that lifts under-allocated teacher tokens, a clamp zeroes it; README, TRACE). [ours]: the rest.
+Simplification, safe: the api annotator asks one request at a time (the step waits for every answer
+either way). The toy's lines are checkable, so `oracle` knows the exact spans; the tiny model cannot
+annotate (`self`). The name shadows the standard library's `trace`, which nothing here imports.
     python trace.py --annotator oracle --teacher_context label+solution  # toy, CPU (README, TRACE)
     python trace.py --annotator oracle --route rkl_error   # reverse KL on error spans
     python trace.py --annotator random                     # length-matched random spans
-    python trace.py --annotator self --annotator_patience 0  # the policy annotates itself
-    torchrun --nproc_per_node 2 trace.py --annotator oracle --num_steps 3  # two CPU ranks
 Paper [paper; steps, batch, lengths ours] (Qwen3-8B, one 8-GPU node; add --tis_cap 2 with vLLM):
     torchrun --nproc_per_node 8 trace.py --model Qwen3-8B --route fkl_key --annotator api \\
         --annotator_url https://host/v1 --annotator_model <name> --annotator_key_env MY_KEY \\
@@ -40,7 +37,6 @@ Paper [paper; steps, batch, lengths ours] (Qwen3-8B, one 8-GPU node; add --tis_c
         --eval_temperature 0.6 --eval_top_p 0.95 --eval_top_k 20 --eval_every 20 --save_every 20
     python trace.py --eval_only --model runs/<run>/checkpoints/step_000400 \\
         --eval_dataset math500,aime24,aime25,amc23,gpqa --eval_temperature 0.6 --eval_top_k 20
-Named like the standard library's `trace`, which nothing here imports; importing it is inert.
 """
 
 import gc
@@ -50,8 +46,8 @@ import os
 import random
 import re
 import time
-import urllib.error
 import urllib.request
+from collections import namedtuple
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -61,15 +57,13 @@ import common
 from common import option
 
 # tokens.html: routing classes are categories [ours]; the keys are the values of the routing [N, R]
-ROUTE_COLOURS = {
-    1.0: ("fkl: forward KL (key span of a correct rollout)", "#66c2a5"),
-    -1.0: ("rkl: reverse KL (error span of an incorrect rollout)", "#fc8d62"),
-    0.0: ("GRPO only (not routed)", "transparent")}
+ROUTE_COLOURS = {1.0: ("fkl: forward KL (key span of a correct rollout)", "#66c2a5"),
+                 -1.0: ("rkl: reverse KL (error span of an incorrect rollout)", "#fc8d62"),
+                 0.0: ("GRPO only (not routed)", "transparent")}
 # which rollouts each --route distils (correct? -> its ROUTE_COLOURS value)
 ROUTES = {"fkl_key": {True: 1.0}, "rkl_error": {False: -1.0}, "both": {True: 1.0, False: -1.0}}
-# Coarse type labels [ours: the paper names "a coarse type label"]; other text is kept, cut.
+# Coarse type labels [ours: the paper names "a coarse type label"]; other text is kept, cut to 40.
 LABELS = ("key step", "answer", "arithmetic", "logic", "setup", "check", "other")
-LABEL_CHARS = 40
 ANNOTATOR_PROMPT = (  # [ours]; segments are numbered from 1
     "You review a student's solution to a math problem. Its final answer is {verdict}.\n\n"
     "Problem: {problem}\n\nSolution, one numbered segment per line:\n{segments}\n\n{task}\n"
@@ -77,19 +71,17 @@ ANNOTATOR_PROMPT = (  # [ours]; segments are numbered from 1
     'where "spans" lists segment numbers and "label" is one of: {labels}.')
 ANNOTATOR_TASK = {True: "Name the key segments: the one or few steps the correct answer rests on.",
                   False: "Name the segments where the first error is made."}
-# The teacher's private context: the type label [paper], or the reference solution and the label
-# [ours]; the correctness line is the toy's (common.TOY_FEEDBACK_LINES). Never the spans.
+# The teacher's private context: the label [paper], or the solution too [ours]; never the spans.
+# The correctness line is the toy's (common.TOY_FEEDBACK_LINES).
 FEEDBACK = {True: "Your previous attempt was correct.",
             False: "Your previous attempt was incorrect."}
-TEACHER_CONTEXT = {"label": "{feedback}\nType: {label}.",
-                   "label+solution": common.TOY_CONTEXT_HEADER
-                   + "{solution}\n\n{feedback}\nType: {label}."}
-# The paper's k per benchmark is not in the sources we read: each keeps common.DATASETS' k
-EVAL_PROTOCOL: dict = {}
+TEACHER_CONTEXT = {"label": "{feedback}\nType: {label}.", "label+solution":
+                   common.TOY_CONTEXT_HEADER + "{solution}\n\n{feedback}\nType: {label}."}
+EVAL_PROTOCOL: dict = {}  # the paper's k per benchmark is not in our sources: common.DATASETS' k
 STEP_LINE = ("reward", "lambda_k", "kl_routed", "coverage", "step_seconds")  # all: metrics.jsonl
+COUNTS = ("annotated", "annotation_ok", "covered")  # annotation counts per rank, summed
 API_BACKOFF = 1.0  # seconds before the api annotator's first retry, doubled for each further one
-# how and where the same annotator is asked, and how many failed steps stop the run: a --resume
-# may change these, e.g. to continue a run stopped by a failing endpoint
+# how and where the annotator is asked, and when failures stop the run: a --resume may change these
 SAFE_ON_RESUME = {"annotator_url", "annotator_key_env", "annotator_timeout", "annotator_retries",
                   "annotator_concurrency", "annotator_patience"}
 
@@ -104,11 +96,9 @@ class Args(common.RunOptions):
         "self", "self: the policy, greedy [paper]; api: an OpenAI-compatible endpoint [paper]; "
                 "oracle: toy only [ours]; random: length-matched random spans [ours]")
     annotate: Literal["routed", "all"] = option(
-        "routed", "rollouts annotated: routed = the class the route trains [ours: saves cost]; "
-                  "all [paper] (the other class enters the metrics only)")
+        "routed", "rollouts annotated: the class the route trains [ours], or all [paper]")
     teacher_context: Literal["label", "label+solution"] = option(
-        "label", "teacher's private context: the type label [paper], or the reference solution "
-                 "and the label [ours]")
+        "label", "the teacher's private context: the label [paper], + the solution [ours]")
     lambda_0: float = option(0.5, "KL weight during the hold [2nd]; 0 = GRPO (no annotation)")
     kl_hold: int = option(10, "steps 0..kl_hold-1 use lambda_0 [2nd]")
     kl_end: int = option(40, "lambda reaches 0 at this step; from here on pure GRPO [2nd]")
@@ -118,8 +108,7 @@ class Args(common.RunOptions):
         "rescale", "rescale: D * min(1, c/sg[D]), gradient kept [ours]; clamp: min(D, c)")
     kl_norm: Literal["token", "span"] = option(
         "token", "token: global token-mean like GRPO; span: sum_S D / |y| per response [2nd]")
-    teacher_sync_every: int = option(10, "refresh the frozen teacher copy every N steps [2nd]; "
-                                         "1 = the live weights, no copy")
+    teacher_sync_every: int = option(10, "refresh the teacher copy every N steps [2nd]; 1 = live")
     max_segment_chars: int = option(200, "a longer response line is split into segments [ours]")
     random_coverage: float = option(0.1, "--annotator random off the toy: share of |y| [ours]")
     annotator_max_tokens: int = option(64, "tokens of the annotator's JSON answer")
@@ -128,12 +117,9 @@ class Args(common.RunOptions):
     annotator_model: str = option("", "api: the model name sent to the endpoint")
     annotator_key_env: str = option("", "api: environment variable holding the key (never logged)")
     annotator_timeout: float = option(10.0, "api: seconds per request attempt")
-    annotator_retries: int = option(1, "api: retries after HTTP 429/5xx, a network error or a "
-                                       "timeout, after 1 s, 2 s, ...")
-    annotator_patience: int = option(3, "stop the run when no annotation succeeds in this many "
-                                        "consecutive steps; 0 = train on (those steps are GRPO)")
-    annotator_concurrency: int = option(8, "api: ignored (requests go one at a time); kept so "
-                                           "that older commands run")
+    annotator_retries: int = option(1, "api: retries after HTTP 429/5xx or a network error")
+    annotator_patience: int = option(3, "stop after this many steps with no annotation; 0 = never")
+    annotator_concurrency: int = option(8, "api: ignored (one request at a time), for old commands")
     # the GRPO core [paper setting via verl]
     num_generations: int = option(8, "rollouts per problem G [ours: 8]")
     clip_low: float = option(0.2, "PPO ratio clip eps_low [paper]")
@@ -154,14 +140,11 @@ RULES = {  # valid ranges of TRACE's own options; the shared ones: common.ARG_RU
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# The method's math: small pure functions
-# ---------------------------------------------------------------------------------------------
+# ---- the method's math: small pure functions ------------------------------------------------
 
 
 def group_advantages(rewards: torch.Tensor, scale_rewards: bool = True) -> torch.Tensor:
-    """A_i for rewards [problems, G]: group-centred, divided by the group's (sample) std + 1e-6.
-    A group whose rewards are all equal gets 0 (no NaN)."""
+    """A_i for rewards [problems, G]: group-centred, over the group's (sample) std + 1e-6."""
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     return centred / (rewards.std(dim=1, keepdim=True) + 1e-6) if scale_rewards else centred
 
@@ -170,16 +153,13 @@ def kl_weight(step: int, lambda_0: float = 0.5, kl_hold: int = 10, kl_end: int =
     """lambda_k: lambda_0 for step < kl_hold, then linear to 0 at kl_end (0-based steps)."""
     if step < kl_hold:
         return lambda_0
-    if step >= kl_end:
-        return 0.0
-    return lambda_0 * (kl_end - step) / (kl_end - kl_hold)
+    return lambda_0 * (kl_end - step) / (kl_end - kl_hold) if step < kl_end else 0.0
 
 
 def policy_loss(logprobs, old_logprobs, advantages, weights, num_tokens, clip_low=0.2,
                 clip_high=0.28, tis=None):
     """Clipped surrogate times a per-token weight (1 on N, 1 - lambda_k/lambda_0 on S, 0 on
-    padding), summed, divided by the global valid-token count (summed over micro-batches and ranks:
-    the token-mean). `tis`: truncated importance weights (`common.tis_weights`) per token."""
+    padding) over the global valid-token count; `tis`: truncated importance weights per token."""
     ratio = torch.exp(logprobs - old_logprobs)
     surrogate = torch.minimum(ratio * advantages,
                               ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
@@ -190,8 +170,8 @@ def policy_loss(logprobs, old_logprobs, advantages, weights, num_tokens, clip_lo
 
 
 def bound_kl(d: torch.Tensor, kl_clip: float = 0.05, mode: str = "rescale") -> torch.Tensor:
-    """The --kl_clip bound per token: rescale D * min(1, c / sg[D]) (value min(D, c), D's gradient
-    direction kept, scaled by c/D above c); clamp min(D, c) (no gradient above c); c = 0: D."""
+    """The --kl_clip bound per token: rescale D * min(1, c / sg[D]) (value min(D, c), gradient
+    direction kept); clamp min(D, c) (no gradient above c); c = 0: D."""
     if kl_clip <= 0:
         return d
     if mode == "clamp":
@@ -201,26 +181,44 @@ def bound_kl(d: torch.Tensor, kl_clip: float = 0.05, mode: str = "rescale") -> t
 
 def routed_kl(student_head, student_hidden, teacher_head, teacher_hidden, mask, direction,
               chunk_size=512):
-    """Full-vocabulary KL per token ([B, R], 0 outside `mask`), chunked over positions: forward =
-    KL(pi_T || pi_S), reverse = KL(pi_S || pi_T). The teacher's logits never carry a gradient (its
-    head may be the live policy's)."""
-
-    def frozen_teacher(h):
-        with torch.no_grad():
-            return teacher_head(h)
-
-    return common.token_kl(student_head, student_hidden, frozen_teacher, teacher_hidden.detach(),
-                           mask, direction, chunk_size)
+    """Full-vocabulary KL per token ([B, R], 0 outside `mask`): forward KL(pi_T || pi_S), reverse
+    KL(pi_S || pi_T). The teacher's logits carry no gradient (its head may be the policy's)."""
+    return common.token_kl(student_head, student_hidden, torch.no_grad()(teacher_head),
+                           teacher_hidden.detach(), mask, direction, chunk_size)
 
 
-# ---------------------------------------------------------------------------------------------
-# Annotation: response lines -> numbered segments -> the annotator's choice -> routed tokens
-# ---------------------------------------------------------------------------------------------
+def span_kl(args, weight: float, student, teacher, targets, span, lengths, num_tokens,
+            num_sequences):
+    """weight x the bounded KL on a micro-batch's routed rows (`student`: head, hidden, log-probs;
+    `span`: their routing), --kl_norm token or span. Returns the term and, per token without
+    gradient, D_t, D'_t and the teacher-student log-prob gap of the sampled token."""
+    (head, *student), (teacher_head, teacher_hidden) = student, teacher
+    cut = teacher_hidden.shape[1]  # the routed rows' longest response
+    hidden, logprobs, targets, span = (x[:, :cut] for x in (*student, targets, span))
+    d_raw = torch.zeros(span.shape, device=span.device)
+    for sign, direction in ((1.0, "forward"), (-1.0, "reverse")):
+        if (span == sign).any():
+            d_raw = d_raw + routed_kl(head, hidden, teacher_head, teacher_hidden, span == sign,
+                                      direction, args.logprob_chunk_size)
+    d = bound_kl(d_raw, args.kl_clip, args.kl_clip_mode)
+    if args.kl_norm == "token":
+        term = weight * d[span != 0].sum() / num_tokens
+    else:
+        lengths = torch.tensor(lengths, device=span.device)
+        term = weight * (torch.where(span != 0, d, 0.0).sum(1) / lengths).sum() / num_sequences
+    with torch.no_grad():
+        teacher_logprobs, _ = common.token_logprob_entropy(
+            teacher_head, teacher_hidden, targets, span != 0, args.logprob_chunk_size,
+            args.temperature)
+    return term, d_raw.detach(), d.detach(), teacher_logprobs - logprobs
+
+
+# ---- annotation: response lines -> numbered segments -> the annotator's choice -> tokens -----
 
 
 def response_text(tokenizer, response: list[int]) -> tuple[str, list[tuple[int, int]]]:
-    """(text, character span per token) of a response, special tokens blanked to spaces of the same
-    length (offsets unchanged), so no segment holds an end-of-turn marker."""
+    """(text, character span per token), special tokens blanked (offsets kept): no segment holds
+    an end-of-turn marker."""
     text, spans = common.response_token_spans(tokenizer, response)
     special, chars = set(tokenizer.all_special_ids), list(text)
     for token, (start, end) in zip(response, spans):
@@ -230,9 +228,8 @@ def response_text(tokenizer, response: list[int]) -> tuple[str, list[tuple[int, 
 
 
 def split_segments(text: str, max_chars: int = 200) -> list[tuple[int, int]]:
-    """Character spans of the numbered segments: the non-blank lines, whitespace trimmed; a line
-    longer than `max_chars` is cut into pieces of at most `max_chars`, after a piece's last space
-    when it has one."""
+    """Character spans of the numbered segments: the non-blank lines, trimmed; a longer line than
+    `max_chars` is cut into pieces of at most `max_chars`, after a piece's last space if any."""
     segments = []
     for line in re.finditer(r"\S(?:[^\n]*\S)?", text):  # a line from its first to last non-space
         start, end = line.span()
@@ -247,8 +244,7 @@ def split_segments(text: str, max_chars: int = 200) -> list[tuple[int, int]]:
 
 def segment_tokens(token_spans: list[tuple[int, int]],
                    segments: list[tuple[int, int]]) -> list[list[int]]:
-    """Per segment, the positions of the tokens whose character span overlaps it (a segment that
-    starts or ends inside a token takes that token; an empty-span token counts where it stands)."""
+    """Per segment, the tokens whose character span overlaps it (an empty one: where it stands)."""
     return [[i for i, (a, b) in enumerate(token_spans)
              if max(a, start) < min(b, end) or (a == b and start <= a < end)]
             for start, end in segments]
@@ -256,9 +252,8 @@ def segment_tokens(token_spans: list[tuple[int, int]],
 
 def capped_mask(chosen: list[int], seg_tokens: list[list[int]], length: int,
                 alpha: float = 0.25) -> torch.Tensor:
-    """Bool [length] of the routed tokens: the chosen segments in the annotator's order, each adding
-    its tokens not yet routed, up to floor(alpha * length) in all; the segment that crosses the cap
-    keeps its first tokens up to it [ours], later ones are dropped."""
+    """Bool [length] of the routed tokens: the chosen segments' tokens in the annotator's order, up
+    to floor(alpha * length) in all; the segment crossing the cap keeps its first tokens [ours]."""
     mask = torch.zeros(length, dtype=torch.bool)
     budget = math.floor(alpha * length + 1e-9)
     for segment in chosen:
@@ -275,20 +270,14 @@ def random_mask(length: int, size: int, rng: random.Random,
     """Bool [length]: `size` contiguous positions among `valid` (default all), uniform start."""
     valid = list(range(length)) if valid is None else valid
     mask = torch.zeros(length, dtype=torch.bool)
-    size = min(size, len(valid))
-    if size > 0:
-        start = rng.randrange(len(valid) - size + 1)
+    if size > 0 and valid:
+        start = rng.randrange(max(len(valid) - size, 0) + 1)
         mask[valid[start:start + size]] = True
     return mask
 
 
-@dataclass
-class Request:
-    """What an annotator reads; it answers (segment indices from 0, label), or None (no spans)."""
-    problem: str
-    text: str  # response text, special tokens blanked
-    segments: list  # character spans
-    correct: bool
+# what an annotator reads (text: special tokens blanked); it answers (segments from 0, label)
+Request = namedtuple("Request", "problem text segments correct")
 
 
 def annotator_prompt(request: Request) -> str:
@@ -300,9 +289,8 @@ def annotator_prompt(request: Request) -> str:
 
 
 def parse_annotation(answer: str, num_segments: int) -> Optional[tuple[list[int], str]]:
-    """The first JSON object in `answer` with "spans": integers in 1..num_segments (duplicates
-    dropped, order kept; [] allowed) -> (0-based indices, label). The label is one of LABELS
-    (any case), else free text cut to LABEL_CHARS, else "other". Anything else -> None."""
+    """The first JSON object in `answer` if its "spans" are ints in 1..num_segments -> (0-based,
+    unique; label: one of LABELS in any case, else free text cut to 40, else "other"), else None."""
     decoder, position = json.JSONDecoder(), answer.find("{")
     while position != -1:
         try:
@@ -315,7 +303,7 @@ def parse_annotation(answer: str, num_segments: int) -> Optional[tuple[list[int]
                 not all(type(s) is int and 1 <= s <= num_segments for s in spans):
             return None
         label = value.get("label")
-        label = " ".join(label.split())[:LABEL_CHARS] if isinstance(label, str) else ""
+        label = " ".join(label.split())[:40] if isinstance(label, str) else ""
         label = next((known for known in LABELS if known == label.lower()), label) or "other"
         return list(dict.fromkeys(s - 1 for s in spans)), label
     return None
@@ -323,132 +311,116 @@ def parse_annotation(answer: str, num_segments: int) -> Optional[tuple[list[int]
 
 def oracle_annotation(request: Request) -> tuple[list[int], str]:
     """The toy's exact spans (`common.parse_toy_steps`): a correct response's key step is its last
-    step line (a shortcut's: its answer line); an incorrect one's, its first wrong line. The label
-    comes from the line."""
+    step line (a shortcut's: its answer line); an incorrect one's, its first wrong line, labelled
+    by its kind (a step: "logic" if its arithmetic is right, else "arithmetic")."""
     lines = common.parse_toy_steps(request.problem, request.text)
     if request.correct:
-        steps = [line for line in lines if line["kind"] == "step"] or \
-            [line for line in lines if line["kind"] == "answer"]
-        chosen = steps[-1:]
-        label = "key step" if steps and steps[-1]["kind"] == "step" else "answer"
+        chosen = ([line for line in lines if line["kind"] == "step"]
+                  or [line for line in lines if line["kind"] == "answer"])[-1:]
+        label = "key step" if chosen and chosen[0]["kind"] == "step" else "answer"
     else:
         chosen = [line for line in lines if not line["correct"]][:1]
-        kind = chosen[0]["kind"] if chosen else "other"
-        label = kind if kind in ("check", "answer", "other") else "arithmetic"
-        step = re.fullmatch(r"(\d+)([+\-*])(\d+)=(-?\d+)",
-                            chosen[0]["text"].strip() if chosen else "")
-        if step:
-            left, right = int(step[1]), int(step[3])
-            if int(step[4]) == {"+": left + right, "-": left - right, "*": left * right}[step[2]]:
-                label = "logic"  # the arithmetic is right: a wrong operand or operation
+        label = chosen[0]["kind"] if chosen else "other"
+        if label == "step":
+            a, op, b, result = re.fullmatch(r"(\d+)([+\-*])(\d+)=(-?\d+)",
+                                            chosen[0]["text"].strip()).groups()
+            right = int(result) == {"+": int(a) + int(b), "-": int(a) - int(b),
+                                    "*": int(a) * int(b)}[op]
+            label = "logic" if right else "arithmetic"
     segments = [k for k, (a, b) in enumerate(request.segments) for line in chosen
                 if max(a, line["start"]) < min(b, line["end"])]
     return list(dict.fromkeys(segments)), label
 
 
 def self_annotate(run, requests: list[Request]) -> list[str]:
-    """--annotator self: the policy answers, greedy, through the rollout engine (a one-message chat:
-    no math instruction). Every rank asks the engine for as many answers (FSDP: equal forwards),
-    padding with copies whose answers are dropped."""
+    """--annotator self: the policy answers greedily (a one-message chat); every rank generates as
+    many (FSDP: equal forwards), padding with copies."""
     args, tokenizer = run.args, run.tokenizer
-
-    def chat(content: str) -> list[int]:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True,
-                                             enable_thinking=args.annotator_thinking)
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    prompts = [chat(annotator_prompt(r)) for r in requests]
-    count = int(common.all_gather_cat(torch.tensor([len(prompts)])).max())
+    prompts = [tokenizer(tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True,
+        enable_thinking=args.annotator_thinking), add_special_tokens=False).input_ids
+        for content in [annotator_prompt(r) for r in requests] or ["{}"]]
+    count = int(common.all_gather_cat(torch.tensor([len(requests)])).max())
     if count == 0:
         return []
-    filler = prompts[:1] or [chat("{}")]
-    answers = run.engine.generate(prompts + filler * (count - len(prompts)),
+    answers = run.engine.generate(prompts + prompts[:1] * (count - len(prompts)),
                                   common.SamplingParams(0.0, 1.0, 0, args.annotator_max_tokens),
                                   desc="annotate")
-    return tokenizer.batch_decode(answers[:len(prompts)], skip_special_tokens=True)
+    return tokenizer.batch_decode(answers[:len(requests)], skip_special_tokens=True)
 
 
 def api_url(args) -> str:
-    url = args.annotator_url.rstrip("/")
-    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+    return args.annotator_url.rstrip("/").removesuffix("/chat/completions") + "/chat/completions"
 
 
 def ask_api(args, requests: list[Request]) -> tuple[list, str]:
-    """--annotator api: one POST per request, in turn, to an OpenAI-compatible /chat/completions;
-    --annotator_timeout per attempt, --annotator_retries more after HTTP 429/5xx, a network error or
-    a timeout. Returns (the answer text or None per request, the last error). Once a request timed
-    out on its last attempt the step sends no more (a hanging endpoint costs one request's attempts
-    per step). The key is read from the environment and sent only in the header."""
+    """--annotator api: one POST per request, retried after HTTP 429/5xx or a network error; once
+    one timed out on every attempt, the step stops. Returns (answer or None each, last error)."""
     key = os.environ.get(args.annotator_key_env, "") if args.annotator_key_env else ""
     headers = {"Content-Type": "application/json",
                **({"Authorization": f"Bearer {key}"} if key else {})}
-    answers, error, hanging = [], "", False
-    for request in requests:
+    answers, error = [None] * len(requests), ""
+    for k, request in enumerate(requests):
         body = json.dumps({"model": args.annotator_model, "temperature": 0.0,
                            "max_tokens": args.annotator_max_tokens,
                            "messages": [{"role": "user", "content": annotator_prompt(request)}]})
-        answers.append(None)
-        for attempt in range(0 if hanging else args.annotator_retries + 1):
-            if attempt:
-                time.sleep(API_BACKOFF * 2 ** (attempt - 1))
+        for attempt in range(args.annotator_retries + 1):
+            time.sleep(API_BACKOFF * 2 ** (attempt - 1) if attempt else 0)
             try:
                 post = urllib.request.Request(api_url(args), body.encode(), headers)
                 with urllib.request.urlopen(post, timeout=args.annotator_timeout) as reply:
-                    answers[-1] = json.loads(reply.read())["choices"][0]["message"]["content"] or ""
+                    answers[k] = json.loads(reply.read())["choices"][0]["message"]["content"] or ""
                 break
-            except urllib.error.HTTPError as failure:
+            except urllib.request.HTTPError as failure:
                 error = f"HTTP {failure.code} {failure.reason}"
                 if failure.code != 429 and failure.code < 500:
                     break  # the request itself is wrong: retrying cannot help
             except OSError as failure:  # refused, unreachable, timed out
                 reason = getattr(failure, "reason", failure)
-                hanging = isinstance(reason, TimeoutError) and attempt == args.annotator_retries
                 error = (f"no answer within --annotator_timeout {args.annotator_timeout:g} s"
                          if isinstance(reason, TimeoutError)
                          else f"{type(reason).__name__}: {reason}")
-            except (ValueError, LookupError, TypeError) as failure:
+            except (ValueError, LookupError, TypeError) as failure:  # not a chat completion
                 error = (f"the reply is not an OpenAI chat completion ({type(failure).__name__}: "
                          f"{str(failure)[:80]})")
+                break
+        else:  # every attempt failed; if the last timed out, the endpoint hangs: stop asking
+            if error.startswith("no answer within"):
                 break
     return answers, error
 
 
-def annotate(run, batch, step: int) -> tuple[torch.Tensor, list[str], dict, str]:
-    """Spans and a type label for each rollout --annotate names. Returns the routing [N, R] (+1
-    forward KL, -1 reverse KL, 0 GRPO only) under the coverage cap, the labels, this rank's counts
-    (annotated, annotation_ok, covered) and the annotator's last error ("" if none)."""
-    args, group, responses = run.args, run.args.num_generations, batch.responses
-    signs = ROUTES[args.route]
+def annotate(run, batch, step: int, failures: dict) -> tuple[torch.Tensor, list, dict, dict]:
+    """Annotate the rollouts --annotate names -> the routing [N, R] (+1 forward KL, -1 reverse KL,
+    0 GRPO) under the cap, labels, the teacher's prompt per routed rollout, this rank's counts. A
+    failed annotation leaves its rollout to GRPO; `failures` (consecutive failed steps, last error)
+    stops the run when no rank's succeeds in --annotator_patience steps."""
+    args, responses, signs = run.args, batch.responses, ROUTES[run.args.route]
+    problems = [batch.problems[i // args.num_generations] for i in range(len(responses))]
     wanted = [i for i in range(len(responses))
               if args.annotate == "all" or (batch.rewards[i] > 0) in signs]
-    requests, token_spans, error = [], [], ""
-    for i in wanted:
-        text, spans = response_text(run.tokenizer, responses[i])
-        requests.append(Request(batch.problems[i // group]["problem"], text,
-                                split_segments(text, args.max_segment_chars), batch.rewards[i] > 0))
-        token_spans.append(spans)
+    texts = [response_text(run.tokenizer, responses[i]) for i in wanted]
+    requests = [Request(problems[i]["problem"], text, split_segments(text, args.max_segment_chars),
+                        batch.rewards[i] > 0) for i, (text, _) in zip(wanted, texts)]
+    error = ""
     if args.annotator in ("oracle", "random") and args.dataset == "toy":
         answers = [oracle_annotation(r) for r in requests]
     elif args.annotator in ("self", "api"):
-        texts, error = ask_api(args, requests) if args.annotator == "api" else \
+        replies, error = ask_api(args, requests) if args.annotator == "api" else \
             (self_annotate(run, requests), "")
         answers = [None if text is None else parse_annotation(text, len(r.segments))
-                   for text, r in zip(texts, requests)]
-        unparsable = [text for text, a in zip(texts, answers) if text is not None and a is None]
+                   for text, r in zip(replies, requests)]
+        unparsable = [text for text, a in zip(replies, answers) if text is not None and a is None]
         error = f"an answer is not the JSON object asked for: {unparsable[-1][:80]!r}" \
             if unparsable else error
     else:  # random off the toy: no oracle to match, --random_coverage of |y|
         answers = [([], "key step" if r.correct else "error") for r in requests]
     span_rng = random.Random(f"{args.seed}/{step}/{run.dist.rank}")  # a function of the step
-    route, labels = torch.zeros(len(responses), max([1] + [len(r) for r in responses])), \
-        [""] * len(responses)
-    counts = dict.fromkeys(["annotated", "annotation_ok", "covered"], 0.0)
-    for i, request, spans, answer in zip(wanted, requests, token_spans, answers):
-        counts["annotated"] += 1
+    route = torch.zeros(len(responses), max([1] + [len(r) for r in responses]))
+    labels, teacher_prompts, covered = [""] * len(responses), {}, 0.0
+    for i, request, (_, spans), answer in zip(wanted, requests, texts, answers):
         if answer is None:
             continue
-        counts["annotation_ok"] += 1
         chosen, labels[i] = answer
         length = len(responses[i])
         mask = capped_mask(chosen, segment_tokens(spans, request.segments), length, args.alpha)
@@ -457,67 +429,33 @@ def annotate(run, batch, step: int) -> tuple[torch.Tensor, list[str], dict, str]
                 math.floor(args.alpha * length + 1e-9), round(args.random_coverage * length))
             valid = [t for t, token in enumerate(responses[i]) if token not in run.stop_ids]
             mask = random_mask(length, size, span_rng, valid)
-        counts["covered"] += float(mask.sum()) / length
-        if request.correct in signs:  # --annotate all: the other class is counted, not trained
+        covered += float(mask.sum()) / length
+        if request.correct in signs and mask.any():  # --annotate all: the other class is counted
             route[i, :length] = torch.where(mask, signs[request.correct], 0.0)
-    return route, labels, counts, error
-
-
-def count_failures(args, counts: dict, failed_steps: int, error: str, step: int) -> int:
-    """Failed annotations leave their rollouts to GRPO: say so, and stop the run when none succeeds
-    in --annotator_patience steps (every rank alike: global counts). Returns the failed steps."""
-    asked, succeeded = common.all_reduce_sum(
-        torch.tensor([counts["annotated"], counts["annotation_ok"]])).tolist()
+            solution = problems[i].get("solution") or f"\\boxed{{{problems[i]['answer']}}}"
+            context = TEACHER_CONTEXT[args.teacher_context].format(
+                label=labels[i], solution=solution, feedback=FEEDBACK[request.correct])
+            teacher_prompts[i] = common.build_prompt(run.tokenizer, problems[i]["problem"],
+                                                     context, args.enable_thinking)
+    ok = float(sum(answer is not None for answer in answers))
+    counts = dict(zip(COUNTS, (float(len(answers)), ok, covered)))
+    asked, succeeded = common.all_reduce_sum(torch.tensor([len(answers), ok])).tolist()
+    failures["error"] = error or failures["error"]
     if asked:
-        failed_steps = failed_steps + 1 if succeeded == 0 else 0
+        failures["steps"] = failures["steps"] + 1 if succeeded == 0 else 0
     name = f"api at {api_url(args)}, model {args.annotator_model}" if args.annotator == "api" \
         else args.annotator
-    said = f"--annotator {name}; last error: {error or 'unknown'}"
+    said = f"--annotator {name}; last error: {failures['error'] or 'unknown'}"
     if succeeded < asked:
         common.print0(f"[trace] step {step + 1}: {asked - succeeded:g} of {asked:g} annotations "
                       f"failed ({said})")
-    if args.annotator_patience and failed_steps >= args.annotator_patience:
+    if args.annotator_patience and failures["steps"] >= args.annotator_patience:
         raise common.UserError(
-            f"no annotation succeeded in {failed_steps} consecutive steps ({said}); stopped before "
-            f"the update of step {step + 1}, as TRACE would train plain GRPO. Fix the annotator "
-            "(then --resume from the last checkpoint), or pass --annotator_patience 0 to train on "
-            "regardless.")
-    return failed_steps
-
-
-def teacher_prompt(run, problem: dict, label: str, correct: bool) -> list[int]:
-    """The problem and the teacher's private context: the type label and correctness [paper], with
-    --teacher_context label+solution the reference solution too [ours]; never the spans."""
-    solution = problem.get("solution") or f"\\boxed{{{problem['answer']}}}"
-    context = TEACHER_CONTEXT[run.args.teacher_context].format(label=label, solution=solution,
-                                                                feedback=FEEDBACK[correct])
-    return common.build_prompt(run.tokenizer, problem["problem"], context,
-                               run.args.enable_thinking)
-
-
-def span_kl(args, weight: float, student, teacher, targets, span, lengths, num_tokens,
-            num_sequences):
-    """weight x the bounded KL on the routed tokens of a micro-batch's routed rows: --kl_norm token
-    sum_S D'_t / N_tokens (the global token-mean, like GRPO), span sum_i sum_{S_i} D'_t / |y_i| /
-    N_sequences [2nd]. `student`: (head, hidden, log-probs of the tokens) of those rows, `teacher`:
-    (head, hidden), `span`: their routing. Returns the term and, per token without gradient, D_t,
-    D'_t and the teacher-student log-prob gap (is the teacher surer of the sampled token?)."""
-    (head, hidden, logprobs), (teacher_head, teacher_hidden) = student, teacher
-    d_raw = torch.zeros(span.shape, device=span.device)
-    for sign, direction in ((1.0, "forward"), (-1.0, "reverse")):
-        if (span == sign).any():
-            d_raw = d_raw + routed_kl(head, hidden, teacher_head, teacher_hidden, span == sign,
-                                      direction, args.logprob_chunk_size)
-    d = bound_kl(d_raw, args.kl_clip, args.kl_clip_mode)
-    if args.kl_norm == "token":
-        term = weight * d[span != 0].sum() / num_tokens
-    else:
-        term = weight * (torch.where(span != 0, d, 0.0).sum(1) / lengths).sum() / num_sequences
-    with torch.no_grad():
-        teacher_logprobs, _ = common.token_logprob_entropy(
-            teacher_head, teacher_hidden, targets, span != 0, args.logprob_chunk_size,
-            args.temperature)
-    return term, d_raw.detach(), d.detach(), teacher_logprobs - logprobs
+            f"no annotation succeeded in {failures['steps']} consecutive steps ({said}); stopped "
+            f"before the update of step {step + 1}, as TRACE would train plain GRPO. Fix the "
+            "annotator (then --resume from the last checkpoint), or pass --annotator_patience 0 "
+            "to train on regardless.")
+    return route, labels, teacher_prompts, counts
 
 
 def picture_row(tokenizer, problem: dict, response: list[int], reward: float, route: torch.Tensor,
@@ -530,7 +468,7 @@ def picture_row(tokenizer, problem: dict, response: list[int], reward: float, ro
 
 
 def picture(run, batch, step: int, route, kl, labels: list[str]) -> Optional[dict]:
-    """tokens.html: each token's routing class, the KL D_t before the bound on hover."""
+    """tokens.html: each token's routing class, its KL D_t before the bound on hover."""
     args, group = run.args, run.args.num_generations
     rows = [picture_row(run.tokenizer, batch.problems[i // group], response, batch.rewards[i],
                         route[i, :len(response)].cpu(), kl[i, :len(response)].cpu(),
@@ -542,19 +480,6 @@ def picture(run, batch, step: int, route, kl, labels: list[str]) -> Optional[dic
             "with routing.")
     return dict(rows=rows, value_name="route", scale=ROUTE_COLOURS, note=note,
                 title=f"{run.dir.name}: routing per token") if rows else None
-
-
-def announce(run) -> None:
-    args = run.args
-    common.print0(f"[trace] {run.dir.name}: {args.num_steps} steps x {args.num_problems} problems "
-                  f"x {args.num_generations} rollouts on {run.dist.world_size} rank(s), --route "
-                  f"{args.route}, --annotator {args.annotator}, --teacher_context "
-                  f"{args.teacher_context}, lambda_0 {args.lambda_0} held to step {args.kl_hold}, "
-                  f"0 at {args.kl_end}, device {run.dist.device}")
-    if args.dataset == "toy" and args.annotator == "self" and args.lambda_0 > 0:
-        common.print0("[trace] note: the tiny toy model cannot follow the annotation prompt, so "
-                      "the run stops after --annotator_patience steps (0: trains on as GRPO); to "
-                      "see TRACE's routing use --annotator oracle --teacher_context label+solution")
 
 
 def check_args(args) -> None:
@@ -572,9 +497,21 @@ def check_args(args) -> None:
                                "set in the environment.")
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
+def announce(run) -> None:
+    args = run.args
+    common.print0(f"[trace] {run.dir.name}: {args.num_steps} steps x {args.num_problems} problems "
+                  f"x {args.num_generations} rollouts on {run.dist.world_size} rank(s), --route "
+                  f"{args.route}, --annotator {args.annotator}, --teacher_context "
+                  f"{args.teacher_context}, lambda_0 {args.lambda_0} held to step {args.kl_hold}, "
+                  f"0 at {args.kl_end}, device {run.dist.device}")
+    if args.dataset == "toy" and args.annotator == "self" and args.lambda_0 > 0:
+        common.print0("[trace] note: the tiny toy model cannot follow the annotation prompt, so "
+                      "the run stops after --annotator_patience steps (0: trains on as GRPO); to "
+                      "see TRACE's routing use --annotator oracle --teacher_context label+solution")
+
+
+
+# ---- training ---------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -593,7 +530,7 @@ def main(argv=None):
         run.tokenizer.pad_token_id
     kl_steps = args.lambda_0 > 0 and run.start_step < args.kl_end
     refreshes = run.state.get("teacher_refreshes", 0)
-    failed_steps, last_error = run.state.get("annotation_failed_steps", 0), ""
+    failures = {"steps": run.state.get("annotation_failed_steps", 0), "error": ""}
     # a checkpoint without the copy (an older version's): re-copied from the resumed weights
     stale = run.teacher is not None and run.checkpoint is not None and not run.teacher_restored
     announce(run)
@@ -602,37 +539,28 @@ def main(argv=None):
         if lam == 0 and run.teacher is not None:  # the KL window is over: free the copy for good
             run.teacher = teacher = None
             gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # a no-op unless CUDA is in use
 
         # ---- 1. rollouts: G samples per problem, this rank's slice of the global batch
         batch = common.sample_rollouts(run, group)
         responses, n = batch.responses, len(batch.responses)
-        width, device = max([1] + [len(r) for r in responses]), run.dist.device
 
         # ---- 2. verifier rewards and GRPO group advantages A_i
         reward_groups = torch.tensor(batch.rewards).view(-1, group)
         sequence_advantages = group_advantages(reward_groups, args.scale_rewards).flatten()
 
         # ---- 3. while lambda_k > 0, the annotator's spans -> the routed tokens S of each rollout
-        # (+1 forward KL, -1 reverse KL; under the coverage cap) and a type label
-        route, labels = torch.zeros(n, width), [""] * n
-        counts = dict.fromkeys(["annotated", "annotation_ok", "covered"], 0.0)
-        if lam > 0:
-            route, labels, counts, error = annotate(run, batch, step)
-            last_error = error or last_error
-            failed_steps = count_failures(args, counts, failed_steps, last_error, step)
+        # (+1 forward KL, -1 reverse KL; under the coverage cap), a type label, the teacher's prompt
+        width = max([1] + [len(r) for r in responses])
+        route, labels, teacher_prompts, counts = annotate(run, batch, step, failures) \
+            if lam > 0 else (torch.zeros(n, width), [""] * n, {}, dict.fromkeys(COUNTS, 0.0))
 
-        # ---- 4. the teacher (the copy refreshed on schedule) reads each routed rollout after the
-        # problem and its private context
+        # ---- 4. the teacher (the copy refreshed on schedule) reads each routed rollout
         if lam > 0 and run.teacher is not None and (step % args.teacher_sync_every == 0 or stale):
             common.copy_weights(run.teacher, model)
             refreshes, stale = refreshes + 1, False
         teacher = run.teacher if run.teacher is not None else model
-        teacher_prompts = {i: teacher_prompt(run, batch.problems[i // group], labels[i],
-                                             batch.rewards[i] > 0)
-                           for i in range(n) if route[i].any()}
-        route = route.to(device)
+        route = route.to(run.dist.device)
         # the behaviour policy's log-probs are needed apart only when a batch gets several updates
         if args.num_minibatches > 1:
             behaviour_logprobs, _, _ = common.rollout_logprobs(run, model, batch.prompts, responses)
@@ -640,7 +568,7 @@ def main(argv=None):
         # ---- 5. loss: GRPO on N, faded GRPO + lambda_k * bounded KL on S, global token-mean
         model.train()
         fade = 1.0 - lam / args.lambda_0 if args.lambda_0 > 0 else 1.0
-        kl_raw, kl_bounded, gap = (torch.zeros(n, width, device=device) for _ in range(3))
+        kl_raw, kl_bounded, gap = (torch.zeros_like(route) for _ in range(3))
         sums, order = dict.fromkeys(["loss", "kl_loss", "entropy", "clipped", "tis"], 0.0), []
         per_minibatch = n // args.num_minibatches
         lengths = [len(p) + len(r) for p, r in zip(batch.prompts, responses)]
@@ -651,8 +579,7 @@ def main(argv=None):
             for rows in common.micro_batches(owned, lengths, args.micro_batch_size,
                                              args.micro_batch_tokens, same_count=True):
                 order.append(rows)  # the micro-batches in loss-loop order, for the diagnostics
-                # the teacher on the routed rows, no gradient (on every rank when any rank has
-                # some: FSDP all-gathers need every rank)
+                # the teacher on the routed rows, no gradient (on every rank if any has some: FSDP)
                 sub = [k for k, i in enumerate(rows) if i in teacher_prompts]
                 routed, teacher_hidden = [rows[k] for k in sub], None
                 if lam > 0 and common.all_reduce_sum(float(len(routed))).item() > 0:
@@ -681,15 +608,13 @@ def main(argv=None):
                                    args.clip_low, args.clip_high, tis)
                 kl_loss = torch.zeros((), device=mask.device)
                 if teacher_hidden is not None and routed:  # the KL on S, over the routed rows
-                    cut = teacher_hidden.shape[1]  # their longest response
                     kl_loss, *per_token = span_kl(
-                        args, lam, (head, hidden[sub][:, :cut], logprobs.detach()[sub][:, :cut]),
-                        (common.output_head(teacher), teacher_hidden), targets[sub][:, :cut],
-                        route[routed, :cut], torch.tensor([len(responses[i]) for i in routed],
-                                                          device=device),
-                        minibatch_tokens, minibatch_sequences)
+                        args, lam, (head, hidden[sub], logprobs.detach()[sub]),
+                        (common.output_head(teacher), teacher_hidden), targets[sub],
+                        route[routed], [len(responses[i]) for i in routed], minibatch_tokens,
+                        minibatch_sequences)
                     for out, value in zip((kl_raw, kl_bounded, gap), per_token):
-                        out[routed, :cut] = value
+                        out[routed, :value.shape[1]] = value
                 ((loss + kl_loss) * world).backward()  # FSDP averages gradients; we want the sum
                 ratio = torch.exp(logprobs.detach() - old_logprobs)[mask]
                 sums["loss"] += loss.detach() + kl_loss.detach()
@@ -735,7 +660,7 @@ def main(argv=None):
         # the teacher copy goes along when the next step uses it without refreshing it first
         keep = run.teacher is not None and (step + 1) % args.teacher_sync_every and \
             kl_weight(step + 1, args.lambda_0, args.kl_hold, args.kl_end) > 0
-        state = {"teacher_refreshes": refreshes, "annotation_failed_steps": failed_steps}
+        state = {"teacher_refreshes": refreshes, "annotation_failed_steps": failures["steps"]}
         if common.end_step(run, step, metrics, state, {"teacher": run.teacher} if keep else None):
             break
     return common.finish(run)
