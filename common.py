@@ -1250,8 +1250,12 @@ class _CpuLimit(BaseException):
 def _grader_worker(connection, parent_end, cpu_seconds: float) -> None:
     """Sends "ready" (or why math-verify does not import), then per (gold, pred) True, False or
     None (over `cpu_seconds`)."""
+    import gc
     import logging
 
+    # the trainer's objects, inherited by fork, are never collected here: a collection walking
+    # them would copy their pages and charge that to an answer's CPU-time bound
+    gc.freeze()
     os.setsid()  # the run's Ctrl-C (the run finishes its step) must not reach the worker
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # nor a handler of the run's keep it alive
     parent_end.close()  # so that the parent's end closing (it died) ends `recv` here
@@ -1262,6 +1266,9 @@ def _grader_worker(connection, parent_end, cpu_seconds: float) -> None:
     quiet = logging.getLogger("math_verify")  # its warnings about the limits we set ourselves
     quiet.addHandler(logging.NullHandler())
     quiet.propagate = False
+    # sympy imports and caches on first use: pay that here, not inside the first answer's bound
+    verify(parse("\\boxed{(x+1)^2}", parsing_timeout=None),
+           parse("\\boxed{x^2+2x+1}", parsing_timeout=None), timeout_seconds=None)
 
     def over_limit(signum, frame):
         raise _CpuLimit()

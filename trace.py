@@ -390,6 +390,13 @@ def ask_api(args, requests: list[Request]) -> tuple[list, str]:
     return answers, error
 
 
+def teacher_context(mode: str, label: str, correct: bool, problem: dict) -> str:
+    """The teacher's privileged context c: the type label and correctness, and with
+    `label+solution` the reference solution (else the boxed answer)."""
+    solution = problem.get("solution") or f"\\boxed{{{problem['answer']}}}"
+    return TEACHER_CONTEXT[mode].format(label=label, solution=solution, feedback=FEEDBACK[correct])
+
+
 def annotate(run, batch, step: int, failures: dict) -> tuple[torch.Tensor, list, dict, dict]:
     """Annotate the rollouts --annotate names -> the routing [N, R] (+1 forward KL, -1 reverse KL,
     0 GRPO) under the cap, labels, the teacher's prompt per routed rollout, this rank's counts. A
@@ -432,9 +439,8 @@ def annotate(run, batch, step: int, failures: dict) -> tuple[torch.Tensor, list,
         covered += float(mask.sum()) / length
         if request.correct in signs and mask.any():  # --annotate all: the other class is counted
             route[i, :length] = torch.where(mask, signs[request.correct], 0.0)
-            solution = problems[i].get("solution") or f"\\boxed{{{problems[i]['answer']}}}"
-            context = TEACHER_CONTEXT[args.teacher_context].format(
-                label=labels[i], solution=solution, feedback=FEEDBACK[request.correct])
+            context = teacher_context(args.teacher_context, labels[i], request.correct,
+                                      problems[i])
             teacher_prompts[i] = common.build_prompt(run.tokenizer, problems[i]["problem"],
                                                      context, args.enable_thinking)
     ok = float(sum(answer is not None for answer in answers))

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common as common_module  # noqa: E402
 import trace  # noqa: E402
 
 
@@ -41,14 +42,14 @@ def main():
                "TRACE": ["--annotator", args.annotator, "--kl_hold", str(args.kl_hold), "--kl_end", str(args.kl_end)]}
     steps = {name: [] for name in configs}  # per run: list of (wall seconds, CPU seconds, tokens) per step
     cpu_marks = []
-    log = trace.RunLogger.log
+    log = common_module.RunLogger.log
 
     def marking_log(logger, step, metrics, prefix="step"):  # this process's CPU time at the end of each step
         if prefix == "step":
             cpu_marks.append(time.process_time())
         log(logger, step, metrics, prefix)
 
-    trace.RunLogger.log = marking_log
+    common_module.RunLogger.log = marking_log
     with tempfile.TemporaryDirectory() as out:
         for repeat in range(args.repeats):
             for name, flags in configs.items():

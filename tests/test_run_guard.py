@@ -90,27 +90,29 @@ def test_torchrun_ranks_end_when_the_launcher_is_killed(tmp_path):
     launcher = start(torchrun(2) + ["antisd.py", *FAST, "--num_steps", "500", "--output_dir",
                                     str(tmp_path), "--run_name", "t"],
                      env={"RLVR_TEST_MARKER": marker}, output=open(tmp_path / "output.txt", "w"))
-    ranks = []
+    marked, ranks = [], []  # the ranks and their grader workers (forked: the same command line)
     try:
         wait_for_steps(tmp_path / "t", 1, launcher)
         for entry in os.listdir("/proc"):
             try:
                 environ = open(f"/proc/{entry}/environ", "rb").read()
                 command = open(f"/proc/{entry}/cmdline", "rb").read()
+                parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError):
                 continue
             if (f"RLVR_TEST_MARKER={marker}".encode() in environ and b"antisd.py" in command
                     and b"torch.distributed.run" not in command):
-                ranks.append(int(entry))
-        assert len(ranks) == 2, ranks
+                marked.append(int(entry))
+                ranks += [int(entry)] if parent == launcher.pid else []
+        assert len(ranks) == 2, (ranks, marked)
         os.killpg(launcher.pid, signal.SIGKILL)  # its process group; ranks have their own
         launcher.wait()
         deadline = time.time() + 20
-        while living(ranks) and time.time() < deadline:
+        while living(marked) and time.time() < deadline:
             time.sleep(0.2)
-        assert living(ranks) == [], "ranks outlived their launcher"
+        assert living(marked) == [], "ranks (or their grader workers) outlived their launcher"
     finally:
-        for pid in living(ranks):
+        for pid in living(marked):
             os.kill(pid, signal.SIGKILL)
 
 
