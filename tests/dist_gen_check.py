@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,9 +38,13 @@ for name in ["all_reduce", "broadcast", "barrier", "all_gather", "all_gather_obj
     setattr(dist, name, counting)
 
 
+def fsdp_units(model):
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
 def reshard_settings(model):
-    return [any(g.post_forward_mesh_info is not None for g in common._fsdp_param_groups(m))
-            for m in common._fsdp_modules(model)]
+    return [any(g.post_forward_mesh_info is not None for g in m._get_fsdp_state()._fsdp_param_groups)
+            for m in fsdp_units(model)]
 
 
 def main(out_dir: Path):
@@ -48,7 +53,7 @@ def main(out_dir: Path):
     model = common.load_model("toy", dist_info)
     rows = common.make_toy_rows(8, seed=5)
     prompts = [common.build_prompt(tokenizer, r["problem"]) for r in rows][: 6 - 4 * dist_info.rank]
-    units = len(common._fsdp_modules(model))
+    units = len(fsdp_units(model))
     result = {"units": units, "prompts": prompts}
 
     greedy = common.SamplingParams(temperature=0, max_new_tokens=40)

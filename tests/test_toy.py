@@ -155,7 +155,7 @@ def test_sample_token_follows_hf_warpers():
         probs = expected.softmax(-1)
         draws = 4000
         params = common.SamplingParams(temperature, top_p, top_k)
-        tokens = common.sample_token(logits.repeat(draws, 1), params).view(draws, -1)
+        tokens = common.sample_token(logits.repeat(draws, 1), params)[0].view(draws, -1)
         frequencies = torch.stack([torch.bincount(tokens[:, row], minlength=40) for row in range(6)]).float() / draws
         assert (frequencies[probs == 0] == 0).all()
         assert (frequencies - probs).abs().max() < 0.03, (temperature, top_k, top_p)
