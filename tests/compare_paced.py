@@ -18,41 +18,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comparison import (EVAL_KEY, curve, draw, last, parse_args,  # noqa: E402
-                        reference_accuracy, run, spread, steps_to_reach)
+from comparison import compare, parse_args  # noqa: E402
 
 METHODS = {"unweighted": ["--weighting", "none"], "PACED": [], "hard filter": ["--weighting", "hard"],
            "AKL": ["--weighting", "none", "--kl", "akl"]}
 
-TEACHER = "toy-large"  # the scripts' default --teacher_model, drawn as a reference line
-
 
 def main():
-    args = parse_args(__doc__, "compare_paced")
-
-    results = {method: [run("paced.py", method, flags, seed, args.num_steps, args.output_dir, args.quiet)
-                        for seed in args.seeds] for method, flags in METHODS.items()}
-    target = sum(curve(r, EVAL_KEY)[1][-1] for r in results["unweighted"]) / len(args.seeds)
-
-    print(f"\n{len(args.seeds)} seeds x {args.num_steps} steps; eval avg@4 on the 256 toy test problems "
-          f"(T 0.7, top-p 0.95); mean [min, max] over seeds")
-    columns = ["method", "eval start", "eval end", "eval best", "steps to unweighted final", "problems trained",
-               "careful share end"]
-    widths = [12, 22, 22, 22, 26, 22, 22]
-    header = " ".join(f"{c:{w}}" for c, w in zip(columns, widths))
-    print(header + "\n" + "-" * len(header))
-    for method, runs in results.items():
-        evals = [curve(r, EVAL_KEY)[1] for r in runs]
-        cells = [method, spread([v[0] for v in evals]), spread([v[-1] for v in evals]),
-                 spread([max(v) for v in evals]), steps_to_reach(runs, target),
-                 spread([last(r, "problems_trained") for r in runs]), spread([last(r, "careful_frac") for r in runs])]
-        print(" ".join(f"{c:{w}}" for c, w in zip(cells, widths)))
-    print(f"(unweighted's mean final accuracy, the target: {target:.3f}; steps are eval points, every 10; "
-          "problems trained (of 16) and careful share: mean of the last 5 steps)")
-    teacher = reference_accuracy("paced.py", TEACHER, args.seeds, args.output_dir, args.quiet)
-    print(f"(the teacher {TEACHER}, evaluated alike (--eval_only, same seeds): {teacher:.3f})")
-    draw(results, args.png, len(args.seeds),
-         {f"teacher {TEACHER} (--eval_only, mean of {len(args.seeds)} seeds)": teacher})
+    compare("paced.py", METHODS, parse_args(__doc__, "compare_paced"),
+            {"problems trained": "problems_trained", "careful share end": "careful_frac"},
+            teacher="toy-large")
 
 
 if __name__ == "__main__":

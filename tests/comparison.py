@@ -92,6 +92,36 @@ def reference_accuracy(script: str, model: str, seeds: list[int], output_dir: st
     return sum(values) / len(values)
 
 
+def compare(script: str, methods: dict[str, list[str]], args: argparse.Namespace,
+            columns: dict[str, str], teacher: str = "") -> None:
+    """Run every method for every seed; print a table (eval avg@4 at the start, the end and its
+    best, the steps to the first method's final accuracy, then `columns`: heading -> metric, the
+    mean of its last 5 steps) and draw the figure, `teacher`'s eval-only accuracy as a line."""
+    results = {method: [run(script, method, flags, seed, args.num_steps, args.output_dir,
+                            args.quiet) for seed in args.seeds] for method, flags in methods.items()}
+    baseline = next(iter(methods))
+    target = sum(curve(r, EVAL_KEY)[1][-1] for r in results[baseline]) / len(args.seeds)
+    print(f"\n{len(args.seeds)} seeds x {args.num_steps} steps; eval avg@4 on the 256 toy test "
+          "problems (T 0.7, top-p 0.95); mean [min, max] over seeds")
+    headings = ["eval start", "eval end", "eval best", f"steps to {baseline} final", *columns]
+    header = f"{'method':12} " + " ".join(f"{h:26}" for h in headings)
+    print(header + "\n" + "-" * len(header))
+    for method, runs in results.items():
+        evals = [curve(r, EVAL_KEY)[1] for r in runs]
+        cells = [spread([v[0] for v in evals]), spread([v[-1] for v in evals]),
+                 spread([max(v) for v in evals]), steps_to_reach(runs, target),
+                 *(spread([last(r, key) for r in runs]) for key in columns.values())]
+        print(f"{method:12} " + " ".join(f"{c:26}" for c in cells))
+    print(f"({baseline}'s mean final accuracy, the target: {target:.3f}; steps are eval points, "
+          f"every 10; {', '.join(columns)}: mean of the last 5 steps)")
+    references = {}
+    if teacher:
+        accuracy = reference_accuracy(script, teacher, args.seeds, args.output_dir, args.quiet)
+        print(f"(the teacher {teacher}, evaluated alike (--eval_only, same seeds): {accuracy:.3f})")
+        references[f"teacher {teacher} (--eval_only, mean of {len(args.seeds)} seeds)"] = accuracy
+    draw(results, args.png, len(args.seeds), references)
+
+
 # The first method is the baseline: on top, black and dashed with open markers, so no curve hides
 # it and it hides none; every method has its own colour, line style and marker.
 STYLES = [dict(color="black", linestyle="--", marker="o", linewidth=2, fillstyle="none",

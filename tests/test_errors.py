@@ -14,6 +14,9 @@ import pytest
 
 import antisd
 import common
+import iw_opd
+import paced
+import trace
 from common import UserError
 from conftest import run_script, torchrun
 
@@ -57,13 +60,32 @@ def test_each_option_is_validated_before_anything_loads(no_loading, flag, value,
     assert str(error.value) == f"--{flag} {shown}: must be {valid}"
 
 
-def test_every_numeric_option_has_a_rule():
-    rules = {**common.ARG_RULES, **antisd.RULES}
-    hints = typing.get_type_hints(antisd.Args)
-    numeric = {f.name for f in dataclasses.fields(antisd.Args) if hints[f.name] in (int, float)}
+@pytest.mark.parametrize("script", [antisd, iw_opd, paced, trace])
+def test_every_numeric_option_has_a_rule(script):
+    rules = {**common.ARG_RULES, **script.RULES}
+    hints = typing.get_type_hints(script.Args)
+    numeric = {f.name for f in dataclasses.fields(script.Args) if hints[f.name] in (int, float)}
     assert numeric - rules.keys() == set()
-    fields = {f.name for f in dataclasses.fields(antisd.Args)}
-    assert set(antisd.RULES) <= fields  # a misspelt rule would never apply
+    fields = {f.name for f in dataclasses.fields(script.Args)}
+    assert set(script.RULES) <= fields  # a misspelt rule would never apply
+
+
+# the other scripts' own options: (script, flag, bad value, the valid range the message states)
+METHOD_BAD_VALUES = [
+    (iw_opd, "gamma", "-0.5", ">= 0"), (iw_opd, "num_rollouts", "0", ">= 1"),
+    (iw_opd, "picture_rollouts", "-1", ">= 0"), (iw_opd, "clip_low", "2", "in [0, 1]"),
+    (paced, "k", "0", ">= 1"), (paced, "alpha", "-1", ">= 0"), (paced, "log_snr", "-1", ">= 0"),
+]
+
+
+@pytest.mark.parametrize("script,flag,value,valid", METHOD_BAD_VALUES,
+                         ids=[f"{s.__name__}-{f}={v}" for s, f, v, _ in METHOD_BAD_VALUES])
+def test_method_options_are_validated_before_anything_loads(no_loading, script, flag, value,
+                                                            valid):
+    with pytest.raises(UserError) as error:
+        script.main([f"--{flag}={value}"])
+    shown = str(float(value)) if isinstance(getattr(script.Args, flag), float) else value
+    assert str(error.value) == f"--{flag} {shown}: must be {valid}"
 
 
 def test_cross_option_errors(tmp_path):

@@ -543,18 +543,6 @@ def test_several_minibatches_clamp_and_span_norm_run(tmp_path):
     assert all(r["kl_routed_bounded"] <= 0.05 + 1e-6 for r in logged)  # clamp: every routed D' <= kl_clip
 
 
-def test_every_numeric_option_has_a_rule():
-    import dataclasses
-    import typing
-
-    import common
-
-    rules = {**common.ARG_RULES, **trace.RULES}
-    hints = typing.get_type_hints(trace.Args)
-    numeric = {f.name for f in dataclasses.fields(trace.Args) if hints[f.name] in (int, float)}
-    assert numeric - rules.keys() == set() and set(trace.RULES) <= {f.name for f in dataclasses.fields(trace.Args)}
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--annotator", "oracle", "--dataset", "some/hub-id"], "toy task only"),
     (["--annotator", "api"], "--annotator_url"),
