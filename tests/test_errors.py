@@ -203,3 +203,23 @@ def test_local_model_folder_with_broken_weights(tmp_path):
     with pytest.raises(UserError, match=rf"^--model '{folder}': cannot load the model folder {folder}: Error while "
                                         "deserializing header"):
         antisd.main(["--model", str(folder), "--output_dir", str(tmp_path), "--run_name", "w"])
+
+
+@pytest.mark.parametrize("script", [iw_opd, paced])
+def test_teacher_with_another_tokenizer_is_refused_before_weights_load(script, tmp_path,
+                                                                      monkeypatch):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(common.build_toy_model("toy-large"), teacher)
+    tokenizer = common.load_tokenizer(str(teacher))
+    tokenizer.add_tokens(["zebra"])
+    tokenizer.save_pretrained(teacher)
+    monkeypatch.setattr(common, "load_model",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    flags = ["--teacher_model", str(teacher), "--output_dir", str(tmp_path)]
+    with pytest.raises(UserError, match="different tokenizer") as error:
+        script.main(flags + ["--run_name", "t"])
+    assert "zebra" in str(error.value)
+    result = run_script([sys.executable, f"{script.__name__}.py", *flags, "--run_name", "u"],
+                        check=False)
+    assert result.returncode == 2 and "error: --teacher_model" in result.stdout
+    assert "Traceback" not in result.stdout
