@@ -2797,9 +2797,8 @@ def _decide_run_dir(args, default_name: str, safe_on_resume) -> RunDir:
             raise UserError(f"--resume: no valid checkpoint {found}; nothing was changed. Pass "
                             "--resume_or_start to restart this run from step 0 in place (its "
                             "metrics are superseded), or a new --run_name.")
-        print(f"[resume] --resume_or_start: no valid checkpoint {found}: starting from step 0 in "
-              "place; the earlier metrics are superseded, checkpoint folders stay until the new "
-              "run writes the same steps", flush=True)
+        print(f"[resume] --resume_or_start: no valid checkpoint {found}: restarting from step 0 "
+              "in place (the earlier metrics are superseded)", flush=True)
         return RunDir(run_dir, None, -1)
     if resume and not args.resume_or_start:
         raise UserError(f"--resume: there is no run directory {run_dir}; drop --resume to start a "
@@ -2940,14 +2939,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, state: dict,
                     dist_info: Dist, keep: int = 2, frozen: dict | None = None,
                     export_dtype: torch.dtype | None = None) -> Path:
-    """Write `checkpoints/step_NNNNNN.tmp/`, rename it to `step_NNNNNN/` and point `latest` at it.
-    Collective (several nodes need a shared file system). It holds `train_state/` (DCP: each rank's
-    shards of the fp32 weights, the optimizer state and the `frozen` models), `trainer_state.pt`
-    (every rank's RNG states, the step, `state`) and an HF export + tokenizer in `export_dtype`
-    (None: bf16 on CUDA). Rotation keeps it and the `keep - 1` newest before it (keep <= 0: all).
-    A failed write (a full disk) removes the `.tmp` folder and names the intact checkpoint."""
+    """Write `checkpoints/step_NNNNNN.tmp/` (`_train_state`; `trainer_state.pt`: every rank's RNG,
+    the step, `state`; an HF export + tokenizer in `export_dtype`, None: bf16 on CUDA), rename it
+    into place and point `latest` at it; keep it and the `keep - 1` newest before it (<= 0: all).
+    Collective (several nodes need a shared file system)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
     from torch.distributed.tensor import DTensor
 
     if export_dtype is None and dist_info.device.type == "cuda":
@@ -2959,11 +2955,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         barrier()
-        _reshard(model, *(frozen or {}).values())
-        model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards
-        others = {name: get_model_state_dict(other) for name, other in (frozen or {}).items()}
-        _run_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state, **others},
-                 staging / "train_state")
+        _train_state(dcp.save, staging, model, optimizer, frozen or {})
         # the export: gathered one tensor at a time (a collective under FSDP2), cast on the device;
         # tied weights (lm_head = embed_tokens) are kept under the name of the module that owns them
         owned = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}
@@ -3023,39 +3015,41 @@ def _write_failure(error: BaseException) -> str | None:
     return None
 
 
-def _run_dcp(function, state_dict: dict, folder: Path) -> None:
-    """dcp.save / dcp.load, alone (no_dist) in one process, without its warning that says so."""
+def _train_state(function, checkpoint: Path, model, optimizer, frozen: dict) -> dict:
+    """dcp.save or dcp.load of `checkpoint`/train_state: this rank's shards of the weights, the
+    optimizer state (one without state gets it, at lr 0) and the `frozen` models. One process
+    has no process group: DCP works alone then (no_dist), after a warning saying so (silenced)."""
     import warnings
 
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    _reshard(model, *frozen.values())
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state,
+             **{name: get_model_state_dict(other) for name, other in frozen.items()}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable "
                                 "or uninitialized")
-        function(state_dict, checkpoint_id=str(folder), no_dist=not _distributed())
+        function(state, checkpoint_id=str(checkpoint / "train_state"), no_dist=not _distributed())
+    return state
 
 
 def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist,
                     frozen: dict | None = None) -> dict:
-    """Restore weights, optimizer and RNG state; every rank reads its shards of `train_state/` (DCP
-    reshards when the number of ranks changed), and `frozen` (name -> model) where saved. Returns
-    `step`, `state` and `frozen`, the names restored. Collective."""
+    """Restore weights, optimizer, RNG and the `frozen` models the checkpoint holds (DCP reshards
+    for another number of ranks). Returns `step`, `state`, `frozen` (names restored). Collective."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
-                                                         set_model_state_dict, set_state_dict)
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     path = Path(path)
-    saved_keys = FileSystemReader(str(path / "train_state")).read_metadata().state_dict_metadata
+    keys = dcp.FileSystemReader(str(path / "train_state")).read_metadata().state_dict_metadata
     others = {name: other for name, other in (frozen or {}).items()
-              if any(key.startswith(name + ".") for key in saved_keys)}
-    _reshard(model, *others.values())
-    # the state dicts to load into: this rank's shards (an optimizer without state gets it at lr 0)
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    extra = {name: get_model_state_dict(other) for name, other in others.items()}
-    _run_dcp(dcp.load, {"model": model_state, "optimizer": optimizer_state, **extra},
-             path / "train_state")
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-    for name, state in extra.items():
-        set_model_state_dict(others[name], state)
+              if any(key.startswith(name + ".") for key in keys)}
+    state = _train_state(dcp.load, path, model, optimizer, others)
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    for name, other in others.items():
+        set_model_state_dict(other, state[name])
     saved = torch.load(path / "trainer_state.pt", weights_only=False)
     rngs = saved["rng"]
     if len(rngs) != dist_info.world_size:
@@ -3067,7 +3061,7 @@ def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist,
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return {"step": saved["step"], "state": saved["state"], "frozen": sorted(extra)}
+    return {"step": saved["step"], "state": saved["state"], "frozen": sorted(others)}
 
 
 # ---------------------------------------------------------------------------------------------
