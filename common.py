@@ -2202,46 +2202,34 @@ class Progress:
     def __init__(self, total: int, desc: str, every: float = 10.0):
         self.total, self.desc, self.every, self.done = total, desc, every, 0
         self.start = self.last = time.time()
-        self.show = not dist.is_initialized() or dist.get_rank() == 0
 
     def update(self, count: int) -> None:
         self.done += count
         now = time.time()
-        if self.show and now - self.last >= self.every and self.done < self.total:
+        if now - self.last >= self.every and self.done < self.total:
             self.last = now
             rate = self.done / (now - self.start)
-            print(f"  {self.desc}: {self.done}/{self.total} ({rate:.1f}/s)", flush=True)
+            print0(f"  {self.desc}: {self.done}/{self.total} ({rate:.1f}/s)")
 
     def close(self) -> None:
-        elapsed = time.time() - self.start
-        if self.show and elapsed >= self.every:
-            print(f"  {self.desc}: {self.total} done in {elapsed:.0f}s", flush=True)
-
-
-RESUMED = "resumed_from_step"  # the key of metrics.jsonl's resume marker (`read_metrics`)
+        if (elapsed := time.time() - self.start) >= self.every:
+            print0(f"  {self.desc}: {self.total} done in {elapsed:.0f}s")
 
 
 class RunLogger:
-    """Metrics to stdout (a line per step: the `step_line` metrics, or all), `<run dir>/
-    metrics.jsonl` (all), TensorBoard when installed, Weights & Biases with `track`. Rank 0 writes;
-    a failed write (a full disk) is a UserError naming the file and the intact checkpoint.
-    config.json holds the options and the script of the run; a resume (`resume_step`: its
-    checkpoint's step, -1: restart in place) never rewrites it, and its first record adds a line to
-    resumes.jsonl (when, from where, the command, the options changed). metrics.jsonl is only
-    appended to: a resume of a run that logged steps after its checkpoint writes the marker
-    {"resumed_from_step": S}; readers drop the records before it of steps after S (`read_metrics`).
-    `close` also releases the run directory's lock."""
+    """Rank 0 logs to stdout (the `step_line` keys, or all), metrics.jsonl (only ever appended to),
+    TensorBoard when installed and W&B with `track`; config.json is written once, each resume
+    (`resume_step`: its checkpoint's step, -1: a restart in place) adds a line to resumes.jsonl."""
 
     def __init__(self, run_dir: str | Path, config, dist_info: Dist, track: bool = False,
-                 project: str = "rlvr-distill", resume_step: int | None = None,
-                 step_line: Sequence[str] = ()):
+                 resume_step: int | None = None, step_line: Sequence[str] = ()):
         self.run_dir, self.resume_step, self.step_line = Path(run_dir), resume_step, step_line
         self.active, self.tensorboard, self.wandb = dist_info.is_main, None, None
         if not self.active:
             return
         self.config = {"script": script_name(config), **_config_values(config)}
         if resume_step is None or not (self.run_dir / "config.json").exists():
-            self._write("config.json", json.dumps(self.config, indent=2, default=str), "w")
+            self._write("config.json", json.dumps(self.config, indent=2), "w")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -2254,8 +2242,9 @@ class RunLogger:
             except ImportError as error:
                 raise UserError("--track logs to Weights & Biases: pip install wandb (and wandb "
                                 "login)") from error
-            self.wandb = wandb.init(project=project, name=self.run_dir.name, config=self.config,
-                                    resume="allow" if resume_step is not None else None)
+            resume = None if resume_step is None else "allow"
+            self.wandb = wandb.init(project="rlvr-distill", name=self.run_dir.name,
+                                    config=self.config, resume=resume)
 
     def log(self, step: int, metrics: dict, prefix: str = "step") -> None:
         if prefix == "step":
@@ -2274,12 +2263,13 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log(numbers, step=step)
         keys = self.step_line if prefix == "step" and self.step_line else list(metrics)
-        shown = " | ".join(f"{k} {_fmt(record[k])}" for k in keys if k in record)
-        print(f"{prefix} {step} | {shown}", flush=True)
+        shown = [f"{k} {record[k]:.3g}" if k in numbers else f"{k} {record[k]}"
+                 for k in keys if k in record]
+        print(f"{prefix} {step} | " + " | ".join(shown), flush=True)
 
     def _record_resume(self) -> str:
-        """Add the resume to resumes.jsonl; return what metrics.jsonl needs before the next record:
-        a newline after a line cut by a kill, the marker when the run logged later steps."""
+        """Add the resume to resumes.jsonl; return what metrics.jsonl needs first: a newline after
+        a line cut by a kill, and the marker `read_metrics` applies when later steps were logged."""
         step, self.resume_step = self.resume_step, None
         recorded = json.loads((self.run_dir / "config.json").read_text())
         changed = {name: [recorded.get(name), value] for name, value in self.config.items()
@@ -2290,7 +2280,7 @@ class RunLogger:
         path = self.run_dir / "metrics.jsonl"
         cut = path.exists() and path.read_bytes()[-1:] not in (b"", b"\n")
         later = any(record["step"] > step for record in read_metrics(self.run_dir))
-        return "\n" * cut + (json.dumps({RESUMED: step}) + "\n" if later else "")
+        return "\n" * cut + (json.dumps({"resumed_from_step": step}) + "\n" if later else "")
 
     def _write(self, name: str, text: str, mode: str = "a") -> None:
         try:
@@ -2310,37 +2300,28 @@ class RunLogger:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records of `<run_dir>/metrics.jsonl` as the run stands ([] without one): a resume marker
-    drops the records before it of later steps; a line cut by a kill is skipped."""
+    drops the earlier records of later steps; a line cut by a kill is skipped."""
     path, records = Path(run_dir) / "metrics.jsonl", []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if RESUMED in record:
-            records = [kept for kept in records if kept["step"] <= record[RESUMED]]
+        if "resumed_from_step" in record:
+            records = [kept for kept in records if kept["step"] <= record["resumed_from_step"]]
         else:
             records.append(record)
     return records
 
 
 def _cannot_write(path: Path, reason: str, run_dir: Path) -> UserError:
-    """The one-line error of a write into the run directory that failed (a full disk, a quota)."""
-    try:
-        free = shutil.disk_usage(next(p for p in [path, *path.parents] if p.exists())).free
-        room = f"; {free / 1e6:.1f} MB free there"
-    except (OSError, StopIteration):
-        room = ""
-    checkpoint = latest_checkpoint(run_dir)
+    """The one-line error of a failed write into the run directory (a full disk, a quota)."""
+    free, checkpoint = shutil.disk_usage(run_dir).free / 1e6, latest_checkpoint(run_dir)
     then = (f"the last checkpoint {checkpoint} is intact; free some space, then continue with "
             "--resume" if checkpoint else
             "there is no checkpoint to continue from yet; free some space and start again")
-    return UserError(f"cannot write {path} ({reason}{room}); nothing was deleted, {then}")
-
-
-def _fmt(value) -> str:
-    """A metric on stdout: 3 significant digits, at most 9 characters (-1.23e-05)."""
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    return UserError(f"cannot write {path} ({reason}; {free:.1f} MB free there); nothing was "
+                     f"deleted, {then}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2351,29 +2332,25 @@ def _fmt(value) -> str:
 def write_token_picture(path: str | Path, rows: Sequence[dict], value_name: str,
                         scale: tuple[float, float] | dict[float, tuple[str, str]], title: str = "",
                         note: str = "", underline: tuple[str, float, float] | None = None) -> Path:
-    """Write an HTML page (nothing external) with one row per rollout. A row: `tokens` (strings),
-    `values` (a float per token: the colour; NaN uncoloured), optional `hover` (a string per token,
-    shown after the value), `label` (text before the row), `mark` (a warning drawn in red) and
-    `underline` (a float per token). `scale` is fixed by the caller per quantity, never taken from
-    the data, so pictures compare across steps and runs: (low, high) with low < 0 < high colours
-    blue (low) - white (0) - red (high), with low = 0 white - red; values beyond the ends saturate.
-    A dict {value: (name, css colour)} draws categories, with swatches. `underline` = (name, low,
-    high): a bar under each token, white (low) to black (high), saturated beyond."""
+    """Write an HTML page (nothing external), a row per rollout: `tokens`, `values` (the colour;
+    NaN: none), optional `hover` (text per token), `label`, `mark` (a warning in red), `underline`.
+    `scale` is fixed by the caller, never taken from the data, so pictures compare across steps and
+    runs: (low, high), low <= 0 < high: blue, white at 0, red, saturated beyond; or categories
+    {value: (name, css colour)}. `underline` = (name, low, high): a bar white (low) to black."""
     import html
 
     categories = scale if isinstance(scale, dict) else None
     low, high = (0.0, 1.0) if categories else scale
     if not categories and not low <= 0 < high:
         raise ValueError(f"token picture scale {scale}: needs low <= 0 < high")
+    u_name, u_low, u_high = underline or ("", 0.0, 1.0)
 
     def strength(value: float) -> float:  # 0 (white) .. 1 (saturated); < 0 on a one-sided scale: 0
         return min(1.0, value / high if value >= 0 else value / low if low < 0 else 0.0)
 
     def colour(value: float) -> str:
-        if categories:
-            return categories.get(value, ("", "transparent"))[1]
-        if not math.isfinite(value):
-            return "transparent"
+        if categories or not math.isfinite(value):
+            return (categories or {}).get(value, ("", "transparent"))[1]
         fade = round(255 * (1 - strength(value)))
         return f"rgb(255,{fade},{fade})" if value >= 0 else f"rgb({fade},{fade},255)"
 
@@ -2382,14 +2359,11 @@ def write_token_picture(path: str | Path, rows: Sequence[dict], value_name: str,
         if not categories and math.isfinite(value) and strength(value) > 0.6:
             css += ";color:#fff"  # readable on strong colours
         named = categories[value][0] if categories and value in categories else f"{value:.3f}"
-        tip = f"{token!r}  {value_name}={named}"
-        if underline:
-            name, u_low, u_high = underline
-            tip += f"  {name}={under:.3f}"
-            if math.isfinite(under):
-                shade = round(255 * (1 - min(1.0, max(0.0, (under - u_low) / (u_high - u_low)))))
-                css += f";border-bottom:4px solid rgb({shade},{shade},{shade})"
-        tip = html.escape(tip + (f"  {extra}" if extra else ""), quote=True)
+        tip = f"{token!r}  {value_name}={named}" + (f"  {u_name}={under:.3f}" if underline else "")
+        if underline and math.isfinite(under):
+            shade = round(255 * (1 - min(1.0, max(0.0, (under - u_low) / (u_high - u_low)))))
+            css += f";border-bottom:4px solid rgb({shade},{shade},{shade})"
+        tip = html.escape(tip + (f"  {extra}" if extra else ""))
         shown = html.escape(token.replace("\n", "\u21b5")) + ("<br>" if "\n" in token else "")
         return f'<span class="t" style="{css}" title="{tip}">{shown}</span>'
 
@@ -2404,9 +2378,9 @@ def write_token_picture(path: str | Path, rows: Sequence[dict], value_name: str,
                     f'<div class="tokens">{"".join(cells)}</div></div>')
     name = html.escape(value_name)
     if categories:
-        swatches = "".join(f'<span class="swatch" style="background:{c}"></span>'
-                           f'<span>{html.escape(label)}</span>' for label, c in categories.values())
-        legends = [f"<span>{name} (categories):</span>{swatches}"]
+        legends = [f"<span>{name} (categories):</span>" + "".join(
+            f'<span class="swatch" style="background:{c}"></span><span>{html.escape(label)}</span>'
+            for label, c in categories.values())]
     else:
         stops = ", ".join(map(colour, [low, low / 2, 0, high / 2, high] if low < 0 else
                               [0, high / 2, high]))
@@ -2415,7 +2389,6 @@ def write_token_picture(path: str | Path, rows: Sequence[dict], value_name: str,
                    f'scale, the same in every picture; white = 0; saturated beyond)</span>']
     legends[0] += "<span>hover a token for its values</span>"
     if underline:
-        u_name, u_low, u_high = underline
         legends.append(f'<span>underline: {html.escape(u_name)} = {u_low:g}</span><div class="bar" '
                        f'style="height:4px; background: linear-gradient(to right, #fff, #000)">'
                        f'</div><span>{u_high:g}</span><span>(fixed scale; saturated beyond)</span>')
@@ -2449,10 +2422,9 @@ body {{ font-family: sans-serif; margin: 1.5em; }}
 # Run directories and checkpoints
 # ---------------------------------------------------------------------------------------------
 #
-# runs/<run_name>/  config.json (what made the run), resumes.jsonl, .lock, metrics.jsonl,
-#                   tensorboard/, checkpoints/step_NNNNNN/ (+ `latest`: the newest one's name).
-# A run directory is never reused silently and nothing in it is deleted except checkpoints older
-# than the newest `keep` by step number; `--overwrite` renames a whole run directory aside.
+# runs/<run_name>/  config.json, resumes.jsonl, .lock, metrics.jsonl, tensorboard/,
+#                   checkpoints/step_NNNNNN/ and `latest` (the newest one's name).
+# Nothing is reused silently or deleted but checkpoints past `keep`; --overwrite renames aside.
 
 
 @dataclass
@@ -2463,25 +2435,26 @@ class RunDir:
 
 
 def prepare_run_dir(args, default_name: str, dist_info: Dist, safe_on_resume=()) -> RunDir:
-    """Decide where the run writes and what it resumes, before any model is loaded, from
-    `args.output_dir`, `run_name` (default: `default_name` and the start time), `resume`,
-    `resume_or_start` and `overwrite`. Rank 0 holds `<run dir>/.lock` (flock) until the run ends
-    (`RunLogger.close`, or process exit): a second job is refused naming the holder. A used run
-    directory is refused without --resume, or with --overwrite renamed to `<run_name>.old-<time>`.
-    A resume must come from the run's script with the same options, except `SAFE_ON_RESUME` and
-    `safe_on_resume` (--eval_only: any), and takes the newest checkpoint `check_checkpoint`
-    accepts, naming newer ones it skips; with none it is refused, or with --resume_or_start
-    restarts from step 0 in place. A refusal changes nothing. Rank 0 decides; every rank gets the
-    same result or the same UserError (none is left waiting in a collective)."""
+    """Choose the run directory and the checkpoint to resume, before any model loads. Rank 0 decides
+    and holds `<run dir>/.lock` until the run ends; every rank gets the same result or the same
+    UserError (none waits in a collective). A refusal changes nothing."""
     outcome = None
     if dist_info.is_main:
         _release_run_lock()  # this process's previous run (a test calling main twice) is over
         try:
             outcome = _decide_run_dir(args, default_name, SAFE_ON_RESUME | set(safe_on_resume))
-            _record_lock_holder()
         except UserError as error:
             _release_run_lock()
             outcome = str(error)
+        if _run_lock:  # who holds it, written only now: a refused job leaves the file as it was
+            torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+            holder = (f"pid {os.getpid()} on {socket.gethostname()}"
+                      + (f", launched by torchrun pid {os.getppid()}" if torchrun else "")
+                      + time.strftime(", since %Y-%m-%d %H:%M:%S UTC: ", time.gmtime())
+                      + shlex.join([Path(sys.executable).name, *sys.argv])[:300])
+            _run_lock[0].truncate(0)
+            _run_lock[0].write(json.dumps({"pid": os.getpid(), "holder": holder}))
+            _run_lock[0].flush()
     if _distributed():
         box = [outcome]
         dist.broadcast_object_list(box, src=0)
@@ -2494,23 +2467,32 @@ def prepare_run_dir(args, default_name: str, dist_info: Dist, safe_on_resume=())
 
 def _decide_run_dir(args, default_name: str, safe_on_resume) -> RunDir:
     resume, output = args.resume or args.resume_or_start, Path(args.output_dir).expanduser()
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output_dir {args.output_dir!r} is a file, not a directory")
-    if resume and not args.run_name:
-        raise UserError(_resume_needs_name(output, default_name))
-    name = args.run_name or _new_run_name(output, default_name)
-    if name in ("", ".", "..") or "/" in name or "\\" in name:
-        raise UserError(f"--run_name {name!r}: must be a plain directory name (no '/')")
-    run_dir = output / name
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"the run directory {run_dir} is a file, not a directory: choose another "
-                        "--run_name")
-    if run_dir.is_dir():
-        _lock_run_dir(run_dir, args.output_dir)  # first: act on no directory another job writes
     if resume and args.overwrite:
         raise UserError("--overwrite starts a new run and --resume continues one: pass only one "
                         "of them")
-    used = _run_dir_contents(run_dir)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output_dir {args.output_dir!r} is a file, not a directory")
+    if resume and not args.run_name:
+        runs = sorted(output.glob(f"{default_name}_*"), key=lambda path: path.stat().st_mtime)
+        raise UserError("--resume continues the run named by --run_name (a default name holds its "
+                        "start time, so each new run gets its own): pass --run_name " +
+                        (f"{runs[-1].name} (the newest {default_name} run under {output})" if runs
+                         else f"{default_name}_<time>"))
+    name = args.run_name
+    if not name:  # cleanRL's: the local start time, then -2, -3, ... for runs in the same second
+        name = stamped = f"{default_name}_{time.strftime('%Y%m%d-%H%M%S')}"
+        number = 1
+        while (output / name).exists():
+            number += 1
+            name = f"{stamped}-{number}"
+    if name in (".", "..") or "/" in name:
+        raise UserError(f"--run_name {name!r}: must be a plain directory name (no '/')")
+    run_dir = output / name
+    if run_dir.is_dir():
+        _lock_run_dir(run_dir, args.output_dir)  # first: act on no directory another job writes
+    counts = {"metric records": len(read_metrics(run_dir)),
+              "checkpoints": len(list_checkpoints(run_dir))}
+    used = ", ".join(f"{count} {what}" for what, count in counts.items() if count)
     if resume and run_dir.is_dir():
         if used:
             _check_same_run(args, run_dir, safe_on_resume)
@@ -2526,9 +2508,8 @@ def _decide_run_dir(args, default_name: str, safe_on_resume) -> RunDir:
             raise UserError(f"--resume: no valid checkpoint {found}; nothing was changed. Pass "
                             "--resume_or_start to restart this run from step 0 in place (its "
                             "metrics are superseded), or a new --run_name.")
-        print(f"[resume] --resume_or_start: no valid checkpoint {found}: starting from step 0 in "
-              "place; the earlier metrics are superseded, checkpoint folders stay until the new "
-              "run writes the same steps", flush=True)
+        print(f"[resume] --resume_or_start: no valid checkpoint {found}: restarting from step 0 "
+              "in place (the earlier metrics are superseded)", flush=True)
         return RunDir(run_dir, None, -1)
     if resume and not args.resume_or_start:
         raise UserError(f"--resume: there is no run directory {run_dir}; drop --resume to start a "
@@ -2551,28 +2532,9 @@ def _decide_run_dir(args, default_name: str, safe_on_resume) -> RunDir:
         _release_run_lock()  # it moved aside with the old run
         print(f"[run] --overwrite: moved the previous {run_dir} to {aside} (nothing deleted)",
               flush=True)
-    _lock_run_dir(run_dir, args.output_dir)
+    if not _run_lock:
+        _lock_run_dir(run_dir, args.output_dir)
     return RunDir(run_dir, None, None)
-
-
-def _new_run_name(output: Path, default_name: str) -> str:
-    """The default run name: `default_name` and the local start time (cleanRL's convention), e.g.
-    `antisd_toy_s0_20260102-153000`, with `-2`, `-3`, ... when a run started in the same second."""
-    name = stamped = f"{default_name}_{time.strftime('%Y%m%d-%H%M%S')}"
-    number = 1
-    while (output / name).exists():
-        number += 1
-        name = f"{stamped}-{number}"
-    return name
-
-
-def _resume_needs_name(output: Path, default_name: str) -> str:
-    """The error of a --resume without --run_name, naming the newest run it could mean."""
-    runs = sorted(output.glob(f"{default_name}_*"), key=lambda path: path.stat().st_mtime)
-    example = runs[-1].name if runs else f"{default_name}_<time>"
-    return ("--resume continues the run named by --run_name (a default name holds its start time, "
-            f"so each new run gets its own): pass --run_name {example}" +
-            (f" (the newest {default_name} run under {output})" if runs else ""))
 
 
 def _check_same_run(args, run_dir: Path, safe_on_resume) -> None:
@@ -2582,11 +2544,9 @@ def _check_same_run(args, run_dir: Path, safe_on_resume) -> None:
     try:
         recorded = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        missing = isinstance(error, FileNotFoundError)
-        reason = "is missing" if missing else f"does not load ({error})"
-        raise UserError(f"--resume: {path} {reason}, so what made this run cannot be checked; "
-                        "nothing was changed. Restore it, or start a new run (a new --run_name)."
-                        ) from error
+        raise UserError(f"--resume: cannot read {path} ({error}), so what made this run cannot be "
+                        "checked; nothing was changed. Restore it, or start a new run (a new "
+                        "--run_name).") from error
     script, made_by = script_name(args), recorded.get("script", "an unrecorded script")
     if made_by != script:
         raise UserError(f"--resume: {run_dir} was made by {made_by}, not {script}; nothing was "
@@ -2615,15 +2575,8 @@ def _shown(value) -> str:
     return "unset" if value is None else repr(value) if value == "" else str(value)
 
 
-def _run_dir_contents(run_dir: Path) -> str:
-    """What of a previous run `run_dir` holds ("" when nothing that a new run could clobber)."""
-    counts = [(len(read_metrics(run_dir)), "metric records"),
-              (len(list_checkpoints(run_dir)), "checkpoints")]
-    return ", ".join(f"{count} {what}" for count, what in counts if count)
-
-
 def _unused_path(path: Path) -> Path:
-    """`path`, or `stem+suffix`, `stem++suffix`, ... when taken (two files in one second)."""
+    """`path`, or `stem+suffix`, `stem++suffix`, ... when taken (two in one second)."""
     while path.exists():
         path = path.with_name(path.stem + "+" + path.suffix)
     return path
@@ -2635,17 +2588,12 @@ _run_lock: list = []  # [open `.lock` file] while this process (rank 0) holds a 
 
 
 def _lock_run_dir(run_dir: Path, output_dir: str) -> None:
-    """Create `run_dir` and take `<run_dir>/.lock` with flock, without waiting, or refuse naming the
-    holder (the file's JSON). Opening the file for writing proves the directory writable (os.access
-    says yes to root on a read-only mount). The kernel drops the lock when its process dies: a lock
-    left by a dead process is taken over. A file system without flock gets a warning line."""
+    """Create `run_dir` and take `<run_dir>/.lock` (flock, no waiting) or refuse naming the holder.
+    The kernel drops a flock when its process dies: a dead job's lock is taken over."""
     path = run_dir / ".lock"
-    if _run_lock and Path(_run_lock[0].name) == path:
-        return
-    _release_run_lock()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")  # created when missing, never truncated here
+        handle = open(path, "a+")  # proves it writable (os.access says yes to root on a ro mount)
     except OSError as error:
         raise UserError(f"--output_dir {output_dir!r}: cannot write the run directory {run_dir} "
                         f"({error.strerror or error})") from error
@@ -2654,36 +2602,17 @@ def _lock_run_dir(run_dir: Path, output_dir: str) -> None:
     except BlockingIOError:
         handle.seek(0)
         try:
-            holder = json.loads(handle.read())
-            launcher = holder["launcher"] and f", launched by torchrun pid {holder['launcher']}"
-            holder = (f"pid {holder['pid']} on {holder['host']}{launcher or ''}, since "
-                      f"{holder['since']}: {holder['command']}")
-        except (ValueError, KeyError, TypeError):  # not written yet
+            holder = json.loads(handle.read())["holder"]
+        except (ValueError, KeyError):  # not written yet
             holder = "a job that is just starting"
         handle.close()
         raise UserError(f"{run_dir} is in use by another job ({holder}); nothing was changed. "
                         "Let it finish or stop it first (a lock left by a process that died is "
                         "taken over).") from None
-    except OSError as error:
-        handle.close()
+    except OSError as error:  # a file system without flock: the run goes on unguarded
         print(f"[run] cannot lock {path} ({error.strerror or error}): a second job on this run "
               "directory would not be refused on this file system", flush=True)
-        return
     _run_lock.append(handle)
-
-
-def _record_lock_holder() -> None:
-    """Write who holds the lock into it once the run directory is settled (a refused job writes
-    nothing)."""
-    if _run_lock:
-        launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
-        command = shlex.join([Path(sys.executable).name, *sys.argv])[:300]
-        _run_lock[0].seek(0)
-        _run_lock[0].truncate()
-        _run_lock[0].write(json.dumps({
-            "pid": os.getpid(), "host": socket.gethostname(), "launcher": launcher,
-            "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": command}))
-        _run_lock[0].flush()
 
 
 def _release_run_lock() -> None:
@@ -2693,22 +2622,19 @@ def _release_run_lock() -> None:
 
 # ---- Checkpoints: checkpoints/step_N/ written aside and renamed into place, `latest` names it ----
 
-TRAIN_STATE = "train_state"  # a checkpoint's DCP folder: weights + optimizer state, a file per rank
-
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every `checkpoints/step_N` folder, newest step first (by number; the
-    `.tmp` folder of a write in progress or cut by a kill is none)."""
+    """(step, folder) of every `checkpoints/step_N` folder (not `.tmp`), newest step first."""
     found = [(int(match[1]), path) for path in (Path(run_dir) / "checkpoints").glob("step_*")
              if (match := re.fullmatch(r"step_(\d+)", path.name)) and path.is_dir()]
     return sorted(found, reverse=True)
 
 
 def check_checkpoint(path: str | Path) -> str | None:
-    """What the checkpoint folder `path` lacks of what `load_checkpoint` and `load_model` read, or
-    None. A folder is renamed into place only once written, so this catches only later damage."""
+    """What the checkpoint folder `path` lacks of what a resume reads, or None (it is renamed into
+    place only once written: this catches later damage)."""
     path = Path(path)
-    needed = ["config.json", "trainer_state.pt", f"{TRAIN_STATE}/.metadata"]
+    needed = ["config.json", "trainer_state.pt", "train_state/.metadata"]
     missing = [name for name in needed if not (path / name).is_file()]
     if not any(path.glob("model*.safetensors*")):
         missing.append("model.safetensors")
@@ -2721,40 +2647,15 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
                 None)
 
 
-def _full_weights(model, dtype: torch.dtype | None, keep: bool) -> dict:
-    """The model's full weights for the HF export, gathered one tensor at a time (a collective under
-    FSDP2: every rank calls it) and cast to `dtype` (None: as they are) on the device before the
-    copy to host memory, kept only where `keep`. Tied weights (lm_head = embed_tokens) appear under
-    both names in a state dict: only the name the module owns is kept."""
-    from torch.distributed.tensor import DTensor
-
-    owned = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}
-    weights = {}
-    for name, tensor in model.state_dict().items():
-        if name not in owned:
-            continue
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        if keep:
-            cast = dtype if dtype is not None and full.is_floating_point() else full.dtype
-            weights[name] = full.detach().to(cast).cpu()
-        del full
-    return weights
-
-
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, state: dict,
                     dist_info: Dist, keep: int = 2, frozen: dict | None = None,
                     export_dtype: torch.dtype | None = None) -> Path:
-    """Write `checkpoints/step_NNNNNN.tmp/`, rename it to `step_NNNNNN/`, then point `latest` at it
-    (a file replaced). Collective: every rank calls it (on several nodes: a shared file system).
-    Contents: `train_state/` (DCP: each rank its own shards of the fp32 weights, optimizer state and
-    `frozen` models, e.g. a frozen teacher copy); `trainer_state.pt` (every rank's RNG states, the
-    step, `state`); an HF export + tokenizer for `from_pretrained` and vLLM, gathered one tensor at
-    a time, in `export_dtype` (None: bf16 on CUDA, else the training dtype). Rotation keeps this
-    and the `keep - 1` newest before it (keep <= 0: all), never later steps (a resumed run replaces
-    those). A failed write (a full disk) removes the `.tmp` folder and is a UserError naming the
-    intact previous checkpoint."""
+    """Write `checkpoints/step_NNNNNN.tmp/` (`_train_state`; `trainer_state.pt`: every rank's RNG,
+    the step, `state`; an HF export + tokenizer in `export_dtype`, None: bf16 on CUDA), rename it
+    into place and point `latest` at it; keep it and the `keep - 1` newest before it (<= 0: all).
+    Collective (several nodes need a shared file system)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    from torch.distributed.tensor import DTensor
 
     if export_dtype is None and dist_info.device.type == "cuda":
         export_dtype = torch.bfloat16
@@ -2765,12 +2666,19 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         barrier()
-        _reshard(model, *(frozen or {}).values())
-        model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards
-        others = {name: get_model_state_dict(other) for name, other in (frozen or {}).items()}
-        _run_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state, **others},
-                 staging / TRAIN_STATE)
-        export = _full_weights(model, export_dtype, keep=dist_info.is_main)
+        _train_state(dcp.save, staging, model, optimizer, frozen or {})
+        # the export: gathered one tensor at a time (a collective under FSDP2), cast on the device;
+        # tied weights (lm_head = embed_tokens) are kept under the name of the module that owns them
+        owned = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}
+        export = {}
+        for name, tensor in model.state_dict().items():
+            if name not in owned:
+                continue
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            if dist_info.is_main:
+                floating = export_dtype is not None and full.is_floating_point()
+                export[name] = full.detach().to(export_dtype if floating else full.dtype).cpu()
+            del full  # before the next gather
         rng = {"python": random.getstate(), "numpy": np.random.get_state(),
                "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -2805,59 +2713,54 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
     return final
 
 
-def _write_failure(error: BaseException | None) -> str | None:
-    """Why a write failed when `error` is or wraps an I/O error (an OSError; safetensors' "os error
-    N"; torch.save's stream writer; DCP's per-rank failures); None for anything else."""
-    if error is None:
-        return None
-    text = str(error)
-    if isinstance(error, OSError) and error.errno:
-        return error.strerror or text
-    if match := re.search(r"os error (\d+)", text):
-        return os.strerror(int(match[1]))
+def _write_failure(error: BaseException) -> str | None:
+    """Why a write failed, when the traceback of `error` (its causes and DCP's per-rank failures
+    included) shows an I/O error; None for anything else (a bug)."""
+    import traceback
+
+    text = "".join(traceback.format_exception(error))
+    if match := re.search(r"\[Errno (\d+)\]|os error (\d+)", text):  # OSError; safetensors
+        return os.strerror(int(match[1] or match[2]))
     if "inline_container.cc" in text or "iostream error" in text:  # torch.save: a short write
         return "a file of it could not be written"
-    failures = getattr(error, "failures", None) or {}  # DCP's CheckpointException: rank -> error
-    inner = [error.__cause__, error.__context__,
-             *(item[0] if isinstance(item, tuple) else item for item in failures.values())]
-    return next((reason for cause in inner if (reason := _write_failure(cause))), None)
+    return None
 
 
-def _run_dcp(function, state_dict: dict, folder: Path) -> None:
-    """dcp.save / dcp.load; one process has no process group and DCP then works alone (no_dist),
-    with the same files as one rank, after a warning that says just that (silenced here)."""
+def _train_state(function, checkpoint: Path, model, optimizer, frozen: dict) -> dict:
+    """dcp.save or dcp.load of `checkpoint`/train_state: this rank's shards of the weights, the
+    optimizer state (one without state gets it, at lr 0) and the `frozen` models. One process
+    has no process group: DCP works alone then (no_dist), after a warning saying so (silenced)."""
     import warnings
 
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    _reshard(model, *frozen.values())
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state,
+             **{name: get_model_state_dict(other) for name, other in frozen.items()}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable "
                                 "or uninitialized")
-        function(state_dict, checkpoint_id=str(folder), no_dist=not _distributed())
+        function(state, checkpoint_id=str(checkpoint / "train_state"), no_dist=not _distributed())
+    return state
 
 
 def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist,
                     frozen: dict | None = None) -> dict:
-    """Restore weights, optimizer and RNG state from a checkpoint: every rank reads its own shards
-    of `train_state/` (DCP reshards when the number of ranks changed). `frozen`: name -> model,
-    restored when the checkpoint holds it (`save_checkpoint(frozen=...)`). Returns the trainer
-    state (`step`, `state`) and `frozen`, the names restored. Collective: every rank calls it."""
+    """Restore weights, optimizer, RNG and the `frozen` models the checkpoint holds (DCP reshards
+    for another number of ranks). Returns `step`, `state`, `frozen` (names restored). Collective."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
-                                                         set_model_state_dict, set_state_dict)
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     path = Path(path)
-    saved_keys = FileSystemReader(str(path / TRAIN_STATE)).read_metadata().state_dict_metadata
+    keys = dcp.FileSystemReader(str(path / "train_state")).read_metadata().state_dict_metadata
     others = {name: other for name, other in (frozen or {}).items()
-              if any(key.startswith(name + ".") for key in saved_keys)}
-    _reshard(model, *others.values())
-    # the state dicts to load into: this rank's shards (an optimizer without state gets it at lr 0)
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    extra = {name: get_model_state_dict(other) for name, other in others.items()}
-    _run_dcp(dcp.load, {"model": model_state, "optimizer": optimizer_state, **extra},
-             path / TRAIN_STATE)
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-    for name, state in extra.items():
-        set_model_state_dict(others[name], state)
+              if any(key.startswith(name + ".") for key in keys)}
+    state = _train_state(dcp.load, path, model, optimizer, others)
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    for name, other in others.items():
+        set_model_state_dict(other, state[name])
     saved = torch.load(path / "trainer_state.pt", weights_only=False)
     rngs = saved["rng"]
     if len(rngs) != dist_info.world_size:
@@ -2869,7 +2772,7 @@ def load_checkpoint(path: str | Path, model, optimizer, dist_info: Dist,
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return {"step": saved["step"], "state": saved["state"], "frozen": sorted(extra)}
+    return {"step": saved["step"], "state": saved["state"], "frozen": sorted(others)}
 
 
 # ---------------------------------------------------------------------------------------------
