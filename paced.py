@@ -192,9 +192,7 @@ def score(model, teacher, student_prompts, teacher_prompts, responses, pad_id, k
             teacher_logits = teacher_head(h_teacher)
         return divergences(student_head(h_student), teacher_logits, kind)
 
-    values = common.chunked_map(fn, [student_hidden[mask], teacher_hidden[mask]], chunk_size)
-    return (*[torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
-              for v in values], mask)
+    return (*common.chunked_map(fn, [student_hidden, teacher_hidden], chunk_size, mask), mask)
 
 
 def context_prompt(tokenizer, problem: dict, enable_thinking) -> list[int]:
