@@ -1618,7 +1618,9 @@ def resolve_rollout(kind: str) -> str:
                                       else "vLLM not installed" if cuda else "no CUDA") + ")"
     elif kind == "vllm":
         try:
-            from vllm.platforms import current_platform as platform
+            import vllm
+            import vllm.platforms  # not imported by `import vllm`
+            platform = vllm.platforms.current_platform
         except ImportError as error:
             raise UserError(f"--rollout vllm needs vLLM: {INSTALL_VLLM}") from error
         if not (platform.is_cuda() if cuda else platform.is_cpu()):
