@@ -211,6 +211,14 @@ def test_tokenizer_check():
         common.check_same_tokenizer(same, FakeTokenizer({"a": 0, "b": 1}, eos=1), "s", "t")
 
 
+def test_errors_about_the_teacher_name_its_flag(tmp_path):
+    with pytest.raises(UserError, match=r"^Unknown --teacher_model 'gpt-5'"):
+        iw_opd.main(FAST + ["--teacher_model", "gpt-5", "--output_dir", str(tmp_path), "--run_name", "t"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"^--teacher_model '.*empty' is a directory without config.json"):
+        iw_opd.main(FAST + ["--teacher_model", str(tmp_path / "empty"), "--output_dir", str(tmp_path), "--run_name", "u"])
+
+
 def test_thinking_is_off_by_default_and_the_toy_prompt_is_unchanged(toy_tokenizer):
     """The paper runs with thinking off [code], so that is the default; the toy's template has no
     thinking switch, so the default changes no toy prompt (and no toy figure)."""
