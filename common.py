@@ -1277,7 +1277,7 @@ def _grader_worker(connection, parent_end, cpu_seconds: float) -> None:
     while True:
         try:
             gold, pred = connection.recv()
-        except EOFError:  # the parent is gone
+        except (EOFError, OSError):  # the parent is gone (closed, or exited at once)
             return
         try:  # ITIMER_PROF: this process's CPU time (math-verify's wall-clock limits are off)
             signal.setitimer(signal.ITIMER_PROF, cpu_seconds, 0.05)  # re-fires until disarmed
