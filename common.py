@@ -1167,17 +1167,17 @@ def token_roles(text: str, spans: Sequence[tuple[int, int]]) -> list[str]:
 class Grader:
     """Rewards in {0, 1} with math-verify (gold first) on the last `\\boxed{}`, in a worker process
     that stops an answer after `timeout` s of its own CPU time (not the clock: a busy machine cannot
-    turn correct answers into timeouts) and is killed past `wall_timeout` (stuck in C code). Either
-    way the answer scores 0 and counts as a timeout: no input can stall a run."""
+    turn correct answers into timeouts) and is killed past 5x `timeout` of wall clock (stuck in C
+    code). Either way the answer scores 0 and counts as a timeout: no input can stall a run."""
 
-    def __init__(self, timeout: float = 10.0, wall_timeout: float | None = None):
+    def __init__(self, timeout: float = 10.0):
         self._worker = self._connection = None
         if not timeout > 0:  # 0 would score every answer as a timeout
             raise UserError(f"grader timeout {timeout}: must be > 0 seconds")
         if importlib.util.find_spec("math_verify") is None:  # else every answer would score 0
             raise UserError("the grader needs math-verify, which is not installed: "
                             "pip install math-verify")
-        self.timeout, self.wall_timeout = timeout, wall_timeout or 5 * timeout
+        self.timeout, self.wall_timeout = timeout, 5 * timeout
 
     def grade(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[list[float], dict]:
         """Rewards for `responses` against gold `answers`, plus counts of `no_answer`, `timeout`."""
@@ -1939,11 +1939,10 @@ def pad_rows(rows: Sequence[Sequence[float]], device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rollout_logprobs(run: Run, model, prompts: list[list[int]], responses: list[list[int]],
-                     temperature: float | None = None):
-    """(log pi(y_t), entropy, mask) of `model` on every rollout, [N, R] each (R the longest
-    response), no gradient, in the training's micro-batches; `temperature` defaults to
-    --temperature. A micro-batch takes its rows as `values[batch, :width]`."""
+def rollout_logprobs(run: Run, model, prompts: list[list[int]], responses: list[list[int]]):
+    """(log pi(y_t), entropy, mask) of `model` on every rollout at --temperature, [N, R] each (R
+    the longest response), no gradient, in the training's micro-batches. A micro-batch takes its
+    rows as `values[batch, :width]`."""
     args = run.args
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     width = max([1] + [len(r) for r in responses])
@@ -1953,8 +1952,7 @@ def rollout_logprobs(run: Run, model, prompts: list[list[int]], responses: list[
                                args.micro_batch_tokens, same_count=True):
         values = response_logprobs(model, [prompts[i] for i in batch],
                                    [responses[i] for i in batch], run.tokenizer.pad_token_id,
-                                   args.logprob_chunk_size, temperature=args.temperature
-                                   if temperature is None else temperature)
+                                   args.logprob_chunk_size, temperature=args.temperature)
         for out, value in zip((logprobs, entropy, mask), values):
             out[batch, : value.shape[1]] = value
     return logprobs, entropy, mask
