@@ -27,7 +27,6 @@ Simplification, safe: the api annotator asks one request at a time (the step wai
 either way). The toy's lines are checkable, so `oracle` knows the exact spans; the tiny model cannot
 annotate (`self`). The name shadows the standard library's `trace`, which nothing here imports.
     python trace.py --annotator oracle --teacher_context label+solution  # toy, CPU (README, TRACE)
-    python trace.py --annotator oracle --route rkl_error  # reverse KL on error spans
 Paper [paper; steps, batch, lengths ours] (Qwen3-8B, one 8-GPU node; add --tis_cap 2 with vLLM):
     torchrun --nproc_per_node 8 trace.py --model Qwen3-8B --route fkl_key --annotator api \\
         --annotator_url https://host/v1 --annotator_model <name> --annotator_key_env MY_KEY \\
@@ -152,8 +151,7 @@ def policy_loss(logprobs, old_logprobs, advantages, weights, num_tokens, clip_lo
     ratio = torch.exp(logprobs - old_logprobs)
     surrogate = torch.minimum(ratio * advantages,
                               ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
-    if tis is not None:
-        surrogate = surrogate * tis
+    surrogate = surrogate if tis is None else surrogate * tis
     return -torch.where(weights > 0, weights * surrogate, 0.0).sum() / num_tokens
 
 
@@ -249,8 +247,7 @@ def random_mask(length: int, size: int, rng: random.Random, valid=None) -> torch
     return mask
 
 
-# what an annotator reads (text: special tokens blanked); it answers (segments from 0, label)
-Request = namedtuple("Request", "problem text segments correct")
+Request = namedtuple("Request", "problem text segments correct")  # what an annotator reads
 
 
 def annotator_prompt(request: Request) -> str:
@@ -427,24 +424,31 @@ def picture(run, batch, step: int, route, kl, labels: list[str]) -> Optional[dic
                               f"{batch.problems[i // args.num_generations]['problem']}"})
     note = (f"Colour: each token's routing class (--route {args.route}, --annotator "
             f"{args.annotator}); hover: the full-vocabulary KL D_t before the --kl_clip bound. "
-            f"From step {args.kl_end} on every token is GRPO: the picture shows the last step "
-            "with routing.")
+            f"From step {args.kl_end} on all is GRPO: the picture keeps the last routed step.")
     return dict(rows=rows, value_name="route", scale=ROUTE_COLOURS, note=note,
                 title=f"{run.dir.name}: routing per token") if rows else None
+
+
+def check_args(args) -> None:
+    """TRACE's option combinations: one line naming the fix, before anything loads."""
+    if args.kl_end < args.kl_hold:
+        raise common.UserError(f"--kl_end {args.kl_end}: must be >= --kl_hold {args.kl_hold}.")
+    if args.annotator == "oracle" and args.dataset != "toy":
+        raise common.UserError("--annotator oracle is for the toy task only: use --dataset toy.")
+    if args.annotator == "api" and not (args.annotator_url and args.annotator_model):
+        raise common.UserError("--annotator api needs --annotator_url and --annotator_model.")
+    if args.annotator == "api" and args.annotator_key_env not in ("", *os.environ):
+        raise common.UserError(f"--annotator_key_env {args.annotator_key_env}: not set; export it.")
+    if args.dataset == "toy" and args.annotator == "self" and args.lambda_0 > 0:
+        common.print0("[trace] note: the tiny toy model cannot annotate: the run stops after "
+                      "--annotator_patience steps; see TRACE's routing with --annotator oracle")
 
 
 # ---- training ---------------------------------------------------------------------------------
 def main(argv=None):
     args = common.parse_args(Args, argv)
     common.validate_args(args, RULES)  # every option's range before anything loads: one line
-    if args.kl_end < args.kl_hold:
-        raise common.UserError(f"--kl_end {args.kl_end} is before --kl_hold {args.kl_hold}.")
-    if args.annotator == "oracle" and args.dataset != "toy":
-        raise common.UserError("--annotator oracle is for the toy task only: use --dataset toy.")
-    if args.annotator == "api" and not (args.annotator_url and args.annotator_model):
-        raise common.UserError("--annotator api needs --annotator_url and --annotator_model.")
-    if args.annotator == "api" and args.annotator_key_env not in ("", *os.environ):
-        raise common.UserError(f"--annotator_key_env {args.annotator_key_env} is not set.")
+    check_args(args)
     # the teacher: a frozen copy of the policy, refreshed every --teacher_sync_every steps (1: live)
     copy = args.lambda_0 > 0 and args.kl_end > 0 and args.teacher_sync_every > 1
     run = common.setup(args, f"trace_{args.route}", EVAL_PROTOCOL, STEP_LINE,
@@ -463,10 +467,6 @@ def main(argv=None):
                   f"x {group} rollouts on {world} rank(s) ({run.dist.device}), --route {args.route}"
                   f", --annotator {args.annotator}, --teacher_context {args.teacher_context}, "
                   f"lambda_0 {args.lambda_0} held to step {args.kl_hold}, 0 at {args.kl_end}")
-    if args.dataset == "toy" and args.annotator == "self" and args.lambda_0 > 0:
-        common.print0("[trace] note: the tiny toy model cannot follow the annotation prompt, so "
-                      "the run stops after --annotator_patience steps (0: trains on as GRPO); to "
-                      "see TRACE's routing use --annotator oracle --teacher_context label+solution")
     for step in common.train_steps(run):
         lam = kl_weight(step, args.lambda_0, args.kl_hold, args.kl_end)
         if lam == 0 and run.teacher is not None:  # the KL window is over: free the copy for good
