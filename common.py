@@ -131,8 +131,9 @@ def _distributed() -> bool:
 
 
 def print0(*args, **kwargs) -> None:
-    """Print on rank 0 only, flushed (torchrun interleaves buffered output)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    """Print on rank 0 only (before the process group: torchrun's RANK 0), flushed (torchrun
+    interleaves buffered output)."""
+    if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0:
         print(*args, **kwargs, flush=True)
 
 

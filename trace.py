@@ -27,8 +27,6 @@ Simplification, safe: the api annotator asks one request at a time (the step wai
 either way). The toy's lines are checkable, so `oracle` knows the exact spans; the tiny model cannot
 annotate (`self`). The name shadows the standard library's `trace`, which nothing here imports.
     python trace.py --annotator oracle --teacher_context label+solution  # toy, CPU (README, TRACE)
-    python trace.py --annotator oracle --route rkl_error   # reverse KL on error spans
-    python trace.py --annotator random                     # length-matched random spans
 Paper [paper; steps, batch, lengths ours] (Qwen3-8B, one 8-GPU node; add --tis_cap 2 with vLLM):
     torchrun --nproc_per_node 8 trace.py --model Qwen3-8B --route fkl_key --annotator api \\
         --annotator_url https://host/v1 --annotator_model <name> --annotator_key_env MY_KEY \\
@@ -45,7 +43,6 @@ import math
 import os
 import random
 import re
-import time
 import urllib.request
 from collections import namedtuple
 from dataclasses import dataclass
@@ -72,26 +69,21 @@ ANNOTATOR_PROMPT = (  # [ours]; segments are numbered from 1
 ANNOTATOR_TASK = {True: "Name the key segments: the one or few steps the correct answer rests on.",
                   False: "Name the segments where the first error is made."}
 # The teacher's private context: the label [paper], or the solution too [ours]; never the spans.
-# The correctness line is the toy's (common.TOY_FEEDBACK_LINES).
-FEEDBACK = {True: "Your previous attempt was correct.",
-            False: "Your previous attempt was incorrect."}
+FEEDBACK = dict(zip((True, False), common.TOY_FEEDBACK_LINES))  # the toy's: "... was (in)correct."
 TEACHER_CONTEXT = {"label": "{feedback}\nType: {label}.", "label+solution":
                    common.TOY_CONTEXT_HEADER + "{solution}\n\n{feedback}\nType: {label}."}
 EVAL_PROTOCOL: dict = {}  # the paper's k per benchmark is not in our sources: common.DATASETS' k
 STEP_LINE = ("reward", "lambda_k", "kl_routed", "coverage", "step_seconds")  # all: metrics.jsonl
 COUNTS = ("annotated", "annotation_ok", "covered")  # annotation counts per rank, summed
-API_BACKOFF = 1.0  # seconds before the api annotator's first retry, doubled for each further one
-# how and where the annotator is asked, and when failures stop the run: a --resume may change these
 SAFE_ON_RESUME = {"annotator_url", "annotator_key_env", "annotator_timeout", "annotator_retries",
-                  "annotator_concurrency", "annotator_patience"}
+                  "annotator_concurrency", "annotator_patience"}  # a --resume may change these
 
 
 @dataclass
 class Args(common.RunOptions):
     route: Literal["fkl_key", "rkl_error", "both"] = option(
         "fkl_key", "fkl_key: forward KL on key spans of correct rollouts [paper, Qwen3-8B]; "
-                   "rkl_error: reverse KL on error spans of incorrect ones [paper, Qwen3-1.7B]; "
-                   "both")
+                   "rkl_error: reverse KL on incorrect ones' error spans [paper, Qwen3-1.7B]; both")
     annotator: Literal["self", "api", "oracle", "random"] = option(
         "self", "self: the policy, greedy [paper]; api: an OpenAI-compatible endpoint [paper]; "
                 "oracle: toy only [ours]; random: length-matched random spans [ours]")
@@ -117,7 +109,7 @@ class Args(common.RunOptions):
     annotator_model: str = option("", "api: the model name sent to the endpoint")
     annotator_key_env: str = option("", "api: environment variable holding the key (never logged)")
     annotator_timeout: float = option(10.0, "api: seconds per request attempt")
-    annotator_retries: int = option(1, "api: retries after HTTP 429/5xx or a network error")
+    annotator_retries: int = option(1, "api: retries of a failed request (no backoff)")
     annotator_patience: int = option(3, "stop after this many steps with no annotation; 0 = never")
     annotator_concurrency: int = option(8, "api: ignored (one request at a time), for old commands")
     # the GRPO core [paper setting via verl]
@@ -136,13 +128,10 @@ RULES = {  # valid ranges of TRACE's own options; the shared ones: common.ARG_RU
     **dict.fromkeys(("teacher_sync_every", "annotator_max_tokens", "annotator_concurrency"),
                     common.at_least(1)),
     "alpha": common.between(0, 1), "random_coverage": common.between(0, 1),
-    "max_segment_chars": common.at_least(8), "annotator_timeout": common.above(0),
-}
+    "max_segment_chars": common.at_least(8), "annotator_timeout": common.above(0)}
 
 
 # ---- the method's math: small pure functions ------------------------------------------------
-
-
 def group_advantages(rewards: torch.Tensor, scale_rewards: bool = True) -> torch.Tensor:
     """A_i for rewards [problems, G]: group-centred, over the group's (sample) std + 1e-6."""
     centred = rewards - rewards.mean(dim=1, keepdim=True)
@@ -158,15 +147,12 @@ def kl_weight(step: int, lambda_0: float = 0.5, kl_hold: int = 10, kl_end: int =
 
 def policy_loss(logprobs, old_logprobs, advantages, weights, num_tokens, clip_low=0.2,
                 clip_high=0.28, tis=None):
-    """Clipped surrogate times a per-token weight (1 on N, 1 - lambda_k/lambda_0 on S, 0 on
-    padding) over the global valid-token count; `tis`: truncated importance weights per token."""
+    """Clipped surrogate x weight (N: 1, S: 1 - lambda_k/lambda_0, padding: 0) x tis / N_tokens."""
     ratio = torch.exp(logprobs - old_logprobs)
     surrogate = torch.minimum(ratio * advantages,
                               ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
-    if tis is not None:
-        surrogate = surrogate * tis
-    return -torch.where(weights > 0, weights * surrogate, torch.zeros_like(surrogate)).sum() \
-        / num_tokens
+    surrogate = surrogate if tis is None else surrogate * tis
+    return -torch.where(weights > 0, weights * surrogate, 0.0).sum() / num_tokens
 
 
 def bound_kl(d: torch.Tensor, kl_clip: float = 0.05, mode: str = "rescale") -> torch.Tensor:
@@ -179,27 +165,19 @@ def bound_kl(d: torch.Tensor, kl_clip: float = 0.05, mode: str = "rescale") -> t
     return d * (kl_clip / d.detach().clamp_min(kl_clip))  # = min(1, c / sg[D]) for D >= 0
 
 
-def routed_kl(student_head, student_hidden, teacher_head, teacher_hidden, mask, direction,
-              chunk_size=512):
-    """Full-vocabulary KL per token ([B, R], 0 outside `mask`): forward KL(pi_T || pi_S), reverse
-    KL(pi_S || pi_T). The teacher's logits carry no gradient (its head may be the policy's)."""
-    return common.token_kl(student_head, student_hidden, torch.no_grad()(teacher_head),
-                           teacher_hidden.detach(), mask, direction, chunk_size)
-
-
-def span_kl(args, weight: float, student, teacher, targets, span, lengths, num_tokens,
-            num_sequences):
-    """weight x the bounded KL on a micro-batch's routed rows (`student`: head, hidden, log-probs;
-    `span`: their routing), --kl_norm token or span. Returns the term and, per token without
-    gradient, D_t, D'_t and the teacher-student log-prob gap of the sampled token."""
+def span_kl(args, weight, student, teacher, targets, span, lengths, num_tokens, num_sequences):
+    """weight x the bounded KL (--kl_norm) on a micro-batch's routed rows (`student`: head, hidden,
+    log-probs; `span`: +1 KL(pi_T || pi_S), -1 KL(pi_S || pi_T); no gradient to the teacher) and,
+    per token without gradient, D_t, D'_t and the teacher-student log-prob gap of y_t."""
     (head, *student), (teacher_head, teacher_hidden) = student, teacher
     cut = teacher_hidden.shape[1]  # the routed rows' longest response
     hidden, logprobs, targets, span = (x[:, :cut] for x in (*student, targets, span))
     d_raw = torch.zeros(span.shape, device=span.device)
     for sign, direction in ((1.0, "forward"), (-1.0, "reverse")):
         if (span == sign).any():
-            d_raw = d_raw + routed_kl(head, hidden, teacher_head, teacher_hidden, span == sign,
-                                      direction, args.logprob_chunk_size)
+            d_raw = d_raw + common.token_kl(head, hidden, torch.no_grad()(teacher_head),
+                                            teacher_hidden.detach(), span == sign, direction,
+                                            args.logprob_chunk_size)
     d = bound_kl(d_raw, args.kl_clip, args.kl_clip_mode)
     if args.kl_norm == "token":
         term = weight * d[span != 0].sum() / num_tokens
@@ -214,11 +192,8 @@ def span_kl(args, weight: float, student, teacher, targets, span, lengths, num_t
 
 
 # ---- annotation: response lines -> numbered segments -> the annotator's choice -> tokens -----
-
-
 def response_text(tokenizer, response: list[int]) -> tuple[str, list[tuple[int, int]]]:
-    """(text, character span per token), special tokens blanked (offsets kept): no segment holds
-    an end-of-turn marker."""
+    """(text, character span per token), special tokens blanked (offsets kept) for the segments."""
     text, spans = common.response_token_spans(tokenizer, response)
     special, chars = set(tokenizer.all_special_ids), list(text)
     for token, (start, end) in zip(response, spans):
@@ -242,20 +217,17 @@ def split_segments(text: str, max_chars: int = 200) -> list[tuple[int, int]]:
     return segments
 
 
-def segment_tokens(token_spans: list[tuple[int, int]],
-                   segments: list[tuple[int, int]]) -> list[list[int]]:
+def segment_tokens(token_spans: list, segments: list) -> list[list[int]]:
     """Per segment, the tokens whose character span overlaps it (an empty one: where it stands)."""
     return [[i for i, (a, b) in enumerate(token_spans)
              if max(a, start) < min(b, end) or (a == b and start <= a < end)]
             for start, end in segments]
 
 
-def capped_mask(chosen: list[int], seg_tokens: list[list[int]], length: int,
-                alpha: float = 0.25) -> torch.Tensor:
+def capped_mask(chosen: list[int], seg_tokens: list, length: int, alpha=0.25) -> torch.Tensor:
     """Bool [length] of the routed tokens: the chosen segments' tokens in the annotator's order, up
     to floor(alpha * length) in all; the segment crossing the cap keeps its first tokens [ours]."""
-    mask = torch.zeros(length, dtype=torch.bool)
-    budget = math.floor(alpha * length + 1e-9)
+    mask, budget = torch.zeros(length, dtype=torch.bool), math.floor(alpha * length + 1e-9)
     for segment in chosen:
         new = [t for t in seg_tokens[segment] if not mask[t]]
         take = new[:budget - int(mask.sum())]
@@ -265,8 +237,7 @@ def capped_mask(chosen: list[int], seg_tokens: list[list[int]], length: int,
     return mask
 
 
-def random_mask(length: int, size: int, rng: random.Random,
-                valid: Optional[list[int]] = None) -> torch.Tensor:
+def random_mask(length: int, size: int, rng: random.Random, valid=None) -> torch.Tensor:
     """Bool [length]: `size` contiguous positions among `valid` (default all), uniform start."""
     valid = list(range(length)) if valid is None else valid
     mask = torch.zeros(length, dtype=torch.bool)
@@ -276,8 +247,7 @@ def random_mask(length: int, size: int, rng: random.Random,
     return mask
 
 
-# what an annotator reads (text: special tokens blanked); it answers (segments from 0, label)
-Request = namedtuple("Request", "problem text segments correct")
+Request = namedtuple("Request", "problem text segments correct")  # what an annotator reads
 
 
 def annotator_prompt(request: Request) -> str:
@@ -302,17 +272,15 @@ def parse_annotation(answer: str, num_segments: int) -> Optional[tuple[list[int]
         if not isinstance(spans, list) or \
                 not all(type(s) is int and 1 <= s <= num_segments for s in spans):
             return None
-        label = value.get("label")
-        label = " ".join(label.split())[:40] if isinstance(label, str) else ""
+        label = " ".join(value["label"].split())[:40] if isinstance(value.get("label"), str) else ""
         label = next((known for known in LABELS if known == label.lower()), label) or "other"
         return list(dict.fromkeys(s - 1 for s in spans)), label
     return None
 
 
 def oracle_annotation(request: Request) -> tuple[list[int], str]:
-    """The toy's exact spans (`common.parse_toy_steps`): a correct response's key step is its last
-    step line (a shortcut's: its answer line); an incorrect one's, its first wrong line, labelled
-    by its kind (a step: "logic" if its arithmetic is right, else "arithmetic")."""
+    """The toy's exact spans (`common.parse_toy_steps`): a correct response's last step line (else
+    its answer); an incorrect one's first wrong line, labelled by kind (step: logic|arithmetic)."""
     lines = common.parse_toy_steps(request.problem, request.text)
     if request.correct:
         chosen = ([line for line in lines if line["kind"] == "step"]
@@ -324,17 +292,15 @@ def oracle_annotation(request: Request) -> tuple[list[int], str]:
         if label == "step":
             a, op, b, result = re.fullmatch(r"(\d+)([+\-*])(\d+)=(-?\d+)",
                                             chosen[0]["text"].strip()).groups()
-            right = int(result) == {"+": int(a) + int(b), "-": int(a) - int(b),
-                                    "*": int(a) * int(b)}[op]
-            label = "logic" if right else "arithmetic"
+            a, b, result = int(a), int(b), int(result)
+            label = "logic" if result == {"+": a + b, "-": a - b, "*": a * b}[op] else "arithmetic"
     segments = [k for k, (a, b) in enumerate(request.segments) for line in chosen
                 if max(a, line["start"]) < min(b, line["end"])]
     return list(dict.fromkeys(segments)), label
 
 
 def self_annotate(run, requests: list[Request]) -> list[str]:
-    """--annotator self: the policy answers greedily (a one-message chat); every rank generates as
-    many (FSDP: equal forwards), padding with copies."""
+    """--annotator self: the policy answers greedily; each rank generates as many (FSDP), padded."""
     args, tokenizer = run.args, run.tokenizer
     prompts = [tokenizer(tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True,
@@ -354,9 +320,9 @@ def api_url(args) -> str:
 
 
 def ask_api(args, requests: list[Request]) -> tuple[list, str]:
-    """--annotator api: one POST per request, retried after HTTP 429/5xx or a network error; once
-    one timed out on every attempt, the step stops. Returns (answer or None each, last error)."""
-    key = os.environ.get(args.annotator_key_env, "") if args.annotator_key_env else ""
+    """--annotator api: one POST per request, in turn, retried --annotator_retries times; once a
+    request timed out on every attempt, the step asks no more. -> (answer or None each, error)"""
+    key = os.environ.get(args.annotator_key_env, "")  # none without --annotator_key_env
     headers = {"Content-Type": "application/json",
                **({"Authorization": f"Bearer {key}"} if key else {})}
     answers, error = [None] * len(requests), ""
@@ -364,48 +330,33 @@ def ask_api(args, requests: list[Request]) -> tuple[list, str]:
         body = json.dumps({"model": args.annotator_model, "temperature": 0.0,
                            "max_tokens": args.annotator_max_tokens,
                            "messages": [{"role": "user", "content": annotator_prompt(request)}]})
-        for attempt in range(args.annotator_retries + 1):
-            time.sleep(API_BACKOFF * 2 ** (attempt - 1) if attempt else 0)
+        post, timeouts = urllib.request.Request(api_url(args), body.encode(), headers), 0
+        for _ in range(args.annotator_retries + 1):
             try:
-                post = urllib.request.Request(api_url(args), body.encode(), headers)
                 with urllib.request.urlopen(post, timeout=args.annotator_timeout) as reply:
                     answers[k] = json.loads(reply.read())["choices"][0]["message"]["content"] or ""
                 break
-            except urllib.request.HTTPError as failure:
-                error = f"HTTP {failure.code} {failure.reason}"
-                if failure.code != 429 and failure.code < 500:
-                    break  # the request itself is wrong: retrying cannot help
-            except OSError as failure:  # refused, unreachable, timed out
-                reason = getattr(failure, "reason", failure)
-                error = (f"no answer within --annotator_timeout {args.annotator_timeout:g} s"
-                         if isinstance(reason, TimeoutError)
-                         else f"{type(reason).__name__}: {reason}")
-            except (ValueError, LookupError, TypeError) as failure:  # not a chat completion
-                error = (f"the reply is not an OpenAI chat completion ({type(failure).__name__}: "
-                         f"{str(failure)[:80]})")
-                break
-        else:  # every attempt failed; if the last timed out, the endpoint hangs: stop asking
-            if error.startswith("no answer within"):
-                break
+            except (OSError, ValueError, LookupError, TypeError) as failure:  # HTTP, net, format
+                error = f"{type(failure).__name__}: {failure}"
+                timeouts += isinstance(getattr(failure, "reason", failure), TimeoutError)
+        if timeouts > args.annotator_retries:  # the endpoint hangs: do not wait on it per request
+            break
     return answers, error
 
 
 def teacher_context(mode: str, label: str, correct: bool, problem: dict) -> str:
-    """The teacher's privileged context c: the type label and correctness, and with
-    `label+solution` the reference solution (else the boxed answer)."""
+    """The teacher's private context c: label, correctness (+ the solution, else the answer)."""
     solution = problem.get("solution") or f"\\boxed{{{problem['answer']}}}"
     return TEACHER_CONTEXT[mode].format(label=label, solution=solution, feedback=FEEDBACK[correct])
 
 
 def annotate(run, batch, step: int, failures: dict) -> tuple[torch.Tensor, list, dict, dict]:
-    """Annotate the rollouts --annotate names -> the routing [N, R] (+1 forward KL, -1 reverse KL,
-    0 GRPO) under the cap, labels, the teacher's prompt per routed rollout, this rank's counts. A
-    failed annotation leaves its rollout to GRPO; `failures` (consecutive failed steps, last error)
-    stops the run when no rank's succeeds in --annotator_patience steps."""
+    """The rollouts --annotate names -> routing [N, R] (+1 forward KL, -1 reverse KL, 0 GRPO) under
+    the cap, labels, the teacher's prompt per routed rollout, this rank's counts. A failed one is
+    GRPO's; `failures` (failed steps in a row, last error) stops the run at --annotator_patience."""
     args, responses, signs = run.args, batch.responses, ROUTES[run.args.route]
     problems = [batch.problems[i // args.num_generations] for i in range(len(responses))]
-    wanted = [i for i in range(len(responses))
-              if args.annotate == "all" or (batch.rewards[i] > 0) in signs]
+    wanted = [i for i, r in enumerate(batch.rewards) if args.annotate == "all" or (r > 0) in signs]
     texts = [response_text(run.tokenizer, responses[i]) for i in wanted]
     requests = [Request(problems[i]["problem"], text, split_segments(text, args.max_segment_chars),
                         batch.rewards[i] > 0) for i, (text, _) in zip(wanted, texts)]
@@ -417,9 +368,8 @@ def annotate(run, batch, step: int, failures: dict) -> tuple[torch.Tensor, list,
             (self_annotate(run, requests), "")
         answers = [None if text is None else parse_annotation(text, len(r.segments))
                    for text, r in zip(replies, requests)]
-        unparsable = [text for text, a in zip(replies, answers) if text is not None and a is None]
-        error = f"an answer is not the JSON object asked for: {unparsable[-1][:80]!r}" \
-            if unparsable else error
+        for text in [t for t, a in zip(replies, answers) if t is not None and a is None][-1:]:
+            error = f"an answer is not the JSON object asked for: {text[:80]!r}"
     else:  # random off the toy: no oracle to match, --random_coverage of |y|
         answers = [([], "key step" if r.correct else "error") for r in requests]
     span_rng = random.Random(f"{args.seed}/{step}/{run.dist.rank}")  # a function of the step
@@ -439,16 +389,14 @@ def annotate(run, batch, step: int, failures: dict) -> tuple[torch.Tensor, list,
         covered += float(mask.sum()) / length
         if request.correct in signs and mask.any():  # --annotate all: the other class is counted
             route[i, :length] = torch.where(mask, signs[request.correct], 0.0)
-            context = teacher_context(args.teacher_context, labels[i], request.correct,
-                                      problems[i])
+            context = teacher_context(args.teacher_context, labels[i], request.correct, problems[i])
             teacher_prompts[i] = common.build_prompt(run.tokenizer, problems[i]["problem"],
                                                      context, args.enable_thinking)
     ok = float(sum(answer is not None for answer in answers))
     counts = dict(zip(COUNTS, (float(len(answers)), ok, covered)))
     asked, succeeded = common.all_reduce_sum(torch.tensor([len(answers), ok])).tolist()
     failures["error"] = error or failures["error"]
-    if asked:
-        failures["steps"] = failures["steps"] + 1 if succeeded == 0 else 0
+    failures["steps"] = 0 if succeeded else failures["steps"] + (asked > 0)  # in a row, in vain
     name = f"api at {api_url(args)}, model {args.annotator_model}" if args.annotator == "api" \
         else args.annotator
     said = f"--annotator {name}; last error: {failures['error'] or 'unknown'}"
@@ -464,68 +412,44 @@ def annotate(run, batch, step: int, failures: dict) -> tuple[torch.Tensor, list,
     return route, labels, teacher_prompts, counts
 
 
-def picture_row(tokenizer, problem: dict, response: list[int], reward: float, route: torch.Tensor,
-                kl: torch.Tensor, label: str, step: int) -> dict:
-    """One row of tokens.html: tokens coloured by routing class (ROUTE_COLOURS), D_t on hover."""
-    text, spans = common.response_token_spans(tokenizer, response)
-    return {"tokens": [text[a:b] for a, b in spans], "values": route.tolist(),
-            "hover": [f"D={d:.4f}" if r else "" for r, d in zip(route.tolist(), kl.tolist())],
-            "label": f"step {step} | reward {reward:g} | {label}\n{problem['problem']}"}
-
-
 def picture(run, batch, step: int, route, kl, labels: list[str]) -> Optional[dict]:
-    """tokens.html: each token's routing class, its KL D_t before the bound on hover."""
-    args, group = run.args, run.args.num_generations
-    rows = [picture_row(run.tokenizer, batch.problems[i // group], response, batch.rewards[i],
-                        route[i, :len(response)].cpu(), kl[i, :len(response)].cpu(),
-                        labels[i] or "-", step)
-            for i, response in enumerate(batch.responses[:args.picture_rollouts])]
+    """tokens.html: each token's routing class (ROUTE_COLOURS), D_t before the bound on hover."""
+    args, rows = run.args, []
+    for i, response in enumerate(batch.responses[:args.picture_rollouts]):
+        text, spans = common.response_token_spans(run.tokenizer, response)
+        values, d = route[i, :len(response)].tolist(), kl[i, :len(response)].tolist()
+        rows.append({"tokens": [text[a:b] for a, b in spans], "values": values,
+                     "hover": [f"D={x:.4f}" if r else "" for r, x in zip(values, d)],
+                     "label": f"step {step} | reward {batch.rewards[i]:g} | {labels[i] or '-'}\n"
+                              f"{batch.problems[i // args.num_generations]['problem']}"})
     note = (f"Colour: each token's routing class (--route {args.route}, --annotator "
             f"{args.annotator}); hover: the full-vocabulary KL D_t before the --kl_clip bound. "
-            f"From step {args.kl_end} on every token is GRPO: the picture shows the last step "
-            "with routing.")
+            f"From step {args.kl_end} on all is GRPO: the picture keeps the last routed step.")
     return dict(rows=rows, value_name="route", scale=ROUTE_COLOURS, note=note,
                 title=f"{run.dir.name}: routing per token") if rows else None
 
 
 def check_args(args) -> None:
+    """TRACE's option combinations: one line naming the fix, before anything loads."""
     if args.kl_end < args.kl_hold:
-        raise common.UserError(f"--kl_end {args.kl_end} is before --kl_hold {args.kl_hold}: use "
-                               "kl_end >= kl_hold.")
+        raise common.UserError(f"--kl_end {args.kl_end}: must be >= --kl_hold {args.kl_hold}.")
     if args.annotator == "oracle" and args.dataset != "toy":
-        raise common.UserError("--annotator oracle knows the exact spans of the toy task only: use "
-                               "--dataset toy, or --annotator self | api | random.")
+        raise common.UserError("--annotator oracle is for the toy task only: use --dataset toy.")
     if args.annotator == "api" and not (args.annotator_url and args.annotator_model):
-        raise common.UserError("--annotator api needs --annotator_url (an OpenAI-compatible "
-                               ".../v1) and --annotator_model.")
+        raise common.UserError("--annotator api needs --annotator_url and --annotator_model.")
     if args.annotator == "api" and args.annotator_key_env not in ("", *os.environ):
-        raise common.UserError(f"--annotator_key_env names {args.annotator_key_env}, which is not "
-                               "set in the environment.")
-
-
-def announce(run) -> None:
-    args = run.args
-    common.print0(f"[trace] {run.dir.name}: {args.num_steps} steps x {args.num_problems} problems "
-                  f"x {args.num_generations} rollouts on {run.dist.world_size} rank(s), --route "
-                  f"{args.route}, --annotator {args.annotator}, --teacher_context "
-                  f"{args.teacher_context}, lambda_0 {args.lambda_0} held to step {args.kl_hold}, "
-                  f"0 at {args.kl_end}, device {run.dist.device}")
+        raise common.UserError(f"--annotator_key_env {args.annotator_key_env}: not set; export it.")
     if args.dataset == "toy" and args.annotator == "self" and args.lambda_0 > 0:
-        common.print0("[trace] note: the tiny toy model cannot follow the annotation prompt, so "
-                      "the run stops after --annotator_patience steps (0: trains on as GRPO); to "
-                      "see TRACE's routing use --annotator oracle --teacher_context label+solution")
-
+        common.print0("[trace] note: the tiny toy model cannot annotate: the run stops after "
+                      "--annotator_patience steps; see TRACE's routing with --annotator oracle")
 
 
 # ---- training ---------------------------------------------------------------------------------
-
-
 def main(argv=None):
     args = common.parse_args(Args, argv)
     common.validate_args(args, RULES)  # every option's range before anything loads: one line
     check_args(args)
-    # the teacher: a frozen copy of the initial policy, refreshed every --teacher_sync_every steps
-    # while the KL term is on, kept in the checkpoints between refreshes (1: the live weights)
+    # the teacher: a frozen copy of the policy, refreshed every --teacher_sync_every steps (1: live)
     copy = args.lambda_0 > 0 and args.kl_end > 0 and args.teacher_sync_every > 1
     run = common.setup(args, f"trace_{args.route}", EVAL_PROTOCOL, STEP_LINE,
                        group=args.num_generations, teacher=args.model if copy else None,
@@ -539,7 +463,10 @@ def main(argv=None):
     failures = {"steps": run.state.get("annotation_failed_steps", 0), "error": ""}
     # a checkpoint without the copy (an older version's): re-copied from the resumed weights
     stale = run.teacher is not None and run.checkpoint is not None and not run.teacher_restored
-    announce(run)
+    common.print0(f"[trace] {run.dir.name}: {args.num_steps} steps x {args.num_problems} problems "
+                  f"x {group} rollouts on {world} rank(s) ({run.dist.device}), --route {args.route}"
+                  f", --annotator {args.annotator}, --teacher_context {args.teacher_context}, "
+                  f"lambda_0 {args.lambda_0} held to step {args.kl_hold}, 0 at {args.kl_end}")
     for step in common.train_steps(run):
         lam = kl_weight(step, args.lambda_0, args.kl_hold, args.kl_end)
         if lam == 0 and run.teacher is not None:  # the KL window is over: free the copy for good
@@ -555,8 +482,7 @@ def main(argv=None):
         reward_groups = torch.tensor(batch.rewards).view(-1, group)
         sequence_advantages = group_advantages(reward_groups, args.scale_rewards).flatten()
 
-        # ---- 3. while lambda_k > 0, the annotator's spans -> the routed tokens S of each rollout
-        # (+1 forward KL, -1 reverse KL; under the coverage cap), a type label, the teacher's prompt
+        # ---- 3. while lambda_k > 0: the annotator's spans -> routed tokens S, teacher prompts
         width = max([1] + [len(r) for r in responses])
         route, labels, teacher_prompts, counts = annotate(run, batch, step, failures) \
             if lam > 0 else (torch.zeros(n, width), [""] * n, {}, dict.fromkeys(COUNTS, 0.0))
@@ -616,9 +542,8 @@ def main(argv=None):
                 if teacher_hidden is not None and routed:  # the KL on S, over the routed rows
                     kl_loss, *per_token = span_kl(
                         args, lam, (head, hidden[sub], logprobs.detach()[sub]),
-                        (common.output_head(teacher), teacher_hidden), targets[sub],
-                        route[routed], [len(responses[i]) for i in routed], minibatch_tokens,
-                        minibatch_sequences)
+                        (common.output_head(teacher), teacher_hidden), targets[sub], route[routed],
+                        [len(responses[i]) for i in routed], minibatch_tokens, minibatch_sequences)
                     for out, value in zip((kl_raw, kl_bounded, gap), per_token):
                         out[routed, :value.shape[1]] = value
                 ((loss + kl_loss) * world).backward()  # FSDP averages gradients; we want the sum
@@ -642,8 +567,7 @@ def main(argv=None):
                     gap_key=common.loop_sum(gap, route > 0, order),
                     gap_error=common.loop_sum(gap, route < 0, order),
                     careful=sum(common.writes_work(text) for text in batch.texts),
-                    zero_adv_groups=int((reward_groups.max(1).values
-                                         == reward_groups.min(1).values).sum()))
+                    zero_adv_groups=int((reward_groups.amax(1) == reward_groups.amin(1)).sum()))
         totals, metrics = common.step_metrics(run, batch, sums, grad_norm, args.num_minibatches)
         tokens, routed_tokens = totals["tokens"], totals["fkl_tokens"] + totals["rkl_tokens"]
         metrics.update({

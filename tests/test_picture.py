@@ -146,11 +146,17 @@ def test_trace_rows_are_routing_categories(toy_tokenizer):
     import trace
 
     response = toy_tokenizer.encode("7+3=10", add_special_tokens=False)
-    route = torch.tensor([1.0, 1.0, 0.0, -1.0, 0.0, 0.0])
-    kl = torch.full((len(response),), 0.25)
-    row = trace.picture_row(toy_tokenizer, {"problem": "p"}, response, 1.0, route, kl, "key", 2)
-    assert row["values"] == route.tolist() and set(row["values"]) <= set(trace.ROUTE_COLOURS)
+    route = torch.tensor([[1.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0]])  # one column of padding
+    kl = torch.full(route.shape, 0.25)
+    run = SimpleNamespace(args=trace.Args(num_generations=1), tokenizer=toy_tokenizer, dir=Path("r"))
+    rollouts = SimpleNamespace(responses=[response], rewards=[1.0], problems=[{"problem": "p"}])
+    drawn = trace.picture(run, rollouts, 2, route, kl, ["key"])
+    (row,) = drawn["rows"]
+    assert row["values"] == route[0, :6].tolist() and set(row["values"]) <= set(trace.ROUTE_COLOURS)
     assert row["hover"] == ["D=0.2500", "D=0.2500", "", "D=0.2500", "", ""]
+    assert row["tokens"] == list("7+3=10") and row["label"] == "step 2 | reward 1 | key\np"
+    assert drawn["scale"] == trace.ROUTE_COLOURS and drawn["title"] == "r: routing per token"
+    assert trace.picture(run, rollouts, 2, route, kl, [""])["rows"][0]["label"].startswith("step 2 | reward 1 | -\n")
     colours = [colour for _, colour in trace.ROUTE_COLOURS.values()]
     assert len(set(colours)) == 3 and not any(c.startswith("rgb(") for c in colours)
 

@@ -10,6 +10,8 @@ import random
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -137,7 +139,9 @@ def naive_kl(h_s, w_s, h_t, w_t, mask, direction):
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("clip, mode", [(0.0, "rescale"), (0.05, "rescale"), (0.05, "clamp")])
 @pytest.mark.parametrize("live_teacher", [False, True])
-def test_routed_kl_chunked_equals_naive_with_gradients(direction, clip, mode, live_teacher):
+def test_span_kl_chunked_equals_naive_with_gradients(direction, clip, mode, live_teacher):
+    """span_kl's term (weight 1, over 1 token) is sum_S D'_t: the route's sign picks the direction,
+    the teacher's logits carry no gradient even when its head is the live policy's."""
     torch.manual_seed(0)
     batch, length, hidden, vocab = 3, 7, 8, 50
     h_s = torch.randn(batch, length, hidden, dtype=torch.float64)
@@ -151,12 +155,17 @@ def test_routed_kl_chunked_equals_naive_with_gradients(direction, clip, mode, li
         hs, ws = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
         wt = ws if live_teacher else w_t  # the live policy's head also scores the teacher
         if chunked:
-            d = trace.routed_kl(lambda h: h @ ws.T, hs, lambda h: h @ wt.T, h_t, mask, direction, chunk_size=2)
+            args = trace.Args(kl_clip=clip, kl_clip_mode=mode, logprob_chunk_size=2)
+            span = torch.where(mask, 1.0 if direction == "forward" else -1.0, 0.0)
+            student = (lambda h: h @ ws.T, hs, torch.zeros(batch, length, dtype=torch.float64))
+            loss, _, bounded, _ = trace.span_kl(args, 1.0, student, (lambda h: h @ wt.T, h_t),
+                                                torch.zeros(batch, length, dtype=torch.long), span,
+                                                [length] * batch, 1, batch)
         else:
             d = naive_kl(hs, ws, h_t, wt, mask, direction)
-        loss = trace.bound_kl(d, clip, mode)[mask].sum()
+            loss, bounded = trace.bound_kl(d, clip, mode)[mask].sum(), trace.bound_kl(d, clip, mode).detach()
         loss.backward()
-        values.append(trace.bound_kl(d, clip, mode).detach())
+        values.append(bounded)
         grads.append((hs.grad, ws.grad))
     raw = naive_kl(h_s, w_s, h_t, w_t, mask, direction)[mask]
     assert (raw < 0.05).any() and (raw > 0.05).any() and (values[0] != 0).sum() == mask.sum()
@@ -265,13 +274,18 @@ def requests(n=2):
 
 
 def test_api_annotator_valid_malformed_errors_and_timeouts(server, monkeypatch):
+    """One POST per request, in turn; any failure (HTTP status, not a chat completion) is retried
+    --annotator_retries times at once (no backoff) and named by its exception; once a request timed
+    out on every attempt the step sends no more."""
     monkeypatch.setenv("TRACE_TEST_KEY", "sk-secret-123")
-    monkeypatch.setattr(trace, "API_BACKOFF", 0.01)
 
     def ask(mode, n=2, **options):
         args = trace.Args(annotator="api", annotator_url=f"{server.url}/{mode}/v1",
                           annotator_model="judge", annotator_key_env="TRACE_TEST_KEY", **options)
         return trace.ask_api(args, requests(n))
+
+    def sent(mode):
+        return sum(1 for m, _, _ in server.seen if m == mode)
 
     valid = '{"spans": [2], "label": "Arithmetic"}'
     assert ask("valid", 3) == ([valid] * 3, "")
@@ -280,20 +294,42 @@ def test_api_annotator_valid_malformed_errors_and_timeouts(server, monkeypatch):
     assert "[2] 7+3=10" in body["messages"][0]["content"] and "incorrect" in body["messages"][0]["content"]
     assert ask("badanswer") == (["segment 2 is wrong"] * 2, "")  # the caller's parser refuses it
     answers, error = ask("malformed", 1, annotator_retries=2)
-    assert answers == [None] and error.startswith("the reply is not an OpenAI chat completion")
-    assert sum(1 for m, _, _ in server.seen if m == "malformed") == 1  # not the OpenAI format: no retry
-    assert ask("error500", 1, annotator_retries=2) == ([None], "HTTP 500 Internal Server Error")
-    assert sum(1 for m, _, _ in server.seen if m == "error500") == 3  # 1 + 2 retries
-    assert ask("unauthorized", 1, annotator_retries=2) == ([None], "HTTP 401 Unauthorized")
-    assert sum(1 for m, _, _ in server.seen if m == "unauthorized") == 1  # a 4xx: no retry
-    assert ask("flaky", 1, annotator_retries=1) == ([valid], "HTTP 500 Internal Server Error")
+    assert answers == [None] and error.startswith("JSONDecodeError: ") and sent("malformed") == 3
+    assert ask("shape", 1, annotator_retries=0) == ([None], "KeyError: 'choices'") and sent("shape") == 1
+    started = time.time()
+    http_500 = "HTTPError: HTTP Error 500: Internal Server Error"
+    assert ask("error500", 1, annotator_retries=3) == ([None], http_500)
+    assert sent("error500") == 4 and time.time() - started < 3  # 1 + 3 retries, no 1+2+4 s backoff
+    assert ask("unauthorized", 2, annotator_retries=1) == ([None] * 2, "HTTPError: HTTP Error 401: Unauthorized")
+    assert sent("unauthorized") == 4  # a 4xx is retried too, and a failed request ends no step
+    assert ask("flaky", 1, annotator_retries=1) == ([valid], http_500) and sent("flaky") == 2
     started = time.time()
     answers, error = ask("slow", 4, annotator_timeout=0.3, annotator_retries=1)
-    assert answers == [None] * 4 and error == "no answer within --annotator_timeout 0.3 s"
+    assert answers == [None] * 4 and error == "TimeoutError: timed out"
     assert time.time() - started < 1.5  # the first request's 2 attempts, then none sent: no stall
-    assert sum(1 for m, _, _ in server.seen if m == "slow") == 2
+    assert sent("slow") == 2
     for url in (server.url + "/v1", server.url + "/v1/", server.url + "/v1/chat/completions"):
         assert trace.api_url(trace.Args(annotator_url=url)) == server.url + "/v1/chat/completions"
+
+
+def test_api_annotator_stops_only_when_every_attempt_timed_out(monkeypatch):
+    """A connect timeout (urllib wraps it in URLError) counts as a timeout; a request whose retry
+    fails otherwise does not stop the step's asking."""
+    calls, failures = [], []
+
+    def urlopen(post, timeout):
+        calls.append(timeout)
+        raise failures.pop(0) if failures else urllib.error.URLError(TimeoutError("timed out"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    args = trace.Args(annotator="api", annotator_url="http://judge/v1", annotator_model="m",
+                      annotator_timeout=0.5)
+    assert trace.ask_api(args, requests(3)) == ([None] * 3, "URLError: <urlopen error timed out>")
+    assert calls == [0.5, 0.5]  # the first request's 2 attempts timed out: the others not sent
+    calls.clear()
+    failures.extend([urllib.error.URLError(TimeoutError("timed out")), ConnectionResetError("reset")] * 3)
+    answers, error = trace.ask_api(args, requests(3))
+    assert answers == [None] * 3 and error == "ConnectionResetError: reset" and len(calls) == 6
 
 
 def test_api_annotator_in_training_never_logs_the_key(server, tmp_path, monkeypatch, capsys):
@@ -322,11 +358,11 @@ def closed_port():
 
 # every annotation fails this way: (server mode, the last error the run names)
 FAILURES = [
-    ("refused", "ConnectionRefusedError: [Errno 111] Connection refused"),
-    ("hang", "no answer within --annotator_timeout 0.5 s"),
-    ("unauthorized", "HTTP 401 Unauthorized"),
-    ("malformed", "the reply is not an OpenAI chat completion (JSONDecodeError: "),
-    ("shape", "the reply is not an OpenAI chat completion (KeyError: 'choices')"),
+    ("refused", "URLError: <urlopen error [Errno 111] Connection refused>"),
+    ("hang", "TimeoutError: timed out"),
+    ("unauthorized", "HTTPError: HTTP Error 401: Unauthorized"),
+    ("malformed", "JSONDecodeError: "),
+    ("shape", "KeyError: 'choices'"),
     ("badanswer", "an answer is not the JSON object asked for: 'segment 2 is wrong'"),
 ]
 TINY_API = [*FAST, "--num_problems", "2", "--num_generations", "2", "--max_new_tokens", "16",
@@ -383,13 +419,14 @@ def test_self_annotator_that_never_parses_stops_the_run(tmp_path):
 
 class Recorder:
     """Records, per logged step, the teacher's forwards (`common.response_hidden` without gradient:
-    in these runs, --num_minibatches 1, only the teacher runs so), the routed KL calls, the oracle's
+    in these runs, --num_minibatches 1, only the teacher runs so), the routed KL calls
+    (`common.token_kl`), the oracle's
     annotations, and whether the frozen teacher copy (`common.load_model` with trainable=False) is
     alive."""
 
     def __init__(self, monkeypatch):
         self.step, self.teacher, self.kl, self.annotations, self.teacher_alive = 0, [], [], [], {}
-        hidden, kl, annotate = common.response_hidden, trace.routed_kl, trace.oracle_annotation
+        hidden, kl, annotate = common.response_hidden, common.token_kl, trace.oracle_annotation
         log, load = common.RunLogger.log, common.load_model
         self.frozen = None
 
@@ -423,7 +460,7 @@ class Recorder:
                 self.step += 1
 
         monkeypatch.setattr(common, "response_hidden", recording_hidden)
-        monkeypatch.setattr(trace, "routed_kl", recording_kl)
+        monkeypatch.setattr(common, "token_kl", recording_kl)
         monkeypatch.setattr(trace, "oracle_annotation", recording_annotation)
         monkeypatch.setattr(common, "load_model", recording_load)
         monkeypatch.setattr(common.RunLogger, "log", counting_log)
