@@ -146,8 +146,7 @@ def all_reduce_sum(value):
         return dict(zip(value.keys(), totals.tolist()))
     tensor = torch.as_tensor(value, dtype=torch.float64).detach().cpu().clone()
     if _distributed():
-        nccl = dist.get_backend() == "nccl"
-        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+        tensor = tensor.to("cuda" if dist.get_backend() == "nccl" else "cpu")  # current device
         dist.all_reduce(tensor)
         tensor = tensor.cpu()
     return tensor
@@ -194,25 +193,11 @@ def parse_args(args_class, argv: Sequence[str] | None = None):
 
     global _DEBUG
     # no abbreviations: `--lambda 0.3` must not silently mean --lambda_max; --help starts with
-    # what the script does, not a usage line listing every option
+    # the first paragraph of the script's docstring, not a usage line listing every option
+    script = ast.get_docstring(ast.parse(Path(inspect.getfile(args_class)).read_text())) or ""
     parser = HfArgumentParser(args_class, allow_abbrev=False, usage=argparse.SUPPRESS,
-                              description=_script_summary(args_class))
-    _method_options_first(parser, args_class)
-    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    _DEBUG = bool(getattr(args, "debug", False))
-    if unknown:
-        raise UserError(_unknown_option(unknown, args_class))
-    return args
-
-
-def _script_summary(args_class) -> str:
-    """The first paragraph of the docstring of the script that defines `args_class`."""
-    source = Path(inspect.getfile(args_class)).read_text()
-    return (ast.get_docstring(ast.parse(source)) or "").split("\n\n")[0]
-
-
-def _method_options_first(parser, args_class) -> None:
-    """--help lists the method's options first, then the shared ones (`RunOptions`)."""
+                              description=script.split("\n\n")[0])
+    # --help lists the method's options first, then the shared ones (`RunOptions`)
     own = set(inspect.get_annotations(args_class)) - {f.name for f in fields(RunOptions)}
     method = parser.add_argument_group(f"{script_name(args_class)} options")
     shared = parser.add_argument_group("shared options (common.RunOptions)")
@@ -220,6 +205,11 @@ def _method_options_first(parser, args_class) -> None:
     for action in list(listed):
         listed.remove(action)
         (method if action.dest in own else shared)._group_actions.append(action)
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    _DEBUG = bool(getattr(args, "debug", False))
+    if unknown:
+        raise UserError(_unknown_option(unknown, args_class))
+    return args
 
 
 def _unknown_option(unknown: Sequence[str], args_class) -> str:
@@ -283,18 +273,16 @@ ARG_RULES = {
 
 
 # Options a --resume may change (recorded in resumes.jsonl): how long, where, what it evaluates,
-# logs and saves, and how the same computation is batched and placed. Any other option made the
-# run, and a resume that changes one is refused (`prepare_run_dir`).
+# logs and saves, how the same computation is batched and placed, resource bounds. Any other
+# option made the run, and a resume that changes one is refused (`prepare_run_dir`).
 SAFE_ON_RESUME = frozenset({
     "num_steps", "run_name", "output_dir", "resume", "resume_or_start", "overwrite", "eval_only",
-    "debug", "track", "save_every", "picture_rollouts",
-    "eval_dataset", "eval_split", "eval_every", "eval_limit", "eval_k", "eval_temperature",
-    "eval_top_p", "eval_top_k",
-    "rollout", "gen_batch_size", "gen_batch_tokens", "micro_batch_size", "micro_batch_tokens",
+    "debug", "track", "save_every", "picture_rollouts", "eval_dataset", "eval_split", "eval_every",
+    "eval_limit", "eval_k", "eval_temperature", "eval_top_p", "eval_top_k", "rollout",
+    "gen_batch_size", "gen_batch_tokens", "micro_batch_size", "micro_batch_tokens",
     "logprob_chunk_size", "activation_checkpointing", "vllm_gpu_memory_utilization",
     "vllm_tensor_parallel_size", "vllm_sleep", "vllm_dtype", "vllm_max_num_seqs",
-    "vllm_max_num_batched_tokens", "vllm_kv_cache_gib", "dist_timeout",
-    "grader_timeout",  # a resource bound
+    "vllm_max_num_batched_tokens", "vllm_kv_cache_gib", "dist_timeout", "grader_timeout",
 })
 
 
@@ -403,11 +391,9 @@ def validate_args(args, rules: dict | None = None) -> None:
     """A one-line UserError for the first option outside its range (`ARG_RULES` and `rules`).
     Called before anything loads: under torchrun every rank fails alike, before any collective."""
     for name, (valid, description) in {**ARG_RULES, **(rules or {})}.items():
-        if not hasattr(args, name) or getattr(args, name) is None:
-            continue
-        value = getattr(args, name)
+        value = getattr(args, name, None)  # None: unset, or not an option of this script
         finite = not isinstance(value, float) or math.isfinite(value)
-        if not (finite and valid(value)):
+        if value is not None and not (finite and valid(value)):
             raise UserError(f"--{name} {value}: must be {description}")
     if getattr(args, "vllm_sleep", 0) and not torch.cuda.is_available():
         raise UserError("--vllm_sleep: vLLM's CPU build has no sleep mode; use --vllm_sleep 0")
@@ -431,8 +417,8 @@ def run_main(main: Callable[[], object]) -> None:
         if _DEBUG or os.environ.get("RLVR_DEBUG", "") not in ("", "0"):
             raise
         message = " ".join(str(error).split())  # one line, whatever the message contained
-        # also for errors raised before the process group
-        world, rank = int(os.environ.get("WORLD_SIZE", 1)), os.environ.get("RANK", 0)
+        # torchrun's environment: also for errors raised before the process group
+        rank, world = os.environ.get("RANK", 0), int(os.environ.get("WORLD_SIZE", 1))
         tag = f"[rank {rank}] " if world > 1 else ""
         print(f"{tag}error: {message}", file=sys.stderr, flush=True)
         if dist.is_initialized():
@@ -462,17 +448,14 @@ class GracefulStop:
 
 
 def _on_stop_signal(signum, frame) -> None:
-    first = _STOP["signal"] is None
-    if first:
-        _STOP["signal"] = signum
-    if first and _STOP["armed"]:
-        if os.environ.get("RANK", "0") == "0":  # os.write: a print here could re-enter a print
-            os.write(2, f"[run] {signal.Signals(signum).name}: stopping after this step and its "
-                        "checkpoint (send it again to stop at once)\n".encode())
-        return
-    if first:
+    if _STOP["signal"] is not None:  # the second one
+        _exit_stopped(signum, at_once=True)
+    _STOP["signal"] = signum
+    if not _STOP["armed"]:
         raise KeyboardInterrupt  # not training yet (or any more): nothing to finish
-    _exit_stopped(signum, at_once=True)
+    if os.environ.get("RANK", "0") == "0":  # os.write: a print here could re-enter a print
+        os.write(2, f"[run] {signal.Signals(signum).name}: stopping after this step and its "
+                    "checkpoint (send it again to stop at once)\n".encode())
 
 
 def _exit_stopped(signum: int, at_once: bool) -> None:
@@ -510,12 +493,10 @@ def eval_command(args, run_dir: Path) -> str:
 
 
 def _resume_command() -> str:
-    """This process's command with --resume (and without --overwrite)."""
-    words, argv = [], sys.argv[1:]
-    for before, word in zip([""] + argv, argv):
-        overwrite_value = before == "--overwrite" and word.lower() in ("true", "false")
-        if word.split("=")[0] != "--overwrite" and not overwrite_value:
-            words.append(word)
+    """This process's command with --resume (and without --overwrite and its value)."""
+    argv = sys.argv[1:]
+    words = [word for before, word in zip([""] + argv, argv) if word.split("=")[0] != "--overwrite"
+             and not (before == "--overwrite" and word.lower() in ("true", "false"))]
     if not {"--resume", "--resume_or_start"} & {word.split("=")[0] for word in words}:
         words.append("--resume")
     world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
@@ -607,10 +588,9 @@ def load_tokenizer(name: str, flag: str = "--model"):
 
 def max_prompt_length(name: str, max_new_tokens: int, max_prompt_tokens: int = 0,
                       shown: str | None = None) -> int | None:
-    """Longest prompt, in tokens, that leaves room for `max_new_tokens` in the model's context
-    (its config's `max_position_embeddings`), capped by `max_prompt_tokens` when > 0; None when
-    neither bounds it. `load_problems` skips (and counts) longer prompts. `shown`: the --model
-    the user gave, for the error message."""
+    """Longest prompt, in tokens, that leaves room for `max_new_tokens` in the model's context,
+    capped by `max_prompt_tokens` when > 0; None when neither bounds it (`load_problems` skips
+    and counts longer prompts). `shown`: the --model the user gave, for the error message."""
     from transformers import AutoConfig
 
     config = _from_pretrained(AutoConfig, name)
@@ -674,13 +654,9 @@ def load_plan(device_type: str, world_size: int, trainable: bool) -> LoadPlan:
 
 
 def _enable_activation_checkpointing(model) -> None:
-    """Recompute each decoder layer in backward (transformers 5 API; its 4.x name as fallback),
-    honoured only in train mode; on FSDP2 apply it before sharding."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """Recompute each decoder layer in backward, honoured only in train mode; on FSDP2 apply it
+    before sharding."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _autocast_forward(model, device_type: str) -> None:
@@ -704,21 +680,19 @@ def _load_sharded(name: str, dist_info: Dist, plan: LoadPlan, activation_checkpo
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = _from_pretrained(AutoConfig, name, flag)
-    full, error = None, None
+    full, error = None, [None]  # error: rank 0's UserError, broadcast
     if dist_info.is_main:  # the other ranks wait for its verdict, not in a collective
         try:  # in the checkpoint's own dtype (bf16 hub models: half the memory); shards upcast
             full = _from_pretrained(AutoModelForCausalLM, name, flag, dtype="auto")
         except UserError as caught:
-            error = str(caught)
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise UserError(box[0])
+            error = [str(caught)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise UserError(error[0])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=plan.dtype)
     try:  # sampling defaults and stop ids (Qwen3 stops on two) live in generation_config.json
-        source = config._name_or_path
-        model.generation_config = GenerationConfig.from_pretrained(source)
+        model.generation_config = GenerationConfig.from_pretrained(config._name_or_path)
     except OSError:
         pass
     if activation_checkpointing:
@@ -735,7 +709,6 @@ def _load_sharded(name: str, dist_info: Dist, plan: LoadPlan, activation_checkpo
             if dist_info.is_main:
                 buffer.copy_(sources[buffer_name])
             dist.broadcast(buffer, src=0)
-    del full
     return model
 
 
@@ -805,8 +778,6 @@ DATASETS = {
 }
 TOY_EVAL_K = 4
 CHOICE_SEED = 0  # GPQA's options are shuffled per question with this seed: one order in every run
-_PROBLEM_COLUMNS = ("problem", "question", "Problem", "Question")  # benchmark mirrors differ
-_ANSWER_COLUMNS = ("answer", "Answer")
 DAPO_PREFIX = "Solve the following math problem step by step."
 DAPO_SUFFIX = "Remember to put your answer on its own line after"
 ROW_SHAPE = ('one JSON object per problem, e.g. {"problem": "What is 2+3?", "answer": "5"} '
@@ -862,9 +833,9 @@ def load_problems(name: str, split: str = "train", problem_key: str = "problem",
     if kind == "dapo" and hasattr(raw, "select_columns"):  # read only what is used of 1.79M rows
         raw = raw.select_columns([c for c in ("prompt", "reward_model") if c in columns])
     keys = [(problem_key,), (answer_key,), solution_key]  # the user's columns
-    if kind == "math":  # the table's problem column first, then the usual names
-        keys = [tuple(dict.fromkeys([spec.get("problem", "problem"), *_PROBLEM_COLUMNS])),
-                _ANSWER_COLUMNS, "solution"]
+    if kind == "math":  # the table's problem column first, then the names mirrors use
+        keys = [tuple(dict.fromkeys([spec.get("problem", "problem"), "problem", "question",
+                                     "Problem", "Question"])), ("answer", "Answer"), "solution"]
     adapt, required = _ADAPTERS.get(kind) or (lambda row: _column_row(row, *keys), keys[:2])
     for i, names in enumerate(required):
         if not any(_lookup(row, names) is not None for row in raw if isinstance(row, dict)):
@@ -1051,10 +1022,8 @@ def load_run_problems(args, tokenizer, prompt_limit: int | None) -> tuple[list, 
     keys = dict(problem_key=args.problem_key, answer_key=args.answer_key,
                 solution_key=args.solution_key, tokenizer=tokenizer, max_prompt_tokens=prompt_limit)
     train_rows = load_problems(args.dataset, args.dataset_split, **keys)
-    if not args.eval_dataset:
-        return train_rows, []
-    return train_rows, load_problems(args.eval_dataset, args.eval_split, **keys,
-                                     limit=args.eval_limit or None)
+    return train_rows, (load_problems(args.eval_dataset, args.eval_split, **keys,
+                                      limit=args.eval_limit or None) if args.eval_dataset else [])
 
 
 class ProblemSampler:
