@@ -146,7 +146,8 @@ def all_reduce_sum(value):
         return dict(zip(value.keys(), totals.tolist()))
     tensor = torch.as_tensor(value, dtype=torch.float64).detach().cpu().clone()
     if _distributed():
-        tensor = tensor.to("cuda" if dist.get_backend() == "nccl" else "cpu")  # current device
+        nccl = dist.get_backend() == "nccl"
+        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
         dist.all_reduce(tensor)
         tensor = tensor.cpu()
     return tensor
