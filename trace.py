@@ -430,7 +430,7 @@ def picture(run, batch, step: int, route, kl, labels: list[str]) -> Optional[dic
 
 
 def check_args(args) -> None:
-    """TRACE's option combinations: one line naming the fix, before anything loads."""
+    """Refuse bad option combinations in one line naming the fix; note the toy's self annotator."""
     if args.kl_end < args.kl_hold:
         raise common.UserError(f"--kl_end {args.kl_end}: must be >= --kl_hold {args.kl_hold}.")
     if args.annotator == "oracle" and args.dataset != "toy":
